@@ -1,0 +1,85 @@
+"""Configuration of the composite LLaVA model (vision tower + projector + decoder-only LM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
+
+from llava.constants import IMAGE_TOKEN_ID
+
+FEATURE_STRATEGIES = ("patch", "cls_patch")
+
+
+def _as_config(value: Any, default_type: str) -> PreTrainedConfig:
+    """Turn a dict (as read from config.json) or ``None`` into a config object of its ``model_type``."""
+    if value is None:
+        return CLIPVisionConfig() if default_type == "clip_vision_model" else LlamaConfig()
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a config or dict, got {type(value).__name__}")
+    fields = dict(value)
+    model_type = fields.pop("model_type", default_type)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+class DuetLlavaConfig(PreTrainedConfig):
+    """Config of :class:`~llava.model.modeling.DuetLlavaForCausalLM`.
+
+    Args:
+        vision_config: config of the CLIP vision tower (``CLIPVisionConfig`` or dict).
+        text_config: config of the decoder-only language model (LLaMA/Vicuna, or any
+            ``AutoModelForCausalLM`` with the same decoder-layer interface).
+        projector_type: ``linear``, ``mlp{N}x_gelu`` or ``identity``.
+        vision_feature_layer: index into the tower's hidden states (LLaVA-1.5: -2).
+        vision_feature_select_strategy: ``patch`` (drop CLS: 576 tokens for CLIP-L/14-336)
+            or ``cls_patch`` (keep CLS: 577).
+        image_token_id: sentinel id that marks one image slot in ``input_ids``.
+        image_aspect_ratio: ``pad`` or ``square``, used by the data pipeline and inference.
+        template: conversation template the model was trained with (``plain``, ``v1``).
+        compression: name of a compression preset or a dict (recorded for reproducibility).
+    """
+
+    model_type = "duet_llava"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: Any = None,
+        text_config: Any = None,
+        projector_type: str = "mlp2x_gelu",
+        vision_feature_layer: int = -2,
+        vision_feature_select_strategy: str = "patch",
+        image_token_id: int = IMAGE_TOKEN_ID,
+        image_aspect_ratio: str = "pad",
+        template: str = "v1",
+        compression: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if vision_feature_select_strategy not in FEATURE_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy must be one of {FEATURE_STRATEGIES}, "
+                f"got {vision_feature_select_strategy!r}"
+            )
+        self.vision_config = _as_config(vision_config, "clip_vision_model")
+        self.text_config = _as_config(text_config, "llama")
+        self.projector_type = projector_type
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token_id = image_token_id
+        self.image_aspect_ratio = image_aspect_ratio
+        self.template = template
+        self.compression = compression
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image produced by the tower (576 for CLIP-L/14-336)."""
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens per image entering the projector, before any compression."""
+        return self.num_patches + (1 if self.vision_feature_select_strategy == "cls_patch" else 0)

@@ -1,0 +1,107 @@
+"""Batched greedy/sampled decoding with a KV cache, for left-padded multimodal prompts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from llava.model.modeling import DuetLlavaForCausalLM
+
+
+def _as_id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def pick_next_token(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Argmax, or a sample from the temperature-scaled, nucleus-filtered distribution."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy_or_sample(
+    model: DuetLlavaForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode up to ``max_new_tokens`` tokens per prompt; see :meth:`DuetLlavaForCausalLM.generate`."""
+    text_config = model.config.text_config
+    eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else text_config.eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = text_config.pad_token_id if text_config.pad_token_id is not None else (eos_ids or [0])[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens: list[torch.Tensor] = []
+
+    cache = DynamicCache(config=model.language_model.config) if use_cache else None
+    out = model(
+        input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        past_key_values=cache,
+        use_cache=use_cache,
+        left_padding=True,
+        logits_to_keep=1,
+    )
+    merged_mask = out.attention_mask
+    next_position = out.position_ids[:, -1] + 1
+    for step in range(max_new_tokens):
+        token = pick_next_token(out.logits[:, -1], do_sample, temperature, top_p, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        new_tokens.append(token)
+        finished |= torch.isin(token, eos_tensor)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        merged_mask = torch.cat([merged_mask, merged_mask.new_ones(batch, 1)], dim=1)
+        if use_cache:
+            out = model(
+                token.unsqueeze(1),
+                attention_mask=merged_mask,
+                position_ids=next_position.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        else:
+            generated = torch.stack(new_tokens, dim=1)
+            out = model(
+                torch.cat([input_ids, generated], dim=1),
+                attention_mask=torch.cat([attention_mask, torch.ones_like(generated)], dim=1),
+                pixel_values=pixel_values,
+                left_padding=True,
+                logits_to_keep=1,
+            )
+        next_position = next_position + 1
+    return torch.stack(new_tokens, dim=1)

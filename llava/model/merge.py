@@ -1,0 +1,106 @@
+"""Splice visual tokens into the text embeddings with one vectorised scatter (no per-sample loop)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llava.constants import IGNORE_INDEX
+
+
+@dataclass
+class MergedInputs:
+    """The LLM's input sequence after every image slot was replaced by its visual tokens."""
+
+    inputs_embeds: torch.Tensor  # [B, L', D]
+    attention_mask: torch.Tensor  # [B, L'] long, 1 = real token
+    position_ids: torch.Tensor  # [B, L'] RoPE positions (0 at each sample's first real token)
+    visual_mask: torch.Tensor  # [B, L'] bool, True on visual tokens
+    labels: torch.Tensor | None  # [B, L'] with IGNORE_INDEX on visual tokens and padding
+
+
+def detect_left_padding(attention_mask: torch.Tensor) -> bool:
+    """True when the batch is left-padded (all rows end with a real token, some start with padding)."""
+    return bool(attention_mask[:, -1].all()) and not bool(attention_mask[:, 0].all())
+
+
+def merge_visual_tokens(
+    input_ids: torch.Tensor,
+    text_embeds: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_counts: torch.Tensor,
+    image_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    left_padding: bool | None = None,
+) -> MergedInputs:
+    """Replace each ``image_token_id`` slot by that image's visual tokens.
+
+    Args:
+        input_ids: ``[B, L]`` ids with one sentinel per image.
+        text_embeds: ``[B, L, D]`` embeddings of ``input_ids`` (sentinel rows are ignored).
+        visual_embeds: ``[sum(visual_counts), D]``: the visual tokens of all images, concatenated in
+            the row-major order of their slots in ``input_ids``.
+        visual_counts: ``[num_images]`` tokens per image; may differ per image.
+        left_padding: align the expanded rows to the right (generation). ``None`` infers it from
+            ``attention_mask``.
+    """
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    is_slot = input_ids == image_token_id
+    num_slots = int(is_slot.sum())
+    if num_slots != visual_counts.numel():
+        per_sample = is_slot.sum(dim=1).tolist()
+        raise ValueError(
+            f"input_ids hold {num_slots} image slots (per sample: {per_sample}) but "
+            f"{visual_counts.numel()} images were given"
+        )
+    if int(visual_counts.sum()) != visual_embeds.shape[0]:
+        raise ValueError(
+            f"visual_counts sum to {int(visual_counts.sum())} but visual_embeds has {visual_embeds.shape[0]} rows"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if left_padding is None:
+        left_padding = detect_left_padding(attention_mask)
+
+    tokens_per_slot = torch.ones_like(input_ids)
+    tokens_per_slot[is_slot] = visual_counts.to(device=device, dtype=tokens_per_slot.dtype)
+    new_lengths = tokens_per_slot.sum(dim=1)
+    new_length = int(new_lengths.max())
+    start = tokens_per_slot.cumsum(dim=1) - tokens_per_slot
+    if left_padding:
+        start = start + (new_length - new_lengths).unsqueeze(1)
+
+    is_text = ~is_slot
+    text_rows, text_cols = is_text.nonzero(as_tuple=True)
+    text_dest = start[text_rows, text_cols]
+
+    slot_rows, slot_cols = is_slot.nonzero(as_tuple=True)
+    counts = visual_counts.to(device)
+    first_token_of_image = counts.cumsum(0) - counts
+    visual_rows = slot_rows.repeat_interleave(counts)
+    offset_in_image = torch.arange(visual_embeds.shape[0], device=device) - first_token_of_image.repeat_interleave(
+        counts
+    )
+    visual_dest = start[slot_rows, slot_cols].repeat_interleave(counts) + offset_in_image
+
+    hidden = text_embeds.shape[-1]
+    embeds = text_embeds.new_zeros(batch, new_length, hidden)
+    embeds = embeds.index_put((text_rows, text_dest), text_embeds[text_rows, text_cols])
+    embeds = embeds.index_put((visual_rows, visual_dest), visual_embeds.to(embeds.dtype))
+
+    new_mask = attention_mask.new_zeros(batch, new_length)
+    new_mask[text_rows, text_dest] = attention_mask[text_rows, text_cols]
+    new_mask[visual_rows, visual_dest] = 1
+    visual_mask = torch.zeros(batch, new_length, dtype=torch.bool, device=device)
+    visual_mask[visual_rows, visual_dest] = True
+
+    new_labels = None
+    if labels is not None:
+        new_labels = labels.new_full((batch, new_length), IGNORE_INDEX)
+        new_labels[text_rows, text_dest] = labels[text_rows, text_cols]
+
+    position_ids = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels)

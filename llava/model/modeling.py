@@ -1,0 +1,266 @@
+"""The composite LLaVA model: vision tower -> projector -> decoder-only language model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, CLIPVisionModel, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from llava.constants import IGNORE_INDEX
+from llava.model.config import DuetLlavaConfig
+from llava.model.decoder import decoder_of, run_decoder_layers
+from llava.model.merge import MergedInputs, merge_visual_tokens
+from llava.model.projector import build_projector
+from llava.model.vision_tower import VisionTower
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DuetLlavaOutput(ModelOutput):
+    """Forward output. ``attention_mask``/``position_ids`` describe the merged sequence so that
+    generation can continue after the visual tokens were spliced in."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+
+
+class DuetLlavaPreTrainedModel(PreTrainedModel):
+    config_class = DuetLlavaConfig
+    config: DuetLlavaConfig
+    base_model_prefix = "duet_llava"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own modules (the projector) land here; the HF sub-models initialise themselves.
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+
+class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
+    """LLaVA-1.5 by composition: ``vision_tower``, ``projector``, ``language_model``.
+
+    Each image occupies one ``config.image_token_id`` slot in ``input_ids``; :meth:`forward`
+    replaces the slot by the image's visual tokens (their number may differ per image).
+    """
+
+    def __init__(
+        self,
+        config: DuetLlavaConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_model: CLIPVisionModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.vision_tower = VisionTower(config, vision_model)
+        self.projector = build_projector(
+            config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.post_init()
+
+    @classmethod
+    def from_components(
+        cls,
+        language_model: PreTrainedModel,
+        vision_model: CLIPVisionModel,
+        **config_kwargs: Any,
+    ) -> DuetLlavaForCausalLM:
+        """Assemble a model from a pretrained LM and a pretrained CLIP tower (new projector).
+
+        The sub-models keep their loaded weights; only the projector is freshly initialised.
+        """
+        config = DuetLlavaConfig(vision_config=vision_model.config, text_config=language_model.config, **config_kwargs)
+        model = cls(config, language_model=language_model, vision_model=vision_model)
+        model.projector.to(dtype=language_model.dtype)
+        return model
+
+    # ----- embeddings (delegated so resize/peft/Trainer helpers work) -----
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # ----- images -----
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens of all images, concatenated: ``([sum(counts), D_text], counts)``."""
+        features = self.vision_tower(pixel_values)
+        projected = self.projector(features.to(self._projector_dtype()))
+        counts = torch.full((projected.shape[0],), projected.shape[1], dtype=torch.long, device=projected.device)
+        return projected.reshape(-1, projected.shape[-1]), counts
+
+    def _projector_dtype(self) -> torch.dtype:
+        for parameter in self.projector.parameters():
+            return parameter.dtype
+        return self.vision_tower.dtype
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        left_padding: bool | None = None,
+    ) -> MergedInputs:
+        """Embed text and splice in the visual tokens of ``pixel_values`` (one slot per image)."""
+        image_slots = input_ids == self.config.image_token_id
+        text_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_slots, 0))
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if bool(image_slots.any()):
+                raise ValueError(f"input_ids hold {int(image_slots.sum())} image slots but no pixel_values were given")
+            visual_embeds = text_embeds.new_zeros(0, text_embeds.shape[-1])
+            counts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        else:
+            visual_embeds, counts = self.encode_images(pixel_values)
+        return merge_visual_tokens(
+            input_ids,
+            text_embeds,
+            visual_embeds,
+            counts,
+            self.config.image_token_id,
+            attention_mask=attention_mask,
+            labels=labels,
+            left_padding=left_padding,
+        )
+
+    # ----- forward -----
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        left_padding: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> DuetLlavaOutput:
+        """Run the model.
+
+        Prefill (no cache or an empty one): ``input_ids`` may hold image slots. Decode steps
+        pass the new tokens, the full 2D ``attention_mask`` and explicit ``position_ids``.
+        With ``labels`` the loss is computed on the label positions only (logits of other
+        positions are never materialised) and ``logits`` is ``None``.
+        ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient
+        accumulation: the sum of token losses is divided by it instead of the local count.
+        """
+        decoder = decoder_of(self.language_model)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill:
+            merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding)
+            hidden, mask, labels = merged.inputs_embeds, merged.attention_mask, merged.labels
+            positions = merged.position_ids if position_ids is None else position_ids
+        else:
+            if pixel_values is not None:
+                raise ValueError("pixel_values can only be given at prefill, not at a decode step")
+            hidden = self.get_input_embeddings()(input_ids)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            if position_ids is None:
+                raise ValueError("decode steps need explicit position_ids")
+            positions = position_ids
+        hidden = run_decoder_layers(decoder, hidden, mask, positions, past_key_values, use_cache)
+
+        loss = logits = num_label_tokens = None
+        lm_head = self.get_output_embeddings()
+        if labels is not None:
+            loss, num_label_tokens = self._loss(lm_head, hidden, labels, num_items_in_batch)
+        else:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+            logits = lm_head(kept)
+        return DuetLlavaOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            attention_mask=mask,
+            position_ids=positions,
+            num_label_tokens=num_label_tokens,
+        )
+
+    @staticmethod
+    def _loss(
+        lm_head: nn.Module,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy over label positions only."""
+        targets = labels[:, 1:]
+        predicts = targets != IGNORE_INDEX
+        selected_hidden = hidden[:, :-1][predicts]
+        logits = lm_head(selected_hidden).float()
+        token_loss_sum = F.cross_entropy(logits, targets[predicts], reduction="sum")
+        count = predicts.sum()
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+        else:
+            denominator = count.clamp(min=1).float()
+        return token_loss_sum / denominator, count
+
+    # ----- generation -----
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding for a batch of left-padded prompts.
+
+        Returns the new tokens ``[B, <= max_new_tokens]``, padded with ``pad_token_id`` after
+        each sample's EOS. ``use_cache=False`` recomputes the whole sequence at every step
+        (slow; a reference for testing the cached path).
+        """
+        from llava.model.generation import greedy_or_sample
+
+        return greedy_or_sample(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=use_cache,
+            generator=generator,
+        )
+
+
+AutoConfig.register(DuetLlavaConfig.model_type, DuetLlavaConfig)
+AutoModelForCausalLM.register(DuetLlavaConfig, DuetLlavaForCausalLM)
