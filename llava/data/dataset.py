@@ -1,0 +1,328 @@
+"""LLaVA-format supervised dataset, parsed once and stored compactly, tokenized lazily.
+
+Samples are validated at init and re-serialized into ONE numpy byte buffer with int64 offsets
+(plus numpy arrays of per-sample metadata) instead of a list of Python dicts: dataloader workers
+fork the dataset, and touching millions of dicts would copy every page they live on into each
+worker (refcount copy-on-write). Items are decoded, templated and tokenized in ``__getitem__``.
+
+Rules for images and tags: ``image`` may be a string or a list of strings, relative to
+``image_folder``. The i-th ``<image>`` tag in the conversation is the i-th image. A sample with
+images but no tag gets one ``"<image>\\n"`` per image prepended to its first user turn (as LLaVA
+does); a sample with some tags but fewer than its images is ambiguous and is an error, as is a
+sample with more tags than images.
+
+Errors raise :class:`DataError` naming the JSON file, sample id and index. With
+``skip_bad_samples=True`` structurally invalid samples are dropped (counted and logged) at init,
+and a sample that fails in ``__getitem__`` (bad image, nothing learnable) returns a
+:class:`SkippedSample` marker that the collator drops and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from llava.constants import IMAGE_TAG, IMAGE_TOKEN_ID
+from llava.data.images import ASPECT_RATIOS, ImageError, load_and_preprocess
+from llava.data.templates import (
+    USER_ROLES,
+    ConversationError,
+    ConversationTemplate,
+    conversation_to_turns,
+    get_template,
+)
+from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation
+
+logger = logging.getLogger(__name__)
+
+MAX_KEPT_PROBLEMS = 100
+"""How many init-time problems are kept (with their messages) for reports; all are counted."""
+
+
+class DataError(ValueError):
+    """A data file or sample is invalid; the message names the file, sample id and index."""
+
+
+@dataclass
+class DataArguments:
+    """Where the data lives and how samples become model inputs."""
+
+    data_path: list[str] = field(
+        default_factory=list, metadata={"help": "LLaVA JSON or JSONL files (several allowed)."}
+    )
+    image_folder: str | None = field(default=None, metadata={"help": "Root for relative image paths."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'square'."})
+    version: str = field(default="v1", metadata={"help": "Conversation template: plain, v1/vicuna_v1."})
+    model_max_length: int = field(default=2048, metadata={"help": "Max tokens, images expanded."})
+    tokens_per_image: int = field(default=576, metadata={"help": "Visual tokens one image occupies."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples."})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "Batch image and text-only samples separately, by length."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_path, str):
+            self.data_path = [self.data_path]
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}"
+            )
+        if self.tokens_per_image < 1 or self.model_max_length < 1:
+            raise ValueError("tokens_per_image and model_max_length must be positive")
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Marker returned by ``__getitem__`` in skip mode instead of a bad sample."""
+
+    index: int
+    sample_id: str
+    reason: str
+
+
+class SampleProblem(NamedTuple):
+    """One invalid sample found while loading: where it is and what is wrong."""
+
+    file: str
+    index: int
+    sample_id: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file} sample id={self.sample_id!r} (index {self.index}): {self.message}"
+
+
+def _image_list(value: Any) -> list[str]:
+    """``image`` as a list of paths; accepts a missing value, a string or a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(path, str) and path for path in value):
+        raise DataError("'image' must be a non-empty string or a list of non-empty strings")
+    return value
+
+
+def normalise_sample(raw: Any, template: ConversationTemplate) -> dict[str, Any]:
+    """Validate one raw LLaVA sample and return ``{"images", "conversations"}`` with tags in place.
+
+    Raises :class:`DataError` (or :class:`ConversationError`) describing what is wrong.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(f"sample must be a JSON object, got {type(raw).__name__}")
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError("sample has no 'conversations' list")
+    images = _image_list(raw.get("image"))
+    conversation_to_turns(template, conversations)  # validates roles, order and template rules
+
+    num_tags = sum(turn["value"].count(IMAGE_TAG) for turn in conversations)
+    if num_tags > len(images):
+        raise DataError(f"{num_tags} {IMAGE_TAG} tags but {len(images)} images")
+    if 0 < num_tags < len(images):
+        raise DataError(f"{num_tags} {IMAGE_TAG} tags for {len(images)} images: cannot tell which is which")
+    if images and num_tags == 0:
+        first_user = next(i for i, turn in enumerate(conversations) if turn["from"] in USER_ROLES)
+        conversations = [dict(turn) for turn in conversations]
+        prefix = (IMAGE_TAG + "\n") * len(images)
+        conversations[first_user]["value"] = prefix + conversations[first_user]["value"]
+    return {"images": images, "conversations": conversations}
+
+
+class _MalformedLine(NamedTuple):
+    """Placeholder for an unparseable JSONL line kept in skip mode, so indices stay aligned."""
+
+    message: str
+
+
+def _read_samples(path: str, skip_bad: bool) -> list[Any]:
+    """Parse a JSON list or JSONL file; malformed JSON raises with file and line/column.
+
+    In skip mode a malformed JSONL line becomes a :class:`_MalformedLine` placeholder.
+    """
+    with open(path, encoding="utf-8") as handle:
+        if not path.endswith(".jsonl"):
+            try:
+                samples = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}: malformed JSON at line {error.lineno} column {error.colno} "
+                    f"(char {error.pos}): {error.msg}"
+                ) from error
+            if not isinstance(samples, list):
+                raise DataError(f"{path}: top level must be a list of samples, got {type(samples).__name__}")
+            return samples
+        samples = []
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                message = f"malformed JSON at line {line_number} column {error.colno}: {error.msg}"
+                if not skip_bad:
+                    raise DataError(f"{path}: {message}") from error
+                samples.append(_MalformedLine(message))
+        return samples
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA conversations with images; each item is ``{"input_ids", "labels"[, "pixel_values"]}``.
+
+    ``input_ids``/``labels`` are 1-D LongTensors with one ``image_token_id`` per image;
+    ``pixel_values`` is ``[num_images, 3, H, W]`` in sentinel order, absent for text-only samples.
+    """
+
+    def __init__(
+        self,
+        data_args: DataArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any = None,
+        image_token_id: int = IMAGE_TOKEN_ID,
+    ) -> None:
+        if not data_args.data_path:
+            raise ValueError("DataArguments.data_path names no file")
+        self.data_args = data_args
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.template = get_template(data_args.version)
+        self.files: list[str] = list(data_args.data_path)
+        self.problems: list[SampleProblem] = []
+        self.num_invalid_samples = 0
+        self._load()
+
+    def _load(self) -> None:
+        """Parse and validate every file once; keep the normalised samples as bytes + numpy arrays."""
+        chunks: list[bytes] = []
+        file_ids: list[int] = []
+        positions: list[int] = []
+        word_counts: list[int] = []
+        image_counts: list[int] = []
+        skip_bad = self.data_args.skip_bad_samples
+        for file_id, path in enumerate(self.files):
+            file_problems: list[SampleProblem] = []
+            for index, raw in enumerate(_read_samples(path, skip_bad)):
+                sample_id = str(raw.get("id", index)) if isinstance(raw, dict) else str(index)
+                try:
+                    if isinstance(raw, _MalformedLine):
+                        raise DataError(raw.message)
+                    sample = normalise_sample(raw, self.template)
+                except (DataError, ConversationError) as error:
+                    problem = SampleProblem(path, index, sample_id, str(error))
+                    if not skip_bad:
+                        raise DataError(str(problem)) from error
+                    file_problems.append(problem)
+                    continue
+                sample["id"] = sample_id
+                chunks.append(json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+                file_ids.append(file_id)
+                positions.append(index)
+                word_counts.append(sum(len(turn["value"].split()) for turn in sample["conversations"]))
+                image_counts.append(len(sample["images"]))
+            self._record_problems(file_problems)
+
+        if not chunks:
+            raise DataError(f"no valid samples in {self.files}")
+        sizes = np.fromiter((len(chunk) for chunk in chunks), dtype=np.int64, count=len(chunks))
+        self._offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        self._file_ids = np.asarray(file_ids, dtype=np.int32)
+        self._positions = np.asarray(positions, dtype=np.int64)
+        self._num_images = np.asarray(image_counts, dtype=np.int32)
+        words = np.maximum(np.asarray(word_counts, dtype=np.int64), 1)
+        estimated = words + self.data_args.tokens_per_image * self._num_images
+        self._modality_lengths = np.where(self._num_images > 0, estimated, -estimated)
+        if self.num_invalid_samples:
+            logger.warning(
+                "skipped %d invalid samples while loading %s", self.num_invalid_samples, self.files
+            )
+        logger.info("loaded %d samples from %d files", len(self), len(self.files))
+
+    def _record_problems(self, problems: list[SampleProblem]) -> None:
+        for problem in problems:
+            if self.num_invalid_samples < 10:
+                logger.warning("skipping invalid sample: %s", problem)
+            if len(self.problems) < MAX_KEPT_PROBLEMS:
+                self.problems.append(problem)
+            self.num_invalid_samples += 1
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def modality_lengths(self) -> np.ndarray:
+        """Estimated lengths (words + tokens_per_image x images), negative for text-only samples."""
+        return self._modality_lengths
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Estimated lengths regardless of modality."""
+        return np.abs(self._modality_lengths)
+
+    @property
+    def num_images(self) -> np.ndarray:
+        """Images per sample."""
+        return self._num_images
+
+    def get_record(self, index: int) -> dict[str, Any]:
+        """The normalised sample ``{"id", "images", "conversations"}`` (tags already in place)."""
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return json.loads(self._buffer[start:end].tobytes().decode("utf-8"))
+
+    def describe(self, index: int, sample_id: str | None = None) -> str:
+        """``file sample id=... (index n)`` for messages; ``index`` is the position in its file."""
+        if sample_id is None:
+            sample_id = self.get_record(index)["id"]
+        return f"{self.files[self._file_ids[index]]} sample id={sample_id!r} (index {self._positions[index]})"
+
+    def image_paths(self, record: dict[str, Any]) -> list[str]:
+        """Absolute/rooted paths of a record's images."""
+        folder = self.data_args.image_folder
+        return [os.path.join(folder, path) if folder else path for path in record["images"]]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | SkippedSample:
+        record = self.get_record(index)
+        try:
+            return self._build(record)
+        except (DataError, ConversationError, NoLearnableTokensError, ImageError) as error:
+            message = f"{self.describe(index, record['id'])}: {error}"
+            if not self.data_args.skip_bad_samples:
+                raise DataError(message) from error
+            logger.warning("skipping sample: %s", message)
+            return SkippedSample(index=index, sample_id=record["id"], reason=message)
+
+    def _build(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        args = self.data_args
+        turns = conversation_to_turns(self.template, record["conversations"])
+        tokenized = tokenize_conversation(
+            self.tokenizer,
+            self.template,
+            turns,
+            max_length=args.model_max_length,
+            tokens_per_image=args.tokens_per_image,
+            image_token_id=self.image_token_id,
+        )
+        paths = self.image_paths(record)
+        kept_paths = paths[: len(paths) - tokenized["num_dropped_images"]]
+        input_ids = torch.tensor(tokenized["input_ids"], dtype=torch.long)
+        num_sentinels = int((input_ids == self.image_token_id).sum())
+        if num_sentinels != len(kept_paths):
+            raise DataError(f"{num_sentinels} image slots but {len(kept_paths)} images after truncation")
+        item = {"input_ids": input_ids, "labels": torch.tensor(tokenized["labels"], dtype=torch.long)}
+        if kept_paths:
+            if self.image_processor is None:
+                raise DataError("sample has images but the dataset was built without an image_processor")
+            item["pixel_values"] = load_and_preprocess(
+                kept_paths, self.image_processor, args.image_aspect_ratio
+            )
+        return item

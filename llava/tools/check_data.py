@@ -1,0 +1,240 @@
+"""Scan LLaVA-format data before training: structure, images, lengths and token statistics.
+
+Usage::
+
+    python -m llava.tools.check_data --data_path A.json [B.jsonl ...] --image_folder DIR \\
+        --tokenizer PATH --version v1 --model_max_length 2048 --tokens_per_image 576 \\
+        [--json-report FILE]
+
+Problems (exit code 1): unparseable files, structurally invalid samples, missing or corrupt images,
+samples with nothing to learn (before or after truncation). Samples longer than
+``model_max_length`` are counted and reported; they are a problem only with ``--fail-on-truncation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
+from llava.data.images import ImageError, load_image
+from llava.data.templates import conversation_to_turns
+from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation, truncate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataReport:
+    """Everything :func:`scan` found; ``problems`` lists the first ``max_listed`` with file and id."""
+
+    num_samples: int = 0
+    num_files_unreadable: int = 0
+    num_structural_errors: int = 0
+    num_missing_images: int = 0
+    num_corrupt_images: int = 0
+    num_no_learnable_tokens: int = 0
+    num_over_max_length: int = 0
+    num_text_only: int = 0
+    problems: list[str] = field(default_factory=list)
+    over_length_examples: list[str] = field(default_factory=list)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def num_problems(self) -> int:
+        """Problem count (over-length samples excluded: they are truncated, not broken)."""
+        return (
+            self.num_files_unreadable
+            + self.num_structural_errors
+            + self.num_missing_images
+            + self.num_corrupt_images
+            + self.num_no_learnable_tokens
+        )
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    p50, p95 = np.percentile(values, [50, 95])
+    return {
+        "min": float(values.min()),
+        "mean": float(values.mean()),
+        "p50": float(p50),
+        "p95": float(p95),
+        "max": float(values.max()),
+    }
+
+
+def scan(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    check_images: bool = True,
+    max_listed: int = 20,
+    show_progress: bool = True,
+) -> DataReport:
+    """Check every sample of every file in ``data_args.data_path``; never raises on bad data."""
+    report = DataReport()
+
+    def note(message: str) -> None:
+        if len(report.problems) < max_listed:
+            report.problems.append(message)
+
+    datasets: list[LazySupervisedDataset] = []
+    for path in data_args.data_path:
+        file_args = DataArguments(**{**asdict(data_args), "data_path": [path], "skip_bad_samples": True})
+        try:
+            dataset = LazySupervisedDataset(file_args, tokenizer)
+        except (DataError, OSError) as error:
+            report.num_files_unreadable += 1
+            note(f"{path}: unreadable: {error}")
+            continue
+        report.num_structural_errors += dataset.num_invalid_samples
+        for problem in dataset.problems:
+            note(str(problem))
+        datasets.append(dataset)
+
+    total_lengths: list[int] = []
+    text_lengths: list[int] = []
+    image_counts: list[int] = []
+    image_status: dict[str, str] = {}
+    tokens_per_image, max_length = data_args.tokens_per_image, data_args.model_max_length
+    num_valid = sum(len(dataset) for dataset in datasets)
+    report.num_samples = num_valid + report.num_structural_errors
+    progress = tqdm(total=num_valid, desc="checking samples", unit="sample", disable=not show_progress)
+    for dataset in datasets:
+        for index in range(len(dataset)):
+            progress.update(1)
+            record = dataset.get_record(index)
+            where = dataset.describe(index, record["id"])
+            turns = conversation_to_turns(dataset.template, record["conversations"])
+            try:
+                tokenized = tokenize_conversation(tokenizer, dataset.template, turns)
+            except NoLearnableTokensError:
+                report.num_no_learnable_tokens += 1
+                note(f"{where}: no learnable tokens (empty answers)")
+                continue
+            input_ids = np.asarray(tokenized["input_ids"], dtype=np.int64)
+            num_images = int(np.count_nonzero(input_ids == IMAGE_TOKEN_ID))
+            num_text = len(input_ids) - num_images
+            total = num_text + num_images * tokens_per_image
+            total_lengths.append(total)
+            text_lengths.append(num_text)
+            image_counts.append(num_images)
+            report.num_text_only += int(num_images == 0)
+            if total > max_length:
+                report.num_over_max_length += 1
+                if len(report.over_length_examples) < max_listed:
+                    report.over_length_examples.append(f"{where}: {total} tokens > {max_length}")
+                cut = truncate(tokenized["input_ids"], tokenized["labels"], max_length, tokens_per_image)
+                if all(label == IGNORE_INDEX for label in cut["labels"]):
+                    report.num_no_learnable_tokens += 1
+                    note(f"{where}: nothing learnable left after truncation to {max_length}")
+            if check_images:
+                for image_path in dataset.image_paths(record):
+                    if image_path not in image_status:
+                        image_status[image_path] = _check_image(image_path)
+                    status = image_status[image_path]
+                    if status == "missing":
+                        report.num_missing_images += 1
+                        note(f"{where}: missing image {image_path}")
+                    elif status != "ok":
+                        report.num_corrupt_images += 1
+                        note(f"{where}: corrupt image {image_path}: {status}")
+    progress.close()
+
+    report.stats = {
+        "total_tokens": _summary(np.asarray(total_lengths)),
+        "text_tokens": _summary(np.asarray(text_lengths)),
+        "images_per_sample": _summary(np.asarray(image_counts)),
+    }
+    return report
+
+
+def _check_image(path: str) -> str:
+    """'ok', 'missing', or the reason the image cannot be decoded."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        load_image(path)
+    except ImageError as error:
+        return str(error.__cause__ or error)
+    return "ok"
+
+
+def format_report(report: DataReport) -> str:
+    """Human-readable report."""
+    lines = [
+        f"samples: {report.num_samples} ({report.num_text_only} text-only)",
+        f"unreadable files: {report.num_files_unreadable}",
+        f"structural errors: {report.num_structural_errors}",
+        f"missing images: {report.num_missing_images}",
+        f"corrupt images: {report.num_corrupt_images}",
+        f"no learnable tokens: {report.num_no_learnable_tokens}",
+        f"over max length (will be truncated): {report.num_over_max_length}",
+    ]
+    for name, summary in report.stats.items():
+        if summary:
+            values = " ".join(f"{key}={value:.1f}" for key, value in summary.items())
+            lines.append(f"{name}: {values}")
+    if report.problems:
+        lines.append(f"first {len(report.problems)} problems:")
+        lines += [f"  {problem}" for problem in report.problems]
+    if report.over_length_examples:
+        lines.append("over-length examples:")
+        lines += [f"  {example}" for example in report.over_length_examples]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", nargs="+", required=True, help="LLaVA JSON/JSONL files")
+    parser.add_argument("--image_folder", default=None, help="root for relative image paths")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer name or path (AutoTokenizer)")
+    parser.add_argument("--version", default="v1", help="conversation template")
+    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--tokens_per_image", type=int, default=576)
+    parser.add_argument("--json-report", dest="json_report", default=None, help="write the report here")
+    parser.add_argument("--max-listed", dest="max_listed", type=int, default=20, help="problems to list")
+    parser.add_argument("--skip-image-check", dest="skip_image_check", action="store_true")
+    parser.add_argument(
+        "--fail-on-truncation", dest="fail_on_truncation", action="store_true", help="over-length is a problem"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scan; returns 0 when clean, 1 when problems were found."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    data_args = DataArguments(
+        data_path=args.data_path,
+        image_folder=args.image_folder,
+        version=args.version,
+        model_max_length=args.model_max_length,
+        tokens_per_image=args.tokens_per_image,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    report = scan(data_args, tokenizer, check_images=not args.skip_image_check, max_listed=args.max_listed)
+    print(format_report(report))
+    if args.json_report:
+        payload: dict[str, Any] = {**asdict(report), "num_problems": report.num_problems}
+        with open(args.json_report, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+    failed = report.num_problems > 0 or (args.fail_on_truncation and report.num_over_max_length > 0)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
