@@ -72,7 +72,15 @@ class DuetLlavaConfig(PreTrainedConfig):
         self.template = template
         self.compression = compression
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        sub_attn = {
+            "vision_config": self.vision_config._attn_implementation,
+            "text_config": self.text_config._attn_implementation,
+        }
         super().__init__(**kwargs)
+        if self._attn_implementation is None:
+            # The base class pushes the composite's (unset) choice down to the sub-configs; keep theirs.
+            for key, value in sub_attn.items():
+                getattr(self, key)._attn_implementation = value
 
     @property
     def num_patches(self) -> int:
