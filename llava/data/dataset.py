@@ -143,6 +143,11 @@ class _MalformedLine(NamedTuple):
     message: str
 
 
+def _word_count(conversations: list[dict[str, str]]) -> int:
+    """Whitespace words of all turns, image tags excluded (images are counted separately)."""
+    return sum(len(turn["value"].replace(IMAGE_TAG, " ").split()) for turn in conversations)
+
+
 def _read_samples(path: str, skip_bad: bool) -> list[Any]:
     """Parse a JSON list or JSONL file; malformed JSON raises with file and line/column.
 
@@ -226,7 +231,7 @@ class LazySupervisedDataset(Dataset):
                 chunks.append(json.dumps(sample, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
                 file_ids.append(file_id)
                 positions.append(index)
-                word_counts.append(sum(len(turn["value"].split()) for turn in sample["conversations"]))
+                word_counts.append(_word_count(sample["conversations"]))
                 image_counts.append(len(sample["images"]))
             self._record_problems(file_problems)
 
