@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# LLaVA-1.5 stage 2 with LoRA on the LLM (r 128, alpha 256); the projector trains fully at 2e-5.
+# Recipe (7B, 8 GPUs): template v1, ZeRO-3, lr 2e-4, per-device batch 16, global batch 128, 1 epoch.
+#
+#   bash scripts/v1_5/finetune_lora.sh
+#   LORA_R=64 LORA_ALPHA=128 bash scripts/v1_5/finetune_lora.sh
+#   DRY_RUN=1 bash scripts/v1_5/finetune_lora.sh
+# Settings and multi-node launch: see scripts/v1_5/common.sh.
+set -euo pipefail
+# shellcheck source=scripts/v1_5/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+DATA_PATH="${DATA_PATH:-playground/data/llava_v1_5_mix665k.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-playground/data}"
+OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b-lora}"
+PRETRAIN_DIR="${PRETRAIN_DIR:-runs/llava-v1.5-7b-pretrain}"
+PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
+ZERO="${ZERO:-$REPO_ROOT/scripts/zero3.json}"
+BATCH_SIZE="${BATCH_SIZE:-16}"
+GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
+LR="${LR:-2e-4}"
+EPOCHS="${EPOCHS:-1}"
+LORA_R="${LORA_R:-128}"
+LORA_ALPHA="${LORA_ALPHA:-256}"
+MM_PROJECTOR_LR="${MM_PROJECTOR_LR:-2e-5}"
+SAVE_STEPS="${SAVE_STEPS:-50000}"
+SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
+
+finalize_settings
+common_train_args
+projector_args
+launch "${COMMON_ARGS[@]}" \
+    --version v1 \
+    "${PROJECTOR_ARGS[@]}" \
+    --lora_enable True \
+    --lora_r "$LORA_R" \
+    --lora_alpha "$LORA_ALPHA" \
+    --mm_projector_lr "$MM_PROJECTOR_LR" \
+    --image_aspect_ratio pad \
+    --group_by_modality_length True \
+    "$@"
