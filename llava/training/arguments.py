@@ -1,0 +1,54 @@
+"""Typed command-line arguments of the trainer, one dataclass per concern (model, data, training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from llava.data.dataset import DataArguments
+
+__all__ = ["DataArguments", "LlavaTrainingArguments", "ModelArguments"]
+
+
+@dataclass
+class ModelArguments:
+    """What to build: language model, vision tower, projector, compression."""
+
+    model_name_or_path: str = field(
+        default="lmsys/vicuna-7b-v1.5",
+        metadata={"help": "Language model (HF causal LM) or a full LLaVA checkpoint (duet/llava-hf/original)."},
+    )
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "CLIP vision model path/id (required unless starting from a LLaVA checkpoint)."}
+    )
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp{N}x_gelu | identity"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower hidden-state index used as features."})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) | cls_patch"})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Pretraining stage: train the projector only (LLM and tower frozen)."}
+    )
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "Projector weights from pretraining (mm_projector.safetensors or .bin)."}
+    )
+    compression: str = field(default="none", metadata={"help": "Visual-token compression preset name or YAML file."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa | flash_attention_2 | eager (default: fastest available)."}
+    )
+
+
+@dataclass
+class LlavaTrainingArguments(TrainingArguments):
+    """HF ``TrainingArguments`` plus LLaVA's LoRA/projector options and run bookkeeping."""
+
+    mm_projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate)."}
+    )
+    lora_enable: bool = field(default=False, metadata={"help": "Finetune the LLM with LoRA adapters (peft)."})
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    run_group: str | None = field(default=None, metadata={"help": "wandb group (e.g. the experiment name)."})
+    metrics_file: str | None = field(
+        default=None, metadata={"help": "JSONL metrics file (default: <output_dir>/metrics.jsonl)."}
+    )

@@ -1,0 +1,129 @@
+"""Training entry point: ``deepspeed --module llava.training.train`` (or plain ``python -m``).
+
+Stages: pretrain (``--tune_mm_mlp_adapter``: projector only), finetune (LLM + projector) and LoRA
+finetune (``--lora_enable``). Resume is explicit: ``--resume_from_checkpoint auto|PATH``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import transformers
+from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, set_seed
+
+from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.data.dataset import LazySupervisedDataset
+from llava.model.loading import read_model_type
+from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
+from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
+from llava.training.metrics import (
+    MetricsCallback,
+    RunConfigCallback,
+    add_metrics_callback,
+    build_run_config,
+    configure_wandb_env,
+)
+from llava.training.model_setup import (
+    LLAVA_CHECKPOINT_TYPES,
+    PROJECTOR_FILENAME,
+    build_model,
+    configure_trainable,
+    save_projector,
+)
+from llava.training.trainer import LlavaTrainer
+
+logger = logging.getLogger("llava.training")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
+    """Parse command-line flags (LLaVA names) into the three argument dataclasses."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_processors(model_args: ModelArguments, data_args: DataArguments):
+    """Tokenizer (from the LM or checkpoint) and image processor (from the tower or checkpoint)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, model_max_length=data_args.model_max_length, padding_side="right"
+    )
+    if tokenizer.pad_token is None:  # Vicuna/LLaMA ship without one; LLaVA pads with unk
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    is_checkpoint = read_model_type(model_args.model_name_or_path) in LLAVA_CHECKPOINT_TYPES
+    processor_source = model_args.vision_tower or model_args.model_name_or_path
+    if is_checkpoint and not model_args.vision_tower:
+        processor_source = model_args.model_name_or_path
+    image_processor = AutoImageProcessor.from_pretrained(processor_source)
+    return tokenizer, image_processor
+
+
+def train(argv: list[str] | None = None) -> Path:
+    """Run one training stage; returns the output directory."""
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if args.process_index == 0 else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    if "wandb" in (args.report_to or []):
+        configure_wandb_env(run_name=args.run_name, group=args.run_group)
+
+    set_seed(args.seed)
+    model = build_model(model_args, data_args, args)
+    tokenizer, image_processor = load_processors(model_args, data_args)
+    data_args.tokens_per_image = model.config.tokens_per_image
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    model = configure_trainable(model, model_args, args)
+
+    dataset = LazySupervisedDataset(data_args, tokenizer, image_processor, model.config.image_token_id)
+    run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
+    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_config)
+
+    metrics = MetricsCallback(args.metrics_file)
+    trainer = LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSupervisedDataset(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[CheckpointCompletionCallback(run_config), RunConfigCallback(run_config)],
+        group_by_modality_length=data_args.group_by_modality_length,
+        metrics=metrics,
+    )
+    add_metrics_callback(trainer, metrics)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    finish(trainer, model_args, image_processor)
+    if trainer.num_skipped_samples or dataset.num_invalid_samples:
+        logger.warning(
+            "Skipped %d bad samples during training and %d invalid samples at load time (--skip_bad_samples)",
+            trainer.num_skipped_samples,
+            dataset.num_invalid_samples,
+        )
+    return Path(args.output_dir)
+
+
+def finish(trainer: LlavaTrainer, model_args: ModelArguments, image_processor) -> None:
+    """Save the stage's result: the projector always; the full model unless pretraining."""
+    output_dir = Path(trainer.args.output_dir)
+    model = trainer.model
+    save_projector(model, output_dir / PROJECTOR_FILENAME)
+    if model_args.tune_mm_mlp_adapter:
+        if trainer.is_world_process_zero():
+            trainer.model.config.save_pretrained(output_dir)
+        return
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(output_dir)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""``LlavaTrainer``: the HF Trainer plus LLaVA's sampler, projector learning rate and batch bookkeeping.
+
+Only public extension points are overridden (``_get_train_sampler`` is the documented hook for
+a custom sampler; ``create_optimizer`` and ``compute_loss`` are public).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from llava.data.sampler import ModalityLengthGroupedSampler
+from llava.training.metrics import MetricsCallback, batch_counts
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaTrainer(Trainer):
+    """Trainer with modality/length-grouped batches, a separate projector LR and skip accounting."""
+
+    def __init__(
+        self,
+        *args: Any,
+        group_by_modality_length: bool = False,
+        metrics: MetricsCallback | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_by_modality_length = group_by_modality_length
+        self.metrics = metrics
+        self.num_skipped_samples = 0
+
+    def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
+        """Visual tokens the batch adds to the LLM sequence (each image slot becomes N tokens)."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return 0
+        config = self.accelerator.unwrap_model(self.model).config
+        return int(pixel_values.shape[0]) * (config.tokens_per_image - 1)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(dataset)
+        return ModalityLengthGroupedSampler(
+            batch_size=self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            lengths=dataset.modality_lengths,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW groups: (decay, no decay) x (projector at ``mm_projector_lr``, the rest)."""
+        projector_lr = getattr(self.args, "mm_projector_lr", None)
+        if projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault(("projector" in name, name in decay), []).append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if is_decay else 0.0,
+                **({"lr": projector_lr} if is_projector else {}),
+            }
+            for (is_projector, is_decay), params in groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        skipped = inputs.pop("num_skipped_samples", 0)
+        if skipped:
+            self.num_skipped_samples += int(skipped)
+        if self.metrics is not None and model.training:
+            num_samples, num_text_tokens = batch_counts(inputs)
+            self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
