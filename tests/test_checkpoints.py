@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from llava.training.checkpoints import (
     COMPLETE_MARKER,
@@ -182,3 +182,11 @@ def test_callback_marks_trainer_checkpoints_and_resume_works(tmp_path: Path) -> 
     trainer.train(resume_from_checkpoint=resume)
     assert trainer.state.global_step == 6
     assert is_checkpoint_complete(tmp_path / "checkpoint-6")
+
+
+def test_rerun_into_existing_checkpoint_drops_stale_marker_before_saving(tmp_path: Path) -> None:
+    stale = make_checkpoint(tmp_path, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state, control = TrainerState(global_step=2), TrainerControl(should_save=True)
+    CheckpointCompletionCallback().on_step_end(args, state, control)
+    assert not is_checkpoint_complete(stale)  # a crash during the re-save now leaves it incomplete

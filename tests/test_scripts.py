@@ -74,6 +74,7 @@ def test_pretrain_defaults_follow_llava_recipe_on_cpu(tmp_path: Path) -> None:
     assert argv[argv.index("--module") + 1] == "llava.training.train"
     assert prefix == {"DS_ACCELERATOR": "cpu"}
     assert "--bf16" not in argv  # fp32 without a GPU
+    assert opt(argv, "--use_cpu") == "True"  # lets the HF Trainer count DeepSpeed's CPU ranks
     assert opt(argv, "--num_gpus") == "1"
     assert opt(argv, "--deepspeed").endswith("scripts/zero2.json")
     assert opt(argv, "--version") == "plain"
@@ -94,6 +95,7 @@ def test_gpu_host_uses_bf16_and_all_gpus(tmp_path: Path) -> None:
     prefix, argv = dry_run("pretrain.sh", tmp_path, gpus=2)
     assert prefix == {}
     assert opt(argv, "--bf16") == "True"
+    assert "--use_cpu" not in argv
     assert opt(argv, "--num_gpus") == "2"
     assert opt(argv, "--gradient_accumulation_steps") == "4"  # 256 / (32 x 2)
 

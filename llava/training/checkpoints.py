@@ -266,9 +266,27 @@ class CheckpointCompletionCallback(TrainerCallback):
         """``run_config`` is stored in each marker so a later resume can report config changes."""
         self.run_config = dict(run_config) if run_config is not None else None
 
-    def on_save(
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Before a save into an existing ``checkpoint-<step>`` (a re-run), drop its stale marker."""
+        if control.should_save:
+            self._invalidate_stale_marker(args, state)
+
+    def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Same as :meth:`on_step_end` for epoch-end saves."""
+        if control.should_save:
+            self._invalidate_stale_marker(args, state)
+
+    def _invalidate_stale_marker(self, args: TrainingArguments, state: TrainerState) -> None:
+        # DefaultFlowCallback (registered first) has already decided control.should_save.
+        writer = state.is_local_process_zero if args.save_on_each_node else state.is_world_process_zero
+        marker = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}" / COMPLETE_MARKER
+        if writer and marker.exists():
+            logger.info("Overwriting checkpoint %s: removing its old completion marker first.", marker.parent)
+            marker.unlink()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Barrier, then let the designated process write the completion marker."""
         _barrier()
         writer = state.is_local_process_zero if args.save_on_each_node else state.is_world_process_zero

@@ -139,9 +139,7 @@ class MetricsCallback(TrainerCallback):
         _cuda_sync()
         self._step_start = time.perf_counter()
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Stop timing the optimizer step."""
         if self._step_start is None:
             return
