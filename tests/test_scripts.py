@@ -74,7 +74,6 @@ def test_pretrain_defaults_follow_llava_recipe_on_cpu(tmp_path: Path) -> None:
     assert argv[argv.index("--module") + 1] == "llava.training.train"
     assert prefix == {"DS_ACCELERATOR": "cpu"}
     assert "--bf16" not in argv  # fp32 without a GPU
-    assert opt(argv, "--use_cpu") == "True"  # lets the HF Trainer count DeepSpeed's CPU ranks
     assert opt(argv, "--num_gpus") == "1"
     assert opt(argv, "--deepspeed").endswith("scripts/zero2.json")
     assert opt(argv, "--version") == "plain"
@@ -95,7 +94,6 @@ def test_gpu_host_uses_bf16_and_all_gpus(tmp_path: Path) -> None:
     prefix, argv = dry_run("pretrain.sh", tmp_path, gpus=2)
     assert prefix == {}
     assert opt(argv, "--bf16") == "True"
-    assert "--use_cpu" not in argv
     assert opt(argv, "--num_gpus") == "2"
     assert opt(argv, "--gradient_accumulation_steps") == "4"  # 256 / (32 x 2)
 
@@ -210,3 +208,15 @@ def test_zero_configs_are_hf_auto(name: str) -> None:
     if name == "zero3_offload.json":
         assert zero["offload_optimizer"]["device"] == "cpu"
         assert zero["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_trainer_accepts_every_script_argument(stage: str, tmp_path: Path) -> None:
+    """The printed trainer arguments parse with llava.training.train's own parser."""
+    train = pytest.importorskip("llava.training.train")
+    _, argv = dry_run(stage, tmp_path, "--max_steps", "4", OUTPUT_DIR=str(tmp_path / "out"), REPORT_TO="none")
+    trainer_argv = argv[argv.index("llava.training.train") + 1 :]
+    model_args, data_args, args = train.parse_args(trainer_argv)
+    assert args.max_steps == 4 and args.gradient_checkpointing
+    assert model_args.compression == "none" and len(data_args.data_path) == 1
+    assert args.run_group == "llava-v1.5-none"

@@ -88,18 +88,16 @@ count_nodes() {
 # recipe defaults (OUTPUT_DIR, BATCH_SIZE, GLOBAL_BATCH, LR, ZERO, ...) first.
 finalize_settings() {
     local gpus
-    DEVICE_ARGS=()
     gpus="$(count_gpus)"
     if [[ "$gpus" -gt 0 ]]; then
         PRECISION="${PRECISION:-bf16}"
         NUM_GPUS="${NUM_GPUS:-$gpus}"
     else
         # No GPU: DeepSpeed runs CPU ranks; bf16 would need a CPU that supports it, so use fp32.
-        # --use_cpu makes the HF Trainer count the CPU ranks (else DeepSpeed's batch-size check fails).
+        # (llava.training.train sets up a gloo process group so the Trainer counts every CPU rank.)
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         PRECISION="${PRECISION:-fp32}"
         NUM_GPUS="${NUM_GPUS:-1}"
-        DEVICE_ARGS=(--use_cpu True)
     fi
     case "$PRECISION" in
         bf16) PRECISION_ARGS=(--bf16 True) ;;
@@ -139,7 +137,6 @@ common_train_args() {
         --compression "$COMPRESSION"
         --output_dir "$OUTPUT_DIR"
         "${PRECISION_ARGS[@]}"
-        "${DEVICE_ARGS[@]}"
         --num_train_epochs "$EPOCHS"
         --per_device_train_batch_size "$BATCH_SIZE"
         --gradient_accumulation_steps "$GRAD_ACCUM"
