@@ -52,3 +52,14 @@ class LlavaTrainingArguments(TrainingArguments):
     metrics_file: str | None = field(
         default=None, metadata={"help": "JSONL metrics file (default: <output_dir>/metrics.jsonl)."}
     )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LLaVA-style warmup fraction; transformers 5 takes it as a float --warmup_steps."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()

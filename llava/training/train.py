@@ -6,11 +6,13 @@ finetune (``--lora_enable``). Resume is explicit: ``--resume_from_checkpoint aut
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, set_seed
 
@@ -38,8 +40,31 @@ from llava.training.trainer import LlavaTrainer
 logger = logging.getLogger("llava.training")
 
 
+def configure_cpu_deepspeed(argv: list[str]) -> list[str]:
+    """Make DeepSpeed on CPU ranks (``DS_ACCELERATOR=cpu``) see every rank.
+
+    ``TrainingArguments`` passes no communication backend to accelerate when DeepSpeed is on;
+    without CUDA accelerate then finds none and counts a single process, so the batch-size check
+    of a 2-rank run fails. Here the distributed state is set up with ``gloo`` before the arguments
+    are parsed, and the Trainer is told to use that configured state.
+    """
+    launched = "LOCAL_RANK" in os.environ
+    wants_deepspeed = any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv)
+    if torch.cuda.is_available() or not launched or not wants_deepspeed:
+        return argv
+    from accelerate.state import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return [*argv, "--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
     """Parse command-line flags (LLaVA names) into the three argument dataclasses."""
+    argv = configure_cpu_deepspeed(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
     return parser.parse_args_into_dataclasses(args=argv)
 
