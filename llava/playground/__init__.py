@@ -1,0 +1,1 @@
+"""Synthetic playground: tiny random models and generated LLaVA-format data, built offline."""
