@@ -429,6 +429,7 @@ GENERATED_ENTRIES: tuple[str, ...] = (
     "llm",
     "manifest.json",
     "README.md",
+    "demo_requests.jsonl",
 )
 """Top-level names the builder writes; ``force`` removes only these, never other files."""
 
@@ -438,9 +439,7 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
-            raise FileExistsError(
-                f"output directory {out_dir} is not empty; pass --force (force=True) to overwrite it"
-            )
+            raise FileExistsError(f"output directory {out_dir} is not empty; pass --force (force=True) to overwrite it")
         for name in GENERATED_ENTRIES:
             path = out_dir / name
             if path.is_dir() and not path.is_symlink():
@@ -453,6 +452,32 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def demo_requests(seed: int, count: int = 8) -> tuple[list[ImageSpec], list[dict[str, Any]]]:
+    """Held-out images (never in the training JSON) with one question each and its expected answer.
+
+    The requests use the ``llava.tools.generate`` JSONL format plus an ``expected`` field, so a
+    trained playground model can be checked by eye (or by a script) on unseen images.
+    """
+    rng = random.Random(f"demo-{seed}")
+    specs = [random_image_spec(rng, f"demo_{i:03d}.png", num_shapes=1) for i in range(count)]
+    requests = []
+    for i, spec in enumerate(specs):
+        shape = spec.shapes[0]
+        question, answer = [
+            (f"What color is the {shape.shape}?", _cap(shape.color)),
+            (f"What shape is the {shape.color} object?", _cap(shape.shape)),
+        ][i % 2]
+        requests.append(
+            {
+                "id": f"demo_{i:03d}",
+                "image": spec.file,
+                "prompt": f"{question}\n{SHORT_ANSWER_SUFFIX}",
+                "expected": answer,
+            }
+        )
+    return specs, requests
 
 
 def build_playground(
@@ -478,6 +503,9 @@ def build_playground(
     _write_json(out / "pretrain.json", data.pretrain)
     _write_json(out / "finetune.json", data.finetune)
     _write_json(out / "image_metadata.json", {spec.file: spec.to_json() for spec in data.all_images})
+    demo_specs, demo = demo_requests(seed)
+    write_images(demo_specs, out / "images", desc="demo images")
+    (out / "demo_requests.jsonl").write_text("".join(json.dumps(request) + "\n" for request in demo), encoding="utf-8")
 
     tokenizer = train_playground_tokenizer(corpus_texts(data), vocab_size=vocab_size)
     vision = save_vision_tower(out / "vision_tower", seed=seed)
