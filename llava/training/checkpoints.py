@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -262,9 +263,15 @@ class CheckpointCompletionCallback(TrainerCallback):
     keeps other ranks from racing ahead (e.g. to a rotation) before the marker exists.
     """
 
-    def __init__(self, run_config: Mapping[str, Any] | None = None) -> None:
-        """``run_config`` is stored in each marker so a later resume can report config changes."""
+    def __init__(self, run_config: Mapping[str, Any] | None = None, keep_last: int | None = None) -> None:
+        """``run_config`` is stored in each marker so a later resume can report config changes.
+
+        ``keep_last`` replaces the Trainer's ``save_total_limit``: the Trainer rotates *before*
+        the new checkpoint is known to be complete, so a kill in that window could leave nothing
+        resumable. Here older checkpoints are deleted only after the new one is marked complete.
+        """
         self.run_config = dict(run_config) if run_config is not None else None
+        self.keep_last = keep_last
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Before a save into an existing ``checkpoint-<step>`` (a re-run), drop its stale marker."""
@@ -294,9 +301,34 @@ class CheckpointCompletionCallback(TrainerCallback):
             checkpoint_dir = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
             if checkpoint_dir.is_dir():
                 mark_checkpoint_complete(checkpoint_dir, state.global_step, self.run_config)
+                if self.keep_last:
+                    rotate_checkpoints(args.output_dir, self.keep_last)
             else:
                 logger.warning("on_save: expected checkpoint folder %s does not exist.", checkpoint_dir)
         _barrier()
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than them.
+
+    Incomplete checkpoints newer than the newest complete one are left alone (a save may be in
+    flight). Returns the deleted folders.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    checkpoints = list_checkpoints(output_dir)
+    complete = [path for _, path in checkpoints if is_checkpoint_complete(path)]
+    if not complete:
+        return []
+    kept = set(complete[-keep_last:])
+    newest_step = checkpoints[[path for _, path in checkpoints].index(complete[-1])][0]
+    deleted = []
+    for step, path in checkpoints:
+        if path not in kept and step <= newest_step:
+            shutil.rmtree(path, ignore_errors=False)
+            deleted.append(path)
+            logger.info("Deleted old checkpoint %s (keeping the last %d complete ones).", path, keep_last)
+    return deleted
 
 
 def _barrier() -> None:

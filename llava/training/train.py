@@ -106,6 +106,7 @@ def train(argv: list[str] | None = None) -> Path:
     run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
     resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_config)
 
+    keep_last, args.save_total_limit = args.save_total_limit, None  # rotated after completion instead
     metrics = MetricsCallback(args.metrics_file)
     trainer = LlavaTrainer(
         model=model,
@@ -113,7 +114,7 @@ def train(argv: list[str] | None = None) -> Path:
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(tokenizer),
         processing_class=tokenizer,
-        callbacks=[CheckpointCompletionCallback(run_config), RunConfigCallback(run_config)],
+        callbacks=[CheckpointCompletionCallback(run_config, keep_last), RunConfigCallback(run_config)],
         group_by_modality_length=data_args.group_by_modality_length,
         metrics=metrics,
     )
