@@ -1,0 +1,263 @@
+"""Reusable inference API: load a checkpoint once, answer batches of (image(s), prompt) requests.
+
+Prompts are built by the same code as training (:func:`~llava.data.templates.generation_turns` +
+:func:`~llava.data.tokenization.tokenize_prompt`) so the model sees the prompt format it was trained
+on. Batches are LEFT-padded: right padding puts pad tokens between the prompt and the generated
+text and makes answers depend on the batch size (LLaVA #1928).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+
+from llava.constants import IMAGE_TAG
+from llava.data.images import load_and_preprocess
+from llava.data.templates import ConversationTemplate, generation_turns, get_template
+from llava.data.tokenization import tokenize_prompt
+from llava.model.loading import load_pretrained_model, read_model_type
+from llava.model.modeling import DuetLlavaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+ImageSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class Request(TypedDict, total=False):
+    """One generation request: ``image`` (a path, a list of paths or ``None``) and ``prompt``."""
+
+    image: ImageSpec
+    prompt: str
+
+
+class MissingComponentError(FileNotFoundError):
+    """A model directory lacks the tokenizer or image processor needed for inference."""
+
+
+def image_paths(image: ImageSpec) -> list[str]:
+    """Normalise a request's ``image`` field to a list of path strings (empty for text-only)."""
+    if image is None:
+        return []
+    if isinstance(image, str | os.PathLike):
+        return [os.fspath(image)]
+    if isinstance(image, Sequence):
+        return [os.fspath(path) for path in image]
+    raise TypeError(f"'image' must be a path, a list of paths or None, got {type(image).__name__}")
+
+
+def build_prompt_text(prompt: str, num_images: int) -> str:
+    """The user turn: ``prompt`` with one ``<image>\\n`` per image prepended when it has no tag.
+
+    A prompt that already holds tags must hold exactly one per image (the tag decides where the
+    image goes), otherwise images and sentinels could not be matched.
+    """
+    num_tags = prompt.count(IMAGE_TAG)
+    if num_tags == 0:
+        return f"{IMAGE_TAG}\n" * num_images + prompt
+    if num_tags != num_images:
+        raise ValueError(f"prompt holds {num_tags} {IMAGE_TAG} tags but {num_images} images were given")
+    return prompt
+
+
+def build_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    template: ConversationTemplate,
+    prompt: str,
+    num_images: int,
+    image_token_id: int,
+) -> list[int]:
+    """Token ids of a single-turn generation prompt, built exactly as training builds prompts."""
+    conversation = [{"from": "human", "value": build_prompt_text(prompt, num_images)}]
+    return tokenize_prompt(tokenizer, template, generation_turns(template, conversation), image_token_id)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(input_ids, attention_mask)`` of shape ``[B, max_len]`` (vectorised)."""
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
+    if bool((lengths == 0).any()):
+        raise ValueError("cannot pad an empty prompt")
+    max_len = int(lengths.max())
+    mask = torch.arange(max_len).unsqueeze(0) >= (max_len - lengths).unsqueeze(1)
+    input_ids = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
+    input_ids[mask] = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
+    return input_ids, mask.long()
+
+
+def _has_any(path: Path, names: Sequence[str]) -> bool:
+    return any((path / name).is_file() for name in names)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LlavaPipeline:
+    """Model + tokenizer + image processor + conversation template, ready to answer requests."""
+
+    model: DuetLlavaForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+    template: ConversationTemplate
+    image_aspect_ratio: str = "pad"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        vision_tower: str | None = None,
+    ) -> LlavaPipeline:
+        """Load a checkpoint directory (any layout :func:`load_pretrained_model` accepts).
+
+        The tokenizer and image processor are read from ``path`` (training's final save writes
+        them there); for original LLaVA checkpoints the image processor comes from
+        ``vision_tower``. A missing component raises :class:`MissingComponentError` naming it.
+        ``dtype`` defaults to float32; ``device`` to CUDA when available.
+        """
+        model_dir = Path(path)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        if not (model_dir / "config.json").is_file():
+            hint = ""
+            if (model_dir / "adapter_config.json").is_file():
+                hint = " It holds a LoRA adapter: merge it first with `python -m llava.tools.merge_lora`."
+            raise MissingComponentError(f"{model_dir} has no config.json, so it is not a model checkpoint.{hint}")
+        if not _has_any(model_dir, _TOKENIZER_FILES):
+            raise MissingComponentError(
+                f"{model_dir} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                "save one there with tokenizer.save_pretrained()"
+            )
+        processor_dir = model_dir
+        if not _has_any(model_dir, _PROCESSOR_FILES):
+            if vision_tower is None and read_model_type(model_dir) == "llava_llama":
+                vision_tower = _original_tower(model_dir)
+            if vision_tower is None:
+                raise MissingComponentError(
+                    f"{model_dir} has no image processor (preprocessor_config.json); save one there with "
+                    "image_processor.save_pretrained() or pass vision_tower= (a CLIP dir that has one)"
+                )
+            processor_dir = Path(vision_tower)
+        device = torch.device(device) if device is not None else _default_device()
+        model = load_pretrained_model(model_dir, dtype=dtype, vision_tower=vision_tower)
+        model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(str(processor_dir))
+        except OSError as error:
+            raise MissingComponentError(f"cannot load an image processor from {processor_dir}: {error}") from error
+        logger.info("Loaded %s on %s (template %s)", model_dir, device, model.config.template)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            template=get_template(model.config.template),
+            image_aspect_ratio=model.config.image_aspect_ratio,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):
+            if candidate is not None:
+                return candidate
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+
+    def prepare(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Tokenize and left-pad a batch; images stacked in the order their sentinels appear."""
+        ids: list[list[int]] = []
+        paths: list[str] = []
+        for request in requests:
+            if "prompt" not in request or not isinstance(request["prompt"], str):
+                raise ValueError(f"request needs a string 'prompt': {request!r}")
+            request_paths = image_paths(request.get("image"))
+            ids.append(
+                build_prompt_ids(
+                    self.tokenizer,
+                    self.template,
+                    request["prompt"],
+                    len(request_paths),
+                    self.model.config.image_token_id,
+                )
+            )
+            paths.extend(request_paths)
+        input_ids, attention_mask = left_pad(ids, self._pad_id())
+        pixel_values = None
+        if paths:
+            pixel_values = load_and_preprocess(paths, self.image_processor, self.image_aspect_ratio)
+        return input_ids, attention_mask, pixel_values
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        progress: Any = None,
+    ) -> list[str]:
+        """Answer ``requests`` (``{"image": path | [paths] | None, "prompt": str}``) in order.
+
+        Greedy answers do not depend on ``batch_size``. ``seed`` seeds the sampling generator
+        (one per call). ``progress`` (optional) is called with the number of requests done per batch,
+        e.g. a tqdm bar's ``update``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.device
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        eos_id = self.tokenizer.eos_token_id
+        answers: list[str] = []
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start : start + batch_size]
+            input_ids, attention_mask, pixel_values = self.prepare(batch)
+            if pixel_values is not None:
+                pixel_values = pixel_values.to(device=device, dtype=self.model.vision_tower.dtype)
+            new_tokens = self.model.generate(
+                input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                pixel_values=pixel_values,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=eos_id,
+                pad_token_id=self._pad_id(),
+                generator=generator,
+            )
+            answers.extend(self._decode(new_tokens.cpu(), eos_id))
+            if progress is not None:
+                progress(len(batch))
+        return answers
+
+    def _decode(self, new_tokens: torch.Tensor, eos_id: int | None) -> list[str]:
+        """Text of each row up to (excluding) its first EOS, special tokens skipped."""
+        rows = new_tokens.tolist()
+        if eos_id is not None:
+            rows = [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def _original_tower(model_dir: Path) -> str | None:
+    """``mm_vision_tower`` of an original LLaVA config (where its image processor lives)."""
+    with (model_dir / "config.json").open() as handle:
+        return json.load(handle).get("mm_vision_tower")

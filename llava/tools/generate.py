@@ -1,0 +1,153 @@
+"""Answer prompts about images with a trained checkpoint.
+
+``python -m llava.tools.generate --model DIR --image IMG --prompt "..." [--image IMG2 --prompt ...]``
+or ``--requests FILE.jsonl`` (lines ``{"id", "image", "prompt"}``; ``image`` may be a path, a list
+of paths or null) with ``--out answers.jsonl``. Relative image paths in a requests file are
+resolved against ``--image-folder`` (default: the requests file's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from llava.data.images import ImageError
+from llava.inference import LlavaPipeline, image_paths
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request is malformed or names an image that does not exist; the message names the request id."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description="Generate answers with a DuetLlava checkpoint.")
+    parser.add_argument("--model", required=True, help="checkpoint directory (merged, not a bare LoRA adapter)")
+    parser.add_argument(
+        "--image", action="append", default=[], help="image path (pairs with --prompt; 'none' for text-only)"
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="question (repeatable)")
+    parser.add_argument("--requests", help="JSONL file of {'id', 'image', 'prompt'} requests")
+    parser.add_argument("--image-folder", help="root for relative image paths in --requests")
+    parser.add_argument("--out", help="write answers here as JSONL ({'id', 'prompt', 'image', 'answer'})")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--vision-tower", help="CLIP dir with the image processor (original LLaVA checkpoints)")
+    args = parser.parse_args(argv)
+    if args.requests and (args.image or args.prompt):
+        parser.error("use either --requests or --image/--prompt pairs, not both")
+    if not args.requests:
+        if not args.prompt:
+            parser.error("give --requests FILE or at least one --prompt")
+        if args.image and len(args.image) != len(args.prompt):
+            parser.error(f"--image and --prompt must pair up; got {len(args.image)} images, {len(args.prompt)} prompts")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--batch-size and --max-new-tokens must be >= 1")
+    return args
+
+
+def read_requests(path: str | Path, image_folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """Read a JSONL requests file; relative image paths are resolved against ``image_folder``."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    requests = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RequestError(f"{path}:{line_number}: invalid JSON: {error}") from error
+            if not isinstance(record, dict):
+                raise RequestError(f"{path}:{line_number}: expected a JSON object")
+            record.setdefault("id", f"line{line_number}")
+            images = [str(root / image) for image in image_paths(record.get("image"))]
+            record["image"] = images or None
+            requests.append(record)
+    return requests
+
+
+def cli_requests(images: list[str], prompts: list[str]) -> list[dict[str, Any]]:
+    """Requests from repeated ``--image``/``--prompt`` flags (``none`` means text-only)."""
+    images = images or ["none"] * len(prompts)
+    return [
+        {"id": str(index), "image": None if image.lower() == "none" else image, "prompt": prompt}
+        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True))
+    ]
+
+
+def validate_requests(requests: list[dict[str, Any]]) -> None:
+    """Fail before loading the model if a request lacks a prompt or names a missing image file."""
+    for request in requests:
+        request_id = request.get("id")
+        if not isinstance(request.get("prompt"), str):
+            raise RequestError(f"request id={request_id!r}: missing or non-string 'prompt'")
+        for image in image_paths(request.get("image")):
+            if not Path(image).is_file():
+                raise RequestError(f"request id={request_id!r}: image file not found: {image}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = parse_args(argv)
+    try:
+        if args.requests:
+            requests = read_requests(args.requests, args.image_folder)
+        else:
+            requests = cli_requests(args.image, args.prompt)
+        validate_requests(requests)
+    except (OSError, RequestError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    pipeline = LlavaPipeline.from_pretrained(
+        args.model, dtype=_DTYPES[args.dtype], device=args.device, vision_tower=args.vision_tower
+    )
+    show_bar = bool(args.requests)
+    with tqdm(total=len(requests), desc="generate", unit="req", disable=not show_bar, file=sys.stderr) as bar:
+        try:
+            answers = pipeline.generate(
+                [{"image": r.get("image"), "prompt": r["prompt"]} for r in requests],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                progress=bar.update,
+            )
+        except (ImageError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    records = [{**request, "answer": answer} for request, answer in zip(requests, answers, strict=True)]
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"wrote {len(records)} answers to {out}", file=sys.stderr)
+    if not args.out or not show_bar:
+        for record in records:
+            print(f"[{record['id']}] {record['answer']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
