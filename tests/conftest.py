@@ -54,3 +54,13 @@ def tiny_model():
     torch.manual_seed(0)
     config = DuetLlavaConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config())
     return DuetLlavaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def playground(tmp_path_factory):
+    """A small playground (tiny CLIP-L/14-336-geometry tower, tiny LLaMA, 48+48 samples), built once."""
+    from llava.playground.synthetic import build_playground
+
+    out = tmp_path_factory.mktemp("playground")
+    build_playground(out, num_pretrain=48, num_finetune=48, seed=0)
+    return out

@@ -31,32 +31,25 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lora_run(playground: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 2-step LoRA run saving checkpoint-1 (intermediate) and checkpoint-2; high LR so the adapter matters."""
     out = tmp_path_factory.mktemp("run") / "lora"
-    with pytest.MonkeyPatch.context() as patch:
-        if not hasattr(DuetLlavaForCausalLM, "prepare_inputs_for_generation"):
-            # Workaround: configure_trainable's task_type="CAUSAL_LM" makes peft wrap the model in
-            # PeftModelForCausalLM, which reads this GenerationMixin attribute at construction.
-            patch.setattr(
-                DuetLlavaForCausalLM, "prepare_inputs_for_generation", lambda self, *a, **k: None, raising=False
-            )
-        train(
-            [
-                "--model_name_or_path", str(playground / "llm"),
-                "--vision_tower", str(playground / "vision_tower"),
-                "--version", "v1",
-                "--data_path", str(playground / "finetune.json"),
-                "--image_folder", str(playground / "images"),
-                "--output_dir", str(out),
-                "--per_device_train_batch_size", "2",
-                "--max_steps", "2",
-                "--save_steps", "1",
-                "--learning_rate", "1e-2",
-                "--lora_enable", "True",
-                "--lora_r", "4",
-                "--lora_alpha", "8",
-                "--report_to", "none",
-                "--dataloader_num_workers", "0",
-            ]
-        )  # fmt: skip
+    train(
+        [
+            "--model_name_or_path", str(playground / "llm"),
+            "--vision_tower", str(playground / "vision_tower"),
+            "--version", "v1",
+            "--data_path", str(playground / "finetune.json"),
+            "--image_folder", str(playground / "images"),
+            "--output_dir", str(out),
+            "--per_device_train_batch_size", "2",
+            "--max_steps", "2",
+            "--save_steps", "1",
+            "--learning_rate", "1e-2",
+            "--lora_enable", "True",
+            "--lora_r", "4",
+            "--lora_alpha", "8",
+            "--report_to", "none",
+            "--dataloader_num_workers", "0",
+        ]
+    )  # fmt: skip
     yield out
 
 

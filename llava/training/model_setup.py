@@ -163,7 +163,6 @@ def configure_trainable(
             target_modules=LORA_TARGETS,
             modules_to_save=["projector"],
             bias="none",
-            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
     else:
