@@ -1,0 +1,135 @@
+"""The real launch path: the shell scripts start 2 DeepSpeed CPU ranks (ZeRO-2 and ZeRO-3).
+
+Includes the preemption test: a ZeRO-3 run is SIGKILLed part-way, resumed with
+``RESUME=auto``, and its per-step losses after the resume equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava.model.loading import load_pretrained_model
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_LIMIT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(
+        DS_ACCELERATOR="cpu",
+        NUM_GPUS="2",
+        MASTER_PORT=str(free_port()),
+        MODEL=str(playground / "llm"),
+        VISION_TOWER=str(playground / "vision_tower"),
+        IMAGE_FOLDER=str(playground / "images"),
+        OUTPUT_DIR=str(output_dir),
+        BATCH_SIZE="2",
+        GRAD_ACCUM="1",
+        NUM_WORKERS="1",
+        REPORT_TO="none",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "v1_5" / script), *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=STEP_LIMIT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """Per-step loss; a step logged twice (before and after a resume) keeps its last value."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def finetune_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str, str]:
+    settings = {"PRETRAINED_PROJECTOR": "none", "SAVE_STEPS": "2", "SAVE_TOTAL_LIMIT": "2", **overrides}
+    return script_env(playground, output_dir, DATA_PATH=str(playground / "finetune.json"), **settings)
+
+
+def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector(playground, tmp_path):
+    pretrain_dir = tmp_path / "pretrain"
+    env = script_env(
+        playground, pretrain_dir, DATA_PATH=str(playground / "pretrain.json"), SAVE_STEPS="2", SAVE_TOTAL_LIMIT="2"
+    )
+    run_script("pretrain.sh", env, "--max_steps", "3")
+    assert (pretrain_dir / "mm_projector.safetensors").exists()
+    assert (pretrain_dir / "checkpoint-2" / "checkpoint_complete.json").exists()
+    assert sorted(losses(pretrain_dir)) == [1, 2, 3]
+    # Both ranks took part: 2 ranks x 2 samples per step.
+    rows = [json.loads(line) for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
+    last_step = [row for row in rows if "loss" in row][-1]
+    assert last_step["samples_per_s"] * last_step["step_time_s"] == pytest.approx(4, rel=0.05)
+
+    finetune_dir = tmp_path / "finetune"
+    env = finetune_env(
+        playground, finetune_dir, PRETRAINED_PROJECTOR=str(pretrain_dir / "mm_projector.safetensors"), SAVE_STEPS="100"
+    )
+    result = run_script("finetune.sh", env, "--max_steps", "2")
+    assert "Loaded pretrained projector" in result.stderr + result.stdout
+    model = load_pretrained_model(finetune_dir).eval()
+    assert model.config.template == "v1"
+    ids = torch.tensor([[1, model.config.image_token_id, 5, 6]])
+    with torch.no_grad():
+        out = model.generate(ids, pixel_values=torch.randn(1, 3, 336, 336), max_new_tokens=3)
+    assert out.shape[0] == 1
+
+
+def test_zero3_kill_and_resume_matches_uninterrupted_run(playground, tmp_path):
+    reference_dir = tmp_path / "reference"
+    run_script("finetune.sh", finetune_env(playground, reference_dir), "--max_steps", "6")
+    reference = losses(reference_dir)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    run_dir = tmp_path / "preempted"
+    env = finetune_env(playground, run_dir)
+    process = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "v1_5" / "finetune.sh"), "--max_steps", "6"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    marker = run_dir / "checkpoint-4" / "checkpoint_complete.json"
+    deadline = time.monotonic() + STEP_LIMIT_S
+    try:
+        while not marker.exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "checkpoint-4 never completed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # preemption: no clean shutdown
+        process.wait()
+    assert not (run_dir / "checkpoint-6" / "checkpoint_complete.json").exists()
+    # A checkpoint half-written by the kill: no completion marker, must be skipped.
+    half_written = run_dir / "checkpoint-6"
+    half_written.mkdir(exist_ok=True)
+    (half_written / "trainer_state.json").write_text("{")
+
+    result = run_script("finetune.sh", {**env, "RESUME": "auto"}, "--max_steps", "6")
+    assert "Skipping incomplete checkpoint" in result.stderr + result.stdout
+    resumed = losses(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
