@@ -1,12 +1,24 @@
-"""Vision tower wrapper: runs a HF CLIP vision model up to the feature layer and selects tokens."""
+"""Vision tower wrapper: runs a HF CLIP vision model up to the feature layer and selects tokens.
+
+With V2V compression configured (DUET-VLM Stage A), the tower also merges the feature layer's
+tokens into ``k1 + k2`` tokens per image. The CLS-to-patch scores the merger needs are computed from
+the feature layer's own q/k projections for the CLS query row only, so every layer keeps its
+SDPA/FlashAttention kernel (no eager attention, no ``output_attentions``).
+"""
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
+from llava.compression.v2v import VisualTokenMerger, build_merger
 from llava.model.config import DuetLlavaConfig
+
+logger = logging.getLogger(__name__)
 
 
 def layers_to_run(num_hidden_layers: int, feature_layer: int) -> int:
@@ -23,11 +35,49 @@ def layers_to_run(num_hidden_layers: int, feature_layer: int) -> int:
     return index
 
 
+def build_tower_merger(compression: Any) -> VisualTokenMerger | None:
+    """The V2V merger described by a model config's ``compression`` field, or ``None`` without V2V.
+
+    ``compression`` may be ``None``, a preset name or a dict as saved in ``config.json``; it is parsed by
+    :func:`llava.compression.config.load_compression` (imported here, so models without compression
+    never depend on it).
+    """
+    if compression is None or (isinstance(compression, str) and compression.lower() == "none"):
+        return None
+    from llava.compression.config import load_compression
+
+    settings = load_compression(compression)
+    v2v = getattr(settings, "v2v", None) if settings is not None else None
+    return build_merger(v2v) if v2v is not None else None
+
+
+@torch.no_grad()
+def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS-query attention to each patch (summed over heads) and head-averaged keys of one CLIP layer.
+
+    ``hidden`` [N, T, D] is the layer's input. Only the CLS query row is projected, and the softmax over
+    all T keys runs in fp32, so this equals row 0 of the layer's eager attention map at a fraction of
+    its cost. Returns ``([N, T - 1], [N, T, head_dim])``; no autograd graph is built (scores only pick
+    indices).
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    num_images, num_tokens, _ = normed.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(normed[:, :1]).view(num_images, 1, heads, head_dim).transpose(1, 2)
+    keys = attention.k_proj(normed).view(num_images, num_tokens, heads, head_dim).transpose(1, 2)
+    logits = query.float() @ keys.float().transpose(-1, -2) * attention.scale  # [N, heads, 1, T]
+    cls_attention = logits.softmax(dim=-1).sum(dim=1)[:, 0, 1:]
+    return cls_attention, keys.float().mean(dim=1)
+
+
 class VisionTower(nn.Module):
     """Owns a ``CLIPVisionModel`` and returns LLaVA's image features (before the projector).
 
     The encoder layers are called one by one, each with the model's own attention kernel
-    (SDPA/FlashAttention), and only as many as the feature layer needs.
+    (SDPA/FlashAttention), and only as many as the feature layer needs. When the config's compression
+    has V2V, the feature layer's output (CLS included) is merged into ``k1 + k2`` tokens whatever the
+    feature strategy: DUET keeps CLS as a dominant token.
     """
 
     def __init__(self, config: DuetLlavaConfig, vision_model: CLIPVisionModel | None = None) -> None:
@@ -35,6 +85,15 @@ class VisionTower(nn.Module):
         self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(config.vision_config)
         self.num_layers = layers_to_run(config.vision_config.num_hidden_layers, config.vision_feature_layer)
         self.keep_cls = config.vision_feature_select_strategy == "cls_patch"
+        self.merger = build_tower_merger(getattr(config, "compression", None))
+        num_patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        if self.merger is None:
+            self.num_output_tokens = num_patches + (1 if self.keep_cls else 0)
+        else:
+            if self.num_layers == 0:
+                raise ValueError("V2V merging needs an encoder layer: vision_feature_layer must not be 0")
+            self.num_output_tokens = self.merger.num_output_tokens(num_patches + 1)
+            logger.info("vision tower merges %d tokens per image into %d", num_patches + 1, self.num_output_tokens)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,6 +108,12 @@ class VisionTower(nn.Module):
         return hidden
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Features ``[num_images, tokens, vision_width]``: CLS + patches or patches only."""
-        hidden = self.run_layers(pixel_values, self.num_layers)
-        return hidden if self.keep_cls else hidden[:, 1:]
+        """Features ``[num_images, tokens, vision_width]``: CLS + patches, patches only, or merged tokens."""
+        if self.merger is None:
+            hidden = self.run_layers(pixel_values, self.num_layers)
+            return hidden if self.keep_cls else hidden[:, 1:]
+        hidden = self.run_layers(pixel_values, self.num_layers - 1)
+        feature_layer = self.vision_model.encoder.layers[self.num_layers - 1]
+        cls_attention, keys = cls_attention_and_keys(feature_layer, hidden)
+        features = feature_layer(hidden, None)
+        return self.merger(features, cls_attention, keys)
