@@ -1,6 +1,9 @@
-"""Visual-token compression (DUET-VLM Stage A V2V merging, Stage B T2V dropping): configs and token accounting."""
+"""Visual-token compression (DUET-VLM Stage A V2V merging, Stage B T2V dropping).
 
-from llava.compression.accounting import average_visual_tokens, stage_summary, visual_tokens_per_layer
+Configs and presets: :mod:`llava.compression.config`; layer-averaged token accounting and budget solvers
+(also a CLI): :mod:`llava.compression.accounting`.
+"""
+
 from llava.compression.config import (
     CompressionConfig,
     CompressionConfigError,
@@ -16,8 +19,5 @@ __all__ = [
     "T2VConfig",
     "V2VConfig",
     "available_presets",
-    "average_visual_tokens",
     "load_compression",
-    "stage_summary",
-    "visual_tokens_per_layer",
 ]
