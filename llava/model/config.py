@@ -87,6 +87,18 @@ class DuetLlavaConfig(PreTrainedConfig):
         """Patch tokens per image produced by the tower (576 for CLIP-L/14-336)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
+    def compression_config(self):
+        """The parsed :class:`~llava.compression.config.CompressionConfig` (``none`` when unset)."""
+        from llava.compression.config import load_compression
+
+        return load_compression(self.compression)
+
+    @property
+    def llm_tokens_per_image(self) -> int:
+        """Visual tokens per image entering the LLM: after V2V merging when it is configured."""
+        v2v = self.compression_config().v2v
+        return v2v.num_tokens if v2v is not None else self.tokens_per_image
+
     @property
     def tokens_per_image(self) -> int:
         """Visual tokens per image entering the projector, before any compression."""

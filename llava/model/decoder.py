@@ -1,16 +1,24 @@
-"""Run a HF decoder-only LM layer by layer on merged embeddings.
+"""Run a HF decoder-only LM layer by layer, in stages separated by visual-token drops.
 
 The layers are the model's own modules (so SDPA/FlashAttention, gradient checkpointing and ZeRO
-hooks all apply); this loop only owns what happens *between* layers, which is where staged
-visual-token dropping plugs in.
+hooks all apply); this loop only owns what happens *between* layers: at each T2V boundary the
+visual tokens are scored and the sequence is compacted, so later layers run on fewer tokens and,
+during generation, hold shorter KV caches.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers import Cache
 from transformers.masking_utils import create_causal_mask
+
+from llava.compression.t2v import Sequence, keep_top_visual, score_visual_tokens
+
+POSITION_MODES = ("keep", "compact")
 
 
 def decoder_of(language_model: nn.Module) -> nn.Module:
@@ -25,14 +33,56 @@ def decoder_of(language_model: nn.Module) -> nn.Module:
     return decoder
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """Where the LLM drops visual tokens: before each of ``boundaries`` (layer indices), keeping
+    ``floor(ratio * N0)`` of each sample's N0 visual tokens."""
+
+    boundaries: tuple[int, ...] = ()
+    keep_ratios: tuple[float, ...] = ()
+    position_mode: str = "keep"
+    query: str = "instruction"
+
+    def __post_init__(self) -> None:
+        if len(self.boundaries) != len(self.keep_ratios):
+            raise ValueError(f"{len(self.boundaries)} boundaries but {len(self.keep_ratios)} keep ratios")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+
+    def stage_starts(self) -> tuple[int, ...]:
+        return (0, *self.boundaries)
+
+
+@dataclass
+class DecodeState:
+    """What decode steps need after a compressed prefill; held by the caller like the KV cache.
+
+    Each stage has its own attention mask (its caches have their own length) and its own next
+    RoPE position (identical across stages in ``keep`` mode, per-stage in ``compact`` mode).
+    """
+
+    stage_starts: tuple[int, ...]
+    attention_masks: list[torch.Tensor]
+    next_positions: list[torch.Tensor]
+
+
+@dataclass
+class DecoderResult:
+    hidden: torch.Tensor
+    sequence: Sequence
+    decode_state: DecodeState
+    visual_tokens_per_layer: list[float] = field(default_factory=list)
+    compression_time_s: float = 0.0
+
+
 def causal_mask_for(
     decoder: nn.Module,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
     past_key_values: Cache | None,
-    layer_idx: int | None = None,
+    layer_idx: int,
 ) -> torch.Tensor | None:
-    """The 4D (or ``None`` = plain causal) mask the decoder's attention kernel expects."""
+    """The 4D (or ``None`` = plain causal) mask the attention kernel expects for one stage."""
     return create_causal_mask(
         config=decoder.config,
         inputs_embeds=hidden_states,
@@ -42,24 +92,128 @@ def causal_mask_for(
     )
 
 
-def run_decoder_layers(
+def _run_layers(
     decoder: nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor,
+    layers: list[nn.Module],
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
     position_ids: torch.Tensor,
-    past_key_values: Cache | None = None,
-    use_cache: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values: Cache | None,
+    use_cache: bool,
 ) -> torch.Tensor:
-    """Apply every decoder layer and the final norm; returns the last hidden states."""
-    mask = causal_mask_for(decoder, hidden_states, attention_mask, past_key_values)
-    position_embeddings = decoder.rotary_emb(hidden_states, position_ids=position_ids)
-    for layer in decoder.layers:
-        hidden_states = layer(
-            hidden_states,
+    for layer in layers:
+        hidden = layer(
+            hidden,
             attention_mask=mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
         )
-    return decoder.norm(hidden_states)
+    return hidden
+
+
+def _next_positions(sequence: Sequence) -> torch.Tensor:
+    return (sequence.position_ids * sequence.attention_mask).amax(dim=1) + 1
+
+
+def run_decoder(
+    decoder: nn.Module,
+    sequence: Sequence,
+    plan: StagePlan | None = None,
+    past_key_values: Cache | None = None,
+    use_cache: bool = False,
+    left_align: bool = False,
+    num_images: int = 0,
+) -> DecoderResult:
+    """Prefill/training pass over the whole sequence, dropping visual tokens at the plan's boundaries.
+
+    ``left_align`` keeps rows right-aligned after a drop (left padding, for generation); training
+    batches are right-padded. Returns the final-normed hidden states and the compacted sequence
+    (its labels stay aligned with the hidden states).
+    """
+    plan = plan or StagePlan()
+    starts = plan.stage_starts()
+    num_layers = len(decoder.layers)
+    initial_visual = sequence.visual_mask.sum(dim=1)
+    per_image = max(num_images, 1)
+    masks: list[torch.Tensor] = []
+    next_positions: list[torch.Tensor] = []
+    tokens_per_layer: list[float] = []
+    compression_time = 0.0
+    position_embeddings = None
+    for stage, start in enumerate(starts):
+        end = starts[stage + 1] if stage + 1 < len(starts) else num_layers
+        if stage > 0:
+            began = time.perf_counter()
+            ratio = plan.keep_ratios[stage - 1]
+            keep_counts = torch.floor(initial_visual.double() * ratio + 1e-9).long()
+            scores = score_visual_tokens(decoder.layers[start], sequence, position_embeddings)
+            keep = keep_top_visual(scores, sequence, keep_counts)
+            sequence = sequence.compact(keep, left_align, recompute_positions=plan.position_mode == "compact")
+            compression_time += time.perf_counter() - began
+        position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
+        mask = causal_mask_for(decoder, sequence.hidden, sequence.attention_mask, past_key_values, start)
+        hidden = _run_layers(
+            decoder,
+            list(decoder.layers[start:end]),
+            sequence.hidden,
+            mask,
+            sequence.position_ids,
+            position_embeddings,
+            past_key_values,
+            use_cache,
+        )
+        sequence = replace(sequence, hidden=hidden)
+        masks.append(sequence.attention_mask)
+        next_positions.append(_next_positions(sequence))
+        visual_now = float(sequence.visual_mask.sum()) / per_image
+        tokens_per_layer += [visual_now] * (end - start)
+    return DecoderResult(
+        hidden=decoder.norm(sequence.hidden),
+        sequence=sequence,
+        decode_state=DecodeState(starts, masks, next_positions),
+        visual_tokens_per_layer=tokens_per_layer,
+        compression_time_s=compression_time,
+    )
+
+
+def run_decoder_step(
+    decoder: nn.Module, hidden: torch.Tensor, state: DecodeState, past_key_values: Cache
+) -> torch.Tensor:
+    """One or more new tokens after a (possibly compressed) prefill; updates ``state`` in place."""
+    num_layers = len(decoder.layers)
+    batch, new_tokens = hidden.shape[:2]
+    steps = torch.arange(new_tokens, device=hidden.device)
+    for stage, start in enumerate(state.stage_starts):
+        end = state.stage_starts[stage + 1] if stage + 1 < len(state.stage_starts) else num_layers
+        mask = torch.cat([state.attention_masks[stage], state.attention_masks[stage].new_ones(batch, new_tokens)], 1)
+        state.attention_masks[stage] = mask
+        positions = state.next_positions[stage].unsqueeze(1) + steps
+        state.next_positions[stage] = state.next_positions[stage] + new_tokens
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        causal = causal_mask_for(decoder, hidden, mask, past_key_values, start)
+        hidden = _run_layers(
+            decoder, list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
+            past_key_values, True,
+        )  # fmt: skip
+    return decoder.norm(hidden)
+
+
+def stage_plan_from_config(t2v_config, num_layers: int) -> StagePlan | None:
+    """Turn a :class:`~llava.compression.config.T2VConfig` into layer indices for this model's depth.
+
+    A boundary at or past the last layer drops nothing any layer sees and is left out.
+    """
+    if t2v_config is None:
+        return None
+    layers = t2v_config.boundary_layers(num_layers)
+    ratios = t2v_config.stage_ratios(num_layers)
+    stages = [(layer, ratio) for layer, ratio in zip(layers, ratios, strict=True) if layer < num_layers]
+    return StagePlan(
+        tuple(layer for layer, _ in stages),
+        tuple(ratio for _, ratio in stages),
+        t2v_config.position_mode,
+        t2v_config.query,
+    )

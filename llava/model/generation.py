@@ -75,8 +75,8 @@ def greedy_or_sample(
         left_padding=True,
         logits_to_keep=1,
     )
-    merged_mask = out.attention_mask
-    next_position = out.position_ids[:, -1] + 1
+    decode_state = out.decode_state
+    prompt_length = out.prompt_length
     for step in range(max_new_tokens):
         token = pick_next_token(out.logits[:, -1], do_sample, temperature, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
@@ -84,17 +84,17 @@ def greedy_or_sample(
         finished |= torch.isin(token, eos_tensor)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        merged_mask = torch.cat([merged_mask, merged_mask.new_ones(batch, 1)], dim=1)
         if use_cache:
             out = model(
                 token.unsqueeze(1),
-                attention_mask=merged_mask,
-                position_ids=next_position.unsqueeze(1),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                decode_state=decode_state,
             )
         else:
+            # Reference path: recompute everything; queries stay within the prompt, so the
+            # same visual tokens are kept as at the cached prefill.
             generated = torch.stack(new_tokens, dim=1)
             out = model(
                 torch.cat([input_ids, generated], dim=1),
@@ -102,6 +102,6 @@ def greedy_or_sample(
                 pixel_values=pixel_values,
                 left_padding=True,
                 logits_to_keep=1,
+                query_end=prompt_length,
             )
-        next_position = next_position + 1
     return torch.stack(new_tokens, dim=1)

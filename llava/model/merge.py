@@ -18,6 +18,7 @@ class MergedInputs:
     position_ids: torch.Tensor  # [B, L'] RoPE positions (0 at each sample's first real token)
     visual_mask: torch.Tensor  # [B, L'] bool, True on visual tokens
     labels: torch.Tensor | None  # [B, L'] with IGNORE_INDEX on visual tokens and padding
+    token_ids: torch.Tensor  # [B, L'] text token ids, -1 on visual tokens and added padding
 
 
 def detect_left_padding(attention_mask: torch.Tensor) -> bool:
@@ -102,5 +103,8 @@ def merge_visual_tokens(
         new_labels = labels.new_full((batch, new_length), IGNORE_INDEX)
         new_labels[text_rows, text_dest] = labels[text_rows, text_cols]
 
+    token_ids = input_ids.new_full((batch, new_length), -1)
+    token_ids[text_rows, text_dest] = input_ids[text_rows, text_cols]
+
     position_ids = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels)
+    return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels, token_ids)

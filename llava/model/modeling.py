@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +13,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, CLIPVisionModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
+from llava.compression.t2v import Sequence, build_query_mask, content_token_table
 from llava.constants import IGNORE_INDEX
 from llava.model.config import DuetLlavaConfig
-from llava.model.decoder import decoder_of, run_decoder_layers
+from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
 from llava.model.merge import MergedInputs, merge_visual_tokens
 from llava.model.projector import build_projector
 from llava.model.vision_tower import VisionTower
@@ -33,6 +35,15 @@ class DuetLlavaOutput(ModelOutput):
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
+    decode_state: DecodeState | None = None
+    prompt_length: int | None = None
+    visual_tokens_per_layer: list[float] | None = None
+    compression_time_s: float | None = None
+
+
+@functools.cache
+def _warn_salient_fallback() -> None:
+    logger.warning("salient T2V queries need set_query_vocabulary(tokenizer); using 'instruction' queries")
 
 
 class DuetLlavaPreTrainedModel(PreTrainedModel):
@@ -73,7 +84,23 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        self.stage_plan = stage_plan_from_config(config.compression_config().t2v, config.text_config.num_hidden_layers)
+        # Static, per-tokenizer (not per-sample): which vocabulary entries are content words.
+        self.register_buffer("content_token_table", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.post_init()
+
+    def set_compression(self, spec: Any) -> None:
+        """Switch the compression preset (name, YAML path, dict or config); recorded in the config."""
+        from llava.compression.config import load_compression
+
+        compression = load_compression(spec)
+        self.config.compression = compression.to_dict() if compression.enabled else None
+        self.vision_tower = VisionTower(self.config, self.vision_tower.vision_model)
+        self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
+
+    def set_query_vocabulary(self, tokenizer: Any) -> None:
+        """Mark the tokenizer's content-word tokens, used by ``salient`` T2V queries."""
+        self.content_token_table = content_token_table(tokenizer).to(self.content_token_table.device)
 
     @classmethod
     def from_components(
@@ -163,44 +190,79 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
     ) -> DuetLlavaOutput:
         """Run the model.
 
-        Prefill (no cache or an empty one): ``input_ids`` may hold image slots. Decode steps
-        pass the new tokens, the full 2D ``attention_mask`` and explicit ``position_ids``.
+        Prefill (no cache or an empty one): ``input_ids`` may hold image slots; visual tokens are
+        dropped at the configured T2V boundaries. Decode steps pass the new tokens and the
+        ``decode_state`` returned by the prefill (``kwargs``), which knows each stage's cache.
         With ``labels`` the loss is computed on the label positions only (logits of other
         positions are never materialised) and ``logits`` is ``None``.
         ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient
         accumulation: the sum of token losses is divided by it instead of the local count.
         """
         decoder = decoder_of(self.language_model)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if prefill:
-            merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding)
-            hidden, mask, labels = merged.inputs_embeds, merged.attention_mask, merged.labels
-            positions = merged.position_ids if position_ids is None else position_ids
-        else:
+        decode_state: DecodeState | None = kwargs.get("decode_state")
+        if decode_state is not None:
             if pixel_values is not None:
                 raise ValueError("pixel_values can only be given at prefill, not at a decode step")
-            hidden = self.get_input_embeddings()(input_ids)
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            if position_ids is None:
-                raise ValueError("decode steps need explicit position_ids")
-            positions = position_ids
-        hidden = run_decoder_layers(decoder, hidden, mask, positions, past_key_values, use_cache)
+            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, past_key_values)
+            logits = self.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            return DuetLlavaOutput(logits=logits, past_key_values=past_key_values, decode_state=decode_state)
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("decode steps need the decode_state returned by the prefill call")
+
+        merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding)
+        left_align = bool(left_padding) if left_padding is not None else False
+        plan = self.stage_plan if kwargs.get("compress", True) else None
+        query_mask = torch.zeros_like(merged.visual_mask)
+        if plan is not None and plan.boundaries:
+            query_mask = build_query_mask(
+                self._query_mode(plan.query),
+                merged.attention_mask,
+                merged.visual_mask,
+                merged.labels,
+                merged.token_ids,
+                self.content_token_table if self.content_token_table.numel() else None,
+                query_end=kwargs.get("query_end"),
+            )
+        sequence = Sequence(
+            hidden=merged.inputs_embeds,
+            attention_mask=merged.attention_mask,
+            position_ids=merged.position_ids if position_ids is None else position_ids,
+            visual_mask=merged.visual_mask,
+            query_mask=query_mask,
+            labels=merged.labels,
+        )
+        num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_align, num_images)
 
         loss = logits = num_label_tokens = None
         lm_head = self.get_output_embeddings()
         if labels is not None:
-            loss, num_label_tokens = self._loss(lm_head, hidden, labels, num_items_in_batch)
+            loss, num_label_tokens = self._loss(lm_head, result.hidden, result.sequence.labels, num_items_in_batch)
         else:
-            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+            kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
             logits = lm_head(kept)
         return DuetLlavaOutput(
             loss=loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
-            attention_mask=mask,
-            position_ids=positions,
+            attention_mask=result.sequence.attention_mask,
+            position_ids=result.sequence.position_ids,
             num_label_tokens=num_label_tokens,
+            decode_state=result.decode_state,
+            prompt_length=merged.attention_mask.shape[1],
+            visual_tokens_per_layer=result.visual_tokens_per_layer,
+            compression_time_s=result.compression_time_s,
         )
+
+    _warned_salient = False
+
+    def _query_mode(self, mode: str) -> str:
+        if mode == "salient" and not self.content_token_table.numel():
+            if not DuetLlavaForCausalLM._warned_salient:
+                logger.warning("salient T2V queries need set_query_vocabulary(tokenizer); using 'instruction' queries")
+                DuetLlavaForCausalLM._warned_salient = True
+            return "instruction"
+        return mode
 
     @staticmethod
     def _loss(

@@ -1,0 +1,196 @@
+"""Stage B (T2V): text-guided dropping of visual tokens inside the LLM, at stage boundaries.
+
+At a boundary layer the visual tokens are scored by how much the query text tokens attend to
+them, with a separate computation for the query rows only (the layer's own input norm, q/k
+projections and RoPE, causal mask, fp32 softmax, mean over heads and queries, no gradient). The
+decoder layers themselves keep their SDPA/FlashAttention kernels. The top-k visual tokens are
+kept in their original order; everything else about the sequence is compacted around them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from llava.constants import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+QUERY_MODES = ("last", "instruction", "salient")
+
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just me more most my
+    myself no nor not now of off on once only or other our ours ourselves out over own same she should so
+    some such than that the their theirs them themselves then there these they this those through to too
+    under until up very was we were what when where which while who whom why will with would you your
+    yours yourself yourselves please answer question using single word phrase image picture photo shown
+    describe tell give provide briefly detail detailed user assistant""".split()  # noqa: SIM905
+)
+"""Function words and prompt boilerplate: never salient. Content words (nouns, verbs, adjectives,
+numbers) remain, which is what a POS filter would keep, without needing spaCy."""
+
+
+def content_token_table(tokenizer) -> torch.Tensor:
+    """Bool ``[vocab]``: True for tokens that carry content (not stop words, punctuation or specials)."""
+    vocab_size = len(tokenizer)
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids)
+    for token, index in tokenizer.get_vocab().items():
+        if index >= vocab_size or index in special:
+            continue
+        word = token.replace("▁", "").replace("Ġ", "").strip().lower()
+        is_word = len(word) >= 2 and any(ch.isalnum() for ch in word) and word not in STOP_WORDS
+        table[index] = is_word or word.isdigit()
+    return table
+
+
+@dataclass
+class Sequence:
+    """The per-sample tensors of the sequence the LLM is processing, kept aligned through drops."""
+
+    hidden: torch.Tensor  # [B, L, D]
+    attention_mask: torch.Tensor  # [B, L] long
+    position_ids: torch.Tensor  # [B, L]
+    visual_mask: torch.Tensor  # [B, L] bool
+    query_mask: torch.Tensor  # [B, L] bool
+    labels: torch.Tensor | None = None  # [B, L]
+
+    def compact(self, keep: torch.Tensor, left_align: bool, recompute_positions: bool) -> Sequence:
+        """Keep the ``keep`` positions of every tensor, in order; pad rows to the longest.
+
+        Vectorised: one cumsum gives every kept token its destination column.
+        """
+        counts = keep.sum(dim=1)
+        length = int(counts.max()) if counts.numel() else 0
+        dest = keep.long().cumsum(dim=1) - 1
+        if left_align:
+            dest = dest + (length - counts).unsqueeze(1)
+        rows, cols = keep.nonzero(as_tuple=True)
+        target = dest[rows, cols]
+        out = {}
+        for item in fields(self):
+            tensor = getattr(self, item.name)
+            if tensor is None:
+                out[item.name] = None
+                continue
+            fill = IGNORE_INDEX if item.name == "labels" else 0
+            shape = (tensor.shape[0], length, *tensor.shape[2:])
+            new = tensor.new_full(shape, fill)
+            new[rows, target] = tensor[rows, cols]
+            out[item.name] = new
+        compacted = Sequence(**out)
+        if recompute_positions:
+            compacted = replace(
+                compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            )
+        return compacted
+
+
+def build_query_mask(
+    mode: str,
+    attention_mask: torch.Tensor,
+    visual_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_ids: torch.Tensor | None = None,
+    content_table: torch.Tensor | None = None,
+    query_end: int | None = None,
+) -> torch.Tensor:
+    """Which positions act as queries when scoring visual tokens, ``[B, L]`` bool.
+
+    The prompt ends before the first supervised token (training) or at ``query_end`` / the end
+    of the sequence (generation); answer tokens never act as queries.
+
+    * ``last``: the last prompt token (PyramidDrop/FastV).
+    * ``instruction``: prompt tokens after the last visual token (DUET's code).
+    * ``salient``: content-word instruction tokens plus the last prompt token (the paper).
+
+    Fallback (documented): a sample with no instruction tokens after its image, such as the
+    ``plain`` pretraining template where the caption follows the image directly, uses its last
+    prompt token (there the last visual token, which attends causally to all visual tokens).
+    The query set is therefore never empty for a sample with any visual token.
+    """
+    if mode not in QUERY_MODES:
+        raise ValueError(f"unknown T2V query mode {mode!r}; expected one of {QUERY_MODES}")
+    batch, length = attention_mask.shape
+    device = attention_mask.device
+    positions = torch.arange(length, device=device).expand(batch, length)
+    real = attention_mask.bool()
+    last_real = torch.where(real, positions, -1).amax(dim=1)
+    prompt_end = last_real + 1
+    if labels is not None:
+        supervised = labels != IGNORE_INDEX
+        first_answer = torch.where(supervised, positions, length).amin(dim=1)
+        prompt_end = torch.minimum(prompt_end, first_answer)
+    if query_end is not None:
+        prompt_end = torch.clamp(prompt_end, max=query_end)
+    last_visual = torch.where(visual_mask, positions, -1).amax(dim=1)
+    last_prompt = positions == (prompt_end - 1).unsqueeze(1)
+    instruction = (
+        real & ~visual_mask & (positions > last_visual.unsqueeze(1)) & (positions < prompt_end.unsqueeze(1))
+    )
+    if mode == "last":
+        query = last_prompt
+    elif mode == "instruction":
+        query = instruction | last_prompt
+    else:
+        if content_table is None or token_ids is None:
+            raise ValueError("salient queries need token ids and a content-token table (set_query_vocabulary)")
+        ids = token_ids.clamp(min=0, max=content_table.numel() - 1)
+        query = (instruction & content_table.to(device)[ids] & (token_ids >= 0)) | last_prompt
+    return query & real
+
+
+@torch.no_grad()
+def score_visual_tokens(layer: nn.Module, sequence: Sequence, position_embeddings: tuple) -> torch.Tensor:
+    """Mean attention each position receives from the query rows at ``layer``, ``[B, L]`` fp32.
+
+    Only the query rows are computed: q for the queries, k for all positions, the layer's own
+    input norm and projections, RoPE at the tokens' positions, causal + padding mask.
+    """
+    attention = layer.self_attn
+    hidden = layer.input_layernorm(sequence.hidden)
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    cos, sin = position_embeddings
+
+    query_count = sequence.query_mask.sum(dim=1)
+    max_queries = max(int(query_count.max()), 1)
+    # Query positions per row, first max_queries of them (rows with fewer are padded with 0).
+    order = torch.argsort((~sequence.query_mask).to(torch.int8), dim=1, stable=True)[:, :max_queries]
+    valid_query = torch.arange(max_queries, device=hidden.device).unsqueeze(0) < query_count.unsqueeze(1)
+    query_hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    q = attention.q_proj(query_hidden).view(batch, max_queries, -1, head_dim).transpose(1, 2)
+    k = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    index = order.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, index), sin.gather(1, index))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attention.scaling
+    key_positions = torch.arange(length, device=hidden.device)
+    allowed = (key_positions.view(1, 1, -1) <= order.unsqueeze(-1)) & sequence.attention_mask.bool().unsqueeze(1)
+    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = probs * valid_query.view(batch, 1, max_queries, 1)
+    return probs.sum(dim=(1, 2)) / (query_count.clamp(min=1).float() * probs.shape[1]).unsqueeze(1)
+
+
+def keep_top_visual(scores: torch.Tensor, sequence: Sequence, keep_counts: torch.Tensor) -> torch.Tensor:
+    """Positions to keep: every real text token plus each row's ``keep_counts`` best visual tokens."""
+    visual = sequence.visual_mask
+    masked = scores.masked_fill(~visual, float("-inf"))
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    kept_visual = visual & (rank < keep_counts.unsqueeze(1))
+    real_text = sequence.attention_mask.bool() & ~visual
+    return real_text | kept_visual
