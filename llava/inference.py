@@ -119,8 +119,12 @@ class LlavaPipeline:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         vision_tower: str | None = None,
+        compression: Any = None,
     ) -> LlavaPipeline:
         """Load a checkpoint directory (any layout :func:`load_pretrained_model` accepts).
+
+        ``compression`` (a preset name, YAML path or dict) overrides the visual-token compression
+        the checkpoint was trained with; ``"none"`` turns it off.
 
         The tokenizer and image processor are read from ``path`` (training's final save writes
         them there); for original LLaVA checkpoints the image processor comes from
@@ -154,6 +158,9 @@ class LlavaPipeline:
         model = load_pretrained_model(model_dir, dtype=dtype, vision_tower=vision_tower)
         model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if compression is not None:
+            model.set_compression(compression)
+        model.set_query_vocabulary(tokenizer)
         try:
             image_processor = AutoImageProcessor.from_pretrained(str(processor_dir))
         except OSError as error:

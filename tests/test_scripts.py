@@ -134,7 +134,7 @@ def test_env_overrides_and_extra_args_pass_through(tmp_path: Path) -> None:
         "LR": "5e-4",
         "EPOCHS": "2",
         "ZERO": "my_zero.json",
-        "COMPRESSION": "duet",
+        "COMPRESSION": "duet_192",
         "REPORT_TO": "none",
         "MASTER_PORT": "29999",
         "NUM_GPUS": "2",
@@ -156,7 +156,7 @@ def test_env_overrides_and_extra_args_pass_through(tmp_path: Path) -> None:
     assert opt(argv, "--gradient_accumulation_steps") == "3"
     assert opt(argv, "--num_train_epochs") == "2"
     assert opt(argv, "--deepspeed") == "my_zero.json"
-    assert opt(argv, "--compression") == "duet"
+    assert opt(argv, "--compression") == "duet_192"
     assert opt(argv, "--report_to") == "none"
     assert opt(argv, "--master_port") == "29999"
     assert opt(argv, "--num_gpus") == "2"

@@ -133,7 +133,8 @@ def merging_tower(monkeypatch, merger: VisualTokenMerger, **config_overrides) ->
     """A tiny tower whose config's compression resolves to ``merger`` (independent of preset names)."""
     monkeypatch.setattr(vision_tower_module, "build_tower_merger", lambda compression: merger)
     torch.manual_seed(0)
-    return VisionTower(tower_config(compression="test-v2v", **config_overrides)).eval()
+    placeholder = {"name": "test-v2v", "v2v": {"method": "duet", "dominant": 2, "contextual": 1}, "t2v": None}
+    return VisionTower(tower_config(compression=placeholder, **config_overrides)).eval()
 
 
 def eager_reference(tower: VisionTower, pixels: torch.Tensor):

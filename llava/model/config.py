@@ -24,6 +24,16 @@ def _as_config(value: Any, default_type: str) -> PreTrainedConfig:
     return AutoConfig.for_model(model_type, **fields)
 
 
+def _normalise_compression(spec: Any) -> dict | None:
+    """Store compression as a self-contained dict (no preset files needed to reload the model)."""
+    if spec is None or spec == "none":
+        return None
+    from llava.compression.config import load_compression
+
+    compression = load_compression(spec)
+    return compression.to_dict() if compression.enabled else None
+
+
 class DuetLlavaConfig(PreTrainedConfig):
     """Config of :class:`~llava.model.modeling.DuetLlavaForCausalLM`.
 
@@ -70,7 +80,7 @@ class DuetLlavaConfig(PreTrainedConfig):
         self.image_token_id = image_token_id
         self.image_aspect_ratio = image_aspect_ratio
         self.template = template
-        self.compression = compression
+        self.compression = _normalise_compression(compression)
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         sub_attn = {
             "vision_config": self.vision_config._attn_implementation,

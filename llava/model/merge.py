@@ -19,6 +19,7 @@ class MergedInputs:
     visual_mask: torch.Tensor  # [B, L'] bool, True on visual tokens
     labels: torch.Tensor | None  # [B, L'] with IGNORE_INDEX on visual tokens and padding
     token_ids: torch.Tensor  # [B, L'] text token ids, -1 on visual tokens and added padding
+    v2v_time_s: float = 0.0  # host seconds spent on V2V scoring and merging
 
 
 def detect_left_padding(attention_mask: torch.Tensor) -> bool:

@@ -132,12 +132,13 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         self.language_model.set_output_embeddings(value)
 
     # ----- images -----
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual tokens of all images, concatenated: ``([sum(counts), D_text], counts)``."""
-        features = self.vision_tower(pixel_values)
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Visual tokens of all images, concatenated, their counts, and the V2V seconds:
+        ``([sum(counts), D_text], counts, seconds)``."""
+        features, v2v_seconds = self.vision_tower.encode(pixel_values)
         projected = self.projector(features.to(self._projector_dtype()))
         counts = torch.full((projected.shape[0],), projected.shape[1], dtype=torch.long, device=projected.device)
-        return projected.reshape(-1, projected.shape[-1]), counts
+        return projected.reshape(-1, projected.shape[-1]), counts, v2v_seconds
 
     def _projector_dtype(self) -> torch.dtype:
         for parameter in self.projector.parameters():
@@ -160,9 +161,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 raise ValueError(f"input_ids hold {int(image_slots.sum())} image slots but no pixel_values were given")
             visual_embeds = text_embeds.new_zeros(0, text_embeds.shape[-1])
             counts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+            v2v_seconds = 0.0
         else:
-            visual_embeds, counts = self.encode_images(pixel_values)
-        return merge_visual_tokens(
+            visual_embeds, counts, v2v_seconds = self.encode_images(pixel_values)
+        merged = merge_visual_tokens(
             input_ids,
             text_embeds,
             visual_embeds,
@@ -172,6 +174,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             labels=labels,
             left_padding=left_padding,
         )
+        merged.v2v_time_s = v2v_seconds
+        return merged
 
     # ----- forward -----
     def forward(
@@ -251,7 +255,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             decode_state=result.decode_state,
             prompt_length=merged.attention_mask.shape[1],
             visual_tokens_per_layer=result.visual_tokens_per_layer,
-            compression_time_s=result.compression_time_s,
+            compression_time_s=result.compression_time_s + merged.v2v_time_s,
         )
 
     _warned_salient = False

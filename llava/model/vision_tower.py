@@ -9,6 +9,7 @@ SDPA/FlashAttention kernel (no eager attention, no ``output_attentions``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -109,11 +110,19 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Features ``[num_images, tokens, vision_width]``: CLS + patches, patches only, or merged tokens."""
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Features plus the host seconds spent on V2V scoring and merging (0 without a merger)."""
         if self.merger is None:
             hidden = self.run_layers(pixel_values, self.num_layers)
-            return hidden if self.keep_cls else hidden[:, 1:]
+            return (hidden if self.keep_cls else hidden[:, 1:]), 0.0
         hidden = self.run_layers(pixel_values, self.num_layers - 1)
         feature_layer = self.vision_model.encoder.layers[self.num_layers - 1]
+        began = time.perf_counter()
         cls_attention, keys = cls_attention_and_keys(feature_layer, hidden)
+        scoring = time.perf_counter() - began
         features = feature_layer(hidden, None)
-        return self.merger(features, cls_attention, keys)
+        began = time.perf_counter()
+        merged = self.merger(features, cls_attention, keys)
+        return merged, scoring + time.perf_counter() - began

@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--vision-tower", help="CLIP dir with the image processor (original LLaVA checkpoints)")
+    parser.add_argument(
+        "--compression",
+        help="visual-token compression preset or YAML (default: what the checkpoint was trained with; 'none' = off)",
+    )
     args = parser.parse_args(argv)
     if args.requests and (args.image or args.prompt):
         parser.error("use either --requests or --image/--prompt pairs, not both")
@@ -116,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pipeline = LlavaPipeline.from_pretrained(
-        args.model, dtype=_DTYPES[args.dtype], device=args.device, vision_tower=args.vision_tower
+        args.model,
+        dtype=_DTYPES[args.dtype],
+        device=args.device,
+        vision_tower=args.vision_tower,
+        compression=args.compression,
     )
     show_bar = bool(args.requests)
     with tqdm(total=len(requests), desc="generate", unit="req", disable=not show_bar, file=sys.stderr) as bar:

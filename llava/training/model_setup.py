@@ -65,7 +65,7 @@ def build_model(
         )
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.template = data_args.version
-    model.config.compression = model_args.compression
+    model.set_compression(model_args.compression)
     model.config.use_cache = False
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)

@@ -98,8 +98,9 @@ def train(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     model = build_model(model_args, data_args, args)
     tokenizer, image_processor = load_processors(model_args, data_args)
-    data_args.tokens_per_image = model.config.tokens_per_image
+    data_args.tokens_per_image = model.config.llm_tokens_per_image
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    model.set_query_vocabulary(tokenizer)
     model = configure_trainable(model, model_args, args)
 
     dataset = LazySupervisedDataset(data_args, tokenizer, image_processor, model.config.image_token_id)

@@ -33,6 +33,8 @@ class LlavaTrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.metrics = metrics
         self.num_skipped_samples = 0
+        self._compression_sums: dict[str, float] = {}
+        self._compression_batches = 0
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
         """Visual tokens the batch adds to the LLM sequence (each image slot becomes N tokens)."""
@@ -89,4 +91,35 @@ class LlavaTrainer(Trainer):
         if self.metrics is not None and model.training:
             num_samples, num_text_tokens = batch_counts(inputs)
             self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if model.training:
+            self._record_compression(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_compression(self, outputs: Any) -> None:
+        """Accumulate visual tokens per LLM layer (per image) and compression seconds until the next log."""
+        per_layer = outputs.get("visual_tokens_per_layer") if isinstance(outputs, dict) else None
+        if not per_layer:
+            return
+        starts = self._stage_starts(len(per_layer))
+        stats = {"visual_tokens_avg": sum(per_layer) / len(per_layer)}
+        stats.update({f"visual_tokens_stage{index}": per_layer[start] for index, start in enumerate(starts)})
+        stats["compression_time_s"] = float(outputs.get("compression_time_s") or 0.0)
+        for key, value in stats.items():
+            self._compression_sums[key] = self._compression_sums.get(key, 0.0) + value
+        self._compression_batches += 1
+
+    def _stage_starts(self, num_layers: int) -> tuple[int, ...]:
+        plan = getattr(self.accelerator.unwrap_model(self.model), "stage_plan", None)
+        if plan is None:  # peft wrapper: the plan lives on the wrapped model
+            plan = getattr(getattr(self.accelerator.unwrap_model(self.model), "base_model", None), "model", None)
+            plan = getattr(plan, "stage_plan", None)
+        return plan.stage_starts() if plan is not None else (0,)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the averaged compression statistics of the logging interval to the Trainer's logs."""
+        if self._compression_batches and "loss" in logs:
+            for key, total in self._compression_sums.items():
+                logs[key] = total / self._compression_batches
+            self._compression_sums, self._compression_batches = {}, 0
+        super().log(logs, *args, **kwargs)
