@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from llava.inference import LlavaPipeline
 from llava.model.loading import load_pretrained_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +71,14 @@ def finetune_env(playground: Path, output_dir: Path, **overrides: str) -> dict[s
     return script_env(playground, output_dir, DATA_PATH=str(playground / "finetune.json"), **settings)
 
 
-def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector(playground, tmp_path):
+def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector_and_compression(playground, tmp_path):
+    """DUET compression through the real scripts: duet_192 pretraining (ZeRO-2), duet_64 finetuning
+    (ZeRO-3, whose T2V scoring calls partitioned modules), then batched compressed generation."""
     pretrain_dir = tmp_path / "pretrain"
     env = script_env(
-        playground, pretrain_dir, DATA_PATH=str(playground / "pretrain.json"), SAVE_STEPS="2", SAVE_TOTAL_LIMIT="2"
-    )
+        playground, pretrain_dir, DATA_PATH=str(playground / "pretrain.json"), SAVE_STEPS="2", SAVE_TOTAL_LIMIT="2",
+        COMPRESSION="duet_192",
+    )  # fmt: skip
     run_script("pretrain.sh", env, "--max_steps", "3")
     assert (pretrain_dir / "mm_projector.safetensors").exists()
     assert (pretrain_dir / "checkpoint-2" / "checkpoint_complete.json").exists()
@@ -84,19 +87,24 @@ def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector(playground, 
     rows = [json.loads(line) for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
     last_step = [row for row in rows if "loss" in row][-1]
     assert last_step["samples_per_s"] * last_step["step_time_s"] == pytest.approx(4, rel=0.05)
+    assert last_step["visual_tokens_avg"] == pytest.approx(191.75)
 
     finetune_dir = tmp_path / "finetune"
     env = finetune_env(
-        playground, finetune_dir, PRETRAINED_PROJECTOR=str(pretrain_dir / "mm_projector.safetensors"), SAVE_STEPS="100"
-    )
+        playground, finetune_dir, PRETRAINED_PROJECTOR=str(pretrain_dir / "mm_projector.safetensors"),
+        SAVE_STEPS="100", COMPRESSION="duet_64",
+    )  # fmt: skip
     result = run_script("finetune.sh", env, "--max_steps", "2")
     assert "Loaded pretrained projector" in result.stderr + result.stdout
+    rows = [json.loads(line) for line in (finetune_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {row["visual_tokens_stage0"] for row in rows if "visual_tokens_stage0" in row} == {102}
     model = load_pretrained_model(finetune_dir).eval()
-    assert model.config.template == "v1"
-    ids = torch.tensor([[1, model.config.image_token_id, 5, 6]])
-    with torch.no_grad():
-        out = model.generate(ids, pixel_values=torch.randn(1, 3, 336, 336), max_new_tokens=3)
-    assert out.shape[0] == 1
+    assert model.config.template == "v1" and model.config.compression["name"] == "duet_64"
+    pipeline = LlavaPipeline.from_pretrained(finetune_dir)
+    requests = [{"image": str(playground / "images" / f"demo_00{i}.png"), "prompt": "Which shape?"} for i in range(3)]
+    assert pipeline.generate(requests, batch_size=3, max_new_tokens=4) == pipeline.generate(
+        requests, batch_size=1, max_new_tokens=4
+    )
 
 
 def test_zero3_kill_and_resume_matches_uninterrupted_run(playground, tmp_path):

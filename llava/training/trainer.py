@@ -91,8 +91,9 @@ class LlavaTrainer(Trainer):
         if self.metrics is not None and model.training:
             num_samples, num_text_tokens = batch_counts(inputs)
             self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
+        has_images = inputs.get("pixel_values") is not None
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if model.training:
+        if model.training and has_images:  # text-only batches say nothing about visual tokens
             self._record_compression(outputs)
         return (loss, outputs) if return_outputs else loss
 

@@ -1,0 +1,52 @@
+"""Compression presets in real training runs (in-process) and batched generation from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llava.inference import LlavaPipeline
+from llava.model.loading import load_pretrained_model
+from llava.training.train import train
+from tests.test_training import finetune_args, pretrain_args, read_metrics
+
+
+def test_pretrain_with_duet_192_logs_the_token_schedule(playground, tmp_path):
+    out = tmp_path / "pretrain-duet"
+    train(pretrain_args(playground, out, "--compression", "duet_192", "--max_steps", "2", "--save_steps", "100"))
+    rows = read_metrics(out)
+    for row in rows.values():
+        assert row["loss"] == pytest.approx(row["loss"])  # not NaN: plain template uses the fallback query
+        # 4-layer playground LLM: layers 0-1 see N0 = 300 + 7, layer 2 sees 153, layer 3 none.
+        assert row["visual_tokens_stage0"] == 307
+        assert row["visual_tokens_stage1"] == 153
+        assert row["visual_tokens_stage2"] == 0
+        assert row["visual_tokens_avg"] == pytest.approx(191.75)
+        assert row["compression_time_s"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["compression"]["name"] == "duet_192"
+    assert config["compression"]["v2v"]["dominant"] == 300
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["compression"] == "duet_192"
+
+
+def test_finetune_with_duet_64_then_batched_generation(playground, tmp_path):
+    out = tmp_path / "finetune-duet64"
+    train(finetune_args(playground, out, "--compression", "duet_64", "--max_steps", "2", "--save_steps", "100"))
+    with_images = [row for row in read_metrics(out).values() if "visual_tokens_stage0" in row]
+    assert with_images, "no logged step had an image batch"
+    assert all(row["visual_tokens_stage0"] == 102 for row in with_images)
+    model = load_pretrained_model(out)
+    assert model.config.compression["name"] == "duet_64"
+    assert model.stage_plan.boundaries == (2, 3)
+    pipeline = LlavaPipeline.from_pretrained(out)
+    requests = [
+        {"image": str(playground / "images" / f"demo_00{i}.png"), "prompt": "What color is the shape?"}
+        for i in range(5)
+    ] + [{"image": None, "prompt": "What is two plus two?"}]
+    one_by_one = pipeline.generate(requests, max_new_tokens=6, batch_size=1)
+    batched = pipeline.generate(requests, max_new_tokens=6, batch_size=6)
+    assert batched == one_by_one
+    uncompressed = LlavaPipeline.from_pretrained(out, compression="none")
+    assert uncompressed.model.stage_plan is None and uncompressed.model.vision_tower.merger is None
