@@ -517,12 +517,14 @@ def build_playground(
         "seed": seed,
         "images": {
             "dir": "images",
-            "count": len(data.all_images),
+            "count": len(data.all_images) + len(demo_specs),
+            "demo": len(demo_specs),
             "pretrain": len(data.pretrain_images),
             "finetune": len(data.finetune_images),
             "metadata": "image_metadata.json",
         },
         "pretrain": {"file": "pretrain.json", "samples": len(data.pretrain)},
+        "demo_requests": {"file": "demo_requests.jsonl", "requests": len(demo), "images": "held out from training"},
         "finetune": {
             "file": "finetune.json",
             "samples": len(data.finetune),
