@@ -51,10 +51,11 @@ say "Stage 2: finetuning LLM + projector ($NUM_GPUS ranks)"
 env "${common[@]}" DATA_PATH="$PLAYGROUND_DIR/finetune.json" OUTPUT_DIR="$RUNS_DIR/finetune" \
     PRETRAINED_PROJECTOR="$RUNS_DIR/pretrain/mm_projector.safetensors" \
     RUN_NAME=playground-finetune SAVE_STEPS=20 SAVE_TOTAL_LIMIT=2 \
-    bash scripts/v1_5/finetune.sh --max_steps "$MAX_STEPS" --learning_rate 1e-3 --num_train_epochs 2
+    bash scripts/v1_5/finetune.sh --max_steps "$MAX_STEPS" --learning_rate 1e-3
 
 say "Batched generation with the finetuned model"
 "$PYTHON" -m llava.tools.generate --model "$RUNS_DIR/finetune" --max-new-tokens 24 --batch-size 4 \
+    --image-folder "$PLAYGROUND_DIR/images" \
     --requests "$PLAYGROUND_DIR/demo_requests.jsonl" --out "$RUNS_DIR/answers.jsonl"
 
 say "Training curves"
