@@ -7,9 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from llava.training.checkpoints import (
@@ -23,39 +20,7 @@ from llava.training.checkpoints import (
     mark_checkpoint_complete,
     resolve_resume_checkpoint,
 )
-
-
-class ToyLM(nn.Module):
-    """Embedding + linear head returning ``{"loss": ...}`` like an HF causal LM."""
-
-    def __init__(self, vocab: int = 16, width: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        logits = self.head(self.embed(input_ids))
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return {"loss": loss, "logits": logits}
-
-
-class ToyData(Dataset):
-    """Fixed-length token rows whose last two positions are padding."""
-
-    def __init__(self, n: int = 16, length: int = 6, vocab: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-        self.length = length
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        mask = torch.ones(self.length, dtype=torch.long)
-        mask[-2:] = 0
-        labels = self.ids[i].clone()
-        labels[-2:] = -100
-        return {"input_ids": self.ids[i], "attention_mask": mask, "labels": labels}
+from tests.toy import ToyData, ToyLM
 
 
 def make_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from llava.training.metrics import (
@@ -21,38 +19,9 @@ from llava.training.metrics import (
     build_run_config,
     configure_wandb_env,
 )
+from tests.toy import ToyData, ToyLM
 
 SEQ_LEN, PADDING, BATCH = 6, 2, 4
-
-
-class ToyLM(nn.Module):
-    """Embedding + linear head returning ``{"loss": ...}`` like an HF causal LM."""
-
-    def __init__(self, vocab: int = 16, width: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        logits = self.head(self.embed(input_ids))
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return {"loss": loss, "logits": logits}
-
-
-class ToyData(Dataset):
-    """Fixed-length token rows whose last ``PADDING`` positions are padding."""
-
-    def __init__(self, n: int = 32, vocab: int = 16) -> None:
-        self.ids = torch.randint(0, vocab, (n, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        mask = torch.ones(SEQ_LEN, dtype=torch.long)
-        mask[-PADDING:] = 0
-        labels = self.ids[i].masked_fill(mask == 0, -100)
-        return {"input_ids": self.ids[i], "attention_mask": mask, "labels": labels}
 
 
 class CountingTrainer(Trainer):
@@ -81,7 +50,12 @@ def run_toy(output_dir: Path, max_steps: int, report_to: list[str], resume: str 
         use_cpu=True,
         **kw,
     )
-    trainer = CountingTrainer(model=ToyLM(), args=args, train_dataset=ToyData(), metrics_callback=MetricsCallback())
+    trainer = CountingTrainer(
+        model=ToyLM(),
+        args=args,
+        train_dataset=ToyData(n=32, length=SEQ_LEN, padding=PADDING),
+        metrics_callback=MetricsCallback(),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -91,7 +65,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_batch_counts_uses_attention_mask() -> None:
-    batch = ToyData()[0]
+    batch = ToyData(n=32, length=SEQ_LEN, padding=PADDING)[0]
     batch = {k: v.unsqueeze(0).repeat(3, 1) for k, v in batch.items()}
     assert batch_counts(batch) == (3, 3 * (SEQ_LEN - PADDING))
     assert batch_counts({"input_ids": batch["input_ids"]}) == (3, 3 * SEQ_LEN)
@@ -204,7 +178,7 @@ def test_wandb_offline_run_with_trainer_needs_no_prompt(
         trainer = CountingTrainer(
             model=ToyLM(),
             args=args,
-            train_dataset=ToyData(),
+            train_dataset=ToyData(n=32, length=SEQ_LEN, padding=PADDING),
             metrics_callback=MetricsCallback(),
             callbacks=[RunConfigCallback(config)],
         )
