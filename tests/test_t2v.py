@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.compression.config import CompressionConfig, T2VConfig
+from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.compression.t2v import Sequence, build_query_mask, keep_top_visual, score_visual_tokens
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llava.model.config import DuetLlavaConfig
@@ -15,9 +15,9 @@ from tests.conftest import tiny_text_config, tiny_vision_config
 IMG = IMAGE_TOKEN_ID
 
 
-def model_with(t2v: T2VConfig | None, **text_overrides) -> DuetLlavaForCausalLM:
+def model_with(t2v: T2VConfig | None, v2v: V2VConfig | None = None, **text_overrides) -> DuetLlavaForCausalLM:
     torch.manual_seed(0)
-    compression = CompressionConfig(name="test", t2v=t2v).to_dict() if t2v else None
+    compression = CompressionConfig(name="test", v2v=v2v, t2v=t2v).to_dict() if (t2v or v2v) else None
     config = DuetLlavaConfig(
         vision_config=tiny_vision_config(),
         text_config=tiny_text_config(**text_overrides),
@@ -176,3 +176,20 @@ def test_compression_shortens_the_kv_cache_of_later_layers():
     model(ids, pixel_values=torch.randn(1, 3, 56, 56), past_key_values=cache, use_cache=True)
     lengths = [cache.layers[i].get_seq_length() for i in range(4)]
     assert lengths == [4 + 16, 4 + 16, 4 + 8, 4]
+
+
+@pytest.mark.parametrize("position_mode", ["keep", "compact"])
+def test_dual_stage_generation_cached_equals_uncached(position_mode):
+    """V2V (6 dominant + 2 contextual of 16 patches) then T2V, as the duet presets on the tiny tower."""
+    model = model_with(
+        T2VConfig(boundaries=(0.5, 0.75), keep_ratios=(0.5, 0.0), query="instruction", position_mode=position_mode),
+        v2v=V2VConfig(method="duet", dominant=6, contextual=2, cluster_width=2),
+    )
+    ids = torch.tensor([[0, 0, 1, IMG, 4, 5, 6], [1, IMG, 3, IMG, 4, 5, 6]])
+    mask = (ids != 0).long()
+    pixels = torch.randn(3, 3, 56, 56)
+    cached = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=2)
+    uncached = model.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=2, use_cache=False)
+    assert torch.equal(cached, uncached)
+    out = model(ids, attention_mask=mask, pixel_values=pixels, left_padding=True)
+    assert out.visual_tokens_per_layer == [8.0, 8.0, 4.0, 0.0]
