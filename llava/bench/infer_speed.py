@@ -1,0 +1,341 @@
+"""Inference speed per compression preset and batch size: time to first token, decode throughput, memory.
+
+One random-weight model of a benchmark shape is built once and every preset is switched on it with
+``model.set_compression``. Each measurement is one ``model.generate`` call (greedy, KV cache) on a
+left-padded batch of synthetic prompts (one image slot + ``--prompt-tokens`` text tokens per sample),
+with EOS disabled so every sample decodes exactly ``--new-tokens`` tokens. A forward hook splits the
+call: the first forward is the prefill (time to first token), the rest is decoding. After warm-up,
+measurements run round-robin over (preset, batch size) so that machine drift hits all alike; rows give
+medians and compare the prefill-time ratio to ``none`` with the FLOP model's prefill ratio.
+
+    python -m llava.bench.infer_speed --shape small --presets none,duet_192,duet_128,duet_64 \
+        --batch-sizes 1,8 --prompt-tokens 64 --new-tokens 32 --out runs/bench/small-infer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.bench import report
+from llava.bench.flops import prefill_flops
+from llava.bench.shapes import ModelShape, build_model, get_shape
+from llava.bench.train_speed import FIRST_SPECIAL_IDS, SYSTEM_PROMPT_TOKENS, resolve_presets
+from llava.compression.accounting import average_visual_tokens
+from llava.compression.config import CompressionConfig
+from llava.constants import IMAGE_TOKEN_ID
+from llava.utils.attention import default_attn_implementation
+
+logger = logging.getLogger(__name__)
+
+NEVER_EMITTED_TOKEN = -1
+"""EOS id for the benchmark: argmax never returns a negative id, so every sample runs to ``--new-tokens``."""
+
+TABLE_COLUMNS = (
+    ("preset", "preset"),
+    ("batch_size", "batch"),
+    ("avg_visual_tokens", "visual tok/layer"),
+    ("ttft_s", "TTFT s (median)"),
+    ("ttft_iqr_s", "IQR s"),
+    ("prefill_speedup_vs_none", "prefill speed-up"),
+    ("ratio_vs_none", "prefill ratio vs none"),
+    ("flops_ratio_vs_none", "FLOP-model ratio"),
+    ("measured_over_ideal", "measured/ideal"),
+    ("decode_tokens_per_s", "decode tok/s"),
+    ("decode_speedup_vs_none", "decode speed-up"),
+    ("compression_share", "compression share"),
+    ("peak_mem_mb", "peak mem MiB"),
+)
+
+
+def build_prompts(
+    shape: ModelShape, batch_size: int, prompt_tokens: int, seed: int = 0, pad_token_id: int = 0, bos_token_id: int = 1
+) -> dict[str, torch.Tensor]:
+    """A left-padded prompt batch: ``BOS + system prompt``, one image slot, then the instruction.
+
+    ``prompt_tokens`` text tokens per sample, shortened by up to 10% per sample (sample 0 keeps the full
+    length); random ids and ``[B, 3, S, S]`` random pixels.
+    """
+    if prompt_tokens < 2:
+        raise ValueError(f"prompt_tokens must be >= 2, got {prompt_tokens}")
+    generator = torch.Generator().manual_seed(seed)
+    spread = prompt_tokens // 10
+    cuts = torch.randint(0, spread + 1, (batch_size,), generator=generator).tolist()
+    cuts[0] = 0
+    prefix = min(SYSTEM_PROMPT_TOKENS, prompt_tokens // 2)
+    rows = []
+    for cut in cuts:
+        head = torch.randint(FIRST_SPECIAL_IDS, shape.llm.vocab, (prefix,), generator=generator)
+        head[0] = bos_token_id
+        tail = torch.randint(FIRST_SPECIAL_IDS, shape.llm.vocab, (prompt_tokens - prefix - cut,), generator=generator)
+        rows.append(torch.cat([head, torch.tensor([IMAGE_TOKEN_ID]), tail]))
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, length - len(row) :] = row
+        attention_mask[index, length - len(row) :] = 1
+    size = shape.vision.image_size
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+@dataclass
+class GenerateSample:
+    """One timed ``generate`` call."""
+
+    ttft_s: float
+    decode_s: float
+    compression_s: float
+    total_s: float
+
+
+@dataclass
+class CaseRecord:
+    """Everything measured for one (preset, batch size)."""
+
+    label: str
+    config: CompressionConfig
+    batch_size: int
+    prompts: dict[str, torch.Tensor]
+    samples: list[GenerateSample] = field(default_factory=list)
+    peak_mem_mb: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+class _PrefillClock:
+    """Forward hook: the host time (after a device sync) at which the first forward call, the prefill, ended."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.calls = 0
+        self.prefill_end = 0.0
+        self.compression_s = 0.0
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            report.synchronize(self.device)
+            self.prefill_end = time.perf_counter()
+            self.compression_s = float(getattr(output, "compression_time_s", 0.0) or 0.0)
+
+
+def run_generate(
+    model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, pad_token_id: int
+) -> GenerateSample:
+    """One greedy ``generate`` of exactly ``new_tokens`` tokens per sample, split into prefill and decode."""
+    device = prompts["input_ids"].device
+    clock = _PrefillClock(device)
+    handle = model.register_forward_hook(clock)
+    try:
+        report.synchronize(device)
+        began = time.perf_counter()
+        generated = model.generate(
+            **prompts,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=NEVER_EMITTED_TOKEN,
+            pad_token_id=pad_token_id,
+        )
+        report.synchronize(device)
+        ended = time.perf_counter()
+    finally:
+        handle.remove()
+    if generated.shape[1] != new_tokens:
+        raise RuntimeError(f"generate returned {generated.shape[1]} tokens, expected {new_tokens}")
+    return GenerateSample(
+        ttft_s=clock.prefill_end - began,
+        decode_s=ended - clock.prefill_end,
+        compression_s=clock.compression_s,
+        total_s=ended - began,
+    )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Build, warm up, measure round-robin; one row per (preset, batch size)."""
+    with report.torch_threads(args.threads):
+        return _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = report.resolve_device(args.device)
+    dtype = report.resolve_dtype(args.dtype, device)
+    attn = args.attn_implementation or default_attn_implementation()
+    if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
+        logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
+        attn = "sdpa"
+    shape = get_shape(args.shape)
+    presets = resolve_presets(args.presets, shape)
+    torch.manual_seed(args.seed)
+    model = build_model(shape, compression=None, dtype=dtype, attn_implementation=attn, device=device)
+    model.eval()
+    pad_token_id = model.config.text_config.pad_token_id or 0
+    cases: list[CaseRecord] = []
+    for batch_size in args.batch_sizes:
+        prompts = build_prompts(shape, batch_size, args.prompt_tokens, seed=args.seed, pad_token_id=pad_token_id)
+        moved = {key: value.to(device) for key, value in prompts.items()}
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        cases += [CaseRecord(label, config, batch_size, moved) for label, config in presets]
+
+    for case in cases:
+        model.set_compression(case.config)
+        for _ in range(args.warmup):
+            run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+    memory = report.PeakMemory(device)
+    for number, case in report.round_robin(cases, args.repeats):
+        model.set_compression(case.config)
+        with memory.measure():
+            sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+        case.samples.append(sample)
+        case.peak_mem_mb = max(case.peak_mem_mb, memory.peak_mb)
+        case.peak_rss_mb = max(case.peak_rss_mb, memory.peak_rss_mb)
+        logger.info(
+            "round %d %s B=%d: TTFT %.4f s, decode %.4f s", number, case.label, case.batch_size, sample.ttft_s,
+            sample.decode_s,
+        )  # fmt: skip
+    machine = report.machine_info(device, dtype, attn)
+    return build_rows(cases, shape, args, machine, memory.kind, memory.exact_window)
+
+
+def build_rows(
+    cases: list[CaseRecord],
+    shape: ModelShape,
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    memory_kind: str,
+    memory_exact: bool,
+) -> list[dict[str, Any]]:
+    """Summaries per case; ratios against ``none`` at the same batch size and against the FLOP model."""
+    decode_steps = args.new_tokens - 1  # the first new token comes out of the prefill
+    summaries = []
+    for case in cases:
+        ttft, ttft_iqr = report.median_iqr([sample.ttft_s for sample in case.samples])
+        decode_s = statistics.median(sample.decode_s for sample in case.samples)
+        tokens_per_s = _ratio(decode_steps * case.batch_size, decode_s) if decode_steps > 0 else float("nan")
+        summaries.append((case, ttft, ttft_iqr, decode_s, tokens_per_s))
+    baselines = {case.batch_size: (ttft, tps) for case, ttft, _, _, tps in summaries if not case.config.enabled}
+    rows: list[dict[str, Any]] = []
+    for case, ttft, ttft_iqr, decode_s, tokens_per_s in summaries:
+        base_ttft, base_tps = baselines[case.batch_size]
+        flops = prefill_flops(shape, case.config, case.batch_size, args.prompt_tokens)
+        flops_none = prefill_flops(shape, None, case.batch_size, args.prompt_tokens)
+        flops_ratio = flops.total / flops_none.total
+        ratio = _ratio(ttft, base_ttft)
+        compression_s = statistics.median(sample.compression_s for sample in case.samples)
+        rows.append(
+            {
+                "preset": case.label,
+                "shape": shape.name,
+                "batch_size": case.batch_size,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "avg_visual_tokens": average_visual_tokens(case.config, shape.llm.num_layers, shape.vision.num_patches),
+                "repeats": len(case.samples),
+                "ttft_s": ttft,
+                "ttft_iqr_s": ttft_iqr,
+                "ratio_vs_none": ratio,
+                "prefill_speedup_vs_none": _ratio(base_ttft, ttft),
+                "flops_ratio_vs_none": flops_ratio,
+                "measured_over_ideal": _ratio(ratio, flops_ratio),
+                "decode_time_s": decode_s,
+                "decode_tokens_per_s": tokens_per_s,
+                "decode_speedup_vs_none": _ratio(tokens_per_s, base_tps),
+                "compression_share": _ratio(compression_s, ttft),
+                "peak_mem_mb": case.peak_mem_mb,
+                "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
+                **({"peak_rss_mb": case.peak_rss_mb} if case.peak_rss_mb else {}),
+                "prefill_tflops": flops.total / 1e12,
+                "prefill_tflops_per_s": _ratio(flops.total / 1e12, ttft),
+                "machine": machine,
+            }
+        )
+    return rows
+
+
+NOTES = (
+    "TTFT = first forward of generate (prefill: tower, V2V, LLM with T2V drops, last-token logits), synchronised.",
+    "decode tok/s = (new_tokens - 1) x batch / time after the prefill (the first token comes from the prefill).",
+    "ratio vs none = TTFT / none's TTFT at the same batch size; FLOP-model ratio = prefill_flops ratio.",
+    "peak mem: CUDA max_memory_allocated; on CPU the peak RSS (getrusage) above the RSS at call start, approximate.",
+)
+
+
+def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
+    """JSON rows, the Markdown table and the ratio chart; returns the table."""
+    json_path, md_path, png_path = report.output_paths(out)
+    report.write_json(rows, json_path)
+    first = rows[0]
+    title = (
+        f"Inference speed: {first['shape']}, {first['prompt_tokens']} prompt tokens + image, "
+        f"{first['new_tokens']} new tokens"
+    )
+    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, NOTES)
+    report.plot_ratios(
+        [f"{row['preset']}\nB={row['batch_size']}" for row in rows],
+        [row["ratio_vs_none"] for row in rows],
+        [row["flops_ratio_vs_none"] for row in rows],
+        png_path,
+        title + f"\n{first['machine']['device_name']}",
+        "prefill time / none",
+    )
+    return table
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="small", help="benchmark shape: tiny, small, llava-7b, llava-13b")
+    parser.add_argument(
+        "--presets",
+        type=report.parse_list,
+        default=["none", "duet_192", "duet_128", "duet_64"],
+        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing)",
+    )
+    parser.add_argument("--batch-sizes", type=lambda text: report.parse_list(text, int), default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="round-robin rounds (timed calls per case)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case before the rounds")
+    parser.add_argument("--out", default="runs/bench/infer_speed.json", help="FILE.json; FILE.md and FILE.png too")
+    parser.add_argument(
+        "--dtype", choices=sorted(report.DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--attn-implementation", default=None, help="default: flash_attention_2 if importable, else sdpa"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or not args.batch_sizes:
+        parser.error("--repeats and --new-tokens must be >= 1, --warmup >= 0, --batch-sizes non-empty")
+    if any(size < 1 for size in args.batch_sizes):
+        parser.error("--batch-sizes must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark, write FILE.json/.md/.png, print the table; returns the rows."""
+    args = parse_args(argv)
+    rows = benchmark(args)
+    table = write_outputs(rows, args.out)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llava.model").setLevel(logging.WARNING)
+    main()

@@ -1,0 +1,447 @@
+"""Training-step speed per compression preset, on the real training code path, against the FLOP model.
+
+One random-weight model of a benchmark shape is built once; every preset is switched on it with
+``model.set_compression`` (same weights, same optimizer, same synthetic batch), so the presets differ
+only in the visual tokens they carry. A step is what the trainer does: ``zero_grad``, forward with
+labels, backward, ``optimizer.step``, with the stage's freezing (pretrain: projector only; finetune:
+projector + LLM; the tower is always frozen), optional gradient checkpointing (non-reentrant, input
+grads enabled as in training) and AdamW (fused on CUDA). After per-preset warm-up, steps run
+round-robin over the presets so that machine drift hits all of them alike; each row reports the
+median step time and compares its ratio to ``none`` with the analytic FLOP model's.
+
+    python -m llava.bench.train_speed --shape small --stage finetune \
+        --presets none,duet_192,duet_128,duet_64 --batch-size 4 --steps 5 --warmup 2 \
+        --out runs/bench/small-finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.bench import report
+from llava.bench.flops import predicted_step_ratio, training_step_flops
+from llava.bench.shapes import ModelShape, build_model, get_shape
+from llava.compression.accounting import average_visual_tokens
+from llava.compression.config import CompressionConfig, CompressionConfigError, load_compression
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.utils.attention import default_attn_implementation
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+SYSTEM_PROMPT_TOKENS = 35
+"""BOS + Vicuna v1 system prompt + ``USER:`` before the image, in LLaMA tokens (about 35)."""
+FIRST_SPECIAL_IDS = 3
+"""Random text ids start above pad/BOS/EOS (0, 1, 2 in the benchmark shapes)."""
+
+TABLE_COLUMNS = (
+    ("preset", "preset"),
+    ("avg_visual_tokens", "visual tok/layer"),
+    ("step_time_s", "step s (median)"),
+    ("step_time_iqr_s", "IQR s"),
+    ("ratio_vs_none", "ratio vs none"),
+    ("flops_ratio_vs_none", "FLOP-model ratio"),
+    ("measured_over_ideal", "measured/ideal"),
+    ("optimizer_share", "optimizer share"),
+    ("compression_share", "compression share"),
+    ("peak_mem_mb", "peak mem MiB"),
+    ("tflops_per_s", "TFLOP/s"),
+)
+
+
+# ----- synthetic data -----
+def _length_jitter(count: int, batch_size: int, generator: torch.Generator) -> list[int]:
+    """Per-sample shortening in ``[0, count // 10]``; sample 0 keeps the full length (sets the padded length)."""
+    spread = count // 10
+    if spread == 0 or batch_size == 1:
+        return [0] * batch_size
+    jitter = torch.randint(0, spread + 1, (batch_size,), generator=generator).tolist()
+    jitter[0] = 0
+    return jitter
+
+
+def _random_ids(count: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(FIRST_SPECIAL_IDS, vocab_size, (count,), generator=generator)
+
+
+def build_training_batch(
+    shape: ModelShape, stage: str, batch_size: int, seed: int = 0, pad_token_id: int = 0, bos_token_id: int = 1
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch shaped like the collator's, with random ids and pixels.
+
+    finetune (``v1``): ``BOS + system prompt``, the image slot, the instruction, then the answer; the last
+    ``shape.answer_tokens`` text tokens are supervised (answers are shortened by up to 10% per sample).
+    pretrain (``plain``): ``BOS``, the image slot, then ``shape.pretrain_text_tokens - 1`` caption tokens,
+    all supervised (captions shortened by up to 10%). One image per sample, ``[B, 3, S, S]`` pixels.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    vocab = shape.llm.vocab
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if stage == "finetune":
+        prompt = shape.text_tokens - shape.answer_tokens
+        if prompt < 2 or shape.answer_tokens < 1:
+            raise ValueError(f"shape {shape.name}: need >= 2 prompt and >= 1 answer tokens")
+        prefix = min(SYSTEM_PROMPT_TOKENS, prompt // 2)
+        for cut in _length_jitter(shape.answer_tokens, batch_size, generator):
+            answer = max(shape.answer_tokens - cut, 1)
+            head = _random_ids(prefix, vocab, generator)
+            head[0] = bos_token_id
+            instruction = _random_ids(prompt - prefix, vocab, generator)
+            answer_ids = _random_ids(answer, vocab, generator)
+            ids = torch.cat([head, torch.tensor([IMAGE_TOKEN_ID]), instruction, answer_ids])
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[-answer:] = answer_ids
+            rows.append((ids, labels))
+    else:
+        caption_tokens = shape.pretrain_text_tokens - 1
+        if caption_tokens < 1:
+            raise ValueError(f"shape {shape.name}: pretrain_text_tokens must be >= 2")
+        for cut in _length_jitter(caption_tokens, batch_size, generator):
+            caption = _random_ids(max(caption_tokens - cut, 1), vocab, generator)
+            ids = torch.cat([torch.tensor([bos_token_id, IMAGE_TOKEN_ID]), caption])
+            labels = torch.cat([torch.tensor([IGNORE_INDEX, IGNORE_INDEX]), caption])
+            rows.append((ids, labels))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+    for row, (ids, target) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = target
+        attention_mask[row, : len(ids)] = 1
+    size = shape.vision.image_size
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+# ----- training setup -----
+def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """Stage freezing as in training: pretrain trains the projector; finetune the projector and LLM.
+
+    The vision tower is always frozen. Returns the trainable parameters.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "finetune":
+        model.language_model.requires_grad_(True)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up.
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (a deprecated alias now) to
+    ``activation_checkpointing_enable``; the Trainer calls the new name when it exists, and so do we.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def build_optimizer(parameters: list[nn.Parameter], device: torch.device, lr: float) -> torch.optim.Optimizer:
+    """AdamW as the trainer uses it (weight decay 0, fused kernels on CUDA)."""
+    if device.type == "cuda":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+
+
+@dataclass
+class StepSample:
+    """One timed training step."""
+
+    step_s: float
+    optimizer_s: float
+    compression_s: float
+    visual_tokens: float
+    loss: float
+
+
+@dataclass
+class PresetRecord:
+    """Everything measured for one preset."""
+
+    label: str
+    config: CompressionConfig
+    samples: list[StepSample] = field(default_factory=list)
+    peak_mem_mb: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def run_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> StepSample:
+    """One synchronised training step; the optimizer step is timed separately (CUDA events on GPU)."""
+    timer = report.IntervalTimer(device)
+    report.synchronize(device)
+    timer.mark()
+    optimizer.zero_grad(set_to_none=True)
+    with report.autocast_context(device, dtype):
+        output = model(**batch)
+    output.loss.backward()
+    timer.mark()
+    optimizer.step()
+    timer.mark()
+    report.synchronize(device)
+    forward_backward_s, optimizer_s = timer.intervals()
+    per_layer = output.visual_tokens_per_layer or [0.0]
+    return StepSample(
+        step_s=forward_backward_s + optimizer_s,
+        optimizer_s=optimizer_s,
+        compression_s=float(output.compression_time_s or 0.0),
+        visual_tokens=sum(per_layer) / len(per_layer),
+        loss=float(output.loss.detach()),
+    )
+
+
+def resolve_presets(specs: Sequence[str], shape: ModelShape) -> list[tuple[str, CompressionConfig]]:
+    """``(label, config)`` per ``--presets`` entry, ``none`` first (added when missing: it is the baseline).
+
+    Fails early, naming the preset, when a preset keeps more tokens than the shape's tower has.
+    """
+    resolved: list[tuple[str, CompressionConfig]] = []
+    for spec in specs:
+        label = report.preset_label(spec)
+        try:
+            config = load_compression(spec)
+            average_visual_tokens(config, shape.llm.num_layers, shape.vision.num_patches)
+        except (CompressionConfigError, ValueError) as error:
+            raise SystemExit(f"preset {spec!r} does not fit shape {shape.name!r}: {error}") from None
+        resolved.append((label, config))
+    labels = [label for label, _ in resolved]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"duplicate presets in {labels}")
+    baseline = [item for item in resolved if not item[1].enabled]
+    if not baseline:
+        logger.info("adding the 'none' preset: it is the baseline of every ratio")
+        baseline = [("none", CompressionConfig())]
+    return baseline[:1] + [item for item in resolved if item[1].enabled]
+
+
+def _batch_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    moved = {key: value.to(device) for key, value in batch.items()}
+    moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Build, warm up, measure round-robin; one result row per preset (``--threads`` applies meanwhile)."""
+    with report.torch_threads(args.threads):
+        return _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = report.resolve_device(args.device)
+    dtype = report.resolve_dtype(args.dtype, device)
+    attn = args.attn_implementation or default_attn_implementation()
+    if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
+        logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
+        attn = "sdpa"
+    shape = get_shape(args.shape)
+    presets = [PresetRecord(label, config) for label, config in resolve_presets(args.presets, shape)]
+    torch.manual_seed(args.seed)
+
+    model = build_model(shape, compression=None, dtype=dtype, attn_implementation=attn, device=device)
+    model.config.use_cache = False
+    trainable = freeze_for_stage(model, args.stage)
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    optimizer = build_optimizer(trainable, device, args.lr)
+    batch = _batch_to(build_training_batch(shape, args.stage, args.batch_size, seed=args.seed), device, dtype)
+    logger.info(
+        "%s %s: batch %d x %d text tokens, %d trainable / %d parameters, %s on %s (%s)",
+        shape.name, args.stage, args.batch_size, batch["input_ids"].shape[1],
+        sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()), report.dtype_name(dtype),
+        device, attn,
+    )  # fmt: skip
+
+    for record in presets:
+        model.set_compression(record.config)
+        for _ in range(args.warmup):
+            run_step(model, batch, optimizer, device, dtype)
+        logger.info("warmed up %s", record.label)
+    memory = report.PeakMemory(device)
+    for number, record in report.round_robin(presets, args.steps):
+        model.set_compression(record.config)
+        with memory.measure():
+            sample = run_step(model, batch, optimizer, device, dtype)
+        record.samples.append(sample)
+        record.peak_mem_mb = max(record.peak_mem_mb, memory.peak_mb)
+        record.peak_rss_mb = max(record.peak_rss_mb, memory.peak_rss_mb)
+        logger.info("round %d %s: %.4f s (loss %.3f)", number, record.label, sample.step_s, sample.loss)
+    if not all(math.isfinite(sample.loss) for record in presets for sample in record.samples):
+        logger.warning("non-finite loss in a benchmark step: timings are still valid, the model is random")
+
+    machine = report.machine_info(device, dtype, attn)
+    return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window)
+
+
+def build_rows(
+    presets: list[PresetRecord],
+    shape: ModelShape,
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    memory_kind: str,
+    memory_exact: bool,
+) -> list[dict[str, Any]]:
+    """Summaries per preset, ratios against the first (``none``) preset and the FLOP model."""
+    rows: list[dict[str, Any]] = []
+    baseline_step: float | None = None
+    baseline_fwd_bwd = 0.0
+    for record in presets:
+        step_s, iqr_s = report.median_iqr([sample.step_s for sample in record.samples])
+        fwd_bwd_s = statistics.median(sample.step_s - sample.optimizer_s for sample in record.samples)
+        if baseline_step is None:
+            baseline_step, baseline_fwd_bwd = step_s, fwd_bwd_s
+        optimizer_s = statistics.median(sample.optimizer_s for sample in record.samples)
+        compression_s = statistics.median(sample.compression_s for sample in record.samples)
+        flops = training_step_flops(
+            shape, record.config, args.stage, args.batch_size, gradient_checkpointing=args.gradient_checkpointing
+        )
+        flops_ratio = float(
+            predicted_step_ratio(
+                shape, record.config, args.stage, args.batch_size, gradient_checkpointing=args.gradient_checkpointing
+            )
+        )
+        ratio = _ratio(step_s, baseline_step)
+        fwd_bwd_ratio = _ratio(fwd_bwd_s, baseline_fwd_bwd)
+        rows.append(
+            {
+                "preset": record.label,
+                "shape": shape.name,
+                "stage": args.stage,
+                "batch_size": args.batch_size,
+                "gradient_checkpointing": bool(args.gradient_checkpointing),
+                "avg_visual_tokens": average_visual_tokens(
+                    record.config, shape.llm.num_layers, shape.vision.num_patches
+                ),
+                "measured_visual_tokens": statistics.mean(sample.visual_tokens for sample in record.samples),
+                "steps": len(record.samples),
+                "step_time_s": step_s,
+                "step_time_iqr_s": iqr_s,
+                "samples_per_s": _ratio(args.batch_size, step_s),
+                "ratio_vs_none": ratio,
+                "flops_ratio_vs_none": flops_ratio,
+                "measured_over_ideal": _ratio(ratio, flops_ratio),
+                "fwd_bwd_time_s": fwd_bwd_s,
+                "fwd_bwd_ratio_vs_none": fwd_bwd_ratio,
+                "fwd_bwd_over_ideal": _ratio(fwd_bwd_ratio, flops_ratio),
+                "optimizer_share": _ratio(optimizer_s, step_s),
+                "compression_share": _ratio(compression_s, step_s),
+                "compression_time_s": compression_s,
+                "peak_mem_mb": record.peak_mem_mb,
+                "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
+                **({"peak_rss_mb": record.peak_rss_mb} if record.peak_rss_mb else {}),
+                "step_tflops": flops.total / 1e12,
+                "tflops_per_s": _ratio(flops.total / 1e12, step_s),
+                "loss": statistics.median(sample.loss for sample in record.samples),
+                "machine": machine,
+            }
+        )
+    return rows
+
+
+NOTES = (
+    "step = zero_grad + forward with labels + backward + optimizer.step (synchronised); "
+    "median over round-robin rounds.",
+    "ratio vs none = step time / none's step time; FLOP-model ratio = predicted_step_ratio; "
+    "measured/ideal > 1 means less speed-up than the FLOPs promise. The FLOP model leaves out the optimizer step "
+    "(same cost for every preset), so the JSON also has fwd_bwd_ratio_vs_none and fwd_bwd_over_ideal without it.",
+    "compression share = model-reported host seconds in V2V/T2V scoring and selection / step time "
+    "(on CUDA these are host seconds around asynchronous kernels).",
+    "peak mem: CUDA max_memory_allocated; on CPU the peak RSS (getrusage) above the RSS at step start, approximate.",
+)
+
+
+def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
+    """JSON rows, the Markdown table and the ratio chart; returns the table."""
+    json_path, md_path, png_path = report.output_paths(out)
+    report.write_json(rows, json_path)
+    first = rows[0]
+    title = (
+        f"Training step speed: {first['shape']} {first['stage']}, batch {first['batch_size']}, "
+        f"gradient checkpointing {'on' if first['gradient_checkpointing'] else 'off'}"
+    )
+    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, NOTES)
+    report.plot_ratios(
+        [row["preset"] for row in rows],
+        [row["ratio_vs_none"] for row in rows],
+        [row["flops_ratio_vs_none"] for row in rows],
+        png_path,
+        title + f"\n{first['machine']['device_name']}",
+        "step time / none",
+    )
+    return table
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="small", help="benchmark shape: tiny, small, llava-7b, llava-13b")
+    parser.add_argument("--stage", choices=STAGES, default="finetune")
+    parser.add_argument(
+        "--presets",
+        type=report.parse_list,
+        default=["none", "duet_192", "duet_128", "duet_64"],
+        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing)",
+    )
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="round-robin rounds (timed steps per preset)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per preset before the rounds")
+    parser.add_argument("--out", default="runs/bench/train_speed.json", help="FILE.json; FILE.md and FILE.png too")
+    parser.add_argument(
+        "--dtype", choices=sorted(report.DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--attn-implementation", default=None, help="default: flash_attention_2 if importable, else sdpa"
+    )
+    parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (tiny: the weights barely move)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark, write FILE.json/.md/.png, print the table; returns the rows."""
+    args = parse_args(argv)
+    rows = benchmark(args)
+    table = write_outputs(rows, args.out)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llava.model").setLevel(logging.WARNING)
+    main()

@@ -1,0 +1,197 @@
+"""Speed benchmarks on the ``tiny`` shape: they run end to end and write sane rows, a table and a chart.
+
+No timing is asserted: speed targets are shown by the benchmark runs, never by timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava.bench import infer_speed, report, train_speed
+from llava.bench.shapes import get_shape
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN_KEYS = {
+    "preset", "shape", "stage", "batch_size", "avg_visual_tokens", "step_time_s", "step_time_iqr_s",
+    "ratio_vs_none", "flops_ratio_vs_none", "measured_over_ideal", "optimizer_share", "compression_share",
+    "peak_mem_mb", "tflops_per_s", "machine",
+}  # fmt: skip
+INFER_KEYS = {
+    "preset", "shape", "batch_size", "avg_visual_tokens", "ttft_s", "ratio_vs_none", "prefill_speedup_vs_none",
+    "flops_ratio_vs_none", "measured_over_ideal", "decode_tokens_per_s", "peak_mem_mb", "machine",
+}  # fmt: skip
+MACHINE_KEYS = {"device", "device_name", "torch", "transformers", "dtype", "attn_implementation", "torch_threads"}
+
+# The tiny shape's tower has 16 patches + CLS: the real presets (k1 + k2 = 307 ...) do not fit it.
+TINY_PRESET = """\
+name: duet_tiny
+v2v: {method: duet, dominant: 6, contextual: 2}
+t2v: {boundaries: [0.5, 0.75], keep_ratios: [0.5, 0.0], query: instruction}
+"""
+
+
+@pytest.fixture
+def tiny_preset(tmp_path: Path) -> str:
+    path = tmp_path / "duet_tiny.yaml"
+    path.write_text(TINY_PRESET, encoding="utf-8")
+    return str(path)
+
+
+def _numbers(row: dict) -> list[float]:
+    return [value for key, value in row.items() if isinstance(value, float) and key != "machine"]
+
+
+def _check_outputs(out: Path, rows: list[dict], keys: set[str]) -> list[dict]:
+    assert out.with_suffix(".md").stat().st_size > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(out.read_text())
+    assert isinstance(saved, list) and len(saved) == len(rows)
+    for row in saved:
+        assert keys <= row.keys(), keys - row.keys()
+        assert row["machine"].keys() >= MACHINE_KEYS
+        assert all(math.isfinite(value) for value in _numbers(row)), row
+    return saved
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_train_speed_tiny(tmp_path: Path, tiny_preset: str, stage: str) -> None:
+    out = tmp_path / f"train-{stage}.json"
+    rows = train_speed.main(
+        ["--shape", "tiny", "--stage", stage, "--presets", f"none,{tiny_preset}", "--batch-size", "2",
+         "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    saved = _check_outputs(out, rows, TRAIN_KEYS)
+    by_preset = {row["preset"]: row for row in saved}
+    assert set(by_preset) == {"none", "duet_tiny"}
+    none, duet = by_preset["none"], by_preset["duet_tiny"]
+    assert none["ratio_vs_none"] == 1.0 and none["flops_ratio_vs_none"] == pytest.approx(1.0)
+    assert none["avg_visual_tokens"] == 16 and duet["avg_visual_tokens"] == 6  # (8 + 4) / 2: layer 2 is past the end
+    assert duet["flops_ratio_vs_none"] < 1.0
+    assert duet["measured_visual_tokens"] == pytest.approx(duet["avg_visual_tokens"])  # the model did compress
+    assert duet["compression_share"] >= 0.0 and none["compression_share"] == 0.0
+    assert 0.0 < none["optimizer_share"] < 1.0
+    assert all(row["stage"] == stage and row["steps"] == 2 for row in saved)
+    assert "| none |" in out.with_suffix(".md").read_text()
+
+
+def test_train_speed_adds_the_baseline(tmp_path: Path, tiny_preset: str) -> None:
+    out = tmp_path / "only-duet.json"
+    rows = train_speed.main(
+        ["--shape", "tiny", "--presets", tiny_preset, "--batch-size", "1", "--steps", "1", "--warmup", "0",
+         "--no-gradient-checkpointing", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    assert [row["preset"] for row in rows] == ["none", "duet_tiny"]
+    assert rows[0]["gradient_checkpointing"] is False
+
+
+def test_train_speed_rejects_presets_that_do_not_fit(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="duet_192"):
+        train_speed.main(["--shape", "tiny", "--presets", "none,duet_192", "--out", str(tmp_path / "x.json")])
+
+
+def test_infer_speed_tiny(tmp_path: Path, tiny_preset: str) -> None:
+    out = tmp_path / "infer.json"
+    rows = infer_speed.main(
+        ["--shape", "tiny", "--presets", f"none,{tiny_preset}", "--batch-sizes", "1,2", "--prompt-tokens", "8",
+         "--new-tokens", "3", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    saved = _check_outputs(out, rows, INFER_KEYS)
+    assert [(row["preset"], row["batch_size"]) for row in saved] == [
+        ("none", 1), ("duet_tiny", 1), ("none", 2), ("duet_tiny", 2),
+    ]  # fmt: skip
+    for row in saved:
+        if row["preset"] == "none":
+            assert row["ratio_vs_none"] == 1.0 and row["prefill_speedup_vs_none"] == 1.0
+            assert row["flops_ratio_vs_none"] == pytest.approx(1.0)
+        else:
+            assert row["flops_ratio_vs_none"] < 1.0
+        assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0
+
+
+def test_training_batch_looks_like_the_collator() -> None:
+    shape = get_shape("tiny")
+    batch = train_speed.build_training_batch(shape, "finetune", batch_size=4, seed=1)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape[1] == shape.text_tokens + 1  # sample 0 is full length: text + one image slot
+    assert batch["pixel_values"].shape == (4, 3, shape.vision.image_size, shape.vision.image_size)
+    assert ((ids == IMAGE_TOKEN_ID).sum(dim=1) == 1).all()
+    assert (labels[0] != IGNORE_INDEX).sum() == shape.answer_tokens
+    assert (labels[mask == 0] == IGNORE_INDEX).all() and (mask[:, 0] == 1).all()  # right-padded
+    supervised = labels != IGNORE_INDEX
+    assert (labels[supervised] == ids[supervised]).all()
+
+    pretrain = train_speed.build_training_batch(shape, "pretrain", batch_size=2)
+    assert pretrain["input_ids"].shape[1] == shape.pretrain_text_tokens + 1
+    assert (pretrain["input_ids"][:, 1] == IMAGE_TOKEN_ID).all()
+    assert (pretrain["labels"][0] != IGNORE_INDEX).sum() == shape.pretrain_text_tokens - 1
+
+
+def test_prompts_are_left_padded() -> None:
+    prompts = infer_speed.build_prompts(get_shape("tiny"), batch_size=3, prompt_tokens=20, seed=2)
+    mask = prompts["attention_mask"]
+    assert (mask[:, -1] == 1).all() and mask[0].all()
+    assert ((prompts["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1) == 1).all()
+    assert mask.sum(dim=1).tolist()[0] == 21
+
+
+def test_report_helpers(tmp_path: Path) -> None:
+    assert report.median_iqr([3.0]) == (3.0, 0.0)
+    median, iqr = report.median_iqr([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert median == 3.0 and iqr == 2.0
+    order = [item for _, item in report.round_robin(["a", "b", "c"], 3)]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert report.preset_label("configs/x/duet_tiny.yaml") == "duet_tiny" and report.preset_label("none") == "none"
+    assert report.output_paths("runs/a.json")[1:] == (Path("runs/a.md"), Path("runs/a.png"))
+    table = report.markdown_table([{"a": 1.0, "b": None}], [("a", "A"), ("b", "B")])
+    assert table.splitlines()[-1] == "| 1.000 | - |"
+    with report.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    report.write_json([{"x": float("nan")}], tmp_path / "nan.json")
+    assert json.loads((tmp_path / "nan.json").read_text()) == [{"x": None}]
+
+
+@pytest.mark.parametrize(("script", "module"), [("train_speed.sh", "train_speed"), ("infer_speed.sh", "infer_speed")])
+def test_scripts_defaults_and_overrides(tmp_path: Path, script: str, module: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\nexit 9\n")  # a host without a GPU
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1"}
+    for key in ("SHAPE", "STAGE", "PRESETS", "BATCH_SIZE", "BATCH_SIZES", "STEPS", "OUT"):
+        env.pop(key, None)
+
+    def argv(**extra: str) -> list[str]:
+        done = subprocess.run(
+            ["bash", str(REPO / "scripts" / "bench" / script), "--seed", "3"],
+            env={**env, **extra}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return shlex.split(done.stdout.strip().splitlines()[-1])
+
+    default = argv()
+    assert default[1:3] == ["-m", f"llava.bench.{module}"]
+    assert default[default.index("--shape") + 1] == "small"
+    assert default[-2:] == ["--seed", "3"]
+    out = default[default.index("--out") + 1]
+    assert out == ("runs/bench/small-finetune.json" if module == "train_speed" else "runs/bench/small-infer.json")
+    custom = argv(SHAPE="tiny", STAGE="pretrain", PRESETS="none,duet_64", BATCH_SIZE="2", STEPS="7", OUT="x.json")
+    assert custom[custom.index("--shape") + 1] == "tiny"
+    assert custom[custom.index("--presets") + 1] == "none,duet_64"
+    assert custom[custom.index("--out") + 1] == "x.json"
+    if module == "train_speed":
+        assert custom[custom.index("--stage") + 1] == "pretrain"
+        assert custom[custom.index("--batch-size") + 1] == "2"
+        assert custom[custom.index("--steps") + 1] == "7"
+    else:
+        assert custom[custom.index("--batch-sizes") + 1] == "2"
+        assert custom[custom.index("--repeats") + 1] == "7"
