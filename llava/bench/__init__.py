@@ -1,0 +1,1 @@
+"""Benchmarks: model shapes, an analytic FLOP model, and training/inference speed measurements."""
