@@ -154,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out or not show_bar:
         for record in records:
             print(f"[{record['id']}] {record['answer']}")
+    scored = [record for record in records if "expected" in record]
+    if scored:
+        correct = sum(_normalise(record["answer"]) == _normalise(record["expected"]) for record in scored)
+        print(f"exact match vs 'expected': {correct}/{len(scored)}")
+        for record in scored[:4]:
+            print(f"  [{record['id']}] expected {record['expected']!r}, got {record['answer']!r}")
     return 0
+
+
+def _normalise(text: str) -> str:
+    """Lower-case, without surrounding space and final punctuation (VQA-style exact match)."""
+    return str(text).strip().rstrip(".!").lower()
 
 
 if __name__ == "__main__":

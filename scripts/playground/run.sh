@@ -3,7 +3,7 @@
 #   1. build the playground (tiny random CLIP tower + LLaMA, generated images and LLaVA JSON; no download)
 #   2. check the data sets (missing/corrupt images, over-length samples, token statistics)
 #   3. pretrain the projector  (scripts/v1_5/pretrain.sh, DeepSpeed ZeRO-2)
-#   4. finetune LLM + projector (scripts/v1_5/finetune.sh, DeepSpeed ZeRO-3)
+#   4. finetune LLM + projector (scripts/v1_5/finetune.sh; ZeRO-2 here, FINETUNE_ZERO=scripts/zero3.json for ZeRO-3)
 #   5. batched generation with the trained checkpoint, and a plot of both stages' curves
 # Without a GPU, DeepSpeed runs CPU ranks. Everything lands under RUNS_DIR.
 #
@@ -23,6 +23,7 @@ export REPORT_TO="${REPORT_TO:-wandb}"
 export WANDB_DIR="${WANDB_DIR:-$REPO_ROOT/$RUNS_DIR}"
 export NUM_WORKERS="${NUM_WORKERS:-1}"
 PYTHON="${PYTHON:-python}"
+FINETUNE_ZERO="${FINETUNE_ZERO:-$REPO_ROOT/scripts/zero2.json}"
 
 say() { printf '\n=== %s\n' "$*"; }
 
@@ -47,8 +48,10 @@ env "${common[@]}" DATA_PATH="$PLAYGROUND_DIR/pretrain.json" OUTPUT_DIR="$RUNS_D
     RUN_NAME=playground-pretrain SAVE_STEPS=20 SAVE_TOTAL_LIMIT=2 \
     bash scripts/v1_5/pretrain.sh --max_steps "$MAX_STEPS" --learning_rate 2e-3
 
-say "Stage 2: finetuning LLM + projector ($NUM_GPUS ranks)"
-env "${common[@]}" DATA_PATH="$PLAYGROUND_DIR/finetune.json" OUTPUT_DIR="$RUNS_DIR/finetune" \
+# ZeRO-3 (the 7B recipe) on CPU ranks spends most of a tiny model's step in per-module gathers, so the
+# playground finetunes with ZeRO-2 by default; FINETUNE_ZERO=scripts/zero3.json runs the recipe's stage.
+say "Stage 2: finetuning LLM + projector ($NUM_GPUS ranks, $(basename "$FINETUNE_ZERO"))"
+env "${common[@]}" DATA_PATH="$PLAYGROUND_DIR/finetune.json" OUTPUT_DIR="$RUNS_DIR/finetune" ZERO="$FINETUNE_ZERO" \
     PRETRAINED_PROJECTOR="$RUNS_DIR/pretrain/mm_projector.safetensors" \
     RUN_NAME=playground-finetune SAVE_STEPS=20 SAVE_TOTAL_LIMIT=2 \
     bash scripts/v1_5/finetune.sh --max_steps "$MAX_STEPS" --learning_rate 1e-3
