@@ -155,6 +155,9 @@ def test_report_helpers(tmp_path: Path) -> None:
     assert report.output_paths("runs/a.json")[1:] == (Path("runs/a.md"), Path("runs/a.png"))
     table = report.markdown_table([{"a": 1.0, "b": None}], [("a", "A"), ("b", "B")])
     assert table.splitlines()[-1] == "| 1.000 | - |"
+    assert report.is_noisy(1.0, 0.5) and not report.is_noisy(1.0, 0.1)
+    rows = [{"preset": "none", "noisy": True, "machine": {}}, {"preset": "duet_64", "noisy": False}]
+    assert "none" in report.noise_note(rows, "step-time")[0] and not report.noise_note(rows[1:], "x")
     with report.torch_threads(1):
         assert torch.get_num_threads() == 1
     report.write_json([{"x": float("nan")}], tmp_path / "nan.json")

@@ -176,6 +176,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
         logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
         attn = "sdpa"
+    load_at_start = report.load_average()
     shape = get_shape(args.shape)
     presets = resolve_presets(args.presets, shape)
     torch.manual_seed(args.seed)
@@ -205,7 +206,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
             "round %d %s B=%d: TTFT %.4f s, decode %.4f s", number, case.label, case.batch_size, sample.ttft_s,
             sample.decode_s,
         )  # fmt: skip
-    machine = report.machine_info(device, dtype, attn)
+    machine = report.machine_info(device, dtype, attn, load_at_start)
     return build_rows(cases, shape, args, machine, memory.kind, memory.exact_window)
 
 
@@ -245,6 +246,8 @@ def build_rows(
                 "repeats": len(case.samples),
                 "ttft_s": ttft,
                 "ttft_iqr_s": ttft_iqr,
+                "ttft_min_s": min(sample.ttft_s for sample in case.samples),
+                "noisy": report.is_noisy(ttft, ttft_iqr),
                 "ratio_vs_none": ratio,
                 "prefill_speedup_vs_none": _ratio(base_ttft, ttft),
                 "flops_ratio_vs_none": flops_ratio,
@@ -281,7 +284,8 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
         f"Inference speed: {first['shape']}, {first['prompt_tokens']} prompt tokens + image, "
         f"{first['new_tokens']} new tokens"
     )
-    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, NOTES)
+    notes = [*NOTES, *report.noise_note(rows, "TTFT")]
+    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, notes)
     report.plot_ratios(
         [f"{row['preset']}\nB={row['batch_size']}" for row in rows],
         [row["ratio_vs_none"] for row in rows],

@@ -186,6 +186,30 @@ def median_iqr(values: Sequence[float]) -> tuple[float, float]:
     return float(statistics.median(values)), float(q3 - q1)
 
 
+NOISY_RELATIVE_IQR = 0.25
+"""Rows whose IQR exceeds this fraction of the median are flagged: the machine was not quiet."""
+
+
+def is_noisy(median: float, iqr: float) -> bool:
+    """Whether a timing's spread makes its median unreliable (IQR above :data:`NOISY_RELATIVE_IQR` of it)."""
+    return bool(median > 0 and iqr > NOISY_RELATIVE_IQR * median)
+
+
+def noise_note(rows: list[dict[str, Any]], what: str) -> list[str]:
+    """A Markdown note naming the noisy rows, if any (their ``noisy`` flag is set)."""
+    noisy = [
+        f"{row['preset']}" + (f" B={row['batch_size']}" if "ttft_s" in row else "") for row in rows if row.get("noisy")
+    ]
+    if not noisy:
+        return []
+    load = rows[0].get("machine", {})
+    return [
+        f"NOISY: {', '.join(noisy)}: {what} IQR > {NOISY_RELATIVE_IQR:.0%} of the median (load average "
+        f"{load.get('load_average_start')} -> {load.get('load_average_end')}); other jobs were competing for the "
+        "machine. Compare the *_min_s columns of the JSON (interference only adds time) or re-run on a quiet machine."
+    ]
+
+
 def round_robin(items: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
     """``(round, item)`` for ``rounds`` passes over ``items``, each pass starting one item later.
 
@@ -231,8 +255,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device, dtype: torch.dtype, attn_implementation: str) -> dict[str, Any]:
-    """What the numbers were measured on: device, library versions, dtype, attention kernel, threads."""
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages (``None`` where the OS has none): other jobs skew CPU timings."""
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_info(
+    device: torch.device, dtype: torch.dtype, attn_implementation: str, load_at_start: list[float] | None = None
+) -> dict[str, Any]:
+    """What the numbers were measured on: device, library versions, dtype, attention kernel, threads, load."""
     info: dict[str, Any] = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
@@ -246,7 +277,8 @@ def machine_info(device: torch.device, dtype: torch.dtype, attn_implementation: 
         "attn_implementation": attn_implementation,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_at_start,
+        "load_average_end": load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -51,6 +51,7 @@ TABLE_COLUMNS = (
     ("ratio_vs_none", "ratio vs none"),
     ("flops_ratio_vs_none", "FLOP-model ratio"),
     ("measured_over_ideal", "measured/ideal"),
+    ("fwd_bwd_over_ideal", "fwd+bwd/ideal"),
     ("optimizer_share", "optimizer share"),
     ("compression_share", "compression share"),
     ("peak_mem_mb", "peak mem MiB"),
@@ -262,6 +263,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
         logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
         attn = "sdpa"
+    load_at_start = report.load_average()
     shape = get_shape(args.shape)
     presets = [PresetRecord(label, config) for label, config in resolve_presets(args.presets, shape)]
     torch.manual_seed(args.seed)
@@ -298,7 +300,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not all(math.isfinite(sample.loss) for record in presets for sample in record.samples):
         logger.warning("non-finite loss in a benchmark step: timings are still valid, the model is random")
 
-    machine = report.machine_info(device, dtype, attn)
+    machine = report.machine_info(device, dtype, attn, load_at_start)
     return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window)
 
 
@@ -345,6 +347,8 @@ def build_rows(
                 "steps": len(record.samples),
                 "step_time_s": step_s,
                 "step_time_iqr_s": iqr_s,
+                "step_time_min_s": min(sample.step_s for sample in record.samples),
+                "noisy": report.is_noisy(step_s, iqr_s),
                 "samples_per_s": _ratio(args.batch_size, step_s),
                 "ratio_vs_none": ratio,
                 "flops_ratio_vs_none": flops_ratio,
@@ -372,7 +376,7 @@ NOTES = (
     "median over round-robin rounds.",
     "ratio vs none = step time / none's step time; FLOP-model ratio = predicted_step_ratio; "
     "measured/ideal > 1 means less speed-up than the FLOPs promise. The FLOP model leaves out the optimizer step "
-    "(same cost for every preset), so the JSON also has fwd_bwd_ratio_vs_none and fwd_bwd_over_ideal without it.",
+    "(same cost for every preset): fwd+bwd/ideal compares the step without it.",
     "compression share = model-reported host seconds in V2V/T2V scoring and selection / step time "
     "(on CUDA these are host seconds around asynchronous kernels).",
     "peak mem: CUDA max_memory_allocated; on CPU the peak RSS (getrusage) above the RSS at step start, approximate.",
@@ -388,7 +392,8 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
         f"Training step speed: {first['shape']} {first['stage']}, batch {first['batch_size']}, "
         f"gradient checkpointing {'on' if first['gradient_checkpointing'] else 'off'}"
     )
-    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, NOTES)
+    notes = [*NOTES, *report.noise_note(rows, "step-time")]
+    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, notes)
     report.plot_ratios(
         [row["preset"] for row in rows],
         [row["ratio_vs_none"] for row in rows],
