@@ -23,6 +23,7 @@ export REPORT_TO="${REPORT_TO:-wandb}"
 export WANDB_DIR="${WANDB_DIR:-$REPO_ROOT/$RUNS_DIR}"
 export NUM_WORKERS="${NUM_WORKERS:-1}"
 PYTHON="${PYTHON:-python}"
+FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-3}"
 FINETUNE_ZERO="${FINETUNE_ZERO:-$REPO_ROOT/scripts/zero2.json}"
 
 say() { printf '\n=== %s\n' "$*"; }
@@ -54,7 +55,7 @@ say "Stage 2: finetuning LLM + projector ($NUM_GPUS ranks, $(basename "$FINETUNE
 env "${common[@]}" DATA_PATH="$PLAYGROUND_DIR/finetune.json" OUTPUT_DIR="$RUNS_DIR/finetune" ZERO="$FINETUNE_ZERO" \
     PRETRAINED_PROJECTOR="$RUNS_DIR/pretrain/mm_projector.safetensors" \
     RUN_NAME=playground-finetune SAVE_STEPS=20 SAVE_TOTAL_LIMIT=2 \
-    bash scripts/v1_5/finetune.sh --max_steps "$MAX_STEPS" --learning_rate 1e-3
+    bash scripts/v1_5/finetune.sh --max_steps "$MAX_STEPS" --learning_rate 2e-3 --num_train_epochs "$FINETUNE_EPOCHS"
 
 say "Batched generation with the finetuned model"
 "$PYTHON" -m llava.tools.generate --model "$RUNS_DIR/finetune" --max-new-tokens 24 --batch-size 4 \
