@@ -193,3 +193,15 @@ def test_dual_stage_generation_cached_equals_uncached(position_mode):
     assert torch.equal(cached, uncached)
     out = model(ids, attention_mask=mask, pixel_values=pixels, left_padding=True)
     assert out.visual_tokens_per_layer == [8.0, 8.0, 4.0, 0.0]
+
+
+def test_input_require_grads_leaves_the_frozen_tower_out_of_backward():
+    ids, mask, labels, pixels = batch()
+    model = model_with(None).train()
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    model.enable_input_require_grads()
+    features = model.vision_tower(pixels)
+    assert not features.requires_grad  # the tower is not part of the backward graph
+    text = model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert text.requires_grad

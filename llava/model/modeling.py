@@ -118,6 +118,21 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         model.projector.to(dtype=language_model.dtype)
         return model
 
+    def enable_input_require_grads(self) -> None:
+        """Make the LLM's token embeddings output require grad (for checkpointing/adapters).
+
+        Only the language model's embeddings: the base class hooks every sub-model, which would
+        make the frozen CLIP tower's output require grad, so checkpointing would recompute the
+        tower and back-propagate through it for nothing.
+        """
+
+        def make_inputs_require_grads(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+        self._require_grads_hooks = [hook]
+        self._require_grads_hook = hook
+
     # ----- embeddings (delegated so resize/peft/Trainer helpers work) -----
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
