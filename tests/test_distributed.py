@@ -67,8 +67,14 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 
 def finetune_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str, str]:
-    settings = {"PRETRAINED_PROJECTOR": "none", "SAVE_STEPS": "2", "SAVE_TOTAL_LIMIT": "2", **overrides}
-    return script_env(playground, output_dir, DATA_PATH=str(playground / "finetune.json"), **settings)
+    settings = {
+        "DATA_PATH": str(playground / "finetune.json"),
+        "PRETRAINED_PROJECTOR": "none",
+        "SAVE_STEPS": "2",
+        "SAVE_TOTAL_LIMIT": "2",
+        **overrides,
+    }
+    return script_env(playground, output_dir, **settings)
 
 
 def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector_and_compression(playground, tmp_path):
@@ -141,3 +147,19 @@ def test_zero3_kill_and_resume_matches_uninterrupted_run(playground, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (5, 6):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+
+
+@pytest.mark.parametrize("zero", ["zero2.json", "zero3.json"])
+def test_rank_with_text_only_batch_while_the_other_has_an_image(playground, tmp_path, zero):
+    """2 samples, 2 ranks, batch 1: at every step one rank is text-only. Collectives must still match."""
+    samples = json.loads((playground / "finetune.json").read_text())
+    text_only = next(sample for sample in samples if "image" not in sample)
+    with_image = next(sample for sample in samples if isinstance(sample.get("image"), str))
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([text_only, with_image]))
+    env = finetune_env(
+        playground, tmp_path / "mixed", DATA_PATH=str(data), BATCH_SIZE="1", SAVE_STEPS="100",
+        ZERO=str(REPO / "scripts" / zero),
+    )  # fmt: skip
+    run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
+    assert sorted(losses(tmp_path / "mixed")) == [1, 2]

@@ -196,7 +196,7 @@ def test_dual_stage_generation_cached_equals_uncached(position_mode):
 
 
 def test_input_require_grads_leaves_the_frozen_tower_out_of_backward():
-    ids, mask, labels, pixels = batch()
+    *_, pixels = batch()
     model = model_with(None).train()
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
@@ -205,3 +205,16 @@ def test_input_require_grads_leaves_the_frozen_tower_out_of_backward():
     assert not features.requires_grad  # the tower is not part of the backward graph
     text = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert text.requires_grad
+
+
+def test_text_only_training_batch_still_gives_projector_gradients():
+    """Every rank must run the same collectives: a text-only batch touches the vision modules too."""
+    model = model_with(None).train()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 6, 7]])
+    with_term = model(ids, labels=labels)
+    with_term.loss.backward()
+    grad = model.projector[0].weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
+    model.eval()
+    assert torch.equal(model(ids, labels=labels).loss, with_term.loss.detach())

@@ -174,7 +174,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if bool(image_slots.any()):
                 raise ValueError(f"input_ids hold {int(image_slots.sum())} image slots but no pixel_values were given")
-            visual_embeds = text_embeds.new_zeros(0, text_embeds.shape[-1])
+            if self.training and torch.is_grad_enabled():
+                visual_embeds = self._idle_visual_tokens(input_ids.device)
+            else:
+                visual_embeds = text_embeds.new_zeros(0, text_embeds.shape[-1])
             counts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
             v2v_seconds = 0.0
         else:
@@ -282,6 +285,21 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 DuetLlavaForCausalLM._warned_salient = True
             return "instruction"
         return mode
+
+    def _idle_visual_tokens(self, device: torch.device) -> torch.Tensor:
+        """Zero visual-token rows that are still connected to the tower and projector.
+
+        In distributed training a rank whose batch is text-only would otherwise skip the vision
+        modules: ZeRO-3 would miss their parameter gathers and ZeRO-2/DDP the projector's gradient
+        reduction, and the ranks' collectives would no longer match (a crash or a hang). One blank
+        image is encoded and its tokens sliced away, so the graph has the same shape as with real
+        images (the projector's gradients arrive at the same point of the backward pass, as zeros)
+        while the LLM sequence is unchanged.
+        """
+        size = self.config.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, device=device, dtype=self.vision_tower.dtype)
+        visual, _, _ = self.encode_images(blank)
+        return visual[:0]
 
     @staticmethod
     def _loss(
