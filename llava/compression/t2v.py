@@ -86,9 +86,7 @@ class Sequence:
             out[item.name] = new
         compacted = Sequence(**out)
         if recompute_positions:
-            compacted = replace(
-                compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            )
+            compacted = replace(compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0))
         return compacted
 
 
@@ -131,9 +129,7 @@ def build_query_mask(
         prompt_end = torch.clamp(prompt_end, max=query_end)
     last_visual = torch.where(visual_mask, positions, -1).amax(dim=1)
     last_prompt = positions == (prompt_end - 1).unsqueeze(1)
-    instruction = (
-        real & ~visual_mask & (positions > last_visual.unsqueeze(1)) & (positions < prompt_end.unsqueeze(1))
-    )
+    instruction = real & ~visual_mask & (positions > last_visual.unsqueeze(1)) & (positions < prompt_end.unsqueeze(1))
     if mode == "last":
         query = last_prompt
     elif mode == "instruction":

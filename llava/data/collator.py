@@ -31,9 +31,7 @@ class AllSamplesSkippedError(ValueError):
 class DataCollatorForSupervisedDataset:
     """Pad and stack :class:`~llava.data.dataset.LazySupervisedDataset` items; drop skip markers."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase | None = None, pad_token_id: int | None = None
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, pad_token_id: int | None = None) -> None:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:

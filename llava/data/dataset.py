@@ -72,9 +72,7 @@ class DataArguments:
         if isinstance(self.data_path, str):
             self.data_path = [self.data_path]
         if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(
-                f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}"
-            )
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.tokens_per_image < 1 or self.model_max_length < 1:
             raise ValueError("tokens_per_image and model_max_length must be positive")
 
@@ -248,9 +246,7 @@ class LazySupervisedDataset(Dataset):
         estimated = words + self.data_args.tokens_per_image * self._num_images
         self._modality_lengths = np.where(self._num_images > 0, estimated, -estimated)
         if self.num_invalid_samples:
-            logger.warning(
-                "skipped %d invalid samples while loading %s", self.num_invalid_samples, self.files
-            )
+            logger.warning("skipped %d invalid samples while loading %s", self.num_invalid_samples, self.files)
         logger.info("loaded %d samples from %d files", len(self), len(self.files))
 
     def _record_problems(self, problems: list[SampleProblem]) -> None:
@@ -327,7 +323,5 @@ class LazySupervisedDataset(Dataset):
         if kept_paths:
             if self.image_processor is None:
                 raise DataError("sample has images but the dataset was built without an image_processor")
-            item["pixel_values"] = load_and_preprocess(
-                kept_paths, self.image_processor, args.image_aspect_ratio
-            )
+            item["pixel_values"] = load_and_preprocess(kept_paths, self.image_processor, args.image_aspect_ratio)
         return item

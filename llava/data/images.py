@@ -49,9 +49,7 @@ def expand_to_square(image: Image.Image, background_rgb: tuple[int, int, int]) -
     return canvas
 
 
-def preprocess_images(
-    images: Sequence[Image.Image], processor: Any, aspect_ratio: str = "pad"
-) -> torch.Tensor:
+def preprocess_images(images: Sequence[Image.Image], processor: Any, aspect_ratio: str = "pad") -> torch.Tensor:
     """Apply the aspect-ratio policy then the HF image processor; returns float ``[N, 3, H, W]``.
 
     ``pad`` squares the image on the mean colour first; ``square`` lets the processor resize and

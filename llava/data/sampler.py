@@ -58,9 +58,7 @@ def modality_length_grouped_indices(
 class ModalityLengthGroupedSampler(Sampler[int]):
     """Yield dataset indices grouped by modality and length; call :meth:`set_epoch` every epoch."""
 
-    def __init__(
-        self, batch_size: int, world_size: int, lengths: Sequence[int] | np.ndarray, seed: int = 0
-    ) -> None:
+    def __init__(self, batch_size: int, world_size: int, lengths: Sequence[int] | np.ndarray, seed: int = 0) -> None:
         if batch_size < 1 or world_size < 1:
             raise ValueError("batch_size and world_size must be positive")
         self.batch_size = batch_size

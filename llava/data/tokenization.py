@@ -52,9 +52,7 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def visual_lengths(
-    input_ids: list[int] | np.ndarray, tokens_per_image: int, image_token_id: int
-) -> np.ndarray:
+def visual_lengths(input_ids: list[int] | np.ndarray, tokens_per_image: int, image_token_id: int) -> np.ndarray:
     """Per-position length once the model expands sentinels: ``tokens_per_image`` for a sentinel, else 1."""
     ids = np.asarray(input_ids, dtype=np.int64)
     return np.where(ids == image_token_id, tokens_per_image, 1)

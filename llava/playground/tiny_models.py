@@ -119,7 +119,5 @@ def save_llm(out_dir: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -
     model = build_tiny_llama(tokenizer, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    logger.info(
-        "saved tiny LLaMA (%d params, vocab %d) to %s", model.num_parameters(), len(tokenizer), out_dir
-    )
+    logger.info("saved tiny LLaMA (%d params, vocab %d) to %s", model.num_parameters(), len(tokenizer), out_dir)
     return model
