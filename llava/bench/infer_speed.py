@@ -32,7 +32,6 @@ from llava.bench.train_speed import FIRST_SPECIAL_IDS, SYSTEM_PROMPT_TOKENS, res
 from llava.compression.accounting import average_visual_tokens
 from llava.compression.config import CompressionConfig
 from llava.constants import IMAGE_TOKEN_ID
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +158,6 @@ def run_generate(
     )
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else float("nan")
-
-
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build, warm up, measure round-robin; one row per (preset, batch size)."""
     with report.torch_threads(args.threads):
@@ -170,12 +165,7 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = report.resolve_device(args.device)
-    dtype = report.resolve_dtype(args.dtype, device)
-    attn = args.attn_implementation or default_attn_implementation()
-    if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
-        logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
-        attn = "sdpa"
+    device, dtype, attn = report.resolve_runtime(args.device, args.dtype, args.attn_implementation)
     load_at_start = report.load_average()
     shape = get_shape(args.shape)
     presets = resolve_presets(args.presets, shape)
@@ -224,7 +214,7 @@ def build_rows(
     for case in cases:
         ttft, ttft_iqr = report.median_iqr([sample.ttft_s for sample in case.samples])
         decode_s = statistics.median(sample.decode_s for sample in case.samples)
-        tokens_per_s = _ratio(decode_steps * case.batch_size, decode_s) if decode_steps > 0 else float("nan")
+        tokens_per_s = report.ratio(decode_steps * case.batch_size, decode_s) if decode_steps > 0 else float("nan")
         summaries.append((case, ttft, ttft_iqr, decode_s, tokens_per_s))
     baselines = {case.batch_size: (ttft, tps) for case, ttft, _, _, tps in summaries if not case.config.enabled}
     rows: list[dict[str, Any]] = []
@@ -233,7 +223,7 @@ def build_rows(
         flops = prefill_flops(shape, case.config, case.batch_size, args.prompt_tokens)
         flops_none = prefill_flops(shape, None, case.batch_size, args.prompt_tokens)
         flops_ratio = flops.total / flops_none.total
-        ratio = _ratio(ttft, base_ttft)
+        ratio = report.ratio(ttft, base_ttft)
         compression_s = statistics.median(sample.compression_s for sample in case.samples)
         rows.append(
             {
@@ -249,18 +239,18 @@ def build_rows(
                 "ttft_min_s": min(sample.ttft_s for sample in case.samples),
                 "noisy": report.is_noisy(ttft, ttft_iqr),
                 "ratio_vs_none": ratio,
-                "prefill_speedup_vs_none": _ratio(base_ttft, ttft),
+                "prefill_speedup_vs_none": report.ratio(base_ttft, ttft),
                 "flops_ratio_vs_none": flops_ratio,
-                "measured_over_ideal": _ratio(ratio, flops_ratio),
+                "measured_over_ideal": report.ratio(ratio, flops_ratio),
                 "decode_time_s": decode_s,
                 "decode_tokens_per_s": tokens_per_s,
-                "decode_speedup_vs_none": _ratio(tokens_per_s, base_tps),
-                "compression_share": _ratio(compression_s, ttft),
+                "decode_speedup_vs_none": report.ratio(tokens_per_s, base_tps),
+                "compression_share": report.ratio(compression_s, ttft),
                 "peak_mem_mb": case.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
                 **({"peak_rss_mb": case.peak_rss_mb} if case.peak_rss_mb else {}),
                 "prefill_tflops": flops.total / 1e12,
-                "prefill_tflops_per_s": _ratio(flops.total / 1e12, ttft),
+                "prefill_tflops_per_s": report.ratio(flops.total / 1e12, ttft),
                 "machine": machine,
             }
         )

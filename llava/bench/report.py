@@ -51,6 +51,26 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_runtime(
+    device_name: str | None, dtype_name_: str | None, attn_implementation: str | None
+) -> tuple[torch.device, torch.dtype, str]:
+    """Device, dtype and attention kernel of a benchmark run (flash-attn only with 16-bit dtypes)."""
+    from llava.utils.attention import default_attn_implementation
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name_, device)
+    attn = attn_implementation or default_attn_implementation()
+    if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
+        logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
+        attn = "sdpa"
+    return device, dtype, attn
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when the denominator is 0."""
+    return numerator / denominator if denominator else float("nan")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Short name of a dtype (``bf16``, ``fp16``, ``fp32``)."""
     return {value: key for key, value in DTYPES.items()}.get(dtype, str(dtype))

@@ -33,7 +33,6 @@ from llava.bench.shapes import ModelShape, build_model, get_shape
 from llava.compression.accounting import average_visual_tokens
 from llava.compression.config import CompressionConfig, CompressionConfigError, load_compression
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +245,6 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
     return moved
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else float("nan")
-
-
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build, warm up, measure round-robin; one result row per preset (``--threads`` applies meanwhile)."""
     with report.torch_threads(args.threads):
@@ -257,12 +252,7 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = report.resolve_device(args.device)
-    dtype = report.resolve_dtype(args.dtype, device)
-    attn = args.attn_implementation or default_attn_implementation()
-    if device.type == "cuda" and attn == "flash_attention_2" and dtype == torch.float32:
-        logger.warning("flash_attention_2 needs bf16/fp16; using sdpa for fp32")
-        attn = "sdpa"
+    device, dtype, attn = report.resolve_runtime(args.device, args.dtype, args.attn_implementation)
     load_at_start = report.load_average()
     shape = get_shape(args.shape)
     presets = [PresetRecord(label, config) for label, config in resolve_presets(args.presets, shape)]
@@ -331,8 +321,8 @@ def build_rows(
                 shape, record.config, args.stage, args.batch_size, gradient_checkpointing=args.gradient_checkpointing
             )
         )
-        ratio = _ratio(step_s, baseline_step)
-        fwd_bwd_ratio = _ratio(fwd_bwd_s, baseline_fwd_bwd)
+        ratio = report.ratio(step_s, baseline_step)
+        fwd_bwd_ratio = report.ratio(fwd_bwd_s, baseline_fwd_bwd)
         rows.append(
             {
                 "preset": record.label,
@@ -349,21 +339,21 @@ def build_rows(
                 "step_time_iqr_s": iqr_s,
                 "step_time_min_s": min(sample.step_s for sample in record.samples),
                 "noisy": report.is_noisy(step_s, iqr_s),
-                "samples_per_s": _ratio(args.batch_size, step_s),
+                "samples_per_s": report.ratio(args.batch_size, step_s),
                 "ratio_vs_none": ratio,
                 "flops_ratio_vs_none": flops_ratio,
-                "measured_over_ideal": _ratio(ratio, flops_ratio),
+                "measured_over_ideal": report.ratio(ratio, flops_ratio),
                 "fwd_bwd_time_s": fwd_bwd_s,
                 "fwd_bwd_ratio_vs_none": fwd_bwd_ratio,
-                "fwd_bwd_over_ideal": _ratio(fwd_bwd_ratio, flops_ratio),
-                "optimizer_share": _ratio(optimizer_s, step_s),
-                "compression_share": _ratio(compression_s, step_s),
+                "fwd_bwd_over_ideal": report.ratio(fwd_bwd_ratio, flops_ratio),
+                "optimizer_share": report.ratio(optimizer_s, step_s),
+                "compression_share": report.ratio(compression_s, step_s),
                 "compression_time_s": compression_s,
                 "peak_mem_mb": record.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
                 **({"peak_rss_mb": record.peak_rss_mb} if record.peak_rss_mb else {}),
                 "step_tflops": flops.total / 1e12,
-                "tflops_per_s": _ratio(flops.total / 1e12, step_s),
+                "tflops_per_s": report.ratio(flops.total / 1e12, step_s),
                 "loss": statistics.median(sample.loss for sample in record.samples),
                 "machine": machine,
             }
