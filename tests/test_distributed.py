@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llava.inference import LlavaPipeline
 from llava.model.loading import load_pretrained_model
@@ -163,3 +164,40 @@ def test_rank_with_text_only_batch_while_the_other_has_an_image(playground, tmp_
     )  # fmt: skip
     run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     assert sorted(losses(tmp_path / "mixed")) == [1, 2]
+
+
+def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, tmp_path):
+    """Starting from a full LLaVA checkpoint, ZeRO-3 partitions the projector as it loads; the new
+    projector weights must still land in it (LLaVA's size-mismatch bug). With lr 0 the saved
+    projector after training equals the file exactly."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+
+    from llava.model.modeling import DuetLlavaForCausalLM
+
+    checkpoint = tmp_path / "llava-checkpoint"
+    model = DuetLlavaForCausalLM.from_components(
+        AutoModelForCausalLM.from_pretrained(playground / "llm"),
+        CLIPVisionModel.from_pretrained(playground / "vision_tower"),
+    )
+    model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(playground / "llm").save_pretrained(checkpoint)
+    CLIPImageProcessor.from_pretrained(playground / "vision_tower").save_pretrained(checkpoint)
+    projector_file = tmp_path / "mm_projector.safetensors"
+    generator = torch.Generator().manual_seed(3)
+    new_weights = {
+        name: torch.randn(tensor.shape, generator=generator)
+        for name, tensor in model.projector.state_dict().items()
+    }
+    save_file(new_weights, str(projector_file))
+
+    out = tmp_path / "from-checkpoint"
+    env = finetune_env(
+        playground, out, MODEL=str(checkpoint), PRETRAINED_PROJECTOR=str(projector_file), SAVE_STEPS="100",
+        ZERO=str(REPO / "scripts" / "zero3.json"),
+    )  # fmt: skip
+    result = run_script("finetune.sh", env, "--max_steps", "1", "--learning_rate", "0")
+    assert "(ZeRO-3 partitioned)" in result.stderr + result.stdout
+    saved = load_file(str(out / "mm_projector.safetensors"))
+    for name, tensor in new_weights.items():
+        assert (saved[name] - tensor).abs().max().item() == 0, name

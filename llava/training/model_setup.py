@@ -112,7 +112,7 @@ def load_projector(model: DuetLlavaForCausalLM, path: str) -> None:
             raise ValueError(f"{path}: projector weights {got} do not fit this model's projector {expected}")
         if not partitioned or _rank() == 0:
             model.projector.load_state_dict(state)
-    logger.info("Loaded pretrained projector from %s", path)
+    logger.info("Loaded pretrained projector from %s%s", path, " (ZeRO-3 partitioned)" if partitioned else "")
 
 
 def save_projector(model: nn.Module, path: str | Path) -> None:
