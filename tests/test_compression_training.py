@@ -9,7 +9,8 @@ import pytest
 from llava.inference import LlavaPipeline
 from llava.model.loading import load_pretrained_model
 from llava.training.train import train
-from tests.test_training import finetune_args, pretrain_args, read_metrics
+from tests.run_args import finetune_args, pretrain_args
+from tests.test_training import read_metrics
 
 
 def test_pretrain_with_duet_192_logs_the_token_schedule(playground, tmp_path):

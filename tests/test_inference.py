@@ -17,6 +17,7 @@ from llava.inference import LlavaPipeline, MissingComponentError, build_prompt_i
 from llava.playground.synthetic import build_playground
 from llava.tools import generate as generate_cli
 from llava.training.train import train
+from tests.run_args import finetune_args
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +36,10 @@ def model_dir(playground: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """
     out = tmp_path_factory.mktemp("run") / "finetune"
     train(
-        [
-            "--model_name_or_path", str(playground / "llm"),
-            "--vision_tower", str(playground / "vision_tower"),
-            "--version", "v1",
-            "--data_path", str(playground / "finetune.json"),
-            "--image_folder", str(playground / "images"),
-            "--output_dir", str(out),
-            "--per_device_train_batch_size", "1",
-            "--max_steps", "1",
-            "--save_strategy", "no",
-            "--learning_rate", "1e-7",
-            "--report_to", "none",
-            "--dataloader_num_workers", "0",
-        ]
+        finetune_args(
+            playground, out, "--per_device_train_batch_size", "1", "--max_steps", "1", "--save_strategy", "no",
+            "--learning_rate", "1e-7", "--group_by_modality_length", "False", "--seed", "42",
+        )
     )  # fmt: skip
     return out
 

@@ -18,6 +18,7 @@ from llava.playground.synthetic import build_playground
 from llava.tools import merge_lora as merge_cli
 from llava.training.lora import LoraCheckpointError, load_lora_model, merge_lora_checkpoint
 from llava.training.train import train
+from tests.run_args import finetune_args
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +33,11 @@ def lora_run(playground: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A 2-step LoRA run saving checkpoint-1 (intermediate) and checkpoint-2; high LR so the adapter matters."""
     out = tmp_path_factory.mktemp("run") / "lora"
     train(
-        [
-            "--model_name_or_path", str(playground / "llm"),
-            "--vision_tower", str(playground / "vision_tower"),
-            "--version", "v1",
-            "--data_path", str(playground / "finetune.json"),
-            "--image_folder", str(playground / "images"),
-            "--output_dir", str(out),
-            "--per_device_train_batch_size", "2",
-            "--max_steps", "2",
-            "--save_steps", "1",
-            "--learning_rate", "1e-2",
-            "--lora_enable", "True",
-            "--lora_r", "4",
-            "--lora_alpha", "8",
-            "--report_to", "none",
-            "--dataloader_num_workers", "0",
-        ]
+        finetune_args(
+            playground, out, "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "1",
+            "--learning_rate", "1e-2", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+            "--group_by_modality_length", "False",
+        )
     )  # fmt: skip
     yield out
 
