@@ -218,3 +218,15 @@ def test_text_only_training_batch_still_gives_projector_gradients():
     assert grad is not None and torch.count_nonzero(grad) == 0
     model.eval()
     assert torch.equal(model(ids, labels=labels).loss, with_term.loss.detach())
+
+
+def test_forward_on_left_padded_prompts_keeps_rows_right_aligned_after_drops():
+    model = model_with(T2VConfig(boundaries=(0.5,), keep_ratios=(0.25,)))
+    ids = torch.tensor([[0, 0, 1, IMG, 4], [1, 5, IMG, 6, 7]])
+    mask = (ids != 0).long()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        inferred = model(ids, attention_mask=mask, pixel_values=pixels)
+        explicit = model(ids, attention_mask=mask, pixel_values=pixels, left_padding=True)
+    assert inferred.attention_mask[:, -1].all()  # the last column is every row's last real token
+    assert torch.equal(inferred.logits, explicit.logits)

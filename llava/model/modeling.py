@@ -17,7 +17,7 @@ from llava.compression.t2v import Sequence, build_query_mask, content_token_tabl
 from llava.constants import IGNORE_INDEX
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
-from llava.model.merge import MergedInputs, merge_visual_tokens
+from llava.model.merge import MergedInputs, detect_left_padding, merge_visual_tokens
 from llava.model.projector import build_projector
 from llava.model.vision_tower import VisionTower
 
@@ -208,20 +208,24 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         left_padding: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
+        decode_state: DecodeState | None = None,
+        query_end: int | None = None,
         **kwargs: Any,
     ) -> DuetLlavaOutput:
         """Run the model.
 
         Prefill (no cache or an empty one): ``input_ids`` may hold image slots; visual tokens are
         dropped at the configured T2V boundaries. Decode steps pass the new tokens and the
-        ``decode_state`` returned by the prefill (``kwargs``), which knows each stage's cache.
+        ``decode_state`` returned by the prefill, which knows each stage's cache and positions.
+        ``query_end`` limits T2V queries to the first positions (a recomputation that must keep
+        the same visual tokens as its prefill). Left padding is inferred from ``attention_mask``
+        unless ``left_padding`` says otherwise; rows stay right-aligned after drops then.
         With ``labels`` the loss is computed on the label positions only (logits of other
         positions are never materialised) and ``logits`` is ``None``.
         ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient
         accumulation: the sum of token losses is divided by it instead of the local count.
         """
         decoder = decoder_of(self.language_model)
-        decode_state: DecodeState | None = kwargs.get("decode_state")
         if decode_state is not None:
             if pixel_values is not None:
                 raise ValueError("pixel_values can only be given at prefill, not at a decode step")
@@ -231,9 +235,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("decode steps need the decode_state returned by the prefill call")
 
+        if left_padding is None:
+            left_padding = attention_mask is not None and detect_left_padding(attention_mask)
         merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding)
-        left_align = bool(left_padding) if left_padding is not None else False
-        plan = self.stage_plan if kwargs.get("compress", True) else None
+        plan = self.stage_plan
         query_mask = torch.zeros_like(merged.visual_mask)
         if plan is not None and plan.boundaries:
             query_mask = build_query_mask(
@@ -243,7 +248,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 merged.labels,
                 merged.token_ids,
                 self.content_token_table if self.content_token_table.numel() else None,
-                query_end=kwargs.get("query_end"),
+                query_end=query_end,
             )
         sequence = Sequence(
             hidden=merged.inputs_embeds,
@@ -254,7 +259,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             labels=merged.labels,
         )
         num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_align, num_images)
+        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_padding, num_images)
 
         loss = logits = num_label_tokens = None
         lm_head = self.get_output_embeddings()
