@@ -267,24 +267,14 @@ NOTES = (
 
 def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     """JSON rows, the Markdown table and the ratio chart; returns the table."""
-    json_path, md_path, png_path = report.output_paths(out)
-    report.write_json(rows, json_path)
     first = rows[0]
     title = (
         f"Inference speed: {first['shape']}, {first['prompt_tokens']} prompt tokens + image, "
         f"{first['new_tokens']} new tokens"
     )
     notes = [*NOTES, *report.noise_note(rows, "TTFT")]
-    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, notes)
-    report.plot_ratios(
-        [f"{row['preset']}\nB={row['batch_size']}" for row in rows],
-        [row["ratio_vs_none"] for row in rows],
-        [row["flops_ratio_vs_none"] for row in rows],
-        png_path,
-        title + f"\n{first['machine']['device_name']}",
-        "prefill time / none",
-    )
-    return table
+    labels = [f"{row['preset']}\nB={row['batch_size']}" for row in rows]
+    return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "prefill time / none")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -403,6 +403,30 @@ def plot_ratios(
     plt.close(figure)
 
 
+def write_report(
+    rows: list[dict[str, Any]],
+    out: str | Path,
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    notes: Sequence[str],
+    labels: Sequence[str],
+    ylabel: str,
+) -> str:
+    """``FILE.json`` rows, ``FILE.md`` table (with notes) and ``FILE.png`` measured-vs-FLOP-model chart."""
+    json_path, md_path, png_path = output_paths(out)
+    write_json(rows, json_path)
+    table = write_markdown(rows, columns, md_path, title, notes)
+    plot_ratios(
+        labels,
+        [row["ratio_vs_none"] for row in rows],
+        [row["flops_ratio_vs_none"] for row in rows],
+        png_path,
+        title + f"\n{rows[0]['machine']['device_name']}",
+        ylabel,
+    )
+    return table
+
+
 def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
     """``FILE.json``, ``FILE.md``, ``FILE.png`` for ``--out FILE.json`` (any suffix is replaced)."""
     path = Path(out)

@@ -375,24 +375,14 @@ NOTES = (
 
 def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     """JSON rows, the Markdown table and the ratio chart; returns the table."""
-    json_path, md_path, png_path = report.output_paths(out)
-    report.write_json(rows, json_path)
     first = rows[0]
     title = (
         f"Training step speed: {first['shape']} {first['stage']}, batch {first['batch_size']}, "
         f"gradient checkpointing {'on' if first['gradient_checkpointing'] else 'off'}"
     )
     notes = [*NOTES, *report.noise_note(rows, "step-time")]
-    table = report.write_markdown(rows, TABLE_COLUMNS, md_path, title, notes)
-    report.plot_ratios(
-        [row["preset"] for row in rows],
-        [row["ratio_vs_none"] for row in rows],
-        [row["flops_ratio_vs_none"] for row in rows],
-        png_path,
-        title + f"\n{first['machine']['device_name']}",
-        "step time / none",
-    )
-    return table
+    labels = [row["preset"] for row in rows]
+    return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "step time / none")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
