@@ -93,7 +93,6 @@ def causal_mask_for(
 
 
 def _run_layers(
-    decoder: nn.Module,
     layers: list[nn.Module],
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -156,7 +155,6 @@ def run_decoder(
         position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
         mask = causal_mask_for(decoder, sequence.hidden, sequence.attention_mask, past_key_values, start)
         hidden = _run_layers(
-            decoder,
             list(decoder.layers[start:end]),
             sequence.hidden,
             mask,
@@ -195,7 +193,7 @@ def run_decoder_step(
         position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
         causal = causal_mask_for(decoder, hidden, mask, past_key_values, start)
         hidden = _run_layers(
-            decoder, list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
+            list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
             past_key_values, True,
         )  # fmt: skip
     return decoder.norm(hidden)

@@ -102,20 +102,13 @@ class LlavaTrainer(Trainer):
         per_layer = outputs.get("visual_tokens_per_layer") if isinstance(outputs, dict) else None
         if not per_layer:
             return
-        starts = self._stage_starts(len(per_layer))
+        starts = outputs["decode_state"].stage_starts  # first layer of each stage, from the forward itself
         stats = {"visual_tokens_avg": sum(per_layer) / len(per_layer)}
         stats.update({f"visual_tokens_stage{index}": per_layer[start] for index, start in enumerate(starts)})
         stats["compression_time_s"] = float(outputs.get("compression_time_s") or 0.0)
         for key, value in stats.items():
             self._compression_sums[key] = self._compression_sums.get(key, 0.0) + value
         self._compression_batches += 1
-
-    def _stage_starts(self, num_layers: int) -> tuple[int, ...]:
-        plan = getattr(self.accelerator.unwrap_model(self.model), "stage_plan", None)
-        if plan is None:  # peft wrapper: the plan lives on the wrapped model
-            plan = getattr(getattr(self.accelerator.unwrap_model(self.model), "base_model", None), "model", None)
-            plan = getattr(plan, "stage_plan", None)
-        return plan.stage_starts() if plan is not None else (0,)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the averaged compression statistics of the logging interval to the Trainer's logs."""
