@@ -12,3 +12,9 @@ sentinel with that image's visual tokens (however many the tower and compressor 
 
 IMAGE_TAG = "<image>"
 """Placeholder for an image in LLaVA JSON conversations."""
+
+VIDEO_TOKEN_ID = -201
+"""Sentinel id that marks one video slot in ``input_ids``: replaced by all frames' visual tokens."""
+
+VIDEO_TAG = "<video>"
+"""Placeholder for a video in Video-LLaVA JSON conversations."""

@@ -118,9 +118,9 @@ def test_merge_left_padding_aligns_last_tokens():
 
 def test_wrong_image_count_is_a_clear_error(tiny_model):
     ids = torch.tensor([[1, IMG, 4, IMG]])
-    with pytest.raises(ValueError, match="hold 2 image slots"):
+    with pytest.raises(ValueError, match="hold 2 image and 0 video slots but 1 images"):
         tiny_model(ids, pixel_values=torch.randn(1, 3, 56, 56))
-    with pytest.raises(ValueError, match="no pixel_values"):
+    with pytest.raises(ValueError, match="2 image slots but no image pixels"):
         tiny_model(ids)
 
 

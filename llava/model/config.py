@@ -6,13 +6,17 @@ from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
 
-from llava.constants import IMAGE_TOKEN_ID
+from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 FEATURE_STRATEGIES = ("patch", "cls_patch")
 
 
-def _as_config(value: Any, default_type: str) -> PreTrainedConfig:
-    """Turn a dict (as read from config.json) or ``None`` into a config object of its ``model_type``."""
+def _as_config(value: Any, default_type: str, optional: bool = False) -> PreTrainedConfig | None:
+    """Turn a dict (as read from config.json) or ``None`` into a config object of its ``model_type``.
+
+    ``None`` gives the default config, or stays ``None`` when the sub-model is ``optional``."""
+    if value is None and optional:
+        return None
     if value is None:
         return CLIPVisionConfig() if default_type == "clip_vision_model" else LlamaConfig()
     if isinstance(value, PreTrainedConfig):
@@ -49,10 +53,15 @@ class DuetLlavaConfig(PreTrainedConfig):
         image_aspect_ratio: ``pad`` or ``square``, used by the data pipeline and inference.
         template: conversation template the model was trained with (``plain``, ``v1``).
         compression: name of a compression preset or a dict (recorded for reproducibility).
+        video_config: config of the video tower (Video-LLaVA: a second CLIP, 224 px); ``None`` for an
+            image-only model.
+        video_feature_select_strategy: tokens kept per frame (Video-LLaVA keeps CLS: 257 per frame).
+        num_frames: frames sampled per video.
+        video_token_id: sentinel id that marks one video slot in ``input_ids``.
     """
 
     model_type = "duet_llava"
-    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig, "video_config": AutoConfig}
 
     def __init__(
         self,
@@ -65,13 +74,22 @@ class DuetLlavaConfig(PreTrainedConfig):
         image_aspect_ratio: str = "pad",
         template: str = "v1",
         compression: Any = None,
+        video_config: Any = None,
+        video_feature_select_strategy: str = "cls_patch",
+        num_frames: int = 8,
+        video_token_id: int = VIDEO_TOKEN_ID,
         **kwargs: Any,
     ) -> None:
-        if vision_feature_select_strategy not in FEATURE_STRATEGIES:
-            raise ValueError(
-                f"vision_feature_select_strategy must be one of {FEATURE_STRATEGIES}, "
-                f"got {vision_feature_select_strategy!r}"
-            )
+        for name, strategy in (
+            ("vision_feature_select_strategy", vision_feature_select_strategy),
+            ("video_feature_select_strategy", video_feature_select_strategy),
+        ):
+            if strategy not in FEATURE_STRATEGIES:
+                raise ValueError(f"{name} must be one of {FEATURE_STRATEGIES}, got {strategy!r}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if video_token_id == image_token_id:
+            raise ValueError(f"video_token_id and image_token_id must differ, both are {image_token_id}")
         self.vision_config = _as_config(vision_config, "clip_vision_model")
         self.text_config = _as_config(text_config, "llama")
         self.projector_type = projector_type
@@ -81,10 +99,15 @@ class DuetLlavaConfig(PreTrainedConfig):
         self.image_aspect_ratio = image_aspect_ratio
         self.template = template
         self.compression = _normalise_compression(compression)
+        self.video_config = _as_config(video_config, "clip_vision_model", optional=True)
+        self.video_feature_select_strategy = video_feature_select_strategy
+        self.num_frames = num_frames
+        self.video_token_id = video_token_id
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         sub_attn = {
-            "vision_config": self.vision_config._attn_implementation,
-            "text_config": self.text_config._attn_implementation,
+            key: getattr(self, key)._attn_implementation
+            for key in ("vision_config", "text_config", "video_config")
+            if getattr(self, key) is not None
         }
         super().__init__(**kwargs)
         if self._attn_implementation is None:
@@ -113,3 +136,23 @@ class DuetLlavaConfig(PreTrainedConfig):
     def tokens_per_image(self) -> int:
         """Visual tokens per image entering the projector, before any compression."""
         return self.num_patches + (1 if self.vision_feature_select_strategy == "cls_patch" else 0)
+
+    @property
+    def has_video_tower(self) -> bool:
+        """Whether the model reads videos (a ``video_config`` is set)."""
+        return self.video_config is not None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per video frame entering the projector, before compression (257 for Video-LLaVA)."""
+        if self.video_config is None:
+            raise ValueError("this model has no video tower (video_config is None)")
+        patches = (self.video_config.image_size // self.video_config.patch_size) ** 2
+        return patches + (1 if self.video_feature_select_strategy == "cls_patch" else 0)
+
+    @property
+    def llm_tokens_per_video(self) -> int:
+        """Visual tokens per video entering the LLM: frames x (V2V tokens per frame, or all of them)."""
+        v2v = self.compression_config().v2v
+        per_frame = v2v.num_tokens if v2v is not None else self.tokens_per_frame
+        return self.num_frames * per_frame

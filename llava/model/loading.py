@@ -3,7 +3,8 @@
 Supported: this project's own format (``duet_llava``), the HF port
 (``LlavaForConditionalGeneration``, model_type ``llava``, e.g. llava-hf/llava-1.5-7b-hf) and the
 original LLaVA-1.5 release (model_type ``llava_llama``, ``mm_projector.*`` keys, tower named by
-``mm_vision_tower``). The decision never looks at the model's name or path.
+``mm_vision_tower``), and the HF port of Video-LLaVA (``VideoLlavaForConditionalGeneration``,
+model_type ``video_llava``, e.g. LanguageBind/Video-LLaVA-7B-hf). The decision never looks at the model's name or path.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     CLIPVisionModel,
     LlavaForConditionalGeneration,
+    VideoLlavaForConditionalGeneration,
 )
 
-from llava.constants import IMAGE_TOKEN_ID
+from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
 from llava.utils.attention import default_attn_implementation
@@ -70,21 +73,20 @@ def load_pretrained_model(
         return convert_hf_llava(
             LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
         )
+    if model_type == "video_llava":
+        return convert_hf_video_llava(
+            VideoLlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+        )
     if model_type == "llava_llama":
         return load_original_llava(path, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn)
     raise ValueError(
-        f"{path}: unsupported model_type {model_type!r}; expected 'duet_llava', 'llava' (HF port) "
-        "or 'llava_llama' (original LLaVA-1.5)"
+        f"{path}: unsupported model_type {model_type!r}; expected 'duet_llava', 'llava' (HF port), "
+        "'video_llava' (HF port of Video-LLaVA) or 'llava_llama' (original LLaVA-1.5)"
     )
 
 
-def convert_hf_llava(hf_model: LlavaForConditionalGeneration) -> DuetLlavaForCausalLM:
-    """Re-home the modules of a HF ``LlavaForConditionalGeneration`` into our composition.
-
-    Weights are moved, not copied; the image token id becomes our sentinel because our data
-    pipeline inserts one slot per image instead of expanding ``<image>`` to 576 ids.
-    """
-    hf_config = hf_model.config
+def _check_hf_projector(hf_config: Any) -> int:
+    """The feature layer of a HF (Video-)LLaVA config, after checking we support its projector."""
     feature_layer = hf_config.vision_feature_layer
     if not isinstance(feature_layer, int):
         raise ValueError(f"multi-layer vision features {feature_layer!r} are not supported")
@@ -92,20 +94,26 @@ def convert_hf_llava(hf_model: LlavaForConditionalGeneration) -> DuetLlavaForCau
         raise ValueError(
             f"only LLaVA-1.5's GELU projector with bias is supported, got act={hf_config.projector_hidden_act!r}"
         )
-    config = DuetLlavaConfig(
-        vision_config=hf_config.vision_config,
-        text_config=hf_config.text_config,
-        projector_type="mlp2x_gelu",
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=_HF_STRATEGY[hf_config.vision_feature_select_strategy],
-        image_token_id=IMAGE_TOKEN_ID,
-    )
+    return feature_layer
+
+
+def _rehome_hf_modules(
+    hf_model: Any, config: DuetLlavaConfig, image_tower: nn.Module, video_tower: nn.Module | None = None
+) -> DuetLlavaForCausalLM:
+    """Move a HF port's towers, LM and projector weights into our composition (same dtype)."""
+    hf_config = hf_model.config
     vision_model = CLIPVisionModel(hf_config.vision_config)
-    vision_model.load_state_dict(hf_model.model.vision_tower.state_dict())
+    vision_model.load_state_dict(image_tower.state_dict())
+    video_model = None
+    if video_tower is not None:
+        video_model = CLIPVisionModel(hf_config.vision_config)
+        video_model.load_state_dict(video_tower.state_dict())
     language_model = AutoModelForCausalLM.from_config(hf_config.text_config)
     language_model.get_decoder().load_state_dict(hf_model.model.language_model.state_dict())
     language_model.get_output_embeddings().load_state_dict(hf_model.lm_head.state_dict())
-    model = DuetLlavaForCausalLM(config, language_model=language_model, vision_model=vision_model)
+    model = DuetLlavaForCausalLM(
+        config, language_model=language_model, vision_model=vision_model, video_model=video_model
+    )
     source = hf_model.model.multi_modal_projector
     model.projector.load_state_dict(
         {
@@ -116,6 +124,49 @@ def convert_hf_llava(hf_model: LlavaForConditionalGeneration) -> DuetLlavaForCau
         }
     )
     return model.to(hf_model.dtype)
+
+
+def convert_hf_llava(hf_model: LlavaForConditionalGeneration) -> DuetLlavaForCausalLM:
+    """Re-home the modules of a HF ``LlavaForConditionalGeneration`` into our composition.
+
+    The image token id becomes our sentinel because our data pipeline inserts one slot per image
+    instead of expanding ``<image>`` to 576 ids.
+    """
+    hf_config = hf_model.config
+    config = DuetLlavaConfig(
+        vision_config=hf_config.vision_config,
+        text_config=hf_config.text_config,
+        projector_type="mlp2x_gelu",
+        vision_feature_layer=_check_hf_projector(hf_config),
+        vision_feature_select_strategy=_HF_STRATEGY[hf_config.vision_feature_select_strategy],
+        image_token_id=IMAGE_TOKEN_ID,
+    )
+    return _rehome_hf_modules(hf_model, config, hf_model.model.vision_tower)
+
+
+def convert_hf_video_llava(hf_model: VideoLlavaForConditionalGeneration, num_frames: int = 8) -> DuetLlavaForCausalLM:
+    """Re-home a HF ``VideoLlavaForConditionalGeneration``: image and video towers (one shared CLIP
+    config), one projector, the LLM.
+
+    HF selects image features by ``vision_feature_select_strategy`` and keeps every token of a frame
+    (CLS included: 257 per frame at 224 px), which our ``video_feature_select_strategy="cls_patch"``
+    reproduces. Our sentinels replace HF's expanded ``<image>``/``<video>`` ids (one slot per image or
+    video). Video-LLaVA pads images to squares and samples 8 frames.
+    """
+    hf_config = hf_model.config
+    config = DuetLlavaConfig(
+        vision_config=hf_config.vision_config,
+        text_config=hf_config.text_config,
+        video_config=hf_config.vision_config,
+        projector_type="mlp2x_gelu",
+        vision_feature_layer=_check_hf_projector(hf_config),
+        vision_feature_select_strategy=_HF_STRATEGY[hf_config.vision_feature_select_strategy],
+        video_feature_select_strategy="cls_patch",
+        num_frames=num_frames,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+    )
+    return _rehome_hf_modules(hf_model, config, hf_model.model.image_tower, hf_model.model.video_tower)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,31 +33,33 @@ def merge_visual_tokens(
     text_embeds: torch.Tensor,
     visual_embeds: torch.Tensor,
     visual_counts: torch.Tensor,
-    image_token_id: int,
+    slot_token_ids: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     left_padding: bool | None = None,
 ) -> MergedInputs:
-    """Replace each ``image_token_id`` slot by that image's visual tokens.
+    """Replace each visual slot (an image or a video sentinel) by that segment's visual tokens.
 
     Args:
-        input_ids: ``[B, L]`` ids with one sentinel per image.
+        input_ids: ``[B, L]`` ids with one sentinel per image or video.
         text_embeds: ``[B, L, D]`` embeddings of ``input_ids`` (sentinel rows are ignored).
-        visual_embeds: ``[sum(visual_counts), D]``: the visual tokens of all images, concatenated in
-            the row-major order of their slots in ``input_ids``.
-        visual_counts: ``[num_images]`` tokens per image; may differ per image.
+        visual_embeds: ``[sum(visual_counts), D]``: the visual tokens of all segments, concatenated in
+            the row-major order of their slots in ``input_ids`` (see :func:`order_visual_segments`).
+        visual_counts: ``[num_segments]`` tokens per segment; may differ per segment.
+        slot_token_ids: the sentinel id(s) that mark a slot (image and video ids).
         left_padding: align the expanded rows to the right (generation). ``None`` infers it from
             ``attention_mask``.
     """
     batch = input_ids.shape[0]
     device = input_ids.device
-    is_slot = input_ids == image_token_id
+    slot_ids = torch.as_tensor(slot_token_ids, dtype=input_ids.dtype, device=device).reshape(-1)
+    is_slot = torch.isin(input_ids, slot_ids)
     num_slots = int(is_slot.sum())
     if num_slots != visual_counts.numel():
         per_sample = is_slot.sum(dim=1).tolist()
         raise ValueError(
-            f"input_ids hold {num_slots} image slots (per sample: {per_sample}) but "
-            f"{visual_counts.numel()} images were given"
+            f"input_ids hold {num_slots} visual slots (per sample: {per_sample}) but "
+            f"{visual_counts.numel()} images/videos were given"
         )
     if int(visual_counts.sum()) != visual_embeds.shape[0]:
         raise ValueError(
@@ -109,3 +112,41 @@ def merge_visual_tokens(
 
     position_ids = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
     return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels, token_ids)
+
+
+def order_visual_segments(
+    slot_is_video: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_counts: torch.Tensor,
+    video_embeds: torch.Tensor,
+    video_counts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleave image and video segments into slot order, with one gather (no per-segment loop).
+
+    ``slot_is_video`` ``[num_slots]`` tells, in row-major slot order, which slots are videos; the
+    k-th image slot takes the k-th image of ``image_embeds`` (``[sum(image_counts), D]``, images
+    concatenated), the j-th video slot the j-th video. Returns ``(embeds, counts)`` in slot order,
+    ready for :func:`merge_visual_tokens`.
+    """
+    num_videos = int(slot_is_video.sum())
+    if num_videos != video_counts.numel() or slot_is_video.numel() - num_videos != image_counts.numel():
+        raise ValueError(
+            f"input_ids hold {slot_is_video.numel() - num_videos} image and {num_videos} video slots but "
+            f"{image_counts.numel()} images and {video_counts.numel()} videos were given"
+        )
+    if num_videos == 0:
+        return image_embeds, image_counts
+    if num_videos == slot_is_video.numel():
+        return video_embeds, video_counts
+    is_video = slot_is_video.to(torch.bool)
+    image_rank = (~is_video).long().cumsum(0) - 1
+    video_rank = is_video.long().cumsum(0) - 1
+    image_starts = image_counts.cumsum(0) - image_counts
+    video_starts = video_counts.cumsum(0) - video_counts + image_embeds.shape[0]
+    counts = torch.where(is_video, video_counts[video_rank.clamp(min=0)], image_counts[image_rank.clamp(min=0)])
+    source_starts = torch.where(is_video, video_starts[video_rank.clamp(min=0)], image_starts[image_rank.clamp(min=0)])
+    first_of_segment = counts.cumsum(0) - counts
+    total = int(counts.sum())
+    offset = torch.arange(total, device=counts.device) - first_of_segment.repeat_interleave(counts)
+    gather = source_starts.repeat_interleave(counts) + offset
+    return torch.cat([image_embeds, video_embeds.to(image_embeds.dtype)])[gather], counts

@@ -17,7 +17,7 @@ from llava.compression.t2v import Sequence, build_query_mask, content_token_tabl
 from llava.constants import IGNORE_INDEX
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
-from llava.model.merge import MergedInputs, detect_left_padding, merge_visual_tokens
+from llava.model.merge import MergedInputs, detect_left_padding, merge_visual_tokens, order_visual_segments
 from llava.model.projector import build_projector
 from llava.model.vision_tower import VisionTower
 
@@ -46,6 +46,11 @@ def _warn_salient_fallback() -> None:
     logger.warning("salient T2V queries need set_query_vocabulary(tokenizer); using 'instruction' queries")
 
 
+VisualParts = tuple[torch.Tensor, torch.Tensor, float]
+"""Visual tokens of several images or videos, concatenated ``[sum(counts), D]``, their ``counts`` and
+the seconds V2V took."""
+
+
 class DuetLlavaPreTrainedModel(PreTrainedModel):
     config_class = DuetLlavaConfig
     config: DuetLlavaConfig
@@ -64,10 +69,12 @@ class DuetLlavaPreTrainedModel(PreTrainedModel):
 
 
 class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
-    """LLaVA-1.5 by composition: ``vision_tower``, ``projector``, ``language_model``.
+    """LLaVA-1.5 / Video-LLaVA by composition: ``vision_tower``, optional ``video_tower``, one
+    ``projector``, ``language_model``.
 
-    Each image occupies one ``config.image_token_id`` slot in ``input_ids``; :meth:`forward`
-    replaces the slot by the image's visual tokens (their number may differ per image).
+    Each image occupies one ``config.image_token_id`` slot in ``input_ids`` and each video one
+    ``config.video_token_id`` slot; :meth:`forward` replaces a slot by the image's visual tokens, or by
+    the video's frames x tokens-per-frame (their number may differ per image).
     """
 
     def __init__(
@@ -75,9 +82,11 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         config: DuetLlavaConfig,
         language_model: PreTrainedModel | None = None,
         vision_model: CLIPVisionModel | None = None,
+        video_model: CLIPVisionModel | None = None,
     ) -> None:
         super().__init__(config)
         self.vision_tower = VisionTower(config, vision_model)
+        self.video_tower = VisionTower(config, video_model, for_video=True) if config.has_video_tower else None
         self.projector = build_projector(
             config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size
         )
@@ -96,6 +105,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         compression = load_compression(spec)
         self.config.compression = compression.to_dict() if compression.enabled else None
         self.vision_tower = VisionTower(self.config, self.vision_tower.vision_model)
+        if self.video_tower is not None:
+            self.video_tower = VisionTower(self.config, self.video_tower.vision_model, for_video=True)
         self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
 
     def set_query_vocabulary(self, tokenizer: Any) -> None:
@@ -107,14 +118,23 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         cls,
         language_model: PreTrainedModel,
         vision_model: CLIPVisionModel,
+        video_model: CLIPVisionModel | None = None,
         **config_kwargs: Any,
     ) -> DuetLlavaForCausalLM:
-        """Assemble a model from a pretrained LM and a pretrained CLIP tower (new projector).
-
-        The sub-models keep their loaded weights; only the projector is freshly initialised.
-        """
-        config = DuetLlavaConfig(vision_config=vision_model.config, text_config=language_model.config, **config_kwargs)
-        model = cls(config, language_model=language_model, vision_model=vision_model)
+        """Assemble a model from a pretrained LM, a pretrained CLIP tower and optionally a video tower
+        (Video-LLaVA layout); only the projector is freshly initialised."""
+        if video_model is not None and video_model.config.hidden_size != vision_model.config.hidden_size:
+            raise ValueError(
+                f"the image and video towers feed one projector, so their widths must match: "
+                f"{vision_model.config.hidden_size} vs {video_model.config.hidden_size}"
+            )
+        config = DuetLlavaConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            video_config=None if video_model is None else video_model.config,
+            **config_kwargs,
+        )
+        model = cls(config, language_model=language_model, vision_model=vision_model, video_model=video_model)
         model.projector.to(dtype=language_model.dtype)
         return model
 
@@ -146,13 +166,29 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
-    # ----- images -----
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Visual tokens of all images, concatenated, their counts, and the V2V seconds:
-        ``([sum(counts), D_text], counts, seconds)``."""
+    # ----- images and videos -----
+    def encode_images(self, pixel_values: torch.Tensor) -> VisualParts:
+        """Visual tokens of all images ``[num_images, 3, H, W]``, concatenated, with their counts."""
         features, v2v_seconds = self.vision_tower.encode(pixel_values)
         projected = self.projector(features.to(self._projector_dtype()))
         counts = torch.full((projected.shape[0],), projected.shape[1], dtype=torch.long, device=projected.device)
+        return projected.reshape(-1, projected.shape[-1]), counts, v2v_seconds
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> VisualParts:
+        """Visual tokens of all videos ``[num_videos, frames, 3, H, W]``: each video is one segment of
+        frames x tokens-per-frame (frame-major), V2V-merged per frame when configured."""
+        if self.video_tower is None:
+            raise ValueError("videos were given but this model has no video tower (config.video_config is None)")
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(
+                "pixel_values_videos must be [num_videos, frames, 3, H, W], "
+                f"got shape {tuple(pixel_values_videos.shape)}"
+            )
+        num_videos, num_frames = pixel_values_videos.shape[:2]
+        features, v2v_seconds = self.video_tower.encode(pixel_values_videos.flatten(0, 1))
+        projected = self.projector(features.to(self._projector_dtype()))
+        per_video = num_frames * projected.shape[1]
+        counts = torch.full((num_videos,), per_video, dtype=torch.long, device=projected.device)
         return projected.reshape(-1, projected.shape[-1]), counts, v2v_seconds
 
     def _projector_dtype(self) -> torch.dtype:
@@ -167,33 +203,47 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         left_padding: bool | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
     ) -> MergedInputs:
-        """Embed text and splice in the visual tokens of ``pixel_values`` (one slot per image)."""
-        image_slots = input_ids == self.config.image_token_id
-        text_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_slots, 0))
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if bool(image_slots.any()):
-                raise ValueError(f"input_ids hold {int(image_slots.sum())} image slots but no pixel_values were given")
-            if self.training and torch.is_grad_enabled():
-                visual_embeds = self._idle_visual_tokens(input_ids.device)
-            else:
-                visual_embeds = text_embeds.new_zeros(0, text_embeds.shape[-1])
-            counts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-            v2v_seconds = 0.0
-        else:
-            visual_embeds, counts, v2v_seconds = self.encode_images(pixel_values)
+        """Embed text and splice in the visual tokens of the images and videos (one slot each)."""
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        image_slots = input_ids == image_id
+        video_slots = input_ids == video_id
+        is_slot = image_slots | video_slots
+        text_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_slot, 0))
+        images = self._encode_or_idle("image", image_slots, pixel_values, text_embeds)
+        videos = self._encode_or_idle("video", video_slots, pixel_values_videos, text_embeds)
+        visual_embeds, counts = order_visual_segments(input_ids[is_slot] == video_id, *images[:2], *videos[:2])
         merged = merge_visual_tokens(
             input_ids,
             text_embeds,
             visual_embeds,
             counts,
-            self.config.image_token_id,
+            (image_id, video_id),
             attention_mask=attention_mask,
             labels=labels,
             left_padding=left_padding,
         )
-        merged.v2v_time_s = v2v_seconds
+        merged.v2v_time_s = images[2] + videos[2]
         return merged
+
+    def _encode_or_idle(
+        self, kind: str, slots: torch.Tensor, pixels: torch.Tensor | None, text_embeds: torch.Tensor
+    ) -> VisualParts:
+        """Encode one modality, or return zero tokens when the batch has none of it.
+
+        In training a missing modality still runs a blank input through its tower and the projector
+        (see :meth:`_idle_visual_tokens`), so every rank calls the same modules in every step.
+        """
+        if pixels is not None and pixels.shape[0] > 0:
+            return self.encode_videos(pixels) if kind == "video" else self.encode_images(pixels)
+        if bool(slots.any()):
+            raise ValueError(f"input_ids hold {int(slots.sum())} {kind} slots but no {kind} pixels were given")
+        counts = torch.zeros(0, dtype=torch.long, device=text_embeds.device)
+        has_tower = kind == "image" or self.video_tower is not None
+        if has_tower and self.training and torch.is_grad_enabled():
+            return self._idle_visual_tokens(kind, text_embeds.device), counts, 0.0
+        return text_embeds.new_zeros(0, text_embeds.shape[-1]), counts, 0.0
 
     # ----- forward -----
     def forward(
@@ -210,11 +260,14 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         num_items_in_batch: torch.Tensor | int | None = None,
         decode_state: DecodeState | None = None,
         query_end: int | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DuetLlavaOutput:
         """Run the model.
 
-        Prefill (no cache or an empty one): ``input_ids`` may hold image slots; visual tokens are
+        Prefill (no cache or an empty one): ``input_ids`` may hold image and video slots
+        (``pixel_values`` ``[images, 3, H, W]``, ``pixel_values_videos`` ``[videos, frames, 3, H, W]``,
+        each in slot order); visual tokens are
         dropped at the configured T2V boundaries. Decode steps pass the new tokens and the
         ``decode_state`` returned by the prefill, which knows each stage's cache and positions.
         ``query_end`` limits T2V queries to the first positions (a recomputation that must keep
@@ -227,8 +280,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         """
         decoder = decoder_of(self.language_model)
         if decode_state is not None:
-            if pixel_values is not None:
-                raise ValueError("pixel_values can only be given at prefill, not at a decode step")
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError("pixel values can only be given at prefill, not at a decode step")
             hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, past_key_values)
             logits = self.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
             return DuetLlavaOutput(logits=logits, past_key_values=past_key_values, decode_state=decode_state)
@@ -237,7 +290,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
 
         if left_padding is None:
             left_padding = attention_mask is not None and detect_left_padding(attention_mask)
-        merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding)
+        merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding, pixel_values_videos)
         plan = self.stage_plan
         query_mask = torch.zeros_like(merged.visual_mask)
         if plan is not None and plan.boundaries:
@@ -258,8 +311,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             query_mask=query_mask,
             labels=merged.labels,
         )
-        num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_padding, num_images)
+        num_segments = sum(
+            0 if pixels is None else int(pixels.shape[0]) for pixels in (pixel_values, pixel_values_videos)
+        )
+        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_padding, num_segments)
 
         loss = logits = num_label_tokens = None
         lm_head = self.get_output_embeddings()
@@ -281,29 +336,27 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             compression_time_s=result.compression_time_s + merged.v2v_time_s,
         )
 
-    _warned_salient = False
-
     def _query_mode(self, mode: str) -> str:
         if mode == "salient" and not self.content_token_table.numel():
-            if not DuetLlavaForCausalLM._warned_salient:
-                logger.warning("salient T2V queries need set_query_vocabulary(tokenizer); using 'instruction' queries")
-                DuetLlavaForCausalLM._warned_salient = True
+            _warn_salient_fallback()
             return "instruction"
         return mode
 
-    def _idle_visual_tokens(self, device: torch.device) -> torch.Tensor:
-        """Zero visual-token rows that are still connected to the tower and projector.
+    def _idle_visual_tokens(self, kind: str, device: torch.device) -> torch.Tensor:
+        """Zero visual-token rows that are still connected to the ``kind`` tower and the projector.
 
-        In distributed training a rank whose batch is text-only would otherwise skip the vision
-        modules: ZeRO-3 would miss their parameter gathers and ZeRO-2/DDP the projector's gradient
-        reduction, and the ranks' collectives would no longer match (a crash or a hang). One blank
-        image is encoded and its tokens sliced away, so the graph has the same shape as with real
-        images (the projector's gradients arrive at the same point of the backward pass, as zeros)
+        In distributed training a rank whose batch lacks a modality would otherwise skip that tower:
+        ZeRO-3 would miss its parameter gathers and ZeRO-2/DDP the projector's gradient reduction, and
+        the ranks' collectives would no longer match (a crash or a hang). One blank image (or one blank
+        frame) is encoded and its tokens sliced away, so the graph has the same shape as with real
+        inputs (the projector's gradients arrive at the same point of the backward pass, as zeros)
         while the LLM sequence is unchanged.
         """
-        size = self.config.vision_config.image_size
-        blank = torch.zeros(1, 3, size, size, device=device, dtype=self.vision_tower.dtype)
-        visual, _, _ = self.encode_images(blank)
+        tower_config = self.config.video_config if kind == "video" else self.config.vision_config
+        size = tower_config.image_size
+        tower = self.video_tower if kind == "video" else self.vision_tower
+        blank = torch.zeros(1, 3, size, size, device=device, dtype=tower.dtype)
+        visual = self.encode_videos(blank[None])[0] if kind == "video" else self.encode_images(blank)[0]
         return visual[:0]
 
     @staticmethod
@@ -333,6 +386,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -355,6 +409,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,

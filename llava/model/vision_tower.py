@@ -78,23 +78,37 @@ class VisionTower(nn.Module):
     The encoder layers are called one by one, each with the model's own attention kernel
     (SDPA/FlashAttention), and only as many as the feature layer needs. When the config's compression
     has V2V, the feature layer's output (CLS included) is merged into ``k1 + k2`` tokens whatever the
-    feature strategy: DUET keeps CLS as a dominant token.
+    feature strategy: DUET keeps CLS as a dominant token. ``for_video`` builds the video tower of a
+    Video-LLaVA model (``config.video_config``, ``video_feature_select_strategy``); it encodes frames
+    like images, so V2V runs per frame with the same per-frame budget.
     """
 
-    def __init__(self, config: DuetLlavaConfig, vision_model: CLIPVisionModel | None = None) -> None:
+    def __init__(
+        self, config: DuetLlavaConfig, vision_model: CLIPVisionModel | None = None, for_video: bool = False
+    ) -> None:
         super().__init__()
-        self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(config.vision_config)
-        self.num_layers = layers_to_run(config.vision_config.num_hidden_layers, config.vision_feature_layer)
-        self.keep_cls = config.vision_feature_select_strategy == "cls_patch"
+        vision_config = config.video_config if for_video else config.vision_config
+        if vision_config is None:
+            raise ValueError("a video tower needs config.video_config")
+        strategy = config.video_feature_select_strategy if for_video else config.vision_feature_select_strategy
+        self.vision_model = vision_model if vision_model is not None else CLIPVisionModel(vision_config)
+        self.num_layers = layers_to_run(vision_config.num_hidden_layers, config.vision_feature_layer)
+        self.keep_cls = strategy == "cls_patch"
         self.merger = build_tower_merger(getattr(config, "compression", None))
-        num_patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
         if self.merger is None:
             self.num_output_tokens = num_patches + (1 if self.keep_cls else 0)
         else:
             if self.num_layers == 0:
                 raise ValueError("V2V merging needs an encoder layer: vision_feature_layer must not be 0")
             self.num_output_tokens = self.merger.num_output_tokens(num_patches + 1)
-            logger.info("vision tower merges %d tokens per image into %d", num_patches + 1, self.num_output_tokens)
+            logger.info(
+                "%s tower merges %d tokens per %s into %d",
+                "video" if for_video else "vision",
+                num_patches + 1,
+                "frame" if for_video else "image",
+                self.num_output_tokens,
+            )
 
     @property
     def dtype(self) -> torch.dtype:
