@@ -317,3 +317,33 @@ def test_cli_prints_schedule_and_average(capsys):
     out = capsys.readouterr().out
     assert len(re.findall(r"^== ", out, flags=re.M)) >= len(EXPECTED_PRESETS)
     assert "duet_64: solve_duet -> (k1, k2) = (85, 17)" in out
+
+
+# ---------------------------------------------------------------- Video-LLaVA presets
+
+
+def test_video_presets_match_the_papers_video_settings():
+    from llava.compression.accounting import visual_token_reduction
+
+    published = load_compression("duet_video_53")
+    assert (published.v2v.dominant, published.v2v.contextual) == (160, 32)
+    assert published.t2v.boundary_layers(LAYERS) == (16, 24) and published.t2v.keep_ratios == (0.5, 0.0)
+    video = dict(num_layers=LAYERS, num_patches=256, num_frames=8, cls_token=True)
+    # T2V keeps floor(0.5 * N0) of the whole video's N0 = 8 x 192, not per frame.
+    assert visual_tokens_per_layer(published, **video)[15:17] == [1536, 768]
+    assert average_visual_tokens(published, **video) == 960.0
+    assert abs(visual_token_reduction(published, **video) - 0.531) < 0.005
+    aggressive = load_compression("duet_video_93")
+    assert abs(visual_token_reduction(aggressive, **video) - 0.934) < 0.001
+    solved = solve_duet((1 - 0.934) * 257, LAYERS, 256, contextual_share=32 / 192)
+    assert (aggressive.v2v.dominant, aggressive.v2v.contextual) == solved == (22, 5)
+    # Images are counted the same way: 1 frame, CLS not kept.
+    assert visual_token_reduction(load_compression("duet_192"), LAYERS, PATCHES) == pytest.approx(1 - 191.75 / 576)
+
+
+def test_accounting_cli_reports_videos(capsys):
+    from llava.compression.accounting import main
+
+    assert main(["--video", "--preset", "duet_video_53"]) == 0
+    out = capsys.readouterr().out
+    assert "8 frames x 257 tokens" in out and "960 (120 per frame)" in out and "53.3 %" in out

@@ -13,9 +13,14 @@ is exact because the average is non-decreasing in the parameter:
 * :func:`solve_geometric_ratios`: PyramidDrop's ``lambda`` (ratios lambda, lambda^2, ...), on a 1e-4 grid;
 * :func:`solve_single_ratio`: FastV's keep ratio, on a 1e-4 grid.
 
+Videos are counted the same way: a video is one visual segment of ``num_frames`` frames; V2V keeps
+``k1 + k2`` tokens *per frame*, and T2V keeps ``floor(ratio * N0)`` of the video's joint ``N0`` (all frames).
+The reduction is reported against the uncompressed count (``num_patches`` plus CLS when the tower keeps it,
+per frame: Video-LLaVA keeps 257 = 256 + CLS).
+
 CLI: ``python -m llava.compression.accounting --preset duet_192 --num-layers 32 --num-patches 576`` prints
 the per-stage schedule and the average; ``--all`` does every preset; ``--solve`` prints the solved numbers
-behind the committed presets.
+behind the committed presets; ``--video`` counts Video-LLaVA videos (8 frames x 257 tokens, 224 px).
 """
 
 from __future__ import annotations
@@ -43,8 +48,12 @@ __all__ = [
     "solve_geometric_ratios",
     "solve_single_ratio",
     "stage_summary",
+    "visual_token_reduction",
     "visual_tokens_per_layer",
 ]
+
+VIDEO_LLAVA_FRAMES = 8
+VIDEO_LLAVA_PATCHES = 256  # CLIP-L/14 at 224 px; Video-LLaVA keeps CLS too: 257 tokens per frame
 
 # DUET-128 (k1, k2) = (170, 35): 35 of its 205 tokens are contextual. The published 192 split (300, 7) is far
 # more dominant-heavy; for unpublished budgets we keep the 128 split's share, the nearer one to small budgets.
@@ -53,23 +62,30 @@ DUET_128_CONTEXTUAL_SHARE = 35 / 205
 RATIO_DECIMALS = 4
 
 
-def initial_visual_tokens(config: CompressionConfig, num_patches: int) -> int:
-    """``N0``: visual tokens per image entering the LLM (Stage A output, else every patch)."""
+def initial_visual_tokens(
+    config: CompressionConfig, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> int:
+    """``N0``: visual tokens per image (or per video of ``num_frames`` frames) entering the LLM: the Stage A
+    output per frame, else every patch (plus CLS when ``cls_token``)."""
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive, got {num_patches}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
     if config.v2v is None:
-        return num_patches
+        return num_frames * (num_patches + int(cls_token))
     if config.v2v.num_tokens > num_patches + 1:
         raise ValueError(
             f"compression {config.name!r}: v2v keeps k1 + k2 = {config.v2v.num_tokens} tokens but the tower only "
             f"has {num_patches} patches + CLS"
         )
-    return config.v2v.num_tokens
+    return num_frames * config.v2v.num_tokens
 
 
-def visual_tokens_per_layer(config: CompressionConfig, num_layers: int, num_patches: int) -> list[int]:
-    """Visual tokens (per image) seen by each of the ``num_layers`` LLM layers."""
-    n0 = initial_visual_tokens(config, num_patches)
+def visual_tokens_per_layer(
+    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> list[int]:
+    """Visual tokens (per image, or per video) seen by each of the ``num_layers`` LLM layers."""
+    n0 = initial_visual_tokens(config, num_patches, num_frames, cls_token)
     counts = [n0] * num_layers
     if config.t2v is not None:
         for layer, kept in config.t2v.schedule(num_layers, n0):
@@ -77,15 +93,28 @@ def visual_tokens_per_layer(config: CompressionConfig, num_layers: int, num_patc
     return counts
 
 
-def average_visual_tokens(config: CompressionConfig, num_layers: int, num_patches: int) -> float:
-    """The papers' "token count": visual tokens averaged over all LLM layers."""
-    counts = visual_tokens_per_layer(config, num_layers, num_patches)
+def average_visual_tokens(
+    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> float:
+    """The papers' "token count": visual tokens (per image or per video) averaged over all LLM layers."""
+    counts = visual_tokens_per_layer(config, num_layers, num_patches, num_frames, cls_token)
     return sum(counts) / num_layers
 
 
-def stage_summary(config: CompressionConfig, num_layers: int, num_patches: int) -> list[tuple[int, int, int]]:
+def visual_token_reduction(
+    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> float:
+    """Fraction of visual tokens dropped, layer-averaged, relative to the uncompressed model
+    (``num_frames * (num_patches + cls_token)`` tokens in every layer)."""
+    average = average_visual_tokens(config, num_layers, num_patches, num_frames, cls_token)
+    return 1.0 - average / (num_frames * (num_patches + int(cls_token)))
+
+
+def stage_summary(
+    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> list[tuple[int, int, int]]:
     """``(first_layer, last_layer, visual_tokens)`` per stage, inclusive; stages that no layer sees are left out."""
-    n0 = initial_visual_tokens(config, num_patches)
+    n0 = initial_visual_tokens(config, num_patches, num_frames, cls_token)
     starts = [(0, n0)]
     if config.t2v is not None:
         starts += [(layer, kept) for layer, kept in config.t2v.schedule(num_layers, n0) if layer < num_layers]
@@ -175,22 +204,31 @@ def solve_single_ratio(target: float, boundary: float, num_layers: int = 32, num
     return _grid_ratio(_closest_on_grid(average_of, 0, 10**RATIO_DECIMALS, target, what))
 
 
-def _describe(config: CompressionConfig, num_layers: int, num_patches: int) -> str:
-    lines = [f"== {config.name} ({num_layers} layers, {num_patches} patches)"]
+def _describe(
+    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+) -> str:
+    per_frame = num_patches + int(cls_token)
+    unit = f"{num_frames} frames x {per_frame} tokens" if num_frames > 1 else f"{per_frame} tokens per image"
+    lines = [f"== {config.name} ({num_layers} layers, {unit})"]
     if config.v2v is not None:
         v2v = config.v2v
         width = f", cluster_width {v2v.cluster_width}" if v2v.method == "duet" else ""
-        lines.append(f"  V2V {v2v.method}: k1 {v2v.dominant} (CLS included) + k2 {v2v.contextual}{width}")
+        where = " per frame" if num_frames > 1 else ""
+        lines.append(f"  V2V {v2v.method}: k1 {v2v.dominant} (CLS included) + k2 {v2v.contextual}{width}{where}")
     if config.t2v is not None:
         t2v = config.t2v
+        joint = " (ranked over all frames jointly)" if num_frames > 1 else ""
         lines.append(
             f"  T2V boundaries {list(t2v.boundaries)} -> layers {list(t2v.boundary_layers(num_layers))}, "
-            f"keep ratios {list(t2v.stage_ratios(num_layers))}, query {t2v.query}, positions {t2v.position_mode}"
+            f"keep ratios {list(t2v.stage_ratios(num_layers))}, query {t2v.query}, positions {t2v.position_mode}{joint}"
         )
-    for first, last, tokens in stage_summary(config, num_layers, num_patches):
+    for first, last, tokens in stage_summary(config, num_layers, num_patches, num_frames, cls_token):
         lines.append(f"  layers {first:>3}-{last:<3} {tokens:>5} visual tokens")
-    average = average_visual_tokens(config, num_layers, num_patches)
-    lines.append(f"  average visual tokens per layer: {average:g}")
+    average = average_visual_tokens(config, num_layers, num_patches, num_frames, cls_token)
+    frame_note = f" ({average / num_frames:g} per frame)" if num_frames > 1 else ""
+    lines.append(f"  average visual tokens per layer: {average:g}{frame_note}")
+    reduction = visual_token_reduction(config, num_layers, num_patches, num_frames, cls_token)
+    lines.append(f"  dropped vs uncompressed ({num_frames * per_frame} tokens): {100 * reduction:.1f} %")
     return "\n".join(lines)
 
 
@@ -212,6 +250,12 @@ def _solved_presets(num_layers: int, num_patches: int) -> list[str]:
     for target in (192, 128, 64):
         ratio = solve_single_ratio(target, 2 / 32, num_layers, num_patches)
         lines.append(f"  fastv_{target}: boundary 2/32 -> keep ratio {ratio}")
+    target = (1 - 0.934) * (VIDEO_LLAVA_PATCHES + 1)
+    k1, k2 = solve_duet(target, num_layers, VIDEO_LLAVA_PATCHES, contextual_share=32 / 192)
+    lines.append(
+        f"  duet_video_93: 6.6 % of 257 tokens per frame ({target:.2f}) -> (k1, k2) = ({k1}, {k2}) "
+        "[share 32/192 of the published video split (160, 32)]"
+    )
     return lines
 
 
@@ -223,12 +267,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--solve", action="store_true", help="print the solver outputs behind the presets")
     parser.add_argument("--num-layers", type=int, default=32, help="LLM depth (Vicuna-7B: 32)")
     parser.add_argument("--num-patches", type=int, default=576, help="vision patches per image (CLIP-L/336: 576)")
+    parser.add_argument("--num-frames", type=int, default=1, help="frames per video (1: images)")
+    parser.add_argument("--cls-token", action="store_true", help="the tower keeps CLS (Video-LLaVA frames do)")
+    parser.add_argument(
+        "--video", action="store_true", help="Video-LLaVA videos: 8 frames x (256 patches + CLS) at 224 px"
+    )
     args = parser.parse_args(argv)
+    if args.video:
+        args.num_frames, args.num_patches, args.cls_token = VIDEO_LLAVA_FRAMES, VIDEO_LLAVA_PATCHES, True
     specs = list(args.preset) + (available_presets() if args.all else [])
     if not specs and not args.solve:
         parser.error("give --preset NAME, --all or --solve")
     for spec in specs:
-        print(_describe(load_compression(spec), args.num_layers, args.num_patches))
+        print(_describe(load_compression(spec), args.num_layers, args.num_patches, args.num_frames, args.cls_token))
     if args.solve:
         print("\n".join(_solved_presets(args.num_layers, args.num_patches)))
     return 0
