@@ -1,5 +1,7 @@
 """Constants shared by the model and the data pipeline."""
 
+import re
+
 IGNORE_INDEX = -100
 """Label value that the loss ignores (PyTorch's cross-entropy default)."""
 
@@ -18,3 +20,9 @@ VIDEO_TOKEN_ID = -201
 
 VIDEO_TAG = "<video>"
 """Placeholder for a video in Video-LLaVA JSON conversations."""
+
+VISUAL_TAG_PATTERN = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
+"""Matches either placeholder; ``split`` with it keeps the tags, in order."""
+
+VIDEO_PROCESSOR_DIR = "video_processor"
+"""Sub-folder of a saved model holding the video tower's image processor (when it has one)."""

@@ -1,4 +1,4 @@
-"""Reusable inference API: load a checkpoint once, answer batches of (image(s), prompt) requests.
+"""Reusable inference API: load a checkpoint once, answer batches of (image(s)/video(s), prompt) requests.
 
 Prompts are built by the same code as training (:func:`~llava.data.templates.generation_turns` +
 :func:`~llava.data.tokenization.tokenize_prompt`) so the model sees the prompt format it was trained
@@ -19,10 +19,11 @@ from typing import Any, TypedDict
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
-from llava.constants import IMAGE_TAG
+from llava.constants import IMAGE_TAG, VIDEO_PROCESSOR_DIR, VIDEO_TAG
 from llava.data.images import load_and_preprocess
 from llava.data.templates import ConversationTemplate, generation_turns, get_template
 from llava.data.tokenization import tokenize_prompt
+from llava.data.video import load_and_preprocess_videos
 from llava.model.loading import load_pretrained_model, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
 
@@ -35,9 +36,11 @@ _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class Request(TypedDict, total=False):
-    """One generation request: ``image`` (a path, a list of paths or ``None``) and ``prompt``."""
+    """One generation request: ``image`` and ``video`` (each a path, a list of paths or ``None``) and
+    ``prompt``."""
 
     image: ImageSpec
+    video: ImageSpec
     prompt: str
 
 
@@ -45,29 +48,35 @@ class MissingComponentError(FileNotFoundError):
     """A model directory lacks the tokenizer or image processor needed for inference."""
 
 
-def image_paths(image: ImageSpec) -> list[str]:
-    """Normalise a request's ``image`` field to a list of path strings (empty for text-only)."""
+def image_paths(image: ImageSpec, key: str = "image") -> list[str]:
+    """Normalise a request's ``image`` (or ``video``) field to a list of path strings (empty if none)."""
     if image is None:
         return []
     if isinstance(image, str | os.PathLike):
         return [os.fspath(image)]
     if isinstance(image, Sequence):
         return [os.fspath(path) for path in image]
-    raise TypeError(f"'image' must be a path, a list of paths or None, got {type(image).__name__}")
+    raise TypeError(f"'{key}' must be a path, a list of paths or None, got {type(image).__name__}")
 
 
-def build_prompt_text(prompt: str, num_images: int) -> str:
-    """The user turn: ``prompt`` with one ``<image>\\n`` per image prepended when it has no tag.
-
-    A prompt that already holds tags must hold exactly one per image (the tag decides where the
-    image goes), otherwise images and sentinels could not be matched.
-    """
-    num_tags = prompt.count(IMAGE_TAG)
+def _with_tags(prompt: str, tag: str, count: int, what: str) -> str:
+    num_tags = prompt.count(tag)
     if num_tags == 0:
-        return f"{IMAGE_TAG}\n" * num_images + prompt
-    if num_tags != num_images:
-        raise ValueError(f"prompt holds {num_tags} {IMAGE_TAG} tags but {num_images} images were given")
+        return f"{tag}\n" * count + prompt
+    if num_tags != count:
+        raise ValueError(f"prompt holds {num_tags} {tag} tags but {count} {what} were given")
     return prompt
+
+
+def build_prompt_text(prompt: str, num_images: int, num_videos: int = 0) -> str:
+    """The user turn: ``prompt`` with one ``<image>\\n`` per image prepended when it has no image tag,
+    and one ``<video>\\n`` per video before that when it has no video tag (as training data does).
+
+    A prompt that already holds tags must hold exactly one per image (video): the tag decides where
+    it goes, otherwise files and sentinels could not be matched.
+    """
+    prompt = _with_tags(prompt, IMAGE_TAG, num_images, "images")
+    return _with_tags(prompt, VIDEO_TAG, num_videos, "videos")
 
 
 def build_prompt_ids(
@@ -76,10 +85,15 @@ def build_prompt_ids(
     prompt: str,
     num_images: int,
     image_token_id: int,
+    num_videos: int = 0,
+    video_token_id: int | None = None,
 ) -> list[int]:
     """Token ids of a single-turn generation prompt, built exactly as training builds prompts."""
-    conversation = [{"from": "human", "value": build_prompt_text(prompt, num_images)}]
-    return tokenize_prompt(tokenizer, template, generation_turns(template, conversation), image_token_id)
+    conversation = [{"from": "human", "value": build_prompt_text(prompt, num_images, num_videos)}]
+    turns = generation_turns(template, conversation)
+    if video_token_id is None:
+        return tokenize_prompt(tokenizer, template, turns, image_token_id)
+    return tokenize_prompt(tokenizer, template, turns, image_token_id, video_token_id)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +118,15 @@ def _default_device() -> torch.device:
 
 @dataclass
 class LlavaPipeline:
-    """Model + tokenizer + image processor + conversation template, ready to answer requests."""
+    """Model + tokenizer + image (and video) processor + conversation template, ready to answer requests."""
 
     model: DuetLlavaForCausalLM
     tokenizer: PreTrainedTokenizerBase
     image_processor: Any
     template: ConversationTemplate
     image_aspect_ratio: str = "pad"
+    video_processor: Any = None
+    video_backend: str = "pyav"
 
     @classmethod
     def from_pretrained(
@@ -165,6 +181,10 @@ class LlavaPipeline:
             image_processor = AutoImageProcessor.from_pretrained(str(processor_dir))
         except OSError as error:
             raise MissingComponentError(f"cannot load an image processor from {processor_dir}: {error}") from error
+        video_processor = None
+        if model.config.has_video_tower:
+            video_dir = model_dir / VIDEO_PROCESSOR_DIR
+            video_processor = AutoImageProcessor.from_pretrained(str(video_dir)) if video_dir.is_dir() else None
         logger.info("Loaded %s on %s (template %s)", model_dir, device, model.config.template)
         return cls(
             model=model,
@@ -172,6 +192,7 @@ class LlavaPipeline:
             image_processor=image_processor,
             template=get_template(model.config.template),
             image_aspect_ratio=model.config.image_aspect_ratio,
+            video_processor=video_processor or image_processor if model.config.has_video_tower else None,
         )
 
     @property
@@ -185,29 +206,42 @@ class LlavaPipeline:
                 return candidate
         return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
 
-    def prepare(self, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Tokenize and left-pad a batch; images stacked in the order their sentinels appear."""
+    def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Tokenize and left-pad a batch: ``input_ids``, ``attention_mask`` and, when the batch has any,
+        ``pixel_values`` / ``pixel_values_videos`` stacked in the order their sentinels appear."""
+        config = self.model.config
         ids: list[list[int]] = []
-        paths: list[str] = []
+        images: list[str] = []
+        videos: list[str] = []
         for request in requests:
             if "prompt" not in request or not isinstance(request["prompt"], str):
                 raise ValueError(f"request needs a string 'prompt': {request!r}")
-            request_paths = image_paths(request.get("image"))
+            request_images = image_paths(request.get("image"))
+            request_videos = image_paths(request.get("video"), "video")
+            if request_videos and not config.has_video_tower:
+                raise ValueError(f"request has videos but this model has no video tower: {request!r}")
             ids.append(
                 build_prompt_ids(
                     self.tokenizer,
                     self.template,
                     request["prompt"],
-                    len(request_paths),
-                    self.model.config.image_token_id,
+                    len(request_images),
+                    config.image_token_id,
+                    len(request_videos),
+                    config.video_token_id,
                 )
             )
-            paths.extend(request_paths)
+            images.extend(request_images)
+            videos.extend(request_videos)
         input_ids, attention_mask = left_pad(ids, self._pad_id())
-        pixel_values = None
-        if paths:
-            pixel_values = load_and_preprocess(paths, self.image_processor, self.image_aspect_ratio)
-        return input_ids, attention_mask, pixel_values
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            batch["pixel_values"] = load_and_preprocess(images, self.image_processor, self.image_aspect_ratio)
+        if videos:
+            batch["pixel_values_videos"] = load_and_preprocess_videos(
+                videos, self.video_processor, config.num_frames, self.video_backend
+            )
+        return batch
 
     def generate(
         self,
@@ -220,7 +254,7 @@ class LlavaPipeline:
         seed: int | None = None,
         progress: Any = None,
     ) -> list[str]:
-        """Answer ``requests`` (``{"image": path | [paths] | None, "prompt": str}``) in order.
+        """Answer ``requests`` (``{"image": path | [paths] | None, "video": ..., "prompt": str}``) in order.
 
         Greedy answers do not depend on ``batch_size``. ``seed`` seeds the sampling generator
         (one per call). ``progress`` (optional) is called with the number of requests done per batch,
@@ -236,13 +270,15 @@ class LlavaPipeline:
         answers: list[str] = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
-            input_ids, attention_mask, pixel_values = self.prepare(batch)
-            if pixel_values is not None:
-                pixel_values = pixel_values.to(device=device, dtype=self.model.vision_tower.dtype)
+            inputs = self.prepare(batch)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in inputs:
+                    inputs[key] = inputs[key].to(device=device, dtype=self.model.vision_tower.dtype)
             new_tokens = self.model.generate(
-                input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                pixel_values=pixel_values,
+                inputs["input_ids"].to(device),
+                attention_mask=inputs["attention_mask"].to(device),
+                pixel_values=inputs.get("pixel_values"),
+                pixel_values_videos=inputs.get("pixel_values_videos"),
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 temperature=temperature,

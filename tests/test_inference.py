@@ -100,7 +100,8 @@ def test_multiple_images_stacked_in_sentinel_order(pipeline: LlavaPipeline, imag
         {"image": None, "prompt": "Hello"},
         {"image": images[0], "prompt": "Describe."},
     ]
-    input_ids, attention_mask, pixel_values = pipeline.prepare(requests)
+    prepared = pipeline.prepare(requests)
+    input_ids, attention_mask, pixel_values = (prepared[k] for k in ("input_ids", "attention_mask", "pixel_values"))
     assert (input_ids == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [2, 0, 1]
     expected = load_and_preprocess([images[1], images[2], images[0]], pipeline.image_processor)
     torch.testing.assert_close(pixel_values, expected)
@@ -110,7 +111,8 @@ def test_multiple_images_stacked_in_sentinel_order(pipeline: LlavaPipeline, imag
 
 
 def test_text_only_request(pipeline: LlavaPipeline) -> None:
-    input_ids, _, pixel_values = pipeline.prepare([{"image": None, "prompt": "What is a circle?"}])
+    prepared = pipeline.prepare([{"image": None, "prompt": "What is a circle?"}])
+    input_ids, pixel_values = prepared["input_ids"], prepared.get("pixel_values")
     assert pixel_values is None
     assert not (input_ids == IMAGE_TOKEN_ID).any()
     answers = pipeline.generate([{"prompt": "What is a circle?"}, {"image": None, "prompt": "Hi"}], max_new_tokens=4)

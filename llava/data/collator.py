@@ -8,6 +8,8 @@ Batch contract:
 - ``attention_mask`` LongTensor ``[B, L]``, 1 on real tokens, 0 on padding;
 - ``pixel_values`` float ``[N_images, 3, H, W]``: every image of the batch in the order its
   sentinel occurs in row-major flattened ``input_ids``; absent when the batch has no image;
+- ``pixel_values_videos`` float ``[N_videos, frames, 3, H, W]``: every video, in the same order
+  among video sentinels; absent when the batch has no video (text, image and video samples mix freely);
 - ``num_skipped_samples`` int, present when skip markers were dropped from the batch.
 """
 
@@ -53,9 +55,10 @@ class DataCollatorForSupervisedDataset:
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
-        images = [item["pixel_values"] for item in kept if "pixel_values" in item]
-        if images:
-            batch["pixel_values"] = torch.cat(images, dim=0)
+        for key in ("pixel_values", "pixel_values_videos"):
+            tensors = [item[key] for item in kept if key in item]
+            if tensors:
+                batch[key] = torch.cat(tensors, dim=0)
         if num_skipped:
             batch["num_skipped_samples"] = num_skipped
         return batch

@@ -5,11 +5,13 @@ Samples are validated at init and re-serialized into ONE numpy byte buffer with 
 fork the dataset, and touching millions of dicts would copy every page they live on into each
 worker (refcount copy-on-write). Items are decoded, templated and tokenized in ``__getitem__``.
 
-Rules for images and tags: ``image`` may be a string or a list of strings, relative to
-``image_folder``. The i-th ``<image>`` tag in the conversation is the i-th image. A sample with
+Rules for images, videos and tags: ``image`` may be a string or a list of strings, relative to
+``image_folder``; ``video`` (Video-LLaVA) likewise, relative to ``video_folder``. The i-th ``<image>``
+tag in the conversation is the i-th image, the i-th ``<video>`` tag the i-th video. A sample with
 images but no tag gets one ``"<image>\\n"`` per image prepended to its first user turn (as LLaVA
-does); a sample with some tags but fewer than its images is ambiguous and is an error, as is a
-sample with more tags than images.
+does), and one ``"<video>\\n"`` per untagged video before those (Video-LLaVA puts the video first);
+a sample with some tags but fewer than its images (videos) is ambiguous and is an error, as is a
+sample with more tags than images (videos).
 
 Errors raise :class:`DataError` naming the JSON file, sample id and index. With
 ``skip_bad_samples=True`` structurally invalid samples are dropped (counted and logged) at init,
@@ -30,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from llava.constants import IMAGE_TAG, IMAGE_TOKEN_ID
+from llava.constants import IMAGE_TAG, IMAGE_TOKEN_ID, VIDEO_TAG, VIDEO_TOKEN_ID
 from llava.data.images import ASPECT_RATIOS, ImageError, load_and_preprocess
 from llava.data.templates import (
     USER_ROLES,
@@ -40,6 +42,7 @@ from llava.data.templates import (
     get_template,
 )
 from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation
+from llava.data.video import VIDEO_BACKENDS, VideoError, load_and_preprocess_videos
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +62,16 @@ class DataArguments:
         default_factory=list, metadata={"help": "LLaVA JSON or JSONL files (several allowed)."}
     )
     image_folder: str | None = field(default=None, metadata={"help": "Root for relative image paths."})
+    video_folder: str | None = field(default=None, metadata={"help": "Root for relative video paths."})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'square'."})
     version: str = field(default="v1", metadata={"help": "Conversation template: plain, v1/vicuna_v1."})
     model_max_length: int = field(default=2048, metadata={"help": "Max tokens, images expanded."})
     tokens_per_image: int = field(default=576, metadata={"help": "Visual tokens one image occupies."})
+    num_frames: int = field(default=8, metadata={"help": "Frames sampled uniformly from each video."})
+    tokens_per_video: int = field(
+        default=8 * 257, metadata={"help": "Visual tokens one video occupies (frames x tokens per frame)."}
+    )
+    video_backend: str = field(default="pyav", metadata={"help": "Video decoder: pyav | decord | auto."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples."})
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "Batch image and text-only samples separately, by length."}
@@ -73,8 +82,10 @@ class DataArguments:
             self.data_path = [self.data_path]
         if self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
-        if self.tokens_per_image < 1 or self.model_max_length < 1:
-            raise ValueError("tokens_per_image and model_max_length must be positive")
+        if min(self.tokens_per_image, self.tokens_per_video, self.model_max_length, self.num_frames) < 1:
+            raise ValueError("tokens_per_image, tokens_per_video, num_frames and model_max_length must be positive")
+        if self.video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
 
 
 @dataclass(frozen=True)
@@ -98,19 +109,34 @@ class SampleProblem(NamedTuple):
         return f"{self.file} sample id={self.sample_id!r} (index {self.index}): {self.message}"
 
 
-def _image_list(value: Any) -> list[str]:
-    """``image`` as a list of paths; accepts a missing value, a string or a list of strings."""
+def _path_list(value: Any, key: str) -> list[str]:
+    """``image``/``video`` as a list of paths; accepts a missing value, a string or a list of strings."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(path, str) and path for path in value):
-        raise DataError("'image' must be a non-empty string or a list of non-empty strings")
+        raise DataError(f"'{key}' must be a non-empty string or a list of non-empty strings")
     return value
 
 
+def _place_tags(conversations: list[dict[str, str]], tag: str, count: int, what: str) -> list[dict[str, str]]:
+    """Check the ``tag`` count against ``count`` files; prepend one tag per file to the first user turn
+    when the conversation has none."""
+    num_tags = sum(turn["value"].count(tag) for turn in conversations)
+    if num_tags > count:
+        raise DataError(f"{num_tags} {tag} tags but {count} {what}")
+    if 0 < num_tags < count:
+        raise DataError(f"{num_tags} {tag} tags for {count} {what}: cannot tell which is which")
+    if count and num_tags == 0:
+        first_user = next(i for i, turn in enumerate(conversations) if turn["from"] in USER_ROLES)
+        conversations = [dict(turn) for turn in conversations]
+        conversations[first_user]["value"] = (tag + "\n") * count + conversations[first_user]["value"]
+    return conversations
+
+
 def normalise_sample(raw: Any, template: ConversationTemplate) -> dict[str, Any]:
-    """Validate one raw LLaVA sample and return ``{"images", "conversations"}`` with tags in place.
+    """Validate one raw LLaVA sample and return ``{"images", "videos", "conversations"}`` with tags in place.
 
     Raises :class:`DataError` (or :class:`ConversationError`) describing what is wrong.
     """
@@ -119,20 +145,12 @@ def normalise_sample(raw: Any, template: ConversationTemplate) -> dict[str, Any]
     conversations = raw.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise DataError("sample has no 'conversations' list")
-    images = _image_list(raw.get("image"))
+    images = _path_list(raw.get("image"), "image")
+    videos = _path_list(raw.get("video"), "video")
     conversation_to_turns(template, conversations)  # validates roles, order and template rules
-
-    num_tags = sum(turn["value"].count(IMAGE_TAG) for turn in conversations)
-    if num_tags > len(images):
-        raise DataError(f"{num_tags} {IMAGE_TAG} tags but {len(images)} images")
-    if 0 < num_tags < len(images):
-        raise DataError(f"{num_tags} {IMAGE_TAG} tags for {len(images)} images: cannot tell which is which")
-    if images and num_tags == 0:
-        first_user = next(i for i, turn in enumerate(conversations) if turn["from"] in USER_ROLES)
-        conversations = [dict(turn) for turn in conversations]
-        prefix = (IMAGE_TAG + "\n") * len(images)
-        conversations[first_user]["value"] = prefix + conversations[first_user]["value"]
-    return {"images": images, "conversations": conversations}
+    conversations = _place_tags(conversations, IMAGE_TAG, len(images), "images")
+    conversations = _place_tags(conversations, VIDEO_TAG, len(videos), "videos")
+    return {"images": images, "videos": videos, "conversations": conversations}
 
 
 class _MalformedLine(NamedTuple):
@@ -142,8 +160,8 @@ class _MalformedLine(NamedTuple):
 
 
 def _word_count(conversations: list[dict[str, str]]) -> int:
-    """Whitespace words of all turns, image tags excluded (images are counted separately)."""
-    return sum(len(turn["value"].replace(IMAGE_TAG, " ").split()) for turn in conversations)
+    """Whitespace words of all turns, image/video tags excluded (they are counted separately)."""
+    return sum(len(turn["value"].replace(IMAGE_TAG, " ").replace(VIDEO_TAG, " ").split()) for turn in conversations)
 
 
 def _read_samples(path: str, skip_bad: bool) -> list[Any]:
@@ -178,10 +196,14 @@ def _read_samples(path: str, skip_bad: bool) -> list[Any]:
 
 
 class LazySupervisedDataset(Dataset):
-    """LLaVA conversations with images; each item is ``{"input_ids", "labels"[, "pixel_values"]}``.
+    """LLaVA / Video-LLaVA conversations; each item is
+    ``{"input_ids", "labels"[, "pixel_values"][, "pixel_values_videos"]}``.
 
-    ``input_ids``/``labels`` are 1-D LongTensors with one ``image_token_id`` per image;
-    ``pixel_values`` is ``[num_images, 3, H, W]`` in sentinel order, absent for text-only samples.
+    ``input_ids``/``labels`` are 1-D LongTensors with one ``image_token_id`` per image and one
+    ``video_token_id`` per video; ``pixel_values`` is ``[num_images, 3, H, W]`` and
+    ``pixel_values_videos`` ``[num_videos, frames, 3, H', W']``, each in sentinel order and absent
+    when the sample has none. Videos are decoded here, in the data-loader workers, frame by frame
+    (only the sampled frames are kept). ``video_processor`` defaults to ``image_processor``.
     """
 
     def __init__(
@@ -190,6 +212,8 @@ class LazySupervisedDataset(Dataset):
         tokenizer: PreTrainedTokenizerBase,
         image_processor: Any = None,
         image_token_id: int = IMAGE_TOKEN_ID,
+        video_processor: Any = None,
+        video_token_id: int = VIDEO_TOKEN_ID,
     ) -> None:
         if not data_args.data_path:
             raise ValueError("DataArguments.data_path names no file")
@@ -197,6 +221,8 @@ class LazySupervisedDataset(Dataset):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
+        self.video_processor = video_processor if video_processor is not None else image_processor
+        self.video_token_id = video_token_id
         self.template = get_template(data_args.version)
         self.files: list[str] = list(data_args.data_path)
         self.problems: list[SampleProblem] = []
@@ -210,6 +236,7 @@ class LazySupervisedDataset(Dataset):
         positions: list[int] = []
         word_counts: list[int] = []
         image_counts: list[int] = []
+        video_counts: list[int] = []
         skip_bad = self.data_args.skip_bad_samples
         for file_id, path in enumerate(self.files):
             file_problems: list[SampleProblem] = []
@@ -231,6 +258,7 @@ class LazySupervisedDataset(Dataset):
                 positions.append(index)
                 word_counts.append(_word_count(sample["conversations"]))
                 image_counts.append(len(sample["images"]))
+                video_counts.append(len(sample["videos"]))
             self._record_problems(file_problems)
 
         if not chunks:
@@ -242,9 +270,11 @@ class LazySupervisedDataset(Dataset):
         self._file_ids = np.asarray(file_ids, dtype=np.int32)
         self._positions = np.asarray(positions, dtype=np.int64)
         self._num_images = np.asarray(image_counts, dtype=np.int32)
+        self._num_videos = np.asarray(video_counts, dtype=np.int32)
         words = np.maximum(np.asarray(word_counts, dtype=np.int64), 1)
-        estimated = words + self.data_args.tokens_per_image * self._num_images
-        self._modality_lengths = np.where(self._num_images > 0, estimated, -estimated)
+        visual = self.data_args.tokens_per_image * self._num_images + self.data_args.tokens_per_video * self._num_videos
+        estimated = words + visual
+        self._modality_lengths = np.where(visual > 0, estimated, -estimated)
         if self.num_invalid_samples:
             logger.warning("skipped %d invalid samples while loading %s", self.num_invalid_samples, self.files)
         logger.info("loaded %d samples from %d files", len(self), len(self.files))
@@ -262,7 +292,7 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def modality_lengths(self) -> np.ndarray:
-        """Estimated lengths (words + tokens_per_image x images), negative for text-only samples."""
+        """Estimated lengths (words + visual tokens of images and videos), negative for text-only samples."""
         return self._modality_lengths
 
     @property
@@ -275,8 +305,13 @@ class LazySupervisedDataset(Dataset):
         """Images per sample."""
         return self._num_images
 
+    @property
+    def num_videos(self) -> np.ndarray:
+        """Videos per sample."""
+        return self._num_videos
+
     def get_record(self, index: int) -> dict[str, Any]:
-        """The normalised sample ``{"id", "images", "conversations"}`` (tags already in place)."""
+        """The normalised sample ``{"id", "images", "videos", "conversations"}`` (tags already in place)."""
         start, end = self._offsets[index], self._offsets[index + 1]
         return json.loads(self._buffer[start:end].tobytes().decode("utf-8"))
 
@@ -291,11 +326,16 @@ class LazySupervisedDataset(Dataset):
         folder = self.data_args.image_folder
         return [os.path.join(folder, path) if folder else path for path in record["images"]]
 
+    def video_paths(self, record: dict[str, Any]) -> list[str]:
+        """Absolute/rooted paths of a record's videos."""
+        folder = self.data_args.video_folder
+        return [os.path.join(folder, path) if folder else path for path in record.get("videos", [])]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor] | SkippedSample:
         record = self.get_record(index)
         try:
             return self._build(record)
-        except (DataError, ConversationError, NoLearnableTokensError, ImageError) as error:
+        except (DataError, ConversationError, NoLearnableTokensError, ImageError, VideoError) as error:
             message = f"{self.describe(index, record['id'])}: {error}"
             if not self.data_args.skip_bad_samples:
                 raise DataError(message) from error
@@ -312,16 +352,30 @@ class LazySupervisedDataset(Dataset):
             max_length=args.model_max_length,
             tokens_per_image=args.tokens_per_image,
             image_token_id=self.image_token_id,
+            tokens_per_video=args.tokens_per_video,
+            video_token_id=self.video_token_id,
         )
-        paths = self.image_paths(record)
-        kept_paths = paths[: len(paths) - tokenized["num_dropped_images"]]
+        image_paths = self.image_paths(record)
+        video_paths = self.video_paths(record)
+        kept_images = image_paths[: len(image_paths) - tokenized["num_dropped_images"]]
+        kept_videos = video_paths[: len(video_paths) - tokenized["num_dropped_videos"]]
         input_ids = torch.tensor(tokenized["input_ids"], dtype=torch.long)
-        num_sentinels = int((input_ids == self.image_token_id).sum())
-        if num_sentinels != len(kept_paths):
-            raise DataError(f"{num_sentinels} image slots but {len(kept_paths)} images after truncation")
+        for what, token_id, kept in (
+            ("image", self.image_token_id, kept_images),
+            ("video", self.video_token_id, kept_videos),
+        ):
+            num_sentinels = int((input_ids == token_id).sum())
+            if num_sentinels != len(kept):
+                raise DataError(f"{num_sentinels} {what} slots but {len(kept)} {what}s after truncation")
         item = {"input_ids": input_ids, "labels": torch.tensor(tokenized["labels"], dtype=torch.long)}
-        if kept_paths:
+        if kept_images:
             if self.image_processor is None:
                 raise DataError("sample has images but the dataset was built without an image_processor")
-            item["pixel_values"] = load_and_preprocess(kept_paths, self.image_processor, args.image_aspect_ratio)
+            item["pixel_values"] = load_and_preprocess(kept_images, self.image_processor, args.image_aspect_ratio)
+        if kept_videos:
+            if self.video_processor is None:
+                raise DataError("sample has videos but the dataset was built without a video (or image) processor")
+            item["pixel_values_videos"] = load_and_preprocess_videos(
+                kept_videos, self.video_processor, args.num_frames, args.video_backend
+            )
         return item

@@ -12,7 +12,8 @@ Conversation rules (validated, :class:`ConversationError` otherwise):
   holds an ``<image>`` tag, which would then be lost: that is an error;
 - after that, turns strictly alternate user/assistant; for training the conversation ends with an
   assistant turn, for generation it ends with the user turn to be answered;
-- ``<image>`` tags stay wherever they are in the text.
+- ``<image>`` and ``<video>`` tags stay wherever they are in the text (``plain`` keeps only the tags,
+  in order).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from llava.constants import IMAGE_TAG
+from llava.constants import VISUAL_TAG_PATTERN
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
@@ -35,7 +36,7 @@ class ConversationError(ValueError):
 class ConversationTemplate:
     """How to render a conversation.
 
-    ``style="plain"`` (pretraining) keeps only the image tags of the user turn and learns the
+    ``style="plain"`` (pretraining) keeps only the image/video tags of the user turn and learns the
     caption plus ``sep``; ``style="two_sep"`` (Vicuna v1) renders
     ``{system}{sep}{user}: {q}{sep}{assistant}: {a}{sep2}`` per turn and learns each answer and
     the EOS that follows it (``sep2`` is the EOS's text, used only for display).
@@ -110,8 +111,9 @@ def _normalise(conversation: list[dict], for_generation: bool) -> tuple[str | No
             raise ConversationError(f"turn {position} has unknown role {role!r}")
 
     if turns and turns[0][0] == "assistant":
-        if IMAGE_TAG in turns[0][1]:
-            raise ConversationError(f"leading assistant turn holds {IMAGE_TAG}; it would be dropped")
+        tags = VISUAL_TAG_PATTERN.findall(turns[0][1])
+        if tags:
+            raise ConversationError(f"leading assistant turn holds {tags[0]}; it would be dropped")
         turns = turns[1:]
     if not turns:
         raise ConversationError("conversation has no user turn")
@@ -142,7 +144,7 @@ def conversation_to_turns(
         if len(pairs) != 1:
             raise ConversationError(f"template 'plain' takes one user/assistant pair, got {len(pairs)}")
         question, caption = pairs[0]
-        prompt = IMAGE_TAG * question.count(IMAGE_TAG)
+        prompt = "".join(VISUAL_TAG_PATTERN.findall(question))
         return [Turn(prompt, None if caption is None else caption + template.sep)]
 
     system_text = template.system if system is None else system

@@ -1,9 +1,10 @@
-"""Tokenize template turns into ``input_ids``/``labels`` with one sentinel id per image.
+"""Tokenize template turns into ``input_ids``/``labels`` with one sentinel id per image or video.
 
 Every text piece is tokenized on its own and labels are built from the same pieces as the ids
 (prompt pieces -> IGNORE_INDEX, answer pieces -> their ids), so the two cannot disagree: there is
 no "tokenization mismatch" path that silently masks a sample. Truncation counts each sentinel as
-the ``tokens_per_image`` visual tokens the model will put in its place, and never splits an image.
+the visual tokens the model will put in its place (``tokens_per_image``, ``tokens_per_video``), and
+never splits an image or a video.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TypedDict
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from llava.constants import IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN_ID
+from llava.constants import IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN_ID, VIDEO_TAG, VIDEO_TOKEN_ID, VISUAL_TAG_PATTERN
 from llava.data.templates import ConversationTemplate, Turn
 
 
@@ -22,22 +23,29 @@ class NoLearnableTokensError(ValueError):
 
 
 class TokenizedConversation(TypedDict):
-    """Token ids and labels of one sample, plus how many trailing images truncation removed."""
+    """Token ids and labels of one sample, plus how many trailing images and videos truncation removed."""
 
     input_ids: list[int]
     labels: list[int]
     num_dropped_images: int
+    num_dropped_videos: int
 
 
 def tokenize_text_with_images(
-    tokenizer: PreTrainedTokenizerBase, text: str, image_token_id: int = IMAGE_TOKEN_ID
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    video_token_id: int = VIDEO_TOKEN_ID,
 ) -> list[int]:
-    """Tokenize ``text`` without special tokens, replacing each ``<image>`` tag by ``image_token_id``."""
+    """Tokenize ``text`` without special tokens, replacing each ``<image>`` tag by ``image_token_id``
+    and each ``<video>`` tag by ``video_token_id``."""
     ids: list[int] = []
-    for position, chunk in enumerate(text.split(IMAGE_TAG)):
-        if position > 0:
+    for chunk in VISUAL_TAG_PATTERN.split(text):
+        if chunk == IMAGE_TAG:
             ids.append(image_token_id)
-        if chunk:
+        elif chunk == VIDEO_TAG:
+            ids.append(video_token_id)
+        elif chunk:
             ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
     return ids
 
@@ -52,10 +60,18 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def visual_lengths(input_ids: list[int] | np.ndarray, tokens_per_image: int, image_token_id: int) -> np.ndarray:
-    """Per-position length once the model expands sentinels: ``tokens_per_image`` for a sentinel, else 1."""
+def visual_lengths(
+    input_ids: list[int] | np.ndarray,
+    tokens_per_image: int,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    tokens_per_video: int = 1,
+    video_token_id: int = VIDEO_TOKEN_ID,
+) -> np.ndarray:
+    """Per-position length once the model expands sentinels: ``tokens_per_image`` for an image
+    sentinel, ``tokens_per_video`` for a video sentinel, else 1."""
     ids = np.asarray(input_ids, dtype=np.int64)
-    return np.where(ids == image_token_id, tokens_per_image, 1)
+    lengths = np.where(ids == image_token_id, tokens_per_image, 1)
+    return np.where(ids == video_token_id, tokens_per_video, lengths)
 
 
 def truncate(
@@ -64,15 +80,19 @@ def truncate(
     max_length: int,
     tokens_per_image: int,
     image_token_id: int = IMAGE_TOKEN_ID,
+    tokens_per_video: int = 1,
+    video_token_id: int = VIDEO_TOKEN_ID,
 ) -> TokenizedConversation:
-    """Cut from the end so the expanded length fits ``max_length``; an image that does not fit whole is
-    dropped with everything after it, and the number of dropped images is reported."""
+    """Cut from the end so the expanded length fits ``max_length``; an image or video that does not fit
+    whole is dropped with everything after it, and the numbers of dropped images and videos are reported."""
     ids = np.asarray(input_ids, dtype=np.int64)
-    expanded_end = np.cumsum(visual_lengths(ids, tokens_per_image, image_token_id))
-    keep = int(np.searchsorted(expanded_end, max_length, side="right"))
-    num_dropped = int(np.count_nonzero(ids[keep:] == image_token_id))
+    lengths = visual_lengths(ids, tokens_per_image, image_token_id, tokens_per_video, video_token_id)
+    keep = int(np.searchsorted(np.cumsum(lengths), max_length, side="right"))
     return TokenizedConversation(
-        input_ids=list(input_ids[:keep]), labels=list(labels[:keep]), num_dropped_images=num_dropped
+        input_ids=list(input_ids[:keep]),
+        labels=list(labels[:keep]),
+        num_dropped_images=int(np.count_nonzero(ids[keep:] == image_token_id)),
+        num_dropped_videos=int(np.count_nonzero(ids[keep:] == video_token_id)),
     )
 
 
@@ -83,6 +103,8 @@ def tokenize_conversation(
     max_length: int | None = None,
     tokens_per_image: int = 1,
     image_token_id: int = IMAGE_TOKEN_ID,
+    tokens_per_video: int = 1,
+    video_token_id: int = VIDEO_TOKEN_ID,
 ) -> TokenizedConversation:
     """Build ``input_ids`` and ``labels`` for training from :func:`conversation_to_turns` output.
 
@@ -95,21 +117,23 @@ def tokenize_conversation(
     for turn in turns:
         if turn.answer is None:
             raise ValueError("training turns need an answer; use tokenize_prompt for generation")
-        prompt_ids = tokenize_text_with_images(tokenizer, turn.prompt, image_token_id)
-        answer_ids = tokenize_text_with_images(tokenizer, turn.answer, image_token_id)
+        prompt_ids = tokenize_text_with_images(tokenizer, turn.prompt, image_token_id, video_token_id)
+        answer_ids = tokenize_text_with_images(tokenizer, turn.answer, image_token_id, video_token_id)
         if template.append_eos:
             answer_ids.append(_eos(tokenizer))
         input_ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids)
-        labels += [IGNORE_INDEX if i == image_token_id else i for i in answer_ids]
+        labels += [IGNORE_INDEX if i in (image_token_id, video_token_id) else i for i in answer_ids]
 
-    result = TokenizedConversation(input_ids=input_ids, labels=labels, num_dropped_images=0)
+    result = TokenizedConversation(input_ids=input_ids, labels=labels, num_dropped_images=0, num_dropped_videos=0)
     if max_length is not None:
-        result = truncate(input_ids, labels, max_length, tokens_per_image, image_token_id)
+        result = truncate(
+            input_ids, labels, max_length, tokens_per_image, image_token_id, tokens_per_video, video_token_id
+        )
     if not np.any(np.asarray(result["labels"], dtype=np.int64) != IGNORE_INDEX):
         raise NoLearnableTokensError(
             f"no learnable label left (length {len(input_ids)} ids, max_length {max_length}, "
-            f"{tokens_per_image} tokens per image): answers are empty or truncated away"
+            f"{tokens_per_image} tokens per image, {tokens_per_video} per video): answers are empty or truncated away"
         )
     return result
 
@@ -119,13 +143,14 @@ def tokenize_prompt(
     template: ConversationTemplate,
     turns: list[Turn],
     image_token_id: int = IMAGE_TOKEN_ID,
+    video_token_id: int = VIDEO_TOKEN_ID,
 ) -> list[int]:
     """Token ids of a generation prompt (:func:`generation_turns` output), built exactly as in training."""
     input_ids = _bos(tokenizer)
     for turn in turns:
-        input_ids += tokenize_text_with_images(tokenizer, turn.prompt, image_token_id)
+        input_ids += tokenize_text_with_images(tokenizer, turn.prompt, image_token_id, video_token_id)
         if turn.answer is not None:
-            input_ids += tokenize_text_with_images(tokenizer, turn.answer, image_token_id)
+            input_ids += tokenize_text_with_images(tokenizer, turn.answer, image_token_id, video_token_id)
             if template.append_eos:
                 input_ids.append(_eos(tokenizer))
     return input_ids

@@ -1,9 +1,10 @@
-"""Answer prompts about images with a trained checkpoint.
+"""Answer prompts about images and videos with a trained checkpoint.
 
-``python -m llava.tools.generate --model DIR --image IMG --prompt "..." [--image IMG2 --prompt ...]``
-or ``--requests FILE.jsonl`` (lines ``{"id", "image", "prompt"}``; ``image`` may be a path, a list
-of paths or null) with ``--out answers.jsonl``. Relative image paths in a requests file are
-resolved against ``--image-folder`` (default: the requests file's folder).
+``python -m llava.tools.generate --model DIR --image IMG --prompt "..."`` (``--video VID`` for a
+Video-LLaVA model) or ``--requests FILE.jsonl`` (lines ``{"id", "image", "video", "prompt"}``;
+``image``/``video`` may be a path, a list of paths or null) with ``--out answers.jsonl``. Relative
+paths in a requests file are resolved against ``--image-folder`` / ``--video-folder`` (default: the
+requests file's folder).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from llava.data.images import ImageError
+from llava.data.video import VideoError
 from llava.inference import LlavaPipeline, image_paths
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,9 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image", action="append", default=[], help="image path (pairs with --prompt; 'none' for text-only)"
     )
+    parser.add_argument(
+        "--video", action="append", default=[], help="video path (pairs with --prompt; 'none' for no video)"
+    )
     parser.add_argument("--prompt", action="append", default=[], help="question (repeatable)")
-    parser.add_argument("--requests", help="JSONL file of {'id', 'image', 'prompt'} requests")
+    parser.add_argument("--requests", help="JSONL file of {'id', 'image', 'video', 'prompt'} requests")
     parser.add_argument("--image-folder", help="root for relative image paths in --requests")
+    parser.add_argument("--video-folder", help="root for relative video paths in --requests")
     parser.add_argument("--out", help="write answers here as JSONL ({'id', 'prompt', 'image', 'answer'})")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -52,22 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="visual-token compression preset or YAML (default: what the checkpoint was trained with; 'none' = off)",
     )
     args = parser.parse_args(argv)
-    if args.requests and (args.image or args.prompt):
-        parser.error("use either --requests or --image/--prompt pairs, not both")
+    if args.requests and (args.image or args.video or args.prompt):
+        parser.error("use either --requests or --image/--video/--prompt, not both")
     if not args.requests:
         if not args.prompt:
             parser.error("give --requests FILE or at least one --prompt")
-        if args.image and len(args.image) != len(args.prompt):
-            parser.error(f"--image and --prompt must pair up; got {len(args.image)} images, {len(args.prompt)} prompts")
+        for flag, values in (("--image", args.image), ("--video", args.video)):
+            if values and len(values) != len(args.prompt):
+                parser.error(
+                    f"{flag} and --prompt must pair up; got {len(values)} {flag[2:]}s, {len(args.prompt)} prompts"
+                )
     if args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size and --max-new-tokens must be >= 1")
     return args
 
 
-def read_requests(path: str | Path, image_folder: str | Path | None = None) -> list[dict[str, Any]]:
-    """Read a JSONL requests file; relative image paths are resolved against ``image_folder``."""
+def read_requests(
+    path: str | Path, image_folder: str | Path | None = None, video_folder: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Read a JSONL requests file; relative image (video) paths are resolved against ``image_folder``
+    (``video_folder``), by default the requests file's folder."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
+    video_root = Path(video_folder) if video_folder else path.parent
     requests = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -82,28 +95,38 @@ def read_requests(path: str | Path, image_folder: str | Path | None = None) -> l
             record.setdefault("id", f"line{line_number}")
             images = [str(root / image) for image in image_paths(record.get("image"))]
             record["image"] = images or None
+            if "video" in record:
+                videos = [str(video_root / video) for video in image_paths(record["video"], "video")]
+                record["video"] = videos or None
             requests.append(record)
     return requests
 
 
-def cli_requests(images: list[str], prompts: list[str]) -> list[dict[str, Any]]:
-    """Requests from repeated ``--image``/``--prompt`` flags (``none`` means text-only)."""
+def cli_requests(images: list[str], prompts: list[str], videos: list[str] | None = None) -> list[dict[str, Any]]:
+    """Requests from repeated ``--image``/``--video``/``--prompt`` flags (``none`` means no file)."""
     images = images or ["none"] * len(prompts)
+    videos = videos or ["none"] * len(prompts)
     return [
-        {"id": str(index), "image": None if image.lower() == "none" else image, "prompt": prompt}
-        for index, (image, prompt) in enumerate(zip(images, prompts, strict=True))
+        {
+            "id": str(index),
+            "image": None if image.lower() == "none" else image,
+            "video": None if video.lower() == "none" else video,
+            "prompt": prompt,
+        }
+        for index, (image, video, prompt) in enumerate(zip(images, videos, prompts, strict=True))
     ]
 
 
 def validate_requests(requests: list[dict[str, Any]]) -> None:
-    """Fail before loading the model if a request lacks a prompt or names a missing image file."""
+    """Fail before loading the model if a request lacks a prompt or names a missing image or video file."""
     for request in requests:
         request_id = request.get("id")
         if not isinstance(request.get("prompt"), str):
             raise RequestError(f"request id={request_id!r}: missing or non-string 'prompt'")
-        for image in image_paths(request.get("image")):
-            if not Path(image).is_file():
-                raise RequestError(f"request id={request_id!r}: image file not found: {image}")
+        for key in ("image", "video"):
+            for file in image_paths(request.get(key), key):
+                if not Path(file).is_file():
+                    raise RequestError(f"request id={request_id!r}: {key} file not found: {file}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.requests:
-            requests = read_requests(args.requests, args.image_folder)
+            requests = read_requests(args.requests, args.image_folder, args.video_folder)
         else:
-            requests = cli_requests(args.image, args.prompt)
+            requests = cli_requests(args.image, args.prompt, args.video)
         validate_requests(requests)
     except (OSError, RequestError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -130,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(requests), desc="generate", unit="req", disable=not show_bar, file=sys.stderr) as bar:
         try:
             answers = pipeline.generate(
-                [{"image": r.get("image"), "prompt": r["prompt"]} for r in requests],
+                [{"image": r.get("image"), "video": r.get("video"), "prompt": r["prompt"]} for r in requests],
                 max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
                 do_sample=args.do_sample,
@@ -139,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 progress=bar.update,
             )
-        except (ImageError, ValueError) as error:
+        except (ImageError, VideoError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
 

@@ -22,9 +22,16 @@ class ModelArguments:
     vision_tower: str | None = field(
         default=None, metadata={"help": "CLIP vision model path/id (required unless starting from a LLaVA checkpoint)."}
     )
+    video_tower: str | None = field(
+        default=None,
+        metadata={"help": "CLIP vision model for videos (Video-LLaVA layout: a second tower, same projector)."},
+    )
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp{N}x_gelu | identity"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Tower hidden-state index used as features."})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) | cls_patch"})
+    mm_video_select_feature: str = field(
+        default="cls_patch", metadata={"help": "Per-frame tokens of the video tower: cls_patch (Video-LLaVA) | patch"}
+    )
     tune_mm_mlp_adapter: bool = field(
         default=False, metadata={"help": "Pretraining stage: train the projector only (LLM and tower frozen)."}
     )

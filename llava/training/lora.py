@@ -18,10 +18,11 @@ from typing import Any, cast
 from torch import nn
 from transformers import set_seed
 
+from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.model.modeling import DuetLlavaForCausalLM
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
 from llava.training.model_setup import build_model
-from llava.training.train import load_processors
+from llava.training.train import load_processors, load_video_processor
 
 logger = logging.getLogger(__name__)
 
@@ -145,5 +146,9 @@ def merge_lora_checkpoint(
     merged.save_pretrained(str(out))  # safetensors (the only format transformers 5 writes)
     tokenizer.save_pretrained(str(out))
     image_processor.save_pretrained(str(out))
+    if merged.config.has_video_tower:
+        model_args = arguments_from_run_config(load_run_config(find_run_config(checkpoint_dir, run_config_path)))[0]
+        video_processor = load_video_processor(model_args, image_processor, has_video_tower=True)
+        video_processor.save_pretrained(str(out / VIDEO_PROCESSOR_DIR))
     logger.info("Merged %s into %s", checkpoint_dir, out)
     return out

@@ -46,6 +46,11 @@ def build_model(
         model = load_pretrained_model(
             model_args.model_name_or_path, dtype=dtype, vision_tower=model_args.vision_tower, attn_implementation=attn
         )
+        if model_args.video_tower and model.video_tower is None:
+            raise ValueError(
+                f"--video_tower was given but the checkpoint {model_args.model_name_or_path} has no video tower; "
+                "start video training from a language model (plus --vision_tower/--video_tower) or a video checkpoint"
+            )
     else:
         if not model_args.vision_tower:
             raise ValueError(
@@ -56,15 +61,22 @@ def build_model(
             model_args.model_name_or_path, dtype=dtype, attn_implementation=attn
         )
         vision_model = CLIPVisionModel.from_pretrained(model_args.vision_tower, dtype=dtype, attn_implementation=attn)
+        video_model = None
+        if model_args.video_tower:
+            video_model = CLIPVisionModel.from_pretrained(model_args.video_tower, dtype=dtype, attn_implementation=attn)
         model = DuetLlavaForCausalLM.from_components(
             language_model,
             vision_model,
+            video_model=video_model,
             projector_type=model_args.mm_projector_type,
             vision_feature_layer=model_args.mm_vision_select_layer,
             vision_feature_select_strategy=model_args.mm_vision_select_feature,
+            video_feature_select_strategy=model_args.mm_video_select_feature,
+            num_frames=data_args.num_frames,
         )
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.template = data_args.version
+    model.config.num_frames = data_args.num_frames
     model.set_compression(model_args.compression)
     model.config.use_cache = False
     if model_args.pretrain_mm_mlp_adapter:
@@ -146,7 +158,7 @@ def configure_trainable(
     """Freeze per stage; returns the model to train (peft-wrapped for LoRA).
 
     pretrain (``--tune_mm_mlp_adapter``): projector only. finetune: LLM + projector.
-    LoRA: adapters on the LLM's linear layers + the full projector. The tower is always frozen.
+    LoRA: adapters on the LLM's linear layers + the full projector. The towers are always frozen.
     """
     model.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:

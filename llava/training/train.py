@@ -11,11 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, set_seed
 
+from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.data.dataset import LazySupervisedDataset
 from llava.model.loading import read_model_type
@@ -84,6 +86,19 @@ def load_processors(model_args: ModelArguments, data_args: DataArguments):
     return tokenizer, image_processor
 
 
+def load_video_processor(model_args: ModelArguments, image_processor: Any, has_video_tower: bool) -> Any:
+    """The video tower's image processor: from ``--video_tower``, else a checkpoint's ``video_processor/``
+    folder, else the image processor (Video-LLaVA's towers share one 224 px preprocessing)."""
+    if not has_video_tower:
+        return None
+    if model_args.video_tower:
+        return AutoImageProcessor.from_pretrained(model_args.video_tower)
+    saved = Path(model_args.model_name_or_path) / VIDEO_PROCESSOR_DIR
+    if saved.is_dir():
+        return AutoImageProcessor.from_pretrained(str(saved))
+    return image_processor
+
+
 def train(argv: list[str] | None = None) -> Path:
     """Run one training stage; returns the output directory."""
     model_args, data_args, args = parse_args(argv)
@@ -98,12 +113,22 @@ def train(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     model = build_model(model_args, data_args, args)
     tokenizer, image_processor = load_processors(model_args, data_args)
+    video_processor = load_video_processor(model_args, image_processor, model.config.has_video_tower)
     data_args.tokens_per_image = model.config.llm_tokens_per_image
+    if model.config.has_video_tower:
+        data_args.tokens_per_video = model.config.llm_tokens_per_video
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.set_query_vocabulary(tokenizer)
     model = configure_trainable(model, model_args, args)
 
-    dataset = LazySupervisedDataset(data_args, tokenizer, image_processor, model.config.image_token_id)
+    dataset = LazySupervisedDataset(
+        data_args,
+        tokenizer,
+        image_processor,
+        model.config.image_token_id,
+        video_processor=video_processor,
+        video_token_id=model.config.video_token_id,
+    )
     run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
     resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_config)
 
@@ -122,7 +147,7 @@ def train(argv: list[str] | None = None) -> Path:
     add_metrics_callback(trainer, metrics)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    finish(trainer, model_args, image_processor)
+    finish(trainer, model_args, image_processor, video_processor)
     if trainer.num_skipped_samples or dataset.num_invalid_samples:
         logger.warning(
             "Skipped %d bad samples during training and %d invalid samples at load time (--skip_bad_samples)",
@@ -132,8 +157,10 @@ def train(argv: list[str] | None = None) -> Path:
     return Path(args.output_dir)
 
 
-def finish(trainer: LlavaTrainer, model_args: ModelArguments, image_processor) -> None:
-    """Save the stage's result: the projector always; the full model unless pretraining."""
+def finish(
+    trainer: LlavaTrainer, model_args: ModelArguments, image_processor: Any, video_processor: Any = None
+) -> None:
+    """Save the stage's result: the projector always; the full model (with its processors) unless pretraining."""
     output_dir = Path(trainer.args.output_dir)
     model = trainer.model
     save_projector(model, output_dir / PROJECTOR_FILENAME)
@@ -144,6 +171,8 @@ def finish(trainer: LlavaTrainer, model_args: ModelArguments, image_processor) -
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(output_dir)
+        if video_processor is not None:
+            video_processor.save_pretrained(output_dir / VIDEO_PROCESSOR_DIR)
 
 
 def main() -> None:

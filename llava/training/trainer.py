@@ -37,12 +37,15 @@ class LlavaTrainer(Trainer):
         self._compression_batches = 0
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
-        """Visual tokens the batch adds to the LLM sequence (each image slot becomes N tokens)."""
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is None:
-            return 0
+        """Visual tokens the batch adds to the LLM sequence before compression (each image slot becomes
+        ``tokens_per_image`` tokens, each video slot frames x ``tokens_per_frame``)."""
         config = self.accelerator.unwrap_model(self.model).config
-        return int(pixel_values.shape[0]) * (config.tokens_per_image - 1)
+        added = 0
+        if (images := inputs.get("pixel_values")) is not None:
+            added += int(images.shape[0]) * (config.tokens_per_image - 1)
+        if (videos := inputs.get("pixel_values_videos")) is not None:
+            added += int(videos.shape[0]) * (int(videos.shape[1]) * config.tokens_per_frame - 1)
+        return added
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
