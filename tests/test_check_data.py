@@ -106,3 +106,36 @@ def test_runs_as_a_module(tmp_path, tokenizer_dir, image_folder):
     )
     assert result.returncode == 1, result.stderr
     assert "missing images: 1" in result.stdout
+
+
+def test_videos_are_checked_and_counted(tmp_path, tokenizer_dir, image_folder, capsys):
+    import numpy as np
+
+    from llava.data.video import write_video
+
+    videos = tmp_path / "videos"
+    frames = [np.full((32, 32, 3), value, dtype=np.uint8) for value in range(0, 250, 25)]
+    write_video(videos / "ten.mp4", frames)
+    write_video(videos / "two.mp4", frames[:2])
+    (videos / "junk.mp4").write_bytes(b"junk" * 50)
+    data = tmp_path / "video.json"
+    data.write_text(
+        json.dumps(
+            [
+                {"id": "good", "video": "ten.mp4", "image": "ok.png", "conversations": qa()},
+                {"id": "short", "video": "two.mp4", "conversations": qa()},
+                {"id": "junk", "video": "junk.mp4", "conversations": qa()},
+                {"id": "gone", "video": "nope.mp4", "conversations": qa()},
+            ]
+        )
+    )
+    extra = ["--video_folder", str(videos), "--num_frames", "4", "--tokens_per_video", "100"]
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data], *extra)
+    assert code == 1
+    assert report["num_missing_videos"] == 1 and report["num_bad_videos"] == 2
+    assert report["stats"]["videos_per_sample"]["max"] == 1
+    total, text = report["stats"]["total_tokens"], report["stats"]["text_tokens"]
+    assert total["max"] >= text["min"] + 100 + 64  # video (100) and image (64) tokens counted
+    problems = "\n".join(report["problems"])
+    assert "id='short'" in problems and "two.mp4" in problems and "id='gone'" in problems
+    assert "unusable videos (unreadable, empty, too short): 2" in capsys.readouterr().out

@@ -1,14 +1,15 @@
-"""Scan LLaVA-format data before training: structure, images, lengths and token statistics.
+"""Scan LLaVA / Video-LLaVA data before training: structure, images, videos, lengths and token statistics.
 
 Usage::
 
     python -m llava.tools.check_data --data_path A.json [B.jsonl ...] --image_folder DIR \\
         --tokenizer PATH --version v1 --model_max_length 2048 --tokens_per_image 576 \\
-        [--json-report FILE]
+        [--video_folder DIR --tokens_per_video 2056 --num_frames 8] [--json-report FILE]
 
 Problems (exit code 1): unparseable files, structurally invalid samples, missing or corrupt images,
-samples with nothing to learn (before or after truncation). Samples longer than
-``model_max_length`` are counted and reported; they are a problem only with ``--fail-on-truncation``.
+missing, unreadable or too-short videos (fewer frames than ``--num_frames``), samples with nothing to
+learn (before or after truncation). Samples longer than ``model_max_length`` are counted and reported;
+they are a problem only with ``--fail-on-truncation``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
 from llava.data.images import ImageError, load_image
 from llava.data.templates import conversation_to_turns
 from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation, truncate
+from llava.data.video import VideoError, read_video_frames
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class DataReport:
     num_structural_errors: int = 0
     num_missing_images: int = 0
     num_corrupt_images: int = 0
+    num_missing_videos: int = 0
+    num_bad_videos: int = 0
     num_no_learnable_tokens: int = 0
     num_over_max_length: int = 0
     num_text_only: int = 0
@@ -59,6 +63,8 @@ class DataReport:
             + self.num_structural_errors
             + self.num_missing_images
             + self.num_corrupt_images
+            + self.num_missing_videos
+            + self.num_bad_videos
             + self.num_no_learnable_tokens
         )
 
@@ -107,8 +113,10 @@ def scan(
     total_lengths: list[int] = []
     text_lengths: list[int] = []
     image_counts: list[int] = []
-    image_status: dict[str, str] = {}
+    video_counts: list[int] = []
+    media_status: dict[str, str] = {}
     tokens_per_image, max_length = data_args.tokens_per_image, data_args.model_max_length
+    tokens_per_video = data_args.tokens_per_video
     num_valid = sum(len(dataset) for dataset in datasets)
     report.num_samples = num_valid + report.num_structural_errors
     progress = tqdm(total=num_valid, desc="checking samples", unit="sample", disable=not show_progress)
@@ -126,37 +134,56 @@ def scan(
                 continue
             input_ids = np.asarray(tokenized["input_ids"], dtype=np.int64)
             num_images = int(np.count_nonzero(input_ids == IMAGE_TOKEN_ID))
-            num_text = len(input_ids) - num_images
-            total = num_text + num_images * tokens_per_image
+            num_videos = int(np.count_nonzero(input_ids == VIDEO_TOKEN_ID))
+            num_text = len(input_ids) - num_images - num_videos
+            total = num_text + num_images * tokens_per_image + num_videos * tokens_per_video
             total_lengths.append(total)
             text_lengths.append(num_text)
             image_counts.append(num_images)
-            report.num_text_only += int(num_images == 0)
+            video_counts.append(num_videos)
+            report.num_text_only += int(num_images + num_videos == 0)
             if total > max_length:
                 report.num_over_max_length += 1
                 if len(report.over_length_examples) < max_listed:
                     report.over_length_examples.append(f"{where}: {total} tokens > {max_length}")
-                cut = truncate(tokenized["input_ids"], tokenized["labels"], max_length, tokens_per_image)
+                cut = truncate(
+                    tokenized["input_ids"],
+                    tokenized["labels"],
+                    max_length,
+                    tokens_per_image,
+                    tokens_per_video=tokens_per_video,
+                )
                 if all(label == IGNORE_INDEX for label in cut["labels"]):
                     report.num_no_learnable_tokens += 1
                     note(f"{where}: nothing learnable left after truncation to {max_length}")
             if check_images:
                 for image_path in dataset.image_paths(record):
-                    if image_path not in image_status:
-                        image_status[image_path] = _check_image(image_path)
-                    status = image_status[image_path]
+                    if image_path not in media_status:
+                        media_status[image_path] = _check_image(image_path)
+                    status = media_status[image_path]
                     if status == "missing":
                         report.num_missing_images += 1
                         note(f"{where}: missing image {image_path}")
                     elif status != "ok":
                         report.num_corrupt_images += 1
                         note(f"{where}: corrupt image {image_path}: {status}")
+                for video_path in dataset.video_paths(record):
+                    if video_path not in media_status:
+                        media_status[video_path] = _check_video(video_path, data_args)
+                    status = media_status[video_path]
+                    if status == "missing":
+                        report.num_missing_videos += 1
+                        note(f"{where}: missing video {video_path}")
+                    elif status != "ok":
+                        report.num_bad_videos += 1
+                        note(f"{where}: unusable video {video_path}: {status}")
     progress.close()
 
     report.stats = {
         "total_tokens": _summary(np.asarray(total_lengths)),
         "text_tokens": _summary(np.asarray(text_lengths)),
         "images_per_sample": _summary(np.asarray(image_counts)),
+        "videos_per_sample": _summary(np.asarray(video_counts)) if any(video_counts) else {},
     }
     return report
 
@@ -172,6 +199,18 @@ def _check_image(path: str) -> str:
     return "ok"
 
 
+def _check_video(path: str, data_args: DataArguments) -> str:
+    """'ok', 'missing', or why the video cannot be used (unreadable, empty, too short): a full decode
+    of the sampled frames, exactly as training does it."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        read_video_frames(path, data_args.num_frames, data_args.video_backend)
+    except VideoError as error:
+        return str(error)
+    return "ok"
+
+
 def format_report(report: DataReport) -> str:
     """Human-readable report."""
     lines = [
@@ -180,6 +219,8 @@ def format_report(report: DataReport) -> str:
         f"structural errors: {report.num_structural_errors}",
         f"missing images: {report.num_missing_images}",
         f"corrupt images: {report.num_corrupt_images}",
+        f"missing videos: {report.num_missing_videos}",
+        f"unusable videos (unreadable, empty, too short): {report.num_bad_videos}",
         f"no learnable tokens: {report.num_no_learnable_tokens}",
         f"over max length (will be truncated): {report.num_over_max_length}",
     ]
@@ -205,9 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v1", help="conversation template")
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--tokens_per_image", type=int, default=576)
+    parser.add_argument("--video_folder", default=None, help="root for relative video paths")
+    parser.add_argument("--tokens_per_video", type=int, default=8 * 257, help="visual tokens per video")
+    parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
     parser.add_argument("--json-report", dest="json_report", default=None, help="write the report here")
     parser.add_argument("--max-listed", dest="max_listed", type=int, default=20, help="problems to list")
-    parser.add_argument("--skip-image-check", dest="skip_image_check", action="store_true")
+    parser.add_argument(
+        "--skip-image-check", dest="skip_image_check", action="store_true", help="do not open images and videos"
+    )
     parser.add_argument(
         "--fail-on-truncation", dest="fail_on_truncation", action="store_true", help="over-length is a problem"
     )
@@ -224,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         version=args.version,
         model_max_length=args.model_max_length,
         tokens_per_image=args.tokens_per_image,
+        video_folder=args.video_folder,
+        tokens_per_video=args.tokens_per_video,
+        num_frames=args.num_frames,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     report = scan(data_args, tokenizer, check_images=not args.skip_image_check, max_listed=args.max_listed)

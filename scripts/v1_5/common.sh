@@ -27,6 +27,10 @@
 #   NUM_GPUS       GPUs per node               (count of `nvidia-smi -L`, else 1 CPU rank)
 #   MASTER_PORT    rendezvous port             (29500)
 #   DRY_RUN=1      print the launch command instead of running it
+# Video (set by scripts/video/*.sh; unset for image-only LLaVA-1.5 runs)
+#   VIDEO_TOWER    video encoder (a second CLIP feeding the same projector); enables the video path
+#   VIDEO_FOLDER   root for the samples' relative video paths
+#   NUM_FRAMES     frames sampled uniformly per video (8)
 #
 # Multi-node (DeepSpeed's pdsh launcher; passwordless ssh between nodes, pdsh installed, the repo,
 # the venv and OUTPUT_DIR on storage every node sees at the same path):
@@ -155,6 +159,10 @@ common_train_args() {
         --run_name "$RUN_NAME"
         --run_group "$RUN_GROUP"
     )
+    if [[ -n "${VIDEO_TOWER:-}" ]]; then
+        COMMON_ARGS+=(--video_tower "$VIDEO_TOWER" --video_folder "${VIDEO_FOLDER:?VIDEO_FOLDER is not set}"
+            --num_frames "${NUM_FRAMES:-8}" --mm_video_select_feature cls_patch)
+    fi
     if [[ -n "$RESUME" ]]; then
         COMMON_ARGS+=(--resume_from_checkpoint "$RESUME")
     fi
