@@ -52,11 +52,20 @@ def script_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str
     return env
 
 
-def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "v1_5" / script), *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=STEP_LIMIT_S,
-    )  # fmt: skip
+def run_script(script: str, env: dict[str, str], *args: str, folder: str = "v1_5") -> subprocess.CompletedProcess:
+    """Run a launch script; on timeout kill its whole process group (the DeepSpeed ranks too), so a
+    hung run cannot outlive the test and hold CPU or ports."""
+    command = ["bash", str(REPO / "scripts" / folder / script), *args]
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=STEP_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{script} did not finish in {STEP_LIMIT_S} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
@@ -186,8 +195,7 @@ def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, t
     projector_file = tmp_path / "mm_projector.safetensors"
     generator = torch.Generator().manual_seed(3)
     new_weights = {
-        name: torch.randn(tensor.shape, generator=generator)
-        for name, tensor in model.projector.state_dict().items()
+        name: torch.randn(tensor.shape, generator=generator) for name, tensor in model.projector.state_dict().items()
     }
     save_file(new_weights, str(projector_file))
 
@@ -201,3 +209,49 @@ def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, t
     saved = load_file(str(out / "mm_projector.safetensors"))
     for name, tensor in new_weights.items():
         assert (saved[name] - tensor).abs().max().item() == 0, name
+
+
+def test_two_rank_video_scripts_pretrain_then_finetune_zero3_with_duet_and_generate(playground, tmp_path):
+    """Video-LLaVA through scripts/video: ZeRO-2 pretrain with duet_video_53, then a ZeRO-3 finetune on the
+    mixed video/image/text set with duet_video_93 (ranks see different modalities), then video answers."""
+    video = dict(
+        VISION_TOWER=str(playground / "video_tower"),
+        VIDEO_FOLDER=str(playground / "videos"),
+        NUM_FRAMES="8",
+        SAVE_STEPS="100",
+    )
+    pretrain_dir = tmp_path / "video-pretrain"
+    env = script_env(
+        playground,
+        pretrain_dir,
+        DATA_PATH=str(playground / "video_pretrain.json"),
+        COMPRESSION="duet_video_53",
+        **video,
+    )
+    run_script("pretrain.sh", env, "--max_steps", "2", folder="video")
+    assert (pretrain_dir / "mm_projector.safetensors").is_file()
+    pretrain_rows = [json.loads(line) for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
+    # duet_video_53 on a 4-layer LLM: every video enters with 8 x 192 tokens (V2V per frame).
+    assert any(row.get("visual_tokens_stage0") == 8 * 192 for row in pretrain_rows), pretrain_rows[:3]
+
+    finetune_dir = tmp_path / "video-finetune"
+    env = script_env(
+        playground,
+        finetune_dir,
+        DATA_PATH=str(playground / "video_finetune.json"),
+        PRETRAINED_PROJECTOR=str(pretrain_dir / "mm_projector.safetensors"),
+        ZERO=str(REPO / "scripts" / "zero3.json"),
+        COMPRESSION="duet_video_93",
+        **video,
+    )
+    run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False", folder="video")
+    model = load_pretrained_model(finetune_dir)
+    assert model.video_tower is not None and model.config.compression["name"] == "duet_video_93"
+    assert (finetune_dir / "video_processor" / "preprocessor_config.json").is_file()
+
+    pipeline = LlavaPipeline.from_pretrained(finetune_dir, device="cpu")
+    requests = [json.loads(line) for line in (playground / "video_demo_requests.jsonl").read_text().splitlines()][:3]
+    for request in requests:
+        request["video"] = str(playground / "videos" / request["video"])
+    answers = pipeline.generate(requests, max_new_tokens=4, batch_size=3)
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)

@@ -222,3 +222,21 @@ def test_hf_video_llava_conversion_matches_logits():
     assert ours.config.tokens_per_frame == 17 and ours.config.tokens_per_image == 16
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("batch_kind", ["video_only", "image_only", "text_only"])
+def test_every_training_batch_backpropagates_through_the_projector_twice(batch_kind):
+    """ZeRO-3 matches the ranks' backward passes module by module, so a video-only, image-only or
+    text-only batch must run the projector's backward once per modality, like a mixed batch does."""
+    model = video_model().train()
+    backward_calls = []
+    model.projector.register_full_backward_hook(lambda *_: backward_calls.append(1))
+    ids = {"video_only": [1, VID, 5, 6], "image_only": [1, IMG, 5, 6], "text_only": [1, 4, 5, 6]}[batch_kind]
+    pixels = {
+        "video_only": {"pixel_values_videos": torch.randn(1, FRAMES, 3, 56, 56)},
+        "image_only": {"pixel_values": torch.randn(1, 3, 56, 56)},
+        "text_only": {},
+    }[batch_kind]
+    out = model(torch.tensor([ids]), labels=torch.tensor([[-100, -100, 5, 6]]), **pixels)
+    out.loss.backward()
+    assert len(backward_calls) == 2

@@ -134,10 +134,12 @@ def order_visual_segments(
             f"input_ids hold {slot_is_video.numel() - num_videos} image and {num_videos} video slots but "
             f"{image_counts.numel()} images and {video_counts.numel()} videos were given"
         )
+    # A modality without slots may still carry zero-row "idle" tokens that must stay in the autograd
+    # graph (see DuetLlavaForCausalLM._idle_visual_tokens): concatenate them instead of dropping them.
     if num_videos == 0:
-        return image_embeds, image_counts
+        return _with_idle_rows(image_embeds, video_embeds), image_counts
     if num_videos == slot_is_video.numel():
-        return video_embeds, video_counts
+        return _with_idle_rows(video_embeds, image_embeds), video_counts
     is_video = slot_is_video.to(torch.bool)
     image_rank = (~is_video).long().cumsum(0) - 1
     video_rank = is_video.long().cumsum(0) - 1
@@ -150,3 +152,10 @@ def order_visual_segments(
     offset = torch.arange(total, device=counts.device) - first_of_segment.repeat_interleave(counts)
     gather = source_starts.repeat_interleave(counts) + offset
     return torch.cat([image_embeds, video_embeds.to(image_embeds.dtype)])[gather], counts
+
+
+def _with_idle_rows(embeds: torch.Tensor, idle: torch.Tensor) -> torch.Tensor:
+    """``embeds``, joined with the zero-row ``idle`` tensor when that one is part of the autograd graph."""
+    if idle.shape[0] or not idle.requires_grad:
+        return embeds
+    return torch.cat([embeds, idle.to(embeds.dtype)])

@@ -94,14 +94,14 @@ class LlavaTrainer(Trainer):
         if self.metrics is not None and model.training:
             num_samples, num_text_tokens = batch_counts(inputs)
             self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
-        has_images = inputs.get("pixel_values") is not None
+        has_visual = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if model.training and has_images:  # text-only batches say nothing about visual tokens
+        if model.training and has_visual:  # text-only batches say nothing about visual tokens
             self._record_compression(outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _record_compression(self, outputs: Any) -> None:
-        """Accumulate visual tokens per LLM layer (per image) and compression seconds until the next log."""
+        """Accumulate visual tokens per LLM layer (per image or video) and compression seconds until the next log."""
         per_layer = outputs.get("visual_tokens_per_layer") if isinstance(outputs, dict) else None
         if not per_layer:
             return
