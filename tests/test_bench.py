@@ -1,4 +1,5 @@
-"""Speed benchmarks on the ``tiny`` shape: they run end to end and write sane rows, a table and a chart.
+"""Speed benchmarks on the ``tiny`` and ``tiny-video`` shapes: they run end to end and write sane rows, a
+table and a chart.
 
 No timing is asserted: speed targets are shown by the benchmark runs, never by timed tests.
 """
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 from llava.bench import infer_speed, report, train_speed
-from llava.bench.shapes import get_shape
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.bench.shapes import VIDEO_PRESETS, get_shape
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +41,27 @@ t2v: {boundaries: [0.5, 0.75], keep_ratios: [0.5, 0.0], query: instruction}
 """
 
 
+# tiny-video: 2 frames x (16 patches + CLS) = 34 tokens per video. V2V merges each frame to 6 + 2 = 8 tokens
+# (N0 = 16 per video); T2V at layer 1 of 2 keeps floor(0.5 * 16) = 8 of the video's frames jointly.
+TINY_VIDEO_PRESET = """\
+name: duet_tiny_video
+v2v: {method: duet, dominant: 6, contextual: 2}
+t2v: {boundaries: [0.5, 0.75], keep_ratios: [0.5, 0.0], query: instruction}
+"""
+VIDEO_FRAMES, TOKENS_PER_FRAME = 2, 17
+
+
 @pytest.fixture
 def tiny_preset(tmp_path: Path) -> str:
     path = tmp_path / "duet_tiny.yaml"
     path.write_text(TINY_PRESET, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_video_preset(tmp_path: Path) -> str:
+    path = tmp_path / "duet_tiny_video.yaml"
+    path.write_text(TINY_VIDEO_PRESET, encoding="utf-8")
     return str(path)
 
 
@@ -117,6 +135,80 @@ def test_infer_speed_tiny(tmp_path: Path, tiny_preset: str) -> None:
         else:
             assert row["flops_ratio_vs_none"] < 1.0
         assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0
+
+
+def _check_video_rows(saved: list[dict]) -> None:
+    """Video rows: per-video counts are frames x tokens per frame, and the compressed preset carries fewer."""
+    for row in saved:
+        assert row["media"] == "video" and row["num_frames"] == VIDEO_FRAMES
+        assert row["tokens_per_frame"] == TOKENS_PER_FRAME
+        assert row["uncompressed_visual_tokens"] == VIDEO_FRAMES * TOKENS_PER_FRAME == 34
+        if row["preset"] == "none":
+            assert row["initial_visual_tokens"] == row["avg_visual_tokens"] == 34
+            assert row["flops_ratio_vs_none"] == pytest.approx(1.0)
+        else:
+            assert row["initial_visual_tokens"] == VIDEO_FRAMES * (6 + 2)  # V2V per frame
+            assert row["avg_visual_tokens"] == (16 + 8) / 2  # joint T2V: floor(0.5 * 16) from layer 1
+            assert row["flops_ratio_vs_none"] < 1.0
+
+
+def test_train_speed_tiny_video(tmp_path: Path, tiny_video_preset: str) -> None:
+    out = tmp_path / "train-video.json"
+    rows = train_speed.main(
+        ["--shape", "tiny-video", "--presets", f"none,{tiny_video_preset}", "--batch-size", "2", "--steps", "1",
+         "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    saved = _check_outputs(out, rows, TRAIN_KEYS)
+    assert [row["preset"] for row in saved] == ["none", "duet_tiny_video"]
+    _check_video_rows(saved)
+    for row in saved:  # what the model reported in the step equals the accounting
+        assert row["measured_visual_tokens"] == pytest.approx(row["avg_visual_tokens"])
+    assert saved[1]["measured_visual_tokens"] < saved[0]["measured_visual_tokens"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "one video of 2 frames per sample" in markdown and "2 frames x 17 tokens" in markdown
+
+
+def test_infer_speed_tiny_video(tmp_path: Path, tiny_video_preset: str) -> None:
+    out = tmp_path / "infer-video.json"
+    rows = infer_speed.main(
+        ["--shape", "tiny-video", "--presets", f"none,{tiny_video_preset}", "--batch-sizes", "2",
+         "--prompt-tokens", "8", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+         "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    saved = _check_outputs(out, rows, INFER_KEYS)
+    assert [(row["preset"], row["batch_size"]) for row in saved] == [("none", 2), ("duet_tiny_video", 2)]
+    _check_video_rows(saved)
+    assert all(row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0 for row in saved)
+    assert "video (2 frames)" in out.with_suffix(".md").read_text()
+
+
+def test_video_shapes_default_to_video_presets() -> None:
+    assert train_speed.parse_args(["--shape", "small-video"]).presets == list(VIDEO_PRESETS)
+    assert infer_speed.parse_args(["--shape", "video-llava-7b"]).presets == list(VIDEO_PRESETS)
+    assert train_speed.parse_args([]).presets == ["none", "duet_192", "duet_128", "duet_64"]
+    assert infer_speed.parse_args(["--shape", "tiny", "--presets", "none"]).presets == ["none"]
+
+
+def test_image_presets_that_do_not_fit_a_video_tower_are_rejected(tmp_path: Path) -> None:
+    # duet_192 keeps 307 tokens per image; a 224 px frame has only 256 patches + CLS.
+    with pytest.raises(SystemExit, match="duet_192"):
+        train_speed.main(["--shape", "small-video", "--presets", "none,duet_192", "--out", str(tmp_path / "x.json")])
+
+
+def test_video_training_batch_and_prompts_carry_one_video_per_sample() -> None:
+    shape = get_shape("tiny-video")
+    size = shape.video.image_size
+    for stage in ("finetune", "pretrain"):
+        batch = train_speed.build_training_batch(shape, stage, batch_size=3, seed=1)
+        assert "pixel_values" not in batch
+        assert batch["pixel_values_videos"].shape == (3, VIDEO_FRAMES, 3, size, size)
+        assert ((batch["input_ids"] == VIDEO_TOKEN_ID).sum(dim=1) == 1).all()
+        assert not (batch["input_ids"] == IMAGE_TOKEN_ID).any()
+    prompts = infer_speed.build_prompts(shape, batch_size=2, prompt_tokens=10, seed=2)
+    assert prompts["pixel_values_videos"].shape == (2, VIDEO_FRAMES, 3, size, size) and "pixel_values" not in prompts
+    assert ((prompts["input_ids"] == VIDEO_TOKEN_ID).sum(dim=1) == 1).all()
+    moved = train_speed.move_batch(prompts, torch.device("cpu"), torch.bfloat16)
+    assert moved["pixel_values_videos"].dtype == torch.bfloat16 and moved["input_ids"].dtype == torch.long
 
 
 def test_training_batch_looks_like_the_collator() -> None:
@@ -198,3 +290,13 @@ def test_scripts_defaults_and_overrides(tmp_path: Path, script: str, module: str
     else:
         assert custom[custom.index("--batch-sizes") + 1] == "2"
         assert custom[custom.index("--repeats") + 1] == "7"
+    assert default[default.index("--presets") + 1] == "none,duet_192,duet_128,duet_64"
+    video = argv(SHAPE="small-video")
+    assert video[video.index("--shape") + 1] == "small-video"
+    assert video[video.index("--presets") + 1] == ",".join(VIDEO_PRESETS)
+    if module == "train_speed":
+        assert video[video.index("--batch-size") + 1] == "2"
+        assert video[video.index("--out") + 1] == "runs/bench/small-video-finetune.json"
+    else:
+        assert video[video.index("--batch-sizes") + 1] == "1,4"
+        assert video[video.index("--out") + 1] == "runs/bench/small-video-infer.json"

@@ -3,7 +3,8 @@
 The expected numbers are written out as arithmetic here (2 FLOPs per multiply-add), not computed by the code
 under test. The unit shape: tower of 1 layer (width 8, MLP 16, 2 heads, 4x4 image, patch 2 -> P = 4 patches,
 T = 5 tokens, feature layer -1 -> 1 layer run); LLM of 1 layer (width 12, MLP 20, 3 heads of 4, 1 KV head ->
-k/v width 4, vocab 10); finetune text 6 tokens (2 answer), pretrain text 3 tokens.
+k/v width 4, vocab 10); finetune text 6 tokens (2 answer), pretrain text 3 tokens. The unit video shape adds
+a video tower of the same dimensions and 3 frames per video: 4 patches + CLS = 5 tokens per frame, 15 per video.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from llava.bench.flops import main, predicted_step_ratio, prefill_flops, training_step_flops
-from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, build_model, get_shape
-from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.bench.shapes import SHAPES, VIDEO_PRESETS, LLMShape, ModelShape, VisionShape, build_model, get_shape
+from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, load_compression
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 UNIT = ModelShape(
     name="unit",
@@ -28,6 +29,8 @@ UNIT = ModelShape(
     pretrain_text_tokens=3,
 )
 UNIT2 = dataclasses.replace(UNIT, llm=dataclasses.replace(UNIT.llm, num_layers=2))
+VIDEO = dataclasses.replace(UNIT, name="unit-video", video=UNIT.vision, num_frames=3)
+VIDEO2 = dataclasses.replace(VIDEO, llm=UNIT2.llm)
 
 # Tower: patch embedding (3*2*2 = 12 -> 8 on 4 patches) + one layer on T = 5 tokens.
 TOWER = 2 * 4 * 12 * 8 + (4 * (2 * 5 * 8 * 8) + 2 * 5 * 8 * 16 + 2 * 5 * 16 * 8 + 2 * (2 * 5 * 5 * 8))
@@ -233,3 +236,132 @@ def test_cli_prints_table(capsys):
     assert "duet_128" in text and "1.000" in text and "batch 4" in text
     assert main(["--shape", "tiny", "--stage", "prefill", "--presets", "none", "--breakdown"]) == 0
     assert "lm_head" in capsys.readouterr().out
+
+
+# ----- video shapes -----
+# mlp2x_gelu projector per token: 8 -> 12 then 12 -> 12; backward: first linear 1x (weight grad), second 2x.
+PROJECTOR_PER_TOKEN = 2 * 8 * 12 + 2 * 12 * 12
+PROJECTOR_BACKWARD_PER_TOKEN = 2 * 8 * 12 + 2 * (2 * 12 * 12)
+
+
+def test_video_shape_counts_frames_times_tokens_with_cls():
+    assert VIDEO.is_video and VIDEO.tokens_per_frame == 4 + 1 and VIDEO.uncompressed_visual_tokens == 15
+    assert not UNIT.is_video and UNIT.uncompressed_visual_tokens == 4 and UNIT.frames_per_sample == 1
+    assert VIDEO.visual_tokens_per_layer(CompressionConfig()) == [15]
+    real = get_shape("video-llava-7b")
+    assert real.tokens_per_frame == 257 and real.uncompressed_visual_tokens == 8 * 257 == 2056
+    assert real.video.layers_run == 23 and real.vision.image_size == real.video.image_size == 224
+    n0 = {name: real.initial_visual_tokens(load_compression(name)) for name in VIDEO_PRESETS}
+    assert n0 == {"none": 2056, "duet_video_53": 8 * (160 + 32), "duet_video_93": 8 * (22 + 5)}
+    assert get_shape("small-video").uncompressed_visual_tokens == 2056
+    with pytest.raises(ValueError, match="num_frames > 0 and a video tower"):
+        dataclasses.replace(UNIT, num_frames=2)
+    with pytest.raises(ValueError, match="widths"):
+        dataclasses.replace(VIDEO, video=dataclasses.replace(UNIT.vision, hidden=16))
+
+
+def test_video_finetune_forward_per_component():
+    flops = training_step_flops(VIDEO, None, "finetune", batch_size=1, gradient_checkpointing=False)
+    assert flops.visual_tokens_per_layer == [15]
+    assert flops.forward["tower"] == 3 * TOWER  # the tower runs once per frame
+    assert flops.forward["projector"] == 15 * PROJECTOR_PER_TOKEN  # CLS kept: 5 tokens per frame
+    assert flops.backward["projector"] == 15 * PROJECTOR_BACKWARD_PER_TOKEN
+    # n = 6 text + 15 visual = 21.
+    assert flops.forward["llm_layer_0"] == 2208 * 21 + 2 * 21 * 21 * 12
+    assert flops.backward["llm_layer_0"] == 2 * (2208 * 21 + 2 * 21 * 21 * 12)
+    # Idle image pass of a video-only training batch: one image (4 patches, CLS dropped) once per step.
+    assert flops.forward["idle_image"] == TOWER + 4 * PROJECTOR_PER_TOKEN
+    assert flops.backward["idle_image"] == 4 * PROJECTOR_BACKWARD_PER_TOKEN
+    assert list(flops.forward) == list(flops.backward)
+    tripled = training_step_flops(VIDEO, None, "finetune", batch_size=3, gradient_checkpointing=False)
+    assert tripled.forward["tower"] == 3 * flops.forward["tower"]
+    assert tripled.forward["idle_image"] == flops.forward["idle_image"]  # per step, not per sample
+    assert tripled.total == 3 * flops.total - 2 * flops.component("idle_image")
+    # Prefill: no idle pass, a frame-count-proportional tower.
+    prefill = prefill_flops(VIDEO, None, 1)
+    assert "idle_image" not in prefill.forward and prefill.forward["tower"] == 3 * TOWER
+
+
+def test_video_tower_flops_scale_with_frames():
+    six = dataclasses.replace(VIDEO, num_frames=6)
+    duet = CompressionConfig("v", v2v=V2VConfig("duet", dominant=2, contextual=1, cluster_width=2))
+    for config in (None, duet):
+        three_frames = training_step_flops(VIDEO, config, "finetune", 1)
+        six_frames = training_step_flops(six, config, "finetune", 1)
+        assert six_frames.forward["tower"] == 2 * three_frames.forward["tower"]
+        assert six_frames.forward["v2v_scoring"] == 2 * three_frames.forward["v2v_scoring"]
+        assert six_frames.forward["projector"] == 2 * three_frames.forward["projector"]
+    real = training_step_flops("video-llava-7b", None, "finetune", 1)
+    tokens, width = 257, 1024
+    per_frame = 2 * 256 * (3 * 14 * 14) * width + 23 * (
+        2 * tokens * (4 * width * width + 2 * width * 4096) + 4 * tokens * tokens * width
+    )
+    assert real.forward["tower"] == 8 * per_frame
+
+
+def test_video_v2v_per_frame_and_t2v_over_all_frames():
+    # V2V (k1 2 + k2 1) per frame: N0 = 3 frames x 3 = 9. T2V keeps floor(0.5 * 9) = 4 of the whole video,
+    # not 3 x floor(0.5 * 3) = 3 frame by frame.
+    config = CompressionConfig(
+        "vt",
+        v2v=V2VConfig("duet", dominant=2, contextual=1, cluster_width=2),
+        t2v=T2VConfig(boundaries=(0.5,), keep_ratios=(0.5,), query="last"),
+    )
+    flops = training_step_flops(VIDEO2, config, "finetune", 1, gradient_checkpointing=False)
+    assert flops.visual_tokens_per_layer == [9, 4]
+    # Per frame: k on 5 rows, q on CLS, 5 scores, 1 member x 1 anchor cosine (head_dim 4) -> 856; 3 frames.
+    assert flops.forward["v2v_scoring"] == 3 * (2 * 5 * 8 * 8 + 2 * 1 * 8 * 8 + 2 * 5 * 8 + 2 * 1 * 1 * 4)
+    assert flops.forward["projector"] == 9 * PROJECTOR_PER_TOKEN
+    assert flops.forward["llm_layer_0"] == 2208 * 15 + 2 * 15 * 15 * 12
+    assert flops.forward["llm_layer_1"] == 2208 * 10 + 2 * 10 * 10 * 12
+    # Scoring at layer 1 over the 6 + 9 = 15 tokens entering it (query "last": 1 row).
+    assert flops.forward["t2v_scoring"] == 2 * 1 * 12 * 12 + 2 * 15 * 12 * 4 + 2 * 1 * 15 * 12
+    # The idle image is merged by V2V too: tower + scoring (856) + projector on k1 + k2 = 3 tokens.
+    assert flops.forward["idle_image"] == TOWER + 856 + 3 * PROJECTOR_PER_TOKEN
+
+
+def test_predicted_ratios_video_llava_7b():
+    for stage in ("finetune", "pretrain"):
+        ratios = [predicted_step_ratio("video-llava-7b", name, stage, 4) for name in VIDEO_PRESETS]
+        assert ratios[0] == 1.0 and 0.0 < ratios[2] < ratios[1] < 0.6
+    flops = training_step_flops("video-llava-7b", "none", "finetune", 1)
+    # About 6.7e9 LLM parameters * 2176 tokens * 2 FLOPs, times 4 (forward, 2x backward, recompute).
+    assert 100e12 < flops.total < 130e12
+    assert flops.llm_share > 0.95
+    assert flops.visual_tokens_per_layer == [2056] * 32
+    assert training_step_flops("video-llava-7b", "duet_video_93", "finetune", 1).visual_tokens_per_layer == (
+        [216] * 16 + [108] * 8 + [0] * 8
+    )
+    with pytest.raises(ValueError, match="256 patches"):  # an image budget does not fit a 224 px frame
+        training_step_flops("video-llava-7b", "duet_192", "finetune", 1)
+
+
+TINY_VIDEO_DUET = CompressionConfig("tv", V2VConfig("duet", 6, 2), T2VConfig((0.5,), (0.5,)))
+
+
+@pytest.mark.parametrize("compression", [None, TINY_VIDEO_DUET])
+def test_build_model_tiny_video_matches_the_flop_model(compression):
+    torch.manual_seed(0)
+    shape = get_shape("tiny-video")
+    model = build_model(shape, compression=compression)
+    assert model.video_tower is not None and model.vision_tower is not None
+    assert model.config.num_frames == shape.num_frames == 2
+    assert model.config.tokens_per_frame == shape.tokens_per_frame == 17
+    assert model.config.video_config._attn_implementation == "sdpa"
+    ids = torch.tensor([[1, 5, VIDEO_TOKEN_ID, 7, 8, 9, 10]])
+    labels = torch.tensor([[IGNORE_INDEX] * 5 + [9, 10]])
+    videos = torch.randn(1, shape.num_frames, 3, shape.video.image_size, shape.video.image_size)
+    out = model(ids, pixel_values_videos=videos, labels=labels)
+    assert torch.isfinite(out.loss)
+    predicted = training_step_flops(shape, compression, "finetune", 1).visual_tokens_per_layer
+    assert out.visual_tokens_per_layer == [float(count) for count in predicted]
+    assert predicted[0] == model.config.llm_tokens_per_video
+
+
+def test_cli_video_shape_defaults_to_video_presets(capsys):
+    assert main(["--shape", "video-llava-7b", "--stage", "finetune"]) == 0
+    text = capsys.readouterr().out
+    assert "duet_video_53" in text and "duet_video_93" in text and "8 frames x 257 tokens" in text
+    assert "2056" in text
+    with pytest.raises(SystemExit):
+        main(["--shape", "video-llava-7b", "--presets", "none,duet_192"])  # 307 > 257 tokens

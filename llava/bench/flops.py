@@ -11,16 +11,20 @@ Rules (a multiply-add counts as 2 FLOPs; every count is per sample times the bat
    LLaVA's ``patch`` strategy) plus the text (finetune/lora: ``text_tokens``; pretrain:
    ``pretrain_text_tokens``). Layer l sees text + ``visual_tokens_per_layer(...)[l]`` tokens: T2V boundaries
    come from the preset's fractions and the shape's depth, as the model applies them.
+   Video shapes: a sample is one video of F frames; N0 = F x (k1 + k2) with V2V (merged per frame), else
+   F x (patches + CLS) (Video-LLaVA: 8 x 257 = 2056); T2V keeps ``floor(ratio * N0)`` of all frames jointly.
 2. Linear on n tokens: 2 n d_in d_out. Ignored: biases, norms, activations, RoPE, softmax, residuals,
    embedding lookups, token gathers/merges and the loss itself.
 3. LLaMA layer: q, o (d x d); k, v (d x kv_heads * head_dim, GQA); gate, up, down. Attention q k^T and
    probs v are 2 n^2 d each for the full square, halved for the causal mask: 2 n^2 d per layer.
 4. CLIP tower: patch embedding (linear 3 p^2 -> d on the P patches), then only ``layers_run`` layers (the
    feature layer's index: 23 of 24 for -2), each q, k, v, o + a 2-matrix MLP and full attention over
-   T = P + 1 tokens (4 T^2 d).
+   T = P + 1 tokens (4 T^2 d). A video runs the video tower once per frame (F times; frames never attend
+   to each other in the tower).
 5. Projector ``mlp{N}x_gelu`` (or ``linear``): its linears on the N0 tokens (after V2V on k1 + k2 only).
 6. V2V scoring (no grad): k_proj on T rows, q_proj on the CLS row, T scores (2 T d), and the cosine
-   similarity of pool members to anchors on head-averaged keys (2 members anchors head_dim).
+   similarity of pool members to anchors on head-averaged keys (2 members anchors head_dim); per frame
+   for a video (F times).
 7. T2V scoring at each boundary the model applies (no grad): q_proj on Q query rows, k_proj on all L rows
    entering the boundary layer, Q x L scores over all heads (2 Q L d). Q = 1 for ``last``; for
    ``instruction``/``salient`` Q = prompt text tokens (text - answer; an upper bound for salient). A
@@ -36,11 +40,16 @@ Rules (a multiply-add counts as 2 FLOPs; every count is per sample times the bat
    adapters on q, k, v, o, gate, up, down (forward 2 n r (d_in + d_out), trained: 2x); lm_head frozen (1x).
 10. Gradient checkpointing (the LLaVA recipe's default) runs every decoder layer's forward once more during
     backward: the ``recompute`` component, listed on the backward side.
-11. Not counted: the optimizer step (elementwise, memory-bound), communication, data loading.
+11. Video shapes in training: a batch without images still runs the image tower once on one blank image
+    (and the projector on its tokens, forward and backward) so every rank calls the same modules: the
+    ``idle_image`` component, once per step, not per sample (absent for image shapes and in prefill).
+12. Not counted: the optimizer step (elementwise, memory-bound), communication, data loading.
 
 CLI: ``python -m llava.bench.flops --shape llava-7b --stage finetune --presets none,duet_192,duet_128,duet_64``
 prints total TFLOPs per step, the ratio to ``none`` and the LLM's share for each preset (``--stage prefill``
-for inference prefill, ``--breakdown`` for per-component rows).
+for inference prefill, ``--breakdown`` for per-component rows); ``--presets`` defaults to the shape's
+(video shapes: ``none,duet_video_53,duet_video_93``):
+``python -m llava.bench.flops --shape video-llava-7b --stage finetune --presets none,duet_video_53,duet_video_93``.
 """
 
 from __future__ import annotations
@@ -51,8 +60,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, get_shape
-from llava.compression.accounting import initial_visual_tokens, visual_tokens_per_layer
+from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, default_presets, get_shape
 from llava.compression.config import CompressionConfig, load_compression
 
 __all__ = [
@@ -83,8 +91,9 @@ def linear_flops(tokens: float, d_in: int, d_out: int) -> float:
 @dataclass
 class FlopBreakdown:
     """FLOPs of one step per component; ``forward`` and ``backward`` share the same keys, in order:
-    ``tower``, ``v2v_scoring``, ``projector``, ``llm_layer_{i}``..., ``t2v_scoring``, ``lm_head``,
-    ``recompute``. ``visual_tokens_per_layer`` records the per-sample visual counts the LLM saw."""
+    ``tower``, ``v2v_scoring``, ``projector``, (video shapes in training: ``idle_image``), ``llm_layer_{i}``...,
+    ``t2v_scoring``, ``lm_head``, ``recompute``. ``visual_tokens_per_layer`` records the per-sample visual
+    counts the LLM saw (per video, all frames, for video shapes)."""
 
     forward: dict[str, float]
     backward: dict[str, float]
@@ -181,6 +190,23 @@ def _projector_linears(shape: ModelShape) -> list[tuple[int, int]]:
     return [(d_vision, d_text)] + [(d_text, d_text)] * (int(match.group(1)) - 1)
 
 
+def _projector_step(shape: ModelShape, tokens: int, training: bool) -> tuple[float, float]:
+    """Projector ``(forward, backward)`` on ``tokens`` tokens: it is trained in every stage, and its first
+    linear's input grad is skipped (nothing before it is trained)."""
+    projector = [linear_flops(tokens, d_in, d_out) for d_in, d_out in _projector_linears(shape)]
+    backward = (projector[0] + 2 * sum(projector[1:])) if training and projector else 0.0
+    return sum(projector), backward
+
+
+def _idle_image(shape: ModelShape, config: CompressionConfig) -> tuple[float, float]:
+    """``(forward, backward)`` of the idle image pass of a video-only training step: one blank image through
+    the image tower (V2V included) and the projector (``patch`` strategy: its patches, or k1 + k2)."""
+    vision = shape.vision
+    tokens = config.v2v.num_tokens if config.v2v is not None else vision.num_patches
+    projector_forward, projector_backward = _projector_step(shape, tokens, training=True)
+    return _tower_forward(vision) + _v2v_scoring(vision, config) + projector_forward, projector_backward
+
+
 def _llm_linears(llm: LLMShape) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of q, k, v, o, gate, up, down."""
     d, kv = llm.hidden, llm.kv_heads * llm.head_dim
@@ -237,19 +263,20 @@ def _step(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     llm = shape.llm
-    visual = visual_tokens_per_layer(config, llm.num_layers, shape.vision.num_patches)
-    n0 = initial_visual_tokens(config, shape.vision.num_patches)
+    visual = shape.visual_tokens_per_layer(config)
+    n0 = visual[0]
     rank = lora_r if stage == "lora" else 0
     linear_x, attention_x, lora_x, head_x = _BACKWARD[stage] if stage is not None else (0, 0, 0, 0)
 
+    frames = shape.frames_per_sample
     forward: dict[str, float] = {
-        "tower": _tower_forward(shape.vision),
-        "v2v_scoring": _v2v_scoring(shape.vision, config),
+        "tower": frames * _tower_forward(shape.sample_tower),
+        "v2v_scoring": frames * _v2v_scoring(shape.sample_tower, config),
     }
     backward: dict[str, float] = {"tower": 0.0, "v2v_scoring": 0.0}
-    projector = [linear_flops(n0, d_in, d_out) for d_in, d_out in _projector_linears(shape)]
-    forward["projector"] = sum(projector)
-    backward["projector"] = (projector[0] + 2 * sum(projector[1:])) if stage is not None and projector else 0.0
+    forward["projector"], backward["projector"] = _projector_step(shape, n0, stage is not None)
+    if shape.is_video and stage is not None:  # once per step, not per sample: set after the batch scaling below
+        forward["idle_image"] = backward["idle_image"] = 0.0
     layers_forward = 0.0
     for index, count in enumerate(visual):
         linears, attention, lora = _llm_layer(llm, text + count, rank)
@@ -263,11 +290,14 @@ def _step(
     forward["recompute"] = 0.0
     backward["recompute"] = layers_forward if stage is not None and gradient_checkpointing else 0.0
     scale = float(batch_size)
-    return FlopBreakdown(
+    breakdown = FlopBreakdown(
         forward={key: value * scale for key, value in forward.items()},
         backward={key: value * scale for key, value in backward.items()},
         visual_tokens_per_layer=visual,
     )
+    if shape.is_video and stage is not None:
+        breakdown.forward["idle_image"], breakdown.backward["idle_image"] = _idle_image(shape, config)
+    return breakdown
 
 
 def training_step_flops(
@@ -343,8 +373,9 @@ def _table(args: argparse.Namespace) -> list[str]:
     baseline = flops_of("none")
     what = "prefill" if args.stage == "prefill" else f"{args.stage} step"
     checkpointing = "" if args.stage == "prefill" else f", gradient checkpointing {not args.no_gradient_checkpointing}"
+    visual_input = f", {shape.describe_visual_input()} per sample" if shape.is_video else ""
     lines = [
-        f"{shape.name} {what}, batch {args.batch_size}{checkpointing} (optimizer not counted)",
+        f"{shape.name} {what}, batch {args.batch_size}{checkpointing}{visual_input} (optimizer not counted)",
         f"{'preset':<16}{'N0':>6}{'avg vis':>9}{'TFLOPs':>11}{'vs none':>9}{'saved':>8}{'LLM share':>11}",
     ]
     for preset in args.presets:
@@ -366,17 +397,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava.bench.flops", description=main.__doc__)
     parser.add_argument("--shape", default="llava-7b", choices=sorted(SHAPES))
     parser.add_argument("--stage", default="finetune", choices=[*STAGES, "prefill"])
-    parser.add_argument("--presets", default="none,duet_192,duet_128,duet_64", help="comma-separated preset names")
+    parser.add_argument(
+        "--presets",
+        default=None,
+        help="comma-separated preset names (default: none,duet_192,duet_128,duet_64; video shapes: "
+        "none,duet_video_53,duet_video_93)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step (ratios do not depend on it)")
     parser.add_argument("--lora-r", type=int, default=128)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prefill text tokens per sample")
     parser.add_argument("--breakdown", action="store_true", help="per-component rows under each preset")
     args = parser.parse_args(argv)
+    if args.presets is None:
+        args.presets = ",".join(default_presets(args.shape))
     args.presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     if not args.presets:
         parser.error("--presets is empty")
-    print("\n".join(_table(args)))
+    try:
+        lines = _table(args)
+    except ValueError as error:  # e.g. an image preset's k1 + k2 exceeds a video tower's 257 tokens
+        parser.error(str(error))
+    print("\n".join(lines))
     return 0
 
 

@@ -6,10 +6,13 @@ left-padded batch of synthetic prompts (one image slot + ``--prompt-tokens`` tex
 with EOS disabled so every sample decodes exactly ``--new-tokens`` tokens. A forward hook splits the
 call: the first forward is the prefill (time to first token), the rest is decoding. After warm-up,
 measurements run round-robin over (preset, batch size) so that machine drift hits all alike; rows give
-medians and compare the prefill-time ratio to ``none`` with the FLOP model's prefill ratio.
+medians and compare the prefill-time ratio to ``none`` with the FLOP model's prefill ratio. With a video
+shape each prompt holds one video slot and ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead of an image.
 
     python -m llava.bench.infer_speed --shape small --presets none,duet_192,duet_128,duet_64 \
         --batch-sizes 1,8 --prompt-tokens 64 --new-tokens 32 --out runs/bench/small-infer.json
+    python -m llava.bench.infer_speed --shape small-video --presets none,duet_video_53,duet_video_93 \
+        --batch-sizes 1,4 --prompt-tokens 64 --new-tokens 16 --out runs/bench/small-video-infer.json
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ from torch import nn
 
 from llava.bench import report
 from llava.bench.flops import prefill_flops
-from llava.bench.shapes import ModelShape, build_model, get_shape
-from llava.bench.train_speed import FIRST_SPECIAL_IDS, SYSTEM_PROMPT_TOKENS, resolve_presets
-from llava.compression.accounting import average_visual_tokens
+from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
+from llava.bench.train_speed import (
+    FIRST_SPECIAL_IDS,
+    SYSTEM_PROMPT_TOKENS,
+    move_batch,
+    random_pixels,
+    resolve_presets,
+    slot_token_id,
+    video_notes,
+    visual_input_fields,
+)
 from llava.compression.config import CompressionConfig
-from llava.constants import IMAGE_TOKEN_ID
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +71,8 @@ def build_prompts(
     """A left-padded prompt batch: ``BOS + system prompt``, one image slot, then the instruction.
 
     ``prompt_tokens`` text tokens per sample, shortened by up to 10% per sample (sample 0 keeps the full
-    length); random ids and ``[B, 3, S, S]`` random pixels.
+    length); random ids and ``[B, 3, S, S]`` random pixels. A video shape has one video slot per prompt and
+    ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead.
     """
     if prompt_tokens < 2:
         raise ValueError(f"prompt_tokens must be >= 2, got {prompt_tokens}")
@@ -75,16 +86,14 @@ def build_prompts(
         head = torch.randint(FIRST_SPECIAL_IDS, shape.llm.vocab, (prefix,), generator=generator)
         head[0] = bos_token_id
         tail = torch.randint(FIRST_SPECIAL_IDS, shape.llm.vocab, (prompt_tokens - prefix - cut,), generator=generator)
-        rows.append(torch.cat([head, torch.tensor([IMAGE_TOKEN_ID]), tail]))
+        rows.append(torch.cat([head, torch.tensor([slot_token_id(shape)]), tail]))
     length = max(len(row) for row in rows)
     input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
     for index, row in enumerate(rows):
         input_ids[index, length - len(row) :] = row
         attention_mask[index, length - len(row) :] = 1
-    size = shape.vision.image_size
-    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **random_pixels(shape, batch_size, generator)}
 
 
 @dataclass
@@ -176,8 +185,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases: list[CaseRecord] = []
     for batch_size in args.batch_sizes:
         prompts = build_prompts(shape, batch_size, args.prompt_tokens, seed=args.seed, pad_token_id=pad_token_id)
-        moved = {key: value.to(device) for key, value in prompts.items()}
-        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        moved = move_batch(prompts, device, dtype)
         cases += [CaseRecord(label, config, batch_size, moved) for label, config in presets]
 
     for case in cases:
@@ -232,7 +240,8 @@ def build_rows(
                 "batch_size": case.batch_size,
                 "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens,
-                "avg_visual_tokens": average_visual_tokens(case.config, shape.llm.num_layers, shape.vision.num_patches),
+                **visual_input_fields(shape, case.config),
+                "avg_visual_tokens": shape.average_visual_tokens(case.config),
                 "repeats": len(case.samples),
                 "ttft_s": ttft,
                 "ttft_iqr_s": ttft_iqr,
@@ -268,11 +277,12 @@ NOTES = (
 def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     """JSON rows, the Markdown table and the ratio chart; returns the table."""
     first = rows[0]
+    media = f"video ({first['num_frames']} frames)" if first.get("media") == "video" else "image"
     title = (
-        f"Inference speed: {first['shape']}, {first['prompt_tokens']} prompt tokens + image, "
+        f"Inference speed: {first['shape']}, {first['prompt_tokens']} prompt tokens + {media}, "
         f"{first['new_tokens']} new tokens"
     )
-    notes = [*NOTES, *report.noise_note(rows, "TTFT")]
+    notes = [*NOTES, *video_notes(first, training=False), *report.noise_note(rows, "TTFT")]
     labels = [f"{row['preset']}\nB={row['batch_size']}" for row in rows]
     return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "prefill time / none")
 
@@ -280,15 +290,18 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="small", help="benchmark shape: tiny, small, llava-7b, llava-13b")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES), help="benchmark shape (default small)")
     parser.add_argument(
         "--presets",
         type=report.parse_list,
-        default=["none", "duet_192", "duet_128", "duet_64"],
-        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing)",
+        default=None,
+        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing); default "
+        "none,duet_192,duet_128,duet_64, for video shapes none,duet_video_53,duet_video_93",
     )
     parser.add_argument("--batch-sizes", type=lambda text: report.parse_list(text, int), default=[1, 8])
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=64, help="text tokens per prompt besides the image (or video)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="round-robin rounds (timed calls per case)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case before the rounds")
@@ -307,6 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --new-tokens must be >= 1, --warmup >= 0, --batch-sizes non-empty")
     if any(size < 1 for size in args.batch_sizes):
         parser.error("--batch-sizes must be >= 1")
+    if args.presets is None:
+        args.presets = default_presets(args.shape)
     return args
 
 

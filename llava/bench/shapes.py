@@ -10,6 +10,17 @@ benchmarks talk about the same model. Shapes:
   0.27 TFLOPs per batch-4 finetune step, a few seconds on a small CPU, and the LLM dominates the cost (about
   97 %), as in the real model. Its narrow width makes attention a larger share of a layer than in Vicuna-7B.
 * ``llava-7b`` / ``llava-13b``: CLIP-L/14-336 with Vicuna-7B / Vicuna-13B (LLaVA-1.5).
+
+Video shapes (``num_frames > 0``) add a video tower; every benchmark sample then carries one video instead of
+an image: ``num_frames`` frames, each encoded by the video tower into its patches *plus CLS* (Video-LLaVA keeps
+CLS per frame: 224 px / patch 14 = 256 patches + 1 = 257 tokens), frame-major in one visual segment. The image
+tower is built too (Video-LLaVA has both; a video-only training batch still runs it once on a blank image).
+
+* ``tiny-video``: the ``tiny`` model with a 56 px video tower, 2 frames x 17 tokens = 34 per video.
+* ``small-video``: CPU benchmark model with Video-LLaVA's token geometry (8 frames x 257 = 2056 visual tokens,
+  about 120 text tokens) and ``small``'s tower (4 layers of 128, 3 run, at 224 px) and 8-layer LLM, narrowed to
+  256 wide: about 0.39 TFLOPs per batch-2 finetune step, about 5 s on a quiet 2-core CPU.
+* ``video-llava-7b``: Video-LLaVA-7B: CLIP-L/14-224 towers for images and video, Vicuna-7B, 8 frames.
 """
 
 from __future__ import annotations
@@ -21,13 +32,24 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
+from llava.compression.accounting import average_visual_tokens, initial_visual_tokens, visual_tokens_per_layer
 from llava.compression.config import CompressionConfig
 from llava.model.vision_tower import layers_to_run
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
 
-__all__ = ["SHAPES", "LLMShape", "ModelShape", "VisionShape", "build_model", "get_shape"]
+__all__ = [
+    "IMAGE_PRESETS",
+    "SHAPES",
+    "VIDEO_PRESETS",
+    "LLMShape",
+    "ModelShape",
+    "VisionShape",
+    "build_model",
+    "default_presets",
+    "get_shape",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +96,15 @@ class LLMShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A whole LLaVA model plus the text lengths of a typical sample.
+    """A whole LLaVA (or Video-LLaVA) model plus the text lengths of a typical sample.
 
     ``text_tokens``: finetune prompt + answer text tokens per sample (system prompt, question, answer);
     ``answer_tokens``: the supervised part of them; ``pretrain_text_tokens``: text tokens of a ``plain``
     pretraining sample (BOS + caption + separator), all supervised but the BOS.
+
+    ``num_frames`` > 0 makes a video shape: each sample carries one video of ``num_frames`` frames through the
+    ``video`` tower (which keeps CLS: ``tokens_per_frame`` = patches + 1) instead of one image through
+    ``vision`` (patches only). Both towers feed the one projector, so their widths and feature layer match.
     """
 
     name: str
@@ -88,15 +114,91 @@ class ModelShape:
     text_tokens: int = 100
     answer_tokens: int = 30
     pretrain_text_tokens: int = 30
+    num_frames: int = 0
+    video: VisionShape | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 0:
+            raise ValueError(f"shape {self.name}: num_frames must be >= 0, got {self.num_frames}")
+        if (self.num_frames > 0) != (self.video is not None):
+            raise ValueError(f"shape {self.name}: a video shape needs both num_frames > 0 and a video tower")
+        if self.video is not None:
+            if self.video.hidden != self.vision.hidden:
+                raise ValueError(f"shape {self.name}: the image and video towers share a projector: equal widths")
+            if self.video.feature_layer != self.vision.feature_layer:
+                raise ValueError(f"shape {self.name}: the image and video towers share one feature layer")
+
+    @property
+    def is_video(self) -> bool:
+        """Whether a sample carries one video (``num_frames`` frames) rather than one image."""
+        return self.num_frames > 0
+
+    @property
+    def media(self) -> str:
+        """``video`` or ``image``: what one benchmark sample carries."""
+        return "video" if self.is_video else "image"
+
+    @property
+    def sample_tower(self) -> VisionShape:
+        """The tower a sample's pixels go through: the video tower (per frame) or the image tower."""
+        return self.video if self.video is not None else self.vision
+
+    @property
+    def frames_per_sample(self) -> int:
+        """Tower passes per sample: ``num_frames`` for a video, 1 for an image."""
+        return max(self.num_frames, 1)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame before compression: patches + CLS (257 for Video-LLaVA); 0 for images."""
+        return self.video.num_patches + 1 if self.video is not None else 0
+
+    @property
+    def uncompressed_visual_tokens(self) -> int:
+        """Visual tokens per sample without compression: frames x tokens per frame, or the image's patches."""
+        return self.num_frames * self.tokens_per_frame if self.is_video else self.vision.num_patches
+
+    def _accounting(self) -> dict[str, int | bool]:
+        return {
+            "num_patches": self.sample_tower.num_patches,
+            "num_frames": self.frames_per_sample,
+            "cls_token": self.is_video,
+        }
+
+    def initial_visual_tokens(self, config: CompressionConfig) -> int:
+        """``N0`` per sample: V2V's ``k1 + k2`` (per frame, times the frames) or every token of the sample."""
+        return initial_visual_tokens(config, **self._accounting())
+
+    def visual_tokens_per_layer(self, config: CompressionConfig) -> list[int]:
+        """Visual tokens per sample (one image or one video, all frames) seen by each LLM layer."""
+        return visual_tokens_per_layer(config, self.llm.num_layers, **self._accounting())
+
+    def average_visual_tokens(self, config: CompressionConfig) -> float:
+        """Visual tokens per sample averaged over the LLM layers (the papers' token count)."""
+        return average_visual_tokens(config, self.llm.num_layers, **self._accounting())
+
+    def describe_visual_input(self) -> str:
+        """``one video of 8 frames x 257 tokens`` or ``one image of 576 tokens``: what a sample carries."""
+        if self.is_video:
+            return f"one video of {self.num_frames} frames x {self.tokens_per_frame} tokens"
+        return f"one image of {self.vision.num_patches} tokens"
 
 
 _CLIP_L_336 = VisionShape(num_layers=24, hidden=1024, intermediate=4096, heads=16)
+_CLIP_L_224 = VisionShape(num_layers=24, hidden=1024, intermediate=4096, heads=16, image_size=224)
+_TINY_VISION = VisionShape(num_layers=2, hidden=32, intermediate=64, heads=4, image_size=56, patch_size=14)
+_TINY_LLM = LLMShape(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+_SMALL_224 = VisionShape(num_layers=4, hidden=128, intermediate=512, heads=4, image_size=224)
+_VICUNA_7B = LLMShape(num_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+# A Video-LLaVA instruction sample (Video-ChatGPT style): system prompt + question (about 60 tokens) and a
+# one-paragraph answer (about 60 tokens); video captions for pretraining are short, like image captions.
+_VIDEO_TEXT = {"text_tokens": 120, "answer_tokens": 60, "pretrain_text_tokens": 30}
 
 SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(
         name="tiny",
-        vision=VisionShape(num_layers=2, hidden=32, intermediate=64, heads=4, image_size=56, patch_size=14),
-        llm=LLMShape(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128),
+        vision=_TINY_VISION,
+        llm=_TINY_LLM,
         text_tokens=16,
         answer_tokens=6,
         pretrain_text_tokens=8,
@@ -107,17 +209,44 @@ SHAPES: dict[str, ModelShape] = {
         # 8 layers keep the presets' boundaries (0.5, 0.75) on whole layers (4, 6) as on the 32-layer Vicuna.
         llm=LLMShape(num_layers=8, hidden=320, intermediate=864, heads=5, kv_heads=5, vocab=32000),
     ),
-    "llava-7b": ModelShape(
-        name="llava-7b",
-        vision=_CLIP_L_336,
-        llm=LLMShape(num_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
-    ),
+    "llava-7b": ModelShape(name="llava-7b", vision=_CLIP_L_336, llm=_VICUNA_7B),
     "llava-13b": ModelShape(
         name="llava-13b",
         vision=_CLIP_L_336,
         llm=LLMShape(num_layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, vocab=32000),
     ),
+    "tiny-video": ModelShape(
+        name="tiny-video",
+        vision=_TINY_VISION,
+        video=_TINY_VISION,
+        num_frames=2,
+        llm=_TINY_LLM,
+        text_tokens=16,
+        answer_tokens=6,
+        pretrain_text_tokens=8,
+    ),
+    "small-video": ModelShape(
+        name="small-video",
+        vision=_SMALL_224,
+        video=_SMALL_224,
+        num_frames=8,
+        llm=LLMShape(num_layers=8, hidden=256, intermediate=688, heads=4, kv_heads=4, vocab=32000),
+        **_VIDEO_TEXT,
+    ),
+    "video-llava-7b": ModelShape(
+        name="video-llava-7b", vision=_CLIP_L_224, video=_CLIP_L_224, num_frames=8, llm=_VICUNA_7B, **_VIDEO_TEXT
+    ),
 }
+
+IMAGE_PRESETS = ("none", "duet_192", "duet_128", "duet_64")
+"""Default benchmark presets of image shapes (LLaVA-1.5 budgets: 192 / 128 / 64 tokens per layer)."""
+VIDEO_PRESETS = ("none", "duet_video_53", "duet_video_93")
+"""Default benchmark presets of video shapes (per-frame V2V to 192 / 27 tokens, then joint T2V)."""
+
+
+def default_presets(shape: ModelShape | str) -> list[str]:
+    """The presets benchmarks and the FLOP table compare by default for ``shape`` (video or image budgets)."""
+    return list(VIDEO_PRESETS if get_shape(shape).is_video else IMAGE_PRESETS)
 
 
 def get_shape(name: str | ModelShape) -> ModelShape:
@@ -130,9 +259,11 @@ def get_shape(name: str | ModelShape) -> ModelShape:
         raise ValueError(f"unknown model shape {name!r}; available: {sorted(SHAPES)}") from None
 
 
-def vision_config(shape: ModelShape, attn_implementation: str = "sdpa") -> CLIPVisionConfig:
-    """HF ``CLIPVisionConfig`` for the shape's tower."""
-    vision = shape.vision
+def vision_config(
+    shape: ModelShape, attn_implementation: str = "sdpa", tower: VisionShape | None = None
+) -> CLIPVisionConfig:
+    """HF ``CLIPVisionConfig`` for the shape's image tower (or ``tower``, e.g. its video tower)."""
+    vision = tower if tower is not None else shape.vision
     config = CLIPVisionConfig(
         hidden_size=vision.hidden,
         intermediate_size=vision.intermediate,
@@ -180,15 +311,24 @@ def build_model(
     from llava.model.modeling import DuetLlavaForCausalLM
 
     shape = get_shape(shape)
+    video: dict[str, object] = {}
+    if shape.video is not None:
+        video = {
+            "video_config": vision_config(shape, attn_implementation, shape.video),
+            "video_feature_select_strategy": "cls_patch",
+            "num_frames": shape.num_frames,
+        }
     config = DuetLlavaConfig(
         vision_config=vision_config(shape, attn_implementation),
         text_config=text_config(shape, attn_implementation),
         projector_type=shape.projector,
         vision_feature_layer=shape.vision.feature_layer,
         compression=compression,
+        **video,
     )
-    config.vision_config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
+    for sub_config in (config.vision_config, config.text_config, config.video_config):
+        if sub_config is not None:
+            sub_config._attn_implementation = attn_implementation
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -201,8 +341,9 @@ def build_model(
         torch.set_default_dtype(previous)
     model.to(dtype=dtype)
     logger.info(
-        "built %s (compression %s): %.1fM parameters, %s",
+        "built %s%s (compression %s): %.1fM parameters, %s",
         shape.name,
+        f" with a video tower ({shape.num_frames} frames)" if shape.is_video else "",
         config.compression["name"] if config.compression else "none",
         sum(p.numel() for p in model.parameters()) / 1e6,
         dtype,

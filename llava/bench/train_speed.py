@@ -9,9 +9,16 @@ grads enabled as in training) and AdamW (fused on CUDA). After per-preset warm-u
 round-robin over the presets so that machine drift hits all of them alike; each row reports the
 median step time and compares its ratio to ``none`` with the analytic FLOP model's.
 
+With a video shape (``small-video``, ``video-llava-7b``) every sample carries one video instead of an image:
+one video slot in ``input_ids`` and ``pixel_values_videos`` ``[B, frames, 3, S, S]``; the visual-token counts
+are per video (all frames), and the default presets are the video ones.
+
     python -m llava.bench.train_speed --shape small --stage finetune \
         --presets none,duet_192,duet_128,duet_64 --batch-size 4 --steps 5 --warmup 2 \
         --out runs/bench/small-finetune.json
+    python -m llava.bench.train_speed --shape small-video --stage finetune \
+        --presets none,duet_video_53,duet_video_93 --batch-size 2 --steps 5 --warmup 1 \
+        --out runs/bench/small-video-finetune.json
 """
 
 from __future__ import annotations
@@ -29,10 +36,9 @@ from torch import nn
 
 from llava.bench import report
 from llava.bench.flops import predicted_step_ratio, training_step_flops
-from llava.bench.shapes import ModelShape, build_model, get_shape
-from llava.compression.accounting import average_visual_tokens
+from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.compression.config import CompressionConfig, CompressionConfigError, load_compression
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,30 @@ def _random_ids(count: int, vocab_size: int, generator: torch.Generator) -> torc
     return torch.randint(FIRST_SPECIAL_IDS, vocab_size, (count,), generator=generator)
 
 
+def slot_token_id(shape: ModelShape) -> int:
+    """The sentinel of a sample's visual slot: one video (video shapes) or one image."""
+    return VIDEO_TOKEN_ID if shape.is_video else IMAGE_TOKEN_ID
+
+
+def random_pixels(shape: ModelShape, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One image per sample, ``pixel_values`` ``[B, 3, S, S]``; or, for a video shape, one video per sample,
+    ``pixel_values_videos`` ``[B, frames, 3, S, S]`` at the video tower's size."""
+    size = shape.sample_tower.image_size
+    if shape.is_video:
+        videos = torch.randn(batch_size, shape.num_frames, 3, size, size, generator=generator)
+        return {"pixel_values_videos": videos}
+    return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=generator)}
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The batch on ``device``, pixels (images or videos) in the model's ``dtype``."""
+    moved = {key: value.to(device) for key, value in batch.items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in moved:
+            moved[key] = moved[key].to(dtype)
+    return moved
+
+
 def build_training_batch(
     shape: ModelShape, stage: str, batch_size: int, seed: int = 0, pad_token_id: int = 0, bos_token_id: int = 1
 ) -> dict[str, torch.Tensor]:
@@ -81,7 +111,8 @@ def build_training_batch(
     finetune (``v1``): ``BOS + system prompt``, the image slot, the instruction, then the answer; the last
     ``shape.answer_tokens`` text tokens are supervised (answers are shortened by up to 10% per sample).
     pretrain (``plain``): ``BOS``, the image slot, then ``shape.pretrain_text_tokens - 1`` caption tokens,
-    all supervised (captions shortened by up to 10%). One image per sample, ``[B, 3, S, S]`` pixels.
+    all supervised (captions shortened by up to 10%). One image per sample, ``[B, 3, S, S]`` pixels; for a
+    video shape one video slot per sample and ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -89,6 +120,7 @@ def build_training_batch(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     vocab = shape.llm.vocab
+    slot = slot_token_id(shape)
     rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     if stage == "finetune":
         prompt = shape.text_tokens - shape.answer_tokens
@@ -101,7 +133,7 @@ def build_training_batch(
             head[0] = bos_token_id
             instruction = _random_ids(prompt - prefix, vocab, generator)
             answer_ids = _random_ids(answer, vocab, generator)
-            ids = torch.cat([head, torch.tensor([IMAGE_TOKEN_ID]), instruction, answer_ids])
+            ids = torch.cat([head, torch.tensor([slot]), instruction, answer_ids])
             labels = torch.full_like(ids, IGNORE_INDEX)
             labels[-answer:] = answer_ids
             rows.append((ids, labels))
@@ -111,7 +143,7 @@ def build_training_batch(
             raise ValueError(f"shape {shape.name}: pretrain_text_tokens must be >= 2")
         for cut in _length_jitter(caption_tokens, batch_size, generator):
             caption = _random_ids(max(caption_tokens - cut, 1), vocab, generator)
-            ids = torch.cat([torch.tensor([bos_token_id, IMAGE_TOKEN_ID]), caption])
+            ids = torch.cat([torch.tensor([bos_token_id, slot]), caption])
             labels = torch.cat([torch.tensor([IGNORE_INDEX, IGNORE_INDEX]), caption])
             rows.append((ids, labels))
     length = max(len(ids) for ids, _ in rows)
@@ -122,9 +154,8 @@ def build_training_batch(
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = target
         attention_mask[row, : len(ids)] = 1
-    size = shape.vision.image_size
-    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    pixels = random_pixels(shape, batch_size, generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **pixels}
 
 
 # ----- training setup -----
@@ -225,7 +256,7 @@ def resolve_presets(specs: Sequence[str], shape: ModelShape) -> list[tuple[str, 
         label = report.preset_label(spec)
         try:
             config = load_compression(spec)
-            average_visual_tokens(config, shape.llm.num_layers, shape.vision.num_patches)
+            shape.average_visual_tokens(config)
         except (CompressionConfigError, ValueError) as error:
             raise SystemExit(f"preset {spec!r} does not fit shape {shape.name!r}: {error}") from None
         resolved.append((label, config))
@@ -237,12 +268,6 @@ def resolve_presets(specs: Sequence[str], shape: ModelShape) -> list[tuple[str, 
         logger.info("adding the 'none' preset: it is the baseline of every ratio")
         baseline = [("none", CompressionConfig())]
     return baseline[:1] + [item for item in resolved if item[1].enabled]
-
-
-def _batch_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    moved = {key: value.to(device) for key, value in batch.items()}
-    moved["pixel_values"] = moved["pixel_values"].to(dtype)
-    return moved
 
 
 def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -265,10 +290,10 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         enable_checkpointing(model)
     model.train()
     optimizer = build_optimizer(trainable, device, args.lr)
-    batch = _batch_to(build_training_batch(shape, args.stage, args.batch_size, seed=args.seed), device, dtype)
+    batch = move_batch(build_training_batch(shape, args.stage, args.batch_size, seed=args.seed), device, dtype)
     logger.info(
-        "%s %s: batch %d x %d text tokens, %d trainable / %d parameters, %s on %s (%s)",
-        shape.name, args.stage, args.batch_size, batch["input_ids"].shape[1],
+        "%s %s: batch %d x %d text tokens + %s, %d trainable / %d parameters, %s on %s (%s)",
+        shape.name, args.stage, args.batch_size, batch["input_ids"].shape[1], shape.describe_visual_input(),
         sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()), report.dtype_name(dtype),
         device, attn,
     )  # fmt: skip
@@ -292,6 +317,36 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     machine = report.machine_info(device, dtype, attn, load_at_start)
     return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window)
+
+
+def visual_input_fields(shape: ModelShape, config: CompressionConfig) -> dict[str, Any]:
+    """What one sample carries: ``media`` (image/video), ``num_frames`` (0 for an image), ``tokens_per_frame``
+    (0 for an image), the uncompressed visual tokens and ``initial_visual_tokens`` (N0, after V2V)."""
+    return {
+        "media": shape.media,
+        "num_frames": shape.num_frames,
+        "tokens_per_frame": shape.tokens_per_frame,
+        "uncompressed_visual_tokens": shape.uncompressed_visual_tokens,
+        "initial_visual_tokens": shape.initial_visual_tokens(config),
+    }
+
+
+def video_notes(row: dict[str, Any], training: bool = True) -> list[str]:
+    """The report note on how a video row's visual tokens are counted (none for image rows)."""
+    if row.get("media") != "video":
+        return []
+    note = (
+        f"each sample is one video of {row['num_frames']} frames x {row['tokens_per_frame']} tokens (video tower, "
+        f"CLS kept per frame): visual tok/layer counts one video, {row['uncompressed_visual_tokens']} tokens "
+        "uncompressed; V2V merges each frame to its k1 + k2 and T2V keeps floor(ratio x N0) of all frames of the "
+        "video jointly."
+    )
+    if training:
+        note += (
+            " A video-only training batch also runs the image tower once on a blank image (the idle pass that "
+            "keeps distributed ranks in step; the FLOP model counts it)."
+        )
+    return [note]
 
 
 def build_rows(
@@ -330,9 +385,8 @@ def build_rows(
                 "stage": args.stage,
                 "batch_size": args.batch_size,
                 "gradient_checkpointing": bool(args.gradient_checkpointing),
-                "avg_visual_tokens": average_visual_tokens(
-                    record.config, shape.llm.num_layers, shape.vision.num_patches
-                ),
+                **visual_input_fields(shape, record.config),
+                "avg_visual_tokens": shape.average_visual_tokens(record.config),
                 "measured_visual_tokens": statistics.mean(sample.visual_tokens for sample in record.samples),
                 "steps": len(record.samples),
                 "step_time_s": step_s,
@@ -380,7 +434,9 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
         f"Training step speed: {first['shape']} {first['stage']}, batch {first['batch_size']}, "
         f"gradient checkpointing {'on' if first['gradient_checkpointing'] else 'off'}"
     )
-    notes = [*NOTES, *report.noise_note(rows, "step-time")]
+    if first.get("media") == "video":
+        title += f", one video of {first['num_frames']} frames per sample"
+    notes = [*NOTES, *video_notes(first), *report.noise_note(rows, "step-time")]
     labels = [row["preset"] for row in rows]
     return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "step time / none")
 
@@ -388,13 +444,14 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="small", help="benchmark shape: tiny, small, llava-7b, llava-13b")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES), help="benchmark shape (default small)")
     parser.add_argument("--stage", choices=STAGES, default="finetune")
     parser.add_argument(
         "--presets",
         type=report.parse_list,
-        default=["none", "duet_192", "duet_128", "duet_64"],
-        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing)",
+        default=None,
+        help="comma-separated preset names or YAML paths ('none' is the baseline, added if missing); default "
+        "none,duet_192,duet_128,duet_64, for video shapes none,duet_video_53,duet_video_93",
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="round-robin rounds (timed steps per preset)")
@@ -414,6 +471,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
+    if args.presets is None:
+        args.presets = default_presets(args.shape)
     return args
 
 
