@@ -63,14 +63,15 @@ def resolve_backend(backend: str) -> str:
 def sample_frame_indices(num_total: int, num_frames: int) -> np.ndarray:
     """Indices of ``num_frames`` frames spread uniformly over ``num_total``, both ends included.
 
-    This is Video-LLaVA's ``np.linspace(0, num_total - 1, num_frames)``, rounded to the nearest
-    frame. Raises ``ValueError`` if fewer than ``num_frames`` frames exist or ``num_frames < 1``.
+    This is Video-LLaVA's ``np.linspace(0, num_total - 1, num_frames, dtype=int)`` (truncated, not
+    rounded), so a model sees the frames it saw in Video-LLaVA's training. Raises ``ValueError`` if
+    fewer than ``num_frames`` frames exist or ``num_frames < 1``.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if num_total < num_frames:
         raise ValueError(f"cannot sample {num_frames} distinct frames from {num_total}")
-    return np.rint(np.linspace(0, num_total - 1, num_frames)).astype(np.int64)
+    return np.linspace(0, num_total - 1, num_frames).astype(np.int64)
 
 
 def _check_request(path: PathLike, num_frames: int) -> None:

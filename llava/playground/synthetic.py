@@ -158,11 +158,22 @@ def _star_points(x0: int, y0: int, x1: int, y1: int) -> list[tuple[float, float]
 
 def draw_image(spec: ImageSpec) -> Image.Image:
     """Render ``spec`` to an RGB image (deterministic: noise comes from ``spec.noise_seed``)."""
-    noise = np.random.default_rng(spec.noise_seed).integers(-8, 9, size=(spec.height, spec.width, 3))
-    base = np.asarray(spec.background, dtype=np.int16)[None, None, :] + noise
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="RGB")
+    image = draw_background(spec.width, spec.height, spec.background, spec.noise_seed)
+    draw_shapes(image, spec.shapes)
+    return image
+
+
+def draw_background(width: int, height: int, color: tuple[int, int, int], noise_seed: int) -> Image.Image:
+    """Light canvas of ``color`` with +-8 per-pixel noise drawn from ``noise_seed``."""
+    noise = np.random.default_rng(noise_seed).integers(-8, 9, size=(height, width, 3))
+    base = np.asarray(color, dtype=np.int16)[None, None, :] + noise
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def draw_shapes(image: Image.Image, shapes: Iterable[ShapeSpec]) -> None:
+    """Draw ``shapes`` onto ``image`` in place, in order (later shapes on top)."""
     draw = ImageDraw.Draw(image)
-    for s in spec.shapes:
+    for s in shapes:
         fill = COLORS[s.color]
         x0, y0, x1, y1 = s.bbox
         if s.shape == "circle":
@@ -181,7 +192,6 @@ def draw_image(spec: ImageSpec) -> Image.Image:
             draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
         else:
             raise ValueError(f"unknown shape {s.shape!r}")
-    return image
 
 
 def write_images(specs: Iterable[ImageSpec], image_dir: Path, desc: str = "images") -> int:
@@ -430,6 +440,12 @@ GENERATED_ENTRIES: tuple[str, ...] = (
     "manifest.json",
     "README.md",
     "demo_requests.jsonl",
+    "videos",
+    "video_pretrain.json",
+    "video_finetune.json",
+    "video_metadata.json",
+    "video_demo_requests.jsonl",
+    "video_tower",
 )
 """Top-level names the builder writes; ``force`` removes only these, never other files."""
 
@@ -452,6 +468,10 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def demo_requests(seed: int, count: int = 8) -> tuple[list[ImageSpec], list[dict[str, Any]]]:
@@ -487,13 +507,26 @@ def build_playground(
     seed: int = 0,
     force: bool = False,
     vocab_size: int = 1000,
+    num_video_pretrain: int = 160,
+    num_video_finetune: int = 160,
 ) -> dict[str, Any]:
-    """Write images, pretrain/finetune JSON, tiny CLIP tower, tiny LLaMA + tokenizer and a manifest.
+    """Write images, videos, LLaVA / Video-LLaVA JSON, tiny image and video CLIP towers, tiny LLaMA
+    + tokenizer and a manifest.
 
-    Offline and deterministic for a given ``seed``. Refuses a non-empty ``out_dir`` unless
-    ``force``. Returns the manifest dict (also written to ``out_dir/manifest.json``).
+    ``video_finetune.json`` mixes video, image (reusing ``images/``), video+image and text-only
+    samples. ``num_video_pretrain = num_video_finetune = 0`` writes no videos (the video tower is
+    still saved). Offline and deterministic for a given ``seed``. Refuses a non-empty ``out_dir``
+    unless ``force``. Returns the manifest dict (also written to ``out_dir/manifest.json``).
     """
-    from llava.playground.tiny_models import LLM_DEFAULTS, VISION_DEFAULTS, save_llm, save_vision_tower
+    from llava.data.video import DEFAULT_NUM_FRAMES
+    from llava.playground import synthetic_video as sv
+    from llava.playground.tiny_models import (
+        LLM_DEFAULTS,
+        VISION_DEFAULTS,
+        save_llm,
+        save_video_tower,
+        save_vision_tower,
+    )
     from llava.playground.tokenizer import train_playground_tokenizer
 
     out = Path(out_dir)
@@ -505,14 +538,29 @@ def build_playground(
     _write_json(out / "image_metadata.json", {spec.file: spec.to_json() for spec in data.all_images})
     demo_specs, demo = demo_requests(seed)
     write_images(demo_specs, out / "images", desc="demo images")
-    (out / "demo_requests.jsonl").write_text("".join(json.dumps(request) + "\n" for request in demo), encoding="utf-8")
+    _write_jsonl(out / "demo_requests.jsonl", demo)
 
-    tokenizer = train_playground_tokenizer(corpus_texts(data), vocab_size=vocab_size)
+    vdata = sv.generate_video_data(num_video_pretrain, num_video_finetune, seed, images=data.all_images)
+    video_demo_specs: list[sv.VideoSpec] = []
+    video_demo: list[dict[str, Any]] = []
+    if vdata.pretrain or vdata.finetune:
+        sv.write_videos(vdata.all_videos, out / "videos")
+        video_demo_specs, video_demo = sv.video_demo_requests(seed)
+        sv.write_videos(video_demo_specs, out / "videos", desc="demo videos")
+        _write_json(out / "video_pretrain.json", vdata.pretrain)
+        _write_json(out / "video_finetune.json", vdata.finetune)
+        _write_json(out / "video_metadata.json", {spec.file: spec.to_json() for spec in vdata.all_videos})
+        _write_jsonl(out / "video_demo_requests.jsonl", video_demo)
+
+    tokenizer = train_playground_tokenizer(corpus_texts(data) + sv.video_corpus_texts(vdata), vocab_size=vocab_size)
     vision = save_vision_tower(out / "vision_tower", seed=seed)
+    video_tower = save_video_tower(out / "video_tower", seed=seed)
     llm = save_llm(out / "llm", tokenizer, seed=seed)
 
-    vcfg = vision.config
+    vcfg, tcfg = vision.config, video_tower.config
     num_patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    frame_tokens = (tcfg.image_size // tcfg.patch_size) ** 2 + 1
+    vft = vdata.finetune
     manifest: dict[str, Any] = {
         "seed": seed,
         "images": {
@@ -537,6 +585,41 @@ def build_playground(
             **{k: getattr(vcfg, k) for k in VISION_DEFAULTS},
             "tokens_per_image": num_patches + 1,
             "parameters": vision.num_parameters(),
+        },
+        "videos": {
+            "dir": "videos",
+            "count": len(vdata.all_videos) + len(video_demo_specs),
+            "demo": len(video_demo_specs),
+            "pretrain": len(vdata.pretrain_videos),
+            "finetune": len(vdata.finetune_videos),
+            "frames_per_video": list(sv.VIDEO_FRAME_RANGE),
+            "fps": sv.VIDEO_FPS,
+            "sizes": [list(size) for size in sv.VIDEO_SIZES],
+            "codec": sv.VIDEO_CODEC,
+            "metadata": "video_metadata.json" if vdata.all_videos else None,
+        },
+        "video_pretrain": {"file": "video_pretrain.json", "samples": len(vdata.pretrain)},
+        "video_finetune": {
+            "file": "video_finetune.json",
+            "samples": len(vft),
+            "video": sum("video" in s and "image" not in s for s in vft),
+            "image": sum("image" in s and "video" not in s for s in vft),
+            "video_and_image": sum("video" in s and "image" in s for s in vft),
+            "text_only": sum("video" not in s and "image" not in s for s in vft),
+        },
+        "video_demo_requests": {
+            "file": "video_demo_requests.jsonl",
+            "requests": len(video_demo),
+            "videos": "held out from training",
+        },
+        "video_tower": {
+            "dir": "video_tower",
+            "class": type(video_tower).__name__,
+            **{k: getattr(tcfg, k) for k in VISION_DEFAULTS},
+            "tokens_per_frame": frame_tokens,
+            "frames_per_video": DEFAULT_NUM_FRAMES,
+            "tokens_per_video": DEFAULT_NUM_FRAMES * frame_tokens,
+            "parameters": video_tower.num_parameters(),
         },
         "llm": {
             "dir": "llm",
@@ -569,5 +652,30 @@ def _readme(m: dict[str, Any]) -> str:
         f"- `llm/`: tiny random LlamaForCausalLM, hidden {lm['hidden_size']}, {lm['num_hidden_layers']} "
         f"layers, {lm['num_attention_heads']} heads / {lm['num_key_value_heads']} KV heads, "
         f"vocab {lm['vocab_size']}, plus its locally trained tokenizer.\n"
+        f"{_readme_video(m)}"
         "- `manifest.json`: the counts and model sizes above, machine-readable.\n"
+    )
+
+
+def _readme_video(m: dict[str, Any]) -> str:
+    vids, vft, t = m["videos"], m["video_finetune"], m["video_tower"]
+    tower = (
+        f"- `video_tower/`: the same tiny CLIPVisionModel at Video-LLaVA frame geometry: image "
+        f"{t['image_size']}, patch {t['patch_size']} ({t['tokens_per_frame']} tokens per frame, "
+        f"{t['frames_per_video']} sampled frames = {t['tokens_per_video']} tokens per video), plus its processor.\n"
+    )
+    if not vids["count"]:
+        return tower
+    lo, hi = vids["frames_per_video"]
+    sizes = ", ".join(f"{w}x{h}" for w, h in vids["sizes"])
+    return (
+        f"- `videos/`: {vids['count']} {vids['codec']} MP4s ({lo}-{hi} frames at {vids['fps']} fps, {sizes}) of a "
+        "coloured shape moving left/right/up/down, sometimes changing colour or next to a still shape;\n"
+        "  per-video specs in `video_metadata.json`. Use as `--video_folder`; image samples refer to `images/`.\n"
+        f"- `video_pretrain.json`: {m['video_pretrain']['samples']} video caption samples.\n"
+        f"- `video_finetune.json`: {vft['samples']} samples (Video-LLaVA style): {vft['video']} video QA, "
+        f"{vft['image']} image VQA, {vft['video_and_image']} video+image, {vft['text_only']} text-only.\n"
+        f"- `video_demo_requests.jsonl`: {m['video_demo_requests']['requests']} questions on held-out videos "
+        "with expected answers.\n"
+        f"{tower}"
     )

@@ -2,7 +2,9 @@
 
 The vision tower keeps CLIP ViT-L/14-336's token geometry (336 px, patch 14, so 576 patches + CLS
 = 577 tokens) so that token-reduction code sees realistic shapes, while width and depth are tiny so
-everything runs on a CPU in seconds. The LLM is a tiny LLaMA sized to the playground tokenizer.
+everything runs on a CPU in seconds. The video tower is the same model at Video-LLaVA's frame
+geometry (224 px, patch 14: 256 patches + CLS = 257 tokens per frame). The LLM is a tiny LLaMA
+sized to the playground tokenizer.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ VISION_DEFAULTS: dict[str, int] = {
     "patch_size": 14,
     "projection_dim": 64,
 }
+VIDEO_TOWER_IMAGE_SIZE = 224
+"""Frame size of the video tower (Video-LLaVA's LanguageBind/CLIP-L/14 at 224 px: 256 patches + CLS)."""
 LLM_DEFAULTS: dict[str, int] = {
     "hidden_size": 64,
     "intermediate_size": 172,
@@ -87,14 +91,27 @@ def build_tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def save_vision_tower(out_dir: Path, seed: int = 0) -> CLIPVisionModel:
-    """Build and save the tiny tower plus its image processor (safetensors) into ``out_dir``."""
+def save_vision_tower(out_dir: Path, seed: int = 0, image_size: int | None = None) -> CLIPVisionModel:
+    """Build and save the tiny tower plus its image processor (safetensors) into ``out_dir``.
+
+    ``image_size`` overrides the default 336 px (e.g. 224 for the Video-LLaVA-geometry video tower).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_vision_tower(seed)
+    model = build_tiny_vision_tower(seed, **({} if image_size is None else {"image_size": image_size}))
     model.save_pretrained(out_dir, safe_serialization=True)
     build_clip_image_processor(model.config.image_size).save_pretrained(out_dir)
-    logger.info("saved tiny vision tower (%d params) to %s", model.num_parameters(), out_dir)
+    logger.info(
+        "saved tiny vision tower (%d px, %d params) to %s", model.config.image_size, model.num_parameters(), out_dir
+    )
     return model
+
+
+def save_video_tower(out_dir: Path, seed: int = 0) -> CLIPVisionModel:
+    """Save a tiny tower with Video-LLaVA's per-frame geometry (224 px, patch 14: 257 tokens a frame).
+
+    Same width and depth as the image tower; only the input size (hence position embeddings) differs.
+    """
+    return save_vision_tower(out_dir, seed=seed, image_size=VIDEO_TOWER_IMAGE_SIZE)
 
 
 def ensure_bos(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -14,17 +14,30 @@ from llava.playground.synthetic import build_playground
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
-        description="Generate synthetic LLaVA data plus a tiny CLIP tower and tiny LLaMA (no download)."
+        description=(
+            "Generate synthetic LLaVA / Video-LLaVA data (images and videos) plus tiny image and video "
+            "CLIP towers and a tiny LLaMA (no download)."
+        )
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num-pretrain", type=int, default=600, help="caption samples (pretrain.json)")
     parser.add_argument("--num-finetune", type=int, default=600, help="instruction samples (finetune.json)")
+    parser.add_argument(
+        "--num-video-pretrain", type=int, default=160, help="video caption samples (video_pretrain.json)"
+    )
+    parser.add_argument(
+        "--num-video-finetune",
+        type=int,
+        default=160,
+        help="mixed video/image/text samples (video_finetune.json); 0 and 0 write no videos",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights")
     parser.add_argument("--vocab-size", type=int, default=1000, help="tokenizer vocabulary size")
     parser.add_argument("--force", action="store_true", help="overwrite outputs in a non-empty --out")
     args = parser.parse_args(argv)
-    if args.num_pretrain < 0 or args.num_finetune < 0:
-        parser.error("--num-pretrain and --num-finetune must be >= 0")
+    counts = (args.num_pretrain, args.num_finetune, args.num_video_pretrain, args.num_video_finetune)
+    if min(counts) < 0:
+        parser.error("--num-pretrain, --num-finetune, --num-video-pretrain and --num-video-finetune must be >= 0")
     return args
 
 
@@ -41,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             force=args.force,
             vocab_size=args.vocab_size,
+            num_video_pretrain=args.num_video_pretrain,
+            num_video_finetune=args.num_video_finetune,
         )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
