@@ -11,32 +11,14 @@
 #   COMPRESSION=duet_video_53 bash scripts/video/pretrain.sh        # DUET during training
 #   DRY_RUN=1 bash scripts/video/pretrain.sh                         # print the command only
 # Settings, resume, wandb and multi-node launch: see scripts/v1_5/common.sh (VIDEO_* variables included).
+# This script only sets the Video-LLaVA defaults; scripts/v1_5/pretrain.sh does the launch.
 set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/video/defaults.sh
+source "$HERE/defaults.sh"
 
-DATA_ROOT="${DATA_ROOT:-playground/data/video-llava}"
-DATA_PATH="${DATA_PATH:-$DATA_ROOT/train_json/llava_image_.json $DATA_ROOT/train_json/valley_.json}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA_ROOT}"
-VIDEO_FOLDER="${VIDEO_FOLDER:-$DATA_ROOT}"
-VISION_TOWER="${VISION_TOWER:-openai/clip-vit-large-patch14}"
-VIDEO_TOWER="${VIDEO_TOWER:-$VISION_TOWER}"
-NUM_FRAMES="${NUM_FRAMES:-8}"
-MODEL_MAX_LENGTH="${MODEL_MAX_LENGTH:-3072}"
-# Video defaults above come first: common.sh only fills what is still unset (its image defaults).
-# shellcheck source=scripts/v1_5/common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../v1_5/common.sh"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/video-llava-7b-pretrain}"
-RUN_GROUP="${RUN_GROUP:-video-llava-$COMPRESSION}"
-ZERO="${ZERO:-$REPO_ROOT/scripts/zero2.json}"
-BATCH_SIZE="${BATCH_SIZE:-32}"
-GLOBAL_BATCH="${GLOBAL_BATCH:-256}"
-LR="${LR:-1e-3}"
-EPOCHS="${EPOCHS:-1}"
-SAVE_STEPS="${SAVE_STEPS:-24000}"
-SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
-
-finalize_settings
-common_train_args
-launch "${COMMON_ARGS[@]}" \
-    --version plain \
-    --tune_mm_mlp_adapter True \
-    "$@"
+export DATA_PATH="${DATA_PATH:-$DATA_ROOT/train_json/llava_image_.json $DATA_ROOT/train_json/valley_.json}"
+export OUTPUT_DIR="${OUTPUT_DIR:-runs/video-llava-7b-pretrain}"
+export BATCH_SIZE="${BATCH_SIZE:-32}"
+export GLOBAL_BATCH="${GLOBAL_BATCH:-256}"
+exec bash "$HERE/../v1_5/pretrain.sh" "$@"
