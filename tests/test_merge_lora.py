@@ -62,7 +62,8 @@ def test_merge_intermediate_checkpoint_matches_peft_model(lora_run: Path, tmp_pa
     out = tmp_path / "merged"
     assert merge_cli.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
 
-    peft_model, _, _ = load_lora_model(checkpoint)
+    peft_model, _, _, video_processor = load_lora_model(checkpoint)
+    assert video_processor is None  # an image-only run
     merged = load_pretrained_model(out)
     assert isinstance(merged, DuetLlavaForCausalLM)
     merged.eval()

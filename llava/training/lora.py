@@ -86,22 +86,25 @@ def load_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def build_base_model(run_config: dict[str, Any]) -> tuple[DuetLlavaForCausalLM, Any, Any]:
-    """Rebuild the pre-LoRA model, tokenizer and image processor exactly as training did."""
+def build_base_model(run_config: dict[str, Any]) -> tuple[DuetLlavaForCausalLM, Any, Any, Any]:
+    """Rebuild the pre-LoRA model, tokenizer, image processor and video processor (``None`` without a
+    video tower) exactly as training did."""
     model_args, data_args, args = arguments_from_run_config(run_config)
     set_seed(int(run_config.get("seed", 42)))  # train() seeds before building (fresh projector init)
     model = build_model(model_args, data_args, args)
     tokenizer, image_processor = load_processors(model_args, data_args)
+    video_processor = load_video_processor(model_args, image_processor, model.config.has_video_tower)
     model.config.text_config.pad_token_id = tokenizer.pad_token_id  # as train() sets it
-    return model, tokenizer, image_processor
+    return model, tokenizer, image_processor, video_processor
 
 
 def load_lora_model(
     checkpoint_dir: str | os.PathLike[str], run_config_path: str | os.PathLike[str] | None = None
-) -> tuple[nn.Module, Any, Any]:
+) -> tuple[nn.Module, Any, Any, Any]:
     """The peft model (base rebuilt from the run config + this checkpoint's adapter), in eval mode.
 
-    Returns ``(peft_model, tokenizer, image_processor)``.
+    Returns ``(peft_model, tokenizer, image_processor, video_processor)``; the last is ``None`` without
+    a video tower.
     """
     from peft import LoraConfig, PeftModel
 
@@ -114,14 +117,14 @@ def load_lora_model(
     if not run_config.get("lora_enable", False):
         logger.warning("%s says lora_enable=False; merging the adapter in %s anyway", config_path, checkpoint_dir)
     logger.info("Rebuilding the base model from %s", config_path)
-    base, tokenizer, image_processor = build_base_model(run_config)
+    base, tokenizer, image_processor, video_processor = build_base_model(run_config)
     lora_config = LoraConfig.from_pretrained(str(checkpoint_dir))
     # The task type only adds generation plumbing to the wrapper; merging does not depend on it, and
     # a plain PeftModel works whether or not the base model is a GenerationMixin.
     lora_config.task_type = None
     model = PeftModel.from_pretrained(base, str(checkpoint_dir), config=lora_config, is_trainable=False)
     model.eval()
-    return model, tokenizer, image_processor
+    return model, tokenizer, image_processor, video_processor
 
 
 def merge_lora_checkpoint(
@@ -137,7 +140,7 @@ def merge_lora_checkpoint(
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if out.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out must differ from the checkpoint directory ({checkpoint_dir})")
-    model, tokenizer, image_processor = load_lora_model(checkpoint_dir, run_config_path)
+    model, tokenizer, image_processor, video_processor = load_lora_model(checkpoint_dir, run_config_path)
     merged = model.merge_and_unload()
     if not isinstance(merged, DuetLlavaForCausalLM):
         raise TypeError(f"merging gave a {type(merged).__name__}, expected DuetLlavaForCausalLM")
@@ -146,9 +149,7 @@ def merge_lora_checkpoint(
     merged.save_pretrained(str(out))  # safetensors (the only format transformers 5 writes)
     tokenizer.save_pretrained(str(out))
     image_processor.save_pretrained(str(out))
-    if merged.config.has_video_tower:
-        model_args = arguments_from_run_config(load_run_config(find_run_config(checkpoint_dir, run_config_path)))[0]
-        video_processor = load_video_processor(model_args, image_processor, has_video_tower=True)
+    if video_processor is not None:
         video_processor.save_pretrained(str(out / VIDEO_PROCESSOR_DIR))
     logger.info("Merged %s into %s", checkpoint_dir, out)
     return out
