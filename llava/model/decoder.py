@@ -124,19 +124,20 @@ def run_decoder(
     past_key_values: Cache | None = None,
     use_cache: bool = False,
     left_align: bool = False,
-    num_images: int = 0,
+    num_segments: int = 0,
 ) -> DecoderResult:
     """Prefill/training pass over the whole sequence, dropping visual tokens at the plan's boundaries.
 
     ``left_align`` keeps rows right-aligned after a drop (left padding, for generation); training
-    batches are right-padded. Returns the final-normed hidden states and the compacted sequence
-    (its labels stay aligned with the hidden states).
+    batches are right-padded. ``num_segments`` (images plus videos in the batch) turns the reported
+    visual tokens per layer into a per-image/per-video count. Returns the final-normed hidden states and
+    the compacted sequence (its labels stay aligned with the hidden states).
     """
     plan = plan or StagePlan()
     starts = plan.stage_starts()
     num_layers = len(decoder.layers)
     initial_visual = sequence.visual_mask.sum(dim=1)
-    per_image = max(num_images, 1)
+    per_segment = max(num_segments, 1)
     masks: list[torch.Tensor] = []
     next_positions: list[torch.Tensor] = []
     tokens_per_layer: list[float] = []
@@ -166,7 +167,7 @@ def run_decoder(
         sequence = replace(sequence, hidden=hidden)
         masks.append(sequence.attention_mask)
         next_positions.append(_next_positions(sequence))
-        visual_now = float(sequence.visual_mask.sum()) / per_image
+        visual_now = float(sequence.visual_mask.sum()) / per_segment
         tokens_per_layer += [visual_now] * (end - start)
     return DecoderResult(
         hidden=decoder.norm(sequence.hidden),

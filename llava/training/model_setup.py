@@ -72,7 +72,6 @@ def build_model(
             vision_feature_layer=model_args.mm_vision_select_layer,
             vision_feature_select_strategy=model_args.mm_vision_select_feature,
             video_feature_select_strategy=model_args.mm_video_select_feature,
-            num_frames=data_args.num_frames,
         )
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.template = data_args.version
