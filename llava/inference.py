@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llava.constants import IMAGE_TAG, VIDEO_PROCESSOR_DIR, VIDEO_TAG
 from llava.data.images import load_and_preprocess
 from llava.data.templates import ConversationTemplate, generation_turns, get_template
 from llava.data.tokenization import tokenize_prompt
 from llava.data.video import load_and_preprocess_videos
+from llava.hf_adapter import load_image_processor
 from llava.model.loading import load_pretrained_model, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
 
@@ -178,13 +179,13 @@ class LlavaPipeline:
             model.set_compression(compression)
         model.set_query_vocabulary(tokenizer)
         try:
-            image_processor = AutoImageProcessor.from_pretrained(str(processor_dir))
+            image_processor = load_image_processor(str(processor_dir))
         except OSError as error:
             raise MissingComponentError(f"cannot load an image processor from {processor_dir}: {error}") from error
         video_processor = None
         if model.config.has_video_tower:
             video_dir = model_dir / VIDEO_PROCESSOR_DIR
-            video_processor = AutoImageProcessor.from_pretrained(str(video_dir)) if video_dir.is_dir() else None
+            video_processor = load_image_processor(str(video_dir)) if video_dir.is_dir() else None
         logger.info("Loaded %s on %s (template %s)", model_dir, device, model.config.template)
         return cls(
             model=model,

@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
+from llava.hf_adapter import set_attn_implementation
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -23,7 +25,7 @@ def tiny_vision_config(**overrides) -> CLIPVisionConfig:
     )
     fields.update(overrides)
     config = CLIPVisionConfig(**fields)
-    config._attn_implementation = "sdpa"
+    set_attn_implementation(config, "sdpa")
     return config
 
 
@@ -41,7 +43,7 @@ def tiny_text_config(**overrides) -> LlamaConfig:
     )
     fields.update(overrides)
     config = LlamaConfig(**fields)
-    config._attn_implementation = "sdpa"
+    set_attn_implementation(config, "sdpa")
     return config
 
 

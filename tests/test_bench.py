@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from llava.bench import infer_speed, report, train_speed
+from llava.bench.hf_baseline import BASELINE_LABEL, build_hf_llava, hf_image_token_id, to_hf_batch
 from llava.bench.shapes import VIDEO_PRESETS, get_shape
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.model.loading import convert_hf_llava
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,61 @@ def test_train_speed_adds_the_baseline(tmp_path: Path, tiny_preset: str) -> None
     )  # fmt: skip
     assert [row["preset"] for row in rows] == ["none", "duet_tiny"]
     assert rows[0]["gradient_checkpointing"] is False
+
+
+def test_hf_llava_baseline_sees_the_same_batch_as_our_model() -> None:
+    # HF's model with the expanded batch and ours (converted from it) with our batch compute the same loss.
+    shape = get_shape("tiny")
+    torch.manual_seed(0)
+    hf_model = build_hf_llava(shape, torch.float32, "sdpa", None).eval()
+    ours = convert_hf_llava(hf_model).eval()
+    batch = train_speed.build_training_batch(shape, "finetune", 3, seed=1)
+    batch["input_ids"][0, -1] = hf_image_token_id(shape)  # a text token that collides with HF's image id
+    hf_batch = to_hf_batch(batch, shape)
+    assert hf_batch["input_ids"].shape[1] == batch["input_ids"].shape[1] + shape.vision.num_patches - 1
+    assert int((hf_batch["input_ids"] == hf_image_token_id(shape)).sum()) == 3 * shape.vision.num_patches
+    assert torch.equal(hf_batch["attention_mask"].sum(1), batch["attention_mask"].sum(1) + shape.vision.num_patches - 1)
+    ids = batch["input_ids"]
+    batch["input_ids"] = ids.masked_fill(ids == hf_image_token_id(shape), hf_image_token_id(shape) - 1)
+    with torch.no_grad():
+        expected = ours(**batch).loss
+        got = hf_model(**hf_batch).loss
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_train_speed_hf_baseline_row(tmp_path: Path) -> None:
+    out = tmp_path / "hf.json"
+    rows = train_speed.main(
+        ["--shape", "tiny", "--presets", "none", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+         "--hf-baseline", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    saved = _check_outputs(out, rows, TRAIN_KEYS)
+    assert [row["preset"] for row in saved] == ["none", BASELINE_LABEL]
+    hf_row = saved[1]
+    assert hf_row["steps"] == 2 and hf_row["step_time_s"] > 0 and math.isfinite(hf_row["loss"])
+    assert hf_row["measured_visual_tokens"] == 16
+    assert "LlavaForConditionalGeneration" in out.with_suffix(".md").read_text()
+
+
+def test_infer_speed_hf_baseline_rows(tmp_path: Path) -> None:
+    out = tmp_path / "hf-infer.json"
+    rows = infer_speed.main(
+        ["--shape", "tiny", "--presets", "none", "--batch-sizes", "1,2", "--prompt-tokens", "8", "--new-tokens", "3",
+         "--repeats", "2", "--warmup", "1", "--hf-baseline", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    assert [(row["preset"], row["batch_size"]) for row in rows] == [
+        ("none", 1), (BASELINE_LABEL, 1), ("none", 2), (BASELINE_LABEL, 2)
+    ]  # fmt: skip
+    none_rows = [row for row in rows if row["preset"] == "none"]
+    assert all(row["ratio_vs_none"] == 1.0 for row in none_rows)  # the baseline never replaces none
+    assert all(row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows)
+
+
+def test_hf_baseline_rejects_video_shapes() -> None:
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--shape", "tiny-video", "--hf-baseline"])
+    with pytest.raises(SystemExit):
+        infer_speed.parse_args(["--shape", "tiny-video", "--hf-baseline"])
 
 
 def test_train_speed_rejects_presets_that_do_not_fit(tmp_path: Path) -> None:

@@ -180,8 +180,9 @@ def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, t
     projector weights must still land in it (LLaVA's size-mismatch bug). With lr 0 the saved
     projector after training equals the file exactly."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
+    from llava.hf_adapter import load_image_processor
     from llava.model.modeling import DuetLlavaForCausalLM
 
     checkpoint = tmp_path / "llava-checkpoint"
@@ -191,7 +192,7 @@ def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, t
     )
     model.save_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(playground / "llm").save_pretrained(checkpoint)
-    CLIPImageProcessor.from_pretrained(playground / "vision_tower").save_pretrained(checkpoint)
+    load_image_processor(playground / "vision_tower").save_pretrained(checkpoint)
     projector_file = tmp_path / "mm_projector.safetensors"
     generator = torch.Generator().manual_seed(3)
     new_weights = {

@@ -19,6 +19,7 @@ from llava.bench.flops import main, predicted_step_ratio, prefill_flops, trainin
 from llava.bench.shapes import SHAPES, VIDEO_PRESETS, LLMShape, ModelShape, VisionShape, build_model, get_shape
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, load_compression
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import attn_implementation_of
 
 UNIT = ModelShape(
     name="unit",
@@ -213,8 +214,8 @@ def test_build_model_tiny_runs_forward(compression):
     torch.manual_seed(0)
     shape = get_shape("tiny")
     model = build_model(shape, compression=compression)
-    assert model.config.text_config._attn_implementation == "sdpa"
-    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert attn_implementation_of(model.config.text_config) == "sdpa"
+    assert attn_implementation_of(model.config.vision_config) == "sdpa"
     ids = torch.tensor([[1, 5, IMAGE_TOKEN_ID, 7, 8, 9, 10]])
     labels = torch.tensor([[IGNORE_INDEX] * 5 + [9, 10]])
     pixels = torch.randn(1, 3, shape.vision.image_size, shape.vision.image_size)
@@ -347,7 +348,7 @@ def test_build_model_tiny_video_matches_the_flop_model(compression):
     assert model.video_tower is not None and model.vision_tower is not None
     assert model.config.num_frames == shape.num_frames == 2
     assert model.config.tokens_per_frame == shape.tokens_per_frame == 17
-    assert model.config.video_config._attn_implementation == "sdpa"
+    assert attn_implementation_of(model.config.video_config) == "sdpa"
     ids = torch.tensor([[1, 5, VIDEO_TOKEN_ID, 7, 8, 9, 10]])
     labels = torch.tensor([[IGNORE_INDEX] * 5 + [9, 10]])
     videos = torch.randn(1, shape.num_frames, 3, shape.video.image_size, shape.video.image_size)

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.hf_adapter import set_attn_implementation
 from llava.model.loading import convert_hf_llava, load_pretrained_model
 from llava.model.merge import merge_visual_tokens
 from llava.model.projector import build_projector
@@ -26,7 +27,7 @@ def expand_slots(ids: torch.Tensor, token: int, count: int) -> torch.Tensor:
 def test_hf_llava_conversion_matches_logits():
     torch.manual_seed(0)
     hf_config = LlavaConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(), image_token_index=120)
-    hf_config._attn_implementation = "sdpa"
+    set_attn_implementation(hf_config, "sdpa")
     hf_model = LlavaForConditionalGeneration(hf_config).eval()
     ours = convert_hf_llava(hf_model).eval()
     pixels = torch.randn(4, 3, 56, 56)

@@ -130,10 +130,12 @@ def test_finetune_mix_and_answers(playground: Path) -> None:
 
 
 def test_vision_tower_geometry(playground: Path) -> None:
-    from transformers import AutoImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
+
+    from llava.hf_adapter import load_image_processor
 
     tower = CLIPVisionModel.from_pretrained(playground / "vision_tower").eval()
-    processor = AutoImageProcessor.from_pretrained(playground / "vision_tower")
+    processor = load_image_processor(playground / "vision_tower")
     image_file = next((playground / "images").glob("*.png"))
     with Image.open(image_file) as img:
         pixels = processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"]

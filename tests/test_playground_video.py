@@ -237,11 +237,13 @@ def test_demo_requests_are_held_out_and_correct(playground: Path) -> None:
 
 
 def test_video_tower_geometry_and_loading(playground: Path) -> None:
-    from transformers import AutoImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
+
+    from llava.hf_adapter import load_image_processor
 
     tower = CLIPVisionModel.from_pretrained(playground / "video_tower").eval()
     image_tower = CLIPVisionModel.from_pretrained(playground / "vision_tower")
-    processor = AutoImageProcessor.from_pretrained(playground / "video_tower")
+    processor = load_image_processor(playground / "video_tower")
     assert tower.config.image_size == 224 and image_tower.config.image_size == 336
     assert tower.config.hidden_size == image_tower.config.hidden_size
     assert tower.config.num_hidden_layers == image_tower.config.num_hidden_layers

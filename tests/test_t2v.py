@@ -8,6 +8,7 @@ import torch
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.compression.t2v import Sequence, build_query_mask, keep_top_visual, score_visual_tokens
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from llava.hf_adapter import causal_mask, enable_activation_checkpointing, new_dynamic_cache, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
 from tests.conftest import tiny_text_config, tiny_vision_config
@@ -67,15 +68,13 @@ def test_scores_match_eager_attention_rows():
     scores = score_visual_tokens(layer, sequence, rope)
 
     # Reference: the full eager attention matrix of that layer, averaged over heads and query rows.
-    decoder.config._attn_implementation = "eager"
-    from llava.model.decoder import causal_mask_for
-
-    causal = causal_mask_for(decoder, sequence.hidden, sequence.attention_mask, None, 0)
+    set_attn_implementation(decoder.config, "eager")
+    causal = causal_mask(decoder.config, sequence.hidden, sequence.attention_mask, None, 0)
     with torch.no_grad():
         _, weights = layer.self_attn(
             hidden_states=layer.input_layernorm(sequence.hidden), position_embeddings=rope, attention_mask=causal
         )
-    decoder.config._attn_implementation = "sdpa"
+    set_attn_implementation(decoder.config, "sdpa")
     weights = weights.mean(dim=1)  # heads
     for row in range(3):
         rows = query[row].nonzero().squeeze(1)
@@ -135,7 +134,7 @@ def test_gradient_checkpointing_with_compression():
     ids, mask, labels, pixels = batch()
     model = model_with(T2VConfig(boundaries=(0.5,), keep_ratios=(0.25,)))
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     loss = model(ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     loss.backward()
     reference = model_with(T2VConfig(boundaries=(0.5,), keep_ratios=(0.25,))).train()
@@ -168,12 +167,10 @@ def test_batched_cached_generation_equals_uncached_recomputation(position_mode, 
 
 
 def test_compression_shortens_the_kv_cache_of_later_layers():
-    from transformers import DynamicCache
-
     model = model_with(T2VConfig(boundaries=(0.5, 0.75), keep_ratios=(0.5, 0.0)))
     ids = torch.tensor([[1, IMG, 4, 5, 6]])
-    cache = DynamicCache(config=model.language_model.config)
-    model(ids, pixel_values=torch.randn(1, 3, 56, 56), past_key_values=cache, use_cache=True)
+    cache = new_dynamic_cache(model.language_model.config)
+    model(ids, pixel_values=torch.randn(1, 3, 56, 56), cache=cache, use_cache=True)
     lengths = [cache.layers[i].get_seq_length() for i in range(4)]
     assert lengths == [4 + 16, 4 + 16, 4 + 8, 4]
 

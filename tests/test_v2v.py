@@ -11,6 +11,7 @@ from transformers import CLIPVisionModel
 from llava.compression import v2v
 from llava.compression.config import CompressionConfig, V2VConfig
 from llava.compression.v2v import DuetMerger, VisionZipMerger, VisualTokenMerger, build_merger
+from llava.hf_adapter import attn_implementation_of
 from llava.model import vision_tower as vision_tower_module
 from llava.model.config import DuetLlavaConfig
 from llava.model.vision_tower import VisionTower, cls_attention_and_keys
@@ -184,7 +185,7 @@ def test_tower_output_count_ignores_strategy_and_batches(monkeypatch, strategy):
 
 def test_tower_never_uses_eager_attention_or_output_attentions(monkeypatch):
     tower = merging_tower(monkeypatch, DuetMerger(dominant=3, contextual=2))
-    assert tower.vision_model.config._attn_implementation == "sdpa"
+    assert attn_implementation_of(tower.vision_model.config) == "sdpa"
     seen_kwargs = []
     for layer in tower.vision_model.encoder.layers:
         layer.self_attn.register_forward_hook(
@@ -200,7 +201,7 @@ def test_tower_never_uses_eager_attention_or_output_attentions(monkeypatch):
     assert merged.shape == (2, 5, 32)
     assert not eager_calls and len(seen_kwargs) == tower.num_layers
     assert all("output_attentions" not in kwargs for kwargs in seen_kwargs)
-    assert tower.vision_model.config._attn_implementation == "sdpa"
+    assert attn_implementation_of(tower.vision_model.config) == "sdpa"
     merged.sum().backward()  # the merge is differentiable w.r.t. the tower (scores are not)
     assert pixels.grad is not None
 

@@ -9,6 +9,7 @@ from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.loading import convert_hf_video_llava
 from llava.model.merge import order_visual_segments
@@ -205,7 +206,7 @@ def test_hf_video_llava_conversion_matches_logits():
         image_token_index=120,
         video_token_index=121,
     )
-    hf_config._attn_implementation = "sdpa"
+    set_attn_implementation(hf_config, "sdpa")
     hf_model = VideoLlavaForConditionalGeneration(hf_config).eval()
     ours = convert_hf_video_llava(hf_model, num_frames=2).eval()
     images = torch.randn(2, 3, 56, 56)

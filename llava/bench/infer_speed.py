@@ -30,6 +30,7 @@ from torch import nn
 
 from llava.bench import report
 from llava.bench.flops import prefill_flops
+from llava.bench.hf_baseline import BASELINE_LABEL, build_hf_llava, check_baseline_shape, to_hf_batch
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.bench.train_speed import (
     FIRST_SPECIAL_IDS,
@@ -114,6 +115,7 @@ class CaseRecord:
     config: CompressionConfig
     batch_size: int
     prompts: dict[str, torch.Tensor]
+    hf_baseline: bool = False
     samples: list[GenerateSample] = field(default_factory=list)
     peak_mem_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -137,26 +139,32 @@ class _PrefillClock:
 
 
 def run_generate(
-    model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, pad_token_id: int
+    model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, pad_token_id: int, hf_baseline: bool = False
 ) -> GenerateSample:
-    """One greedy ``generate`` of exactly ``new_tokens`` tokens per sample, split into prefill and decode."""
+    """One greedy ``generate`` of exactly ``new_tokens`` tokens per sample, split into prefill and decode.
+
+    ``hf_baseline``: ``model`` is transformers' LLaVA, whose ``generate`` returns prompt + new tokens and
+    is held to exactly ``new_tokens`` by ``min_new_tokens`` (it rejects a negative EOS id).
+    """
     device = prompts["input_ids"].device
     clock = _PrefillClock(device)
     handle = model.register_forward_hook(clock)
+    if hf_baseline:
+        options = {"min_new_tokens": new_tokens, "use_cache": True}
+    else:
+        options = {"eos_token_id": NEVER_EMITTED_TOKEN}
     try:
         report.synchronize(device)
         began = time.perf_counter()
         generated = model.generate(
-            **prompts,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=NEVER_EMITTED_TOKEN,
-            pad_token_id=pad_token_id,
+            **prompts, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id, **options
         )
         report.synchronize(device)
         ended = time.perf_counter()
     finally:
         handle.remove()
+    if hf_baseline:
+        generated = generated[:, prompts["input_ids"].shape[1] :]
     if generated.shape[1] != new_tokens:
         raise RuntimeError(f"generate returned {generated.shape[1]} tokens, expected {new_tokens}")
     return GenerateSample(
@@ -182,21 +190,29 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = build_model(shape, compression=None, dtype=dtype, attn_implementation=attn, device=device)
     model.eval()
     pad_token_id = model.config.text_config.pad_token_id or 0
+    hf_model = build_hf_llava(shape, dtype, attn, device, use_cache=True).eval() if args.hf_baseline else None
     cases: list[CaseRecord] = []
     for batch_size in args.batch_sizes:
         prompts = build_prompts(shape, batch_size, args.prompt_tokens, seed=args.seed, pad_token_id=pad_token_id)
         moved = move_batch(prompts, device, dtype)
         cases += [CaseRecord(label, config, batch_size, moved) for label, config in presets]
+        if hf_model is not None:
+            hf_prompts = move_batch(to_hf_batch(prompts, shape), device, dtype)
+            cases.append(CaseRecord(BASELINE_LABEL, CompressionConfig(), batch_size, hf_prompts, hf_baseline=True))
+
+    def measure(case: CaseRecord) -> GenerateSample:
+        if case.hf_baseline:
+            return run_generate(hf_model, case.prompts, args.new_tokens, pad_token_id, hf_baseline=True)
+        model.set_compression(case.config)
+        return run_generate(model, case.prompts, args.new_tokens, pad_token_id)
 
     for case in cases:
-        model.set_compression(case.config)
         for _ in range(args.warmup):
-            run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+            measure(case)
     memory = report.PeakMemory(device)
     for number, case in report.round_robin(cases, args.repeats):
-        model.set_compression(case.config)
         with memory.measure():
-            sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+            sample = measure(case)
         case.samples.append(sample)
         case.peak_mem_mb = max(case.peak_mem_mb, memory.peak_mb)
         case.peak_rss_mb = max(case.peak_rss_mb, memory.peak_rss_mb)
@@ -224,7 +240,11 @@ def build_rows(
         decode_s = statistics.median(sample.decode_s for sample in case.samples)
         tokens_per_s = report.ratio(decode_steps * case.batch_size, decode_s) if decode_steps > 0 else float("nan")
         summaries.append((case, ttft, ttft_iqr, decode_s, tokens_per_s))
-    baselines = {case.batch_size: (ttft, tps) for case, ttft, _, _, tps in summaries if not case.config.enabled}
+    baselines = {
+        case.batch_size: (ttft, tps)
+        for case, ttft, _, _, tps in summaries
+        if not case.config.enabled and not case.hf_baseline
+    }
     rows: list[dict[str, Any]] = []
     for case, ttft, ttft_iqr, decode_s, tokens_per_s in summaries:
         base_ttft, base_tps = baselines[case.batch_size]
@@ -283,6 +303,12 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
         f"{first['new_tokens']} new tokens"
     )
     notes = [*NOTES, *video_notes(first, training=False), *report.noise_note(rows, "TTFT")]
+    if any(row["preset"] == BASELINE_LABEL for row in rows):
+        notes.append(
+            f"{BASELINE_LABEL} = transformers' LlavaForConditionalGeneration.generate (greedy, its default dynamic "
+            "cache) on the same prompts with image slots expanded, timed round-robin with the presets; both models "
+            "are in memory together."
+        )
     labels = [f"{row['preset']}\nB={row['batch_size']}" for row in rows]
     return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "prefill time / none")
 
@@ -315,7 +341,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hf-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"also time transformers' LlavaForConditionalGeneration.generate (rows '{BASELINE_LABEL}', image shapes)",
+    )
     args = parser.parse_args(argv)
+    if args.hf_baseline:
+        try:
+            check_baseline_shape(get_shape(args.shape))
+        except ValueError as error:
+            parser.error(str(error))
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or not args.batch_sizes:
         parser.error("--repeats and --new-tokens must be >= 1, --warmup >= 0, --batch-sizes non-empty")
     if any(size < 1 for size in args.batch_sizes):

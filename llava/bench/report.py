@@ -9,6 +9,7 @@ and ``FILE.png`` (a bar chart of measured vs FLOP-model ratios).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import logging
@@ -147,6 +148,13 @@ def _maxrss_mb() -> float:
     """Peak RSS of the process as reported by ``getrusage`` (KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def release_memory(device: torch.device) -> None:
+    """Return freed tensors' memory before the next model is built (collected, CUDA cache emptied)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _reset_peak_rss() -> bool:

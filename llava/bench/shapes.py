@@ -25,15 +25,19 @@ tower is built too (Video-LLaVA has both; a video-only training batch still runs
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from llava.compression.accounting import average_visual_tokens, initial_visual_tokens, visual_tokens_per_layer
 from llava.compression.config import CompressionConfig
+from llava.hf_adapter import set_attn_implementation
 from llava.model.vision_tower import layers_to_run
 
 if TYPE_CHECKING:
@@ -272,7 +276,7 @@ def vision_config(
         image_size=vision.image_size,
         patch_size=vision.patch_size,
     )
-    config._attn_implementation = attn_implementation
+    set_attn_implementation(config, attn_implementation)
     return config
 
 
@@ -291,8 +295,22 @@ def text_config(shape: ModelShape, attn_implementation: str = "sdpa") -> LlamaCo
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = attn_implementation
+    set_attn_implementation(config, attn_implementation)
     return config
+
+
+def instantiate(
+    model_class: Callable[[Any], nn.Module], config: Any, dtype: torch.dtype, device: str | torch.device | None
+) -> nn.Module:
+    """``model_class(config)`` with its parameters created directly in ``dtype`` on ``device`` (random weights)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype=dtype)
 
 
 def build_model(
@@ -328,18 +346,8 @@ def build_model(
     )
     for sub_config in (config.vision_config, config.text_config, config.video_config):
         if sub_config is not None:
-            sub_config._attn_implementation = attn_implementation
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        if device is not None:
-            with torch.device(device):
-                model = DuetLlavaForCausalLM(config)
-        else:
-            model = DuetLlavaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to(dtype=dtype)
+            set_attn_implementation(sub_config, attn_implementation)
+    model = instantiate(DuetLlavaForCausalLM, config, dtype, device)
     logger.info(
         "built %s%s (compression %s): %.1fM parameters, %s",
         shape.name,

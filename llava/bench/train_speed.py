@@ -36,9 +36,17 @@ from torch import nn
 
 from llava.bench import report
 from llava.bench.flops import predicted_step_ratio, training_step_flops
+from llava.bench.hf_baseline import (
+    BASELINE_LABEL,
+    build_hf_llava,
+    check_baseline_shape,
+    freeze_hf_for_stage,
+    to_hf_batch,
+)
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.compression.config import CompressionConfig, CompressionConfigError, load_compression
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import enable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -174,16 +182,8 @@ def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up.
-
-    transformers 5 renamed ``gradient_checkpointing_enable`` (a deprecated alias now) to
-    ``activation_checkpointing_enable``; the Trainer calls the new name when it exists, and so do we.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up."""
+    enable_activation_checkpointing(model, use_reentrant=False)
     model.enable_input_require_grads()
 
 
@@ -222,8 +222,12 @@ def run_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     dtype: torch.dtype,
+    visual_tokens: float = 0.0,
 ) -> StepSample:
-    """One synchronised training step; the optimizer step is timed separately (CUDA events on GPU)."""
+    """One synchronised training step; the optimizer step is timed separately (CUDA events on GPU).
+
+    ``visual_tokens`` is reported for models that do not count their own (the HF baseline).
+    """
     timer = report.IntervalTimer(device)
     report.synchronize(device)
     timer.mark()
@@ -236,11 +240,11 @@ def run_step(
     timer.mark()
     report.synchronize(device)
     forward_backward_s, optimizer_s = timer.intervals()
-    per_layer = output.visual_tokens_per_layer or [0.0]
+    per_layer = getattr(output, "visual_tokens_per_layer", None) or [visual_tokens]
     return StepSample(
         step_s=forward_backward_s + optimizer_s,
         optimizer_s=optimizer_s,
-        compression_s=float(output.compression_time_s or 0.0),
+        compression_s=float(getattr(output, "compression_time_s", None) or 0.0),
         visual_tokens=sum(per_layer) / len(per_layer),
         loss=float(output.loss.detach()),
     )
@@ -315,8 +319,45 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not all(math.isfinite(sample.loss) for record in presets for sample in record.samples):
         logger.warning("non-finite loss in a benchmark step: timings are still valid, the model is random")
 
+    if args.hf_baseline:
+        del model, optimizer, trainable
+        report.release_memory(device)
+        presets.append(_measure_hf_baseline(args, shape, device, dtype, attn, memory))
     machine = report.machine_info(device, dtype, attn, load_at_start)
     return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window)
+
+
+def _measure_hf_baseline(
+    args: argparse.Namespace,
+    shape: ModelShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    memory: report.PeakMemory,
+) -> PresetRecord:
+    """Time transformers' ``LlavaForConditionalGeneration`` on the same batch and freezing, after our rows
+    (one model in memory at a time, so a 7B pair fits an 80 GB GPU; machine drift is not cancelled here)."""
+    torch.manual_seed(args.seed)
+    model = build_hf_llava(shape, dtype, attn, device)
+    trainable = freeze_hf_for_stage(model, args.stage)
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    optimizer = build_optimizer(trainable, device, args.lr)
+    batch = build_training_batch(shape, args.stage, args.batch_size, seed=args.seed)
+    hf_batch = move_batch(to_hf_batch(batch, shape), device, dtype)
+    record = PresetRecord(BASELINE_LABEL, CompressionConfig())
+    tokens = shape.average_visual_tokens(record.config)
+    for _ in range(args.warmup):
+        run_step(model, hf_batch, optimizer, device, dtype, tokens)
+    for number in range(args.steps):
+        with memory.measure():
+            sample = run_step(model, hf_batch, optimizer, device, dtype, tokens)
+        record.samples.append(sample)
+        record.peak_mem_mb = max(record.peak_mem_mb, memory.peak_mb)
+        record.peak_rss_mb = max(record.peak_rss_mb, memory.peak_rss_mb)
+        logger.info("step %d %s: %.4f s (loss %.3f)", number, record.label, sample.step_s, sample.loss)
+    return record
 
 
 def visual_input_fields(shape: ModelShape, config: CompressionConfig) -> dict[str, Any]:
@@ -427,6 +468,17 @@ NOTES = (
 )
 
 
+def baseline_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The report note on the HF LLaVA row, when there is one."""
+    if not any(row["preset"] == BASELINE_LABEL for row in rows):
+        return []
+    return [
+        f"{BASELINE_LABEL} = transformers' LlavaForConditionalGeneration at the same shape, batch, freezing and "
+        "checkpointing (image slots expanded to the patch count), timed after the presets with its own "
+        "optimizer; its FLOP-model column is none's (it also computes logits at every position)."
+    ]
+
+
 def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     """JSON rows, the Markdown table and the ratio chart; returns the table."""
     first = rows[0]
@@ -436,7 +488,7 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     )
     if first.get("media") == "video":
         title += f", one video of {first['num_frames']} frames per sample"
-    notes = [*NOTES, *video_notes(first), *report.noise_note(rows, "step-time")]
+    notes = [*NOTES, *video_notes(first), *baseline_notes(rows), *report.noise_note(rows, "step-time")]
     labels = [row["preset"] for row in rows]
     return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "step time / none")
 
@@ -465,6 +517,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attn-implementation", default=None, help="default: flash_attention_2 if importable, else sdpa"
     )
+    parser.add_argument(
+        "--hf-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"also time transformers' LlavaForConditionalGeneration (row '{BASELINE_LABEL}', image shapes) "
+        "after the presets, same batch and freezing",
+    )
     parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (tiny: the weights barely move)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -473,6 +532,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
     if args.presets is None:
         args.presets = default_presets(args.shape)
+    if args.hf_baseline:
+        try:
+            check_baseline_shape(get_shape(args.shape))
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 

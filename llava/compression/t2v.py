@@ -14,9 +14,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava.constants import IGNORE_INDEX
+from llava.hf_adapter import apply_rotary_pos_emb
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PreTrainedConfig
 
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import attn_implementation_of, set_attn_implementation
 
 FEATURE_STRATEGIES = ("patch", "cls_patch")
 
@@ -105,15 +106,15 @@ class DuetLlavaConfig(PreTrainedConfig):
         self.video_token_id = video_token_id
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         sub_attn = {
-            key: getattr(self, key)._attn_implementation
+            key: attn_implementation_of(getattr(self, key))
             for key in ("vision_config", "text_config", "video_config")
             if getattr(self, key) is not None
         }
         super().__init__(**kwargs)
-        if self._attn_implementation is None:
+        if attn_implementation_of(self) is None:
             # The base class pushes the composite's (unset) choice down to the sub-configs; keep theirs.
             for key, value in sub_attn.items():
-                getattr(self, key)._attn_implementation = value
+                set_attn_implementation(getattr(self, key), value)
 
     @property
     def num_patches(self) -> int:

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from transformers import Cache
-from transformers.masking_utils import create_causal_mask
 
 from llava.compression.t2v import Sequence, keep_top_visual, score_visual_tokens
+from llava.hf_adapter import Cache, call_decoder_layer, causal_mask
 
 POSITION_MODES = ("keep", "compact")
 
@@ -75,40 +74,24 @@ class DecoderResult:
     compression_time_s: float = 0.0
 
 
-def causal_mask_for(
-    decoder: nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor,
-    past_key_values: Cache | None,
-    layer_idx: int,
-) -> torch.Tensor | None:
-    """The 4D (or ``None`` = plain causal) mask the attention kernel expects for one stage."""
-    return create_causal_mask(
-        config=decoder.config,
-        inputs_embeds=hidden_states,
-        attention_mask=attention_mask,
-        past_key_values=past_key_values,
-        layer_idx=layer_idx,
-    )
-
-
 def _run_layers(
     layers: list[nn.Module],
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    past_key_values: Cache | None,
+    cache: Cache | None,
     use_cache: bool,
 ) -> torch.Tensor:
     for layer in layers:
-        hidden = layer(
+        hidden = call_decoder_layer(
+            layer,
             hidden,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
             position_embeddings=position_embeddings,
+            cache=cache,
+            use_cache=use_cache,
         )
     return hidden
 
@@ -121,7 +104,7 @@ def run_decoder(
     decoder: nn.Module,
     sequence: Sequence,
     plan: StagePlan | None = None,
-    past_key_values: Cache | None = None,
+    cache: Cache | None = None,
     use_cache: bool = False,
     left_align: bool = False,
     num_segments: int = 0,
@@ -154,14 +137,14 @@ def run_decoder(
             sequence = sequence.compact(keep, left_align, recompute_positions=plan.position_mode == "compact")
             compression_time += time.perf_counter() - began
         position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
-        mask = causal_mask_for(decoder, sequence.hidden, sequence.attention_mask, past_key_values, start)
+        mask = causal_mask(decoder.config, sequence.hidden, sequence.attention_mask, cache, start)
         hidden = _run_layers(
             list(decoder.layers[start:end]),
             sequence.hidden,
             mask,
             sequence.position_ids,
             position_embeddings,
-            past_key_values,
+            cache,
             use_cache,
         )
         sequence = replace(sequence, hidden=hidden)
@@ -178,9 +161,7 @@ def run_decoder(
     )
 
 
-def run_decoder_step(
-    decoder: nn.Module, hidden: torch.Tensor, state: DecodeState, past_key_values: Cache
-) -> torch.Tensor:
+def run_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: DecodeState, cache: Cache) -> torch.Tensor:
     """One or more new tokens after a (possibly compressed) prefill; updates ``state`` in place."""
     num_layers = len(decoder.layers)
     batch, new_tokens = hidden.shape[:2]
@@ -192,10 +173,10 @@ def run_decoder_step(
         positions = state.next_positions[stage].unsqueeze(1) + steps
         state.next_positions[stage] = state.next_positions[stage] + new_tokens
         position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
-        causal = causal_mask_for(decoder, hidden, mask, past_key_values, start)
+        causal = causal_mask(decoder.config, hidden, mask, cache, start)
         hidden = _run_layers(
             list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
-            past_key_values, True,
+            cache, True,
         )  # fmt: skip
     return decoder.norm(hidden)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+
+from llava.hf_adapter import new_dynamic_cache
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
@@ -66,13 +67,13 @@ def greedy_or_sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
 
-    cache = DynamicCache(config=model.language_model.config) if use_cache else None
+    cache = new_dynamic_cache(model.language_model.config) if use_cache else None
     out = model(
         input_ids,
         attention_mask=attention_mask,
         pixel_values=pixel_values,
         pixel_values_videos=pixel_values_videos,
-        past_key_values=cache,
+        cache=cache,
         use_cache=use_cache,
         left_padding=True,
         logits_to_keep=1,
@@ -89,7 +90,7 @@ def greedy_or_sample(
         if use_cache:
             out = model(
                 token.unsqueeze(1),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 decode_state=decode_state,

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
 from llava.utils.attention import default_attn_implementation
@@ -204,7 +205,7 @@ def load_original_llava(
     text_fields = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in _ORIGINAL_ONLY_KEYS}
     text_fields["model_type"] = "llama"
     text_config = AutoConfig.for_model(**text_fields)
-    text_config._attn_implementation = attn_implementation
+    set_attn_implementation(text_config, attn_implementation)
 
     state = _read_state_dict(path)
     projector_state = {

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, Cache, CLIPVisionModel, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, PreTrainedModel
 
 from llava.compression.t2v import Sequence, build_query_mask, content_token_table
 from llava.constants import IGNORE_INDEX
+from llava.hf_adapter import Cache, ModelOutput
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
 from llava.model.merge import MergedInputs, detect_left_padding, merge_visual_tokens, order_visual_segments
@@ -31,7 +31,7 @@ class DuetLlavaOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
@@ -60,7 +60,7 @@ class DuetLlavaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only our own modules (the projector) land here; the HF sub-models initialise themselves.
@@ -253,7 +253,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         left_padding: bool | None = None,
         logits_to_keep: int = 0,
@@ -282,10 +282,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         if decode_state is not None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("pixel values can only be given at prefill, not at a decode step")
-            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, past_key_values)
+            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, cache)
             logits = self.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
-            return DuetLlavaOutput(logits=logits, past_key_values=past_key_values, decode_state=decode_state)
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return DuetLlavaOutput(logits=logits, cache=cache, decode_state=decode_state)
+        if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("decode steps need the decode_state returned by the prefill call")
 
         if left_padding is None:
@@ -314,7 +314,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         num_segments = sum(
             0 if pixels is None else int(pixels.shape[0]) for pixels in (pixel_values, pixel_values_videos)
         )
-        result = run_decoder(decoder, sequence, plan, past_key_values, use_cache, left_padding, num_segments)
+        result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments)
 
         loss = logits = num_label_tokens = None
         lm_head = self.get_output_embeddings()
@@ -326,7 +326,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         return DuetLlavaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             attention_mask=result.sequence.attention_mask,
             position_ids=result.sequence.position_ids,
             num_label_tokens=num_label_tokens,

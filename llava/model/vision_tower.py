@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from llava.compression.v2v import VisualTokenMerger, build_merger
+from llava.hf_adapter import call_clip_layer
 from llava.model.config import DuetLlavaConfig
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class VisionTower(nn.Module):
         hidden = self.vision_model.embeddings(pixel_values.to(self.dtype))
         hidden = self.vision_model.pre_layrnorm(hidden)
         for layer in self.vision_model.encoder.layers[:num_layers]:
-            hidden = layer(hidden, None)
+            hidden = call_clip_layer(layer, hidden)
         return hidden
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ class VisionTower(nn.Module):
         began = time.perf_counter()
         cls_attention, keys = cls_attention_and_keys(feature_layer, hidden)
         scoring = time.perf_counter() - began
-        features = feature_layer(hidden, None)
+        features = call_clip_layer(feature_layer, hidden)
         began = time.perf_counter()
         merged = self.merger(features, cls_attention, keys)
         return merged, scoring + time.perf_counter() - began

@@ -21,10 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-try:  # transformers >= 5 splits the PIL backend out; the plain name needs torchvision.
-    from transformers import CLIPImageProcessorPil as _ClipProcessor
-except ImportError:  # pragma: no cover - older transformers
-    from transformers import CLIPImageProcessor as _ClipProcessor
+from llava.hf_adapter import clip_image_processor_class
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +58,7 @@ def build_tiny_vision_tower(seed: int = 0, **overrides: int) -> CLIPVisionModel:
 
 def build_clip_image_processor(image_size: int = 336):
     """CLIP image processor: resize shortest edge to ``image_size``, centre-crop, CLIP mean/std."""
-    return _ClipProcessor(
+    return clip_image_processor_class()(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=CLIP_MEAN,

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoImageProcessor, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.data.dataset import LazySupervisedDataset
+from llava.hf_adapter import load_image_processor
 from llava.model.loading import read_model_type
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
@@ -82,7 +83,7 @@ def load_processors(model_args: ModelArguments, data_args: DataArguments):
     processor_source = model_args.vision_tower or model_args.model_name_or_path
     if is_checkpoint and not model_args.vision_tower:
         processor_source = model_args.model_name_or_path
-    image_processor = AutoImageProcessor.from_pretrained(processor_source)
+    image_processor = load_image_processor(processor_source)
     return tokenizer, image_processor
 
 
@@ -92,10 +93,10 @@ def load_video_processor(model_args: ModelArguments, image_processor: Any, has_v
     if not has_video_tower:
         return None
     if model_args.video_tower:
-        return AutoImageProcessor.from_pretrained(model_args.video_tower)
+        return load_image_processor(model_args.video_tower)
     saved = Path(model_args.model_name_or_path) / VIDEO_PROCESSOR_DIR
     if saved.is_dir():
-        return AutoImageProcessor.from_pretrained(str(saved))
+        return load_image_processor(str(saved))
     return image_processor
 
 

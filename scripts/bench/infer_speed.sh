@@ -6,6 +6,7 @@
 #   SHAPE=llava-13b BATCH_SIZES=1,16 NEW_TOKENS=64 bash scripts/bench/infer_speed.sh
 #   SHAPE=small-video bash scripts/bench/infer_speed.sh               # one 8-frame video per prompt (CPU)
 #   DRY_RUN=1 bash scripts/bench/infer_speed.sh      # print the command instead of running it
+#   HF_BASELINE=1 bash scripts/bench/infer_speed.sh  # add transformers' LlavaForConditionalGeneration.generate rows
 # SHAPE: tiny, small, llava-7b, llava-13b (images) or tiny-video, small-video, video-llava-7b (each
 # prompt one video of 8 frames x 257 tokens; tiny-video 2 x 17). Video shapes default to
 # PRESETS=none,duet_video_53,duet_video_93 and BATCH_SIZES=1,4.
@@ -48,8 +49,11 @@ CMD=("$PYTHON" -m llava.bench.infer_speed
     --new-tokens "$NEW_TOKENS"
     --repeats "$STEPS"
     --warmup "$WARMUP"
-    --out "$OUT"
-    "$@")
+    --out "$OUT")
+if [[ "${HF_BASELINE:-0}" == "1" ]]; then
+    CMD+=(--hf-baseline)
+fi
+CMD+=("$@")
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${CMD[@]}"

@@ -8,6 +8,7 @@
 #   SHAPE=small-video bash scripts/bench/train_speed.sh               # one 8-frame video per sample (CPU)
 #   SHAPE=video-llava-7b bash scripts/bench/train_speed.sh            # Video-LLaVA-7B (GPU)
 #   DRY_RUN=1 bash scripts/bench/train_speed.sh      # print the command instead of running it
+#   HF_BASELINE=1 bash scripts/bench/train_speed.sh  # add transformers' LlavaForConditionalGeneration as a row
 # SHAPE: tiny, small, llava-7b, llava-13b (images) or tiny-video, small-video, video-llava-7b (each
 # sample one video of 8 frames x 257 tokens; tiny-video 2 x 17). Video shapes default to
 # PRESETS=none,duet_video_53,duet_video_93 and BATCH_SIZE 2 (CPU) / 4 (GPU).
@@ -49,8 +50,11 @@ CMD=("$PYTHON" -m llava.bench.train_speed
     --batch-size "$BATCH_SIZE"
     --steps "$STEPS"
     --warmup "$WARMUP"
-    --out "$OUT"
-    "$@")
+    --out "$OUT")
+if [[ "${HF_BASELINE:-0}" == "1" ]]; then
+    CMD+=(--hf-baseline)
+fi
+CMD+=("$@")
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${CMD[@]}"

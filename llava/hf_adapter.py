@@ -1,0 +1,168 @@
+"""Every call into transformers internals, in one place.
+
+The model drives HF decoder and CLIP layers one by one (to drop visual tokens between layers), so it
+relies on things transformers does not promise to keep: decoder-layer keyword arguments, the
+masking utilities, cache classes, ``ModelOutput`` behaviour, RoPE helpers, the attention-kernel field
+of configs and the Trainer's sampler hook. When a release renames one of them, this file is the one
+to change; the rest of the project imports these names from here.
+
+Checked against transformers 5.14.1 (the lowest supported release, see :mod:`llava.versions`) and
+5.24.0 (the whole suite), and 5.23.0 (the suite before this module existed). Differences handled here:
+
+* 5.14-5.17 cannot load a ``CLIPImageProcessor`` config without torchvision (5.18 falls back to PIL).
+* 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``.
+* 5.24 renamed ``past_key_values`` to ``cache`` in decoder layers, ``create_causal_mask`` and model
+  outputs (the old name still works there with a deprecation warning until 5.40). Detected from
+  the signatures, not from version numbers, so remote-code layers keep whichever name they use.
+
+Also relied on, without a call site here: the Trainer's ``_get_train_sampler`` hook
+(:class:`llava.training.trainer.LlavaTrainer`) and the module layout of LLaMA-style decoders
+(``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and
+CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoImageProcessor, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+__all__ = [
+    "Cache",
+    "ModelOutput",
+    "apply_rotary_pos_emb",
+    "attn_implementation_of",
+    "cache_kwarg_of",
+    "call_clip_layer",
+    "call_decoder_layer",
+    "causal_mask",
+    "clip_image_processor_class",
+    "enable_activation_checkpointing",
+    "load_image_processor",
+    "new_dynamic_cache",
+    "set_attn_implementation",
+]
+
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_kwarg_of(function: Any) -> str:
+    """The name under which ``function`` (a layer ``forward`` or a masking helper) takes the KV cache.
+
+    ``cache`` from transformers 5.24 on, ``past_key_values`` before. Deprecation wrappers keep the
+    wrapped signature (``functools.wraps``), so ``inspect`` sees the current name.
+    """
+    parameters = inspect.signature(function).parameters
+    for name in _CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise TypeError(f"{getattr(function, '__qualname__', function)} takes no KV cache argument ({_CACHE_NAMES})")
+
+
+def causal_mask(
+    config: PreTrainedConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache | None,
+    layer_idx: int,
+) -> torch.Tensor | None:
+    """The 4D mask (or ``None`` = plain causal) the configured attention kernel expects."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        layer_idx=layer_idx,
+        **{cache_kwarg_of(create_causal_mask): cache},
+    )
+
+
+def call_decoder_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache: Cache | None,
+    use_cache: bool,
+) -> torch.Tensor:
+    """One decoder layer (its own attention kernel, checkpointing and ZeRO hooks apply); the new hidden states."""
+    output = layer(
+        hidden,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **{cache_kwarg_of(type(layer).forward): cache},
+    )
+    return output[0] if isinstance(output, tuple) else output
+
+
+def call_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer without a padding mask (every image has all its patches)."""
+    output = layer(hidden, attention_mask=None)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def enable_activation_checkpointing(model: PreTrainedModel, **checkpoint_kwargs: Any) -> None:
+    """Activation (gradient) checkpointing of every layer that supports it, as the Trainer enables it.
+
+    5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    is a deprecated alias there); the Trainer calls the new name when it exists, and so do we.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+def new_dynamic_cache(config: PreTrainedConfig) -> Cache:
+    """An empty growing KV cache for a decoder with this config."""
+    return DynamicCache(config=config)
+
+
+def attn_implementation_of(config: PreTrainedConfig) -> str | None:
+    """The attention kernel a config asks for (``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = unset)."""
+    return config._attn_implementation
+
+
+def set_attn_implementation(config: PreTrainedConfig, implementation: str | None) -> None:
+    """Choose the attention kernel of a config before a model is built from it."""
+    config._attn_implementation = implementation
+
+
+def load_image_processor(source: str | os.PathLike[str]) -> Any:
+    """``AutoImageProcessor.from_pretrained(source)``, falling back to the PIL class without torchvision.
+
+    transformers 5.14-5.17 raise an ``ImportError`` for a ``CLIPImageProcessor`` config when torchvision is
+    missing instead of falling back to ``CLIPImageProcessorPil`` (5.18 does it itself); only that case is
+    caught, other errors propagate.
+    """
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except ImportError:
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+        config, _ = ImageProcessingMixin.get_image_processor_dict(source)
+        name = str(config.get("image_processor_type") or "").removesuffix("Fast")
+        pil_class = getattr(transformers, f"{name}Pil", None) if name else None
+        if pil_class is None:
+            raise
+        return pil_class.from_pretrained(source)
+
+
+def clip_image_processor_class() -> type:
+    """CLIP's image processor on the PIL backend (the plain class needs torchvision in transformers 5)."""
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
