@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,8 @@ def test_image_processor_falls_back_to_pil_without_torchvision(tmp_path, monkeyp
     def no_torchvision(*args, **kwargs):
         raise ImportError("AutoImageProcessor requires the Torchvision library")
 
-    monkeypatch.setattr(hf_adapter.AutoImageProcessor, "from_pretrained", no_torchvision)
+    # transformers 5.14-5.17 without torchvision: AutoImageProcessor itself is a placeholder that raises.
+    monkeypatch.setattr(hf_adapter, "AutoImageProcessor", types.SimpleNamespace(from_pretrained=no_torchvision))
     monkeypatch.setattr(hf_adapter.importlib.util, "find_spec", lambda name: None)
     processor = hf_adapter.load_image_processor(tmp_path)
     assert type(processor).__name__ == "CLIPImageProcessorPil"
