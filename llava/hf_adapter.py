@@ -10,7 +10,9 @@ Checked against transformers 5.14.1 (the lowest supported release, see :mod:`lla
 5.24.0 (the whole suite), and 5.23.0 (the suite before this module existed). Differences handled here:
 
 * 5.14-5.17 cannot load a ``CLIPImageProcessor`` config without torchvision (5.18 falls back to PIL).
-* 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``.
+* 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and the training
+  arguments ``gradient_checkpointing(_kwargs)`` to ``activation_checkpointing(_kwargs)`` (the old names
+  warn from 5.24 on).
 * 5.24 renamed ``past_key_values`` to ``cache`` in decoder layers, ``create_causal_mask`` and model
   outputs (the old name still works there with a deprecation warning until 5.40). Detected from
   the signatures, not from version numbers, so remote-code layers keep whichever name they use.
@@ -23,6 +25,7 @@ CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -32,7 +35,14 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import AutoImageProcessor, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoImageProcessor,
+    Cache,
+    DynamicCache,
+    PreTrainedConfig,
+    PreTrainedModel,
+    TrainingArguments,
+)
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
@@ -41,6 +51,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 __all__ = [
     "Cache",
     "ModelOutput",
+    "activation_checkpointing_requested",
     "apply_rotary_pos_emb",
     "attn_implementation_of",
     "cache_kwarg_of",
@@ -48,6 +59,7 @@ __all__ = [
     "call_decoder_layer",
     "causal_mask",
     "clip_image_processor_class",
+    "current_training_argv",
     "enable_activation_checkpointing",
     "load_image_processor",
     "new_dynamic_cache",
@@ -126,6 +138,39 @@ def enable_activation_checkpointing(model: PreTrainedModel, **checkpoint_kwargs:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+_RENAMED_TRAINING_ARGUMENTS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+"""Old -> new ``TrainingArguments`` names (5.23; the old names warn from 5.24 on and go in v6)."""
+
+
+def current_training_argv(argv: list[str]) -> list[str]:
+    """Command-line training arguments under the names the installed ``TrainingArguments`` uses.
+
+    The launch scripts say ``--gradient_checkpointing True``, which releases before 5.23 require and newer
+    ones deprecate in favour of ``--activation_checkpointing``; either spelling is accepted and renamed
+    to the installed release's (``--name value`` and ``--name=value`` forms).
+    """
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    if "activation_checkpointing" in names:
+        renames = _RENAMED_TRAINING_ARGUMENTS
+    else:
+        renames = {new: old for old, new in _RENAMED_TRAINING_ARGUMENTS.items()}
+    renamed = []
+    for token in argv:
+        flag, equals, value = token.partition("=")
+        if flag.startswith("--") and flag[2:] in renames:
+            token = f"--{renames[flag[2:]]}{equals}{value}"
+        renamed.append(token)
+    return renamed
+
+
+def activation_checkpointing_requested(args: TrainingArguments) -> bool:
+    """Whether the training arguments turn activation (gradient) checkpointing on, under either name."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
 
 
 def new_dynamic_cache(config: PreTrainedConfig) -> Cache:

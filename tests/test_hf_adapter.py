@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,27 @@ def test_image_processor_falls_back_to_pil_without_torchvision(tmp_path, monkeyp
     monkeypatch.setattr(hf_adapter.importlib.util, "find_spec", lambda name: object())  # torchvision present
     with pytest.raises(ImportError, match="Torchvision"):
         hf_adapter.load_image_processor(tmp_path)
+
+
+@pytest.mark.parametrize("spelling", ["gradient_checkpointing", "activation_checkpointing"])
+def test_checkpointing_flag_parses_without_deprecation_under_either_name(spelling, tmp_path):
+    from transformers import HfArgumentParser
+
+    from llava.training.arguments import LlavaTrainingArguments
+
+    argv = ["--output_dir", str(tmp_path), f"--{spelling}", "True", f'--{spelling}_kwargs={{"use_reentrant": false}}']
+    renamed = hf_adapter.current_training_argv(argv)
+    has_new_name = any(field.name == "activation_checkpointing" for field in dataclasses.fields(LlavaTrainingArguments))
+    expected = "activation_checkpointing" if has_new_name else "gradient_checkpointing"
+    assert renamed[2] == f"--{expected}" and renamed[4].startswith(f"--{expected}_kwargs=")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        (args,) = HfArgumentParser(LlavaTrainingArguments).parse_args_into_dataclasses(args=renamed)
+    assert hf_adapter.activation_checkpointing_requested(args)
+    (plain,) = HfArgumentParser(LlavaTrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path)]
+    )
+    assert not hf_adapter.activation_checkpointing_requested(plain)
 
 
 NO_DEPRECATIONS_SCRIPT = """

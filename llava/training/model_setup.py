@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
+from llava.hf_adapter import activation_checkpointing_requested
 from llava.model.config import DuetLlavaConfig
 from llava.model.loading import load_pretrained_model, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
@@ -179,7 +180,7 @@ def configure_trainable(
     else:
         model.language_model.requires_grad_(True)
         model.projector.requires_grad_(True)
-    if args.gradient_checkpointing:
+    if activation_checkpointing_requested(args):
         model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

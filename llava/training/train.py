@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.data.dataset import LazySupervisedDataset
-from llava.hf_adapter import load_image_processor
+from llava.hf_adapter import current_training_argv, load_image_processor
 from llava.model.loading import read_model_type
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """Parse command-line flags (LLaVA names) into the three argument dataclasses."""
     argv = configure_cpu_deepspeed(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=current_training_argv(argv))
 
 
 def load_processors(model_args: ModelArguments, data_args: DataArguments):
@@ -177,9 +177,14 @@ def finish(
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; tears the process group down before exit (no communication threads left to
+    be killed by the interpreter's shutdown)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(sys.argv[1:])
+    try:
+        train(sys.argv[1:])
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
