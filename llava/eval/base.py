@@ -1,0 +1,137 @@
+"""The interface every benchmark implements, and the errors it raises.
+
+A benchmark reads its files in the layout of LLaVA's evaluation guide under an evaluation root (for
+example ``playground/data/eval``), turns every question into an :class:`EvalItem` (prompt text with
+LLaVA-1.5's suffixes, the media paths, the generation budget) and scores the generated answers with
+its official metric. The runner owns everything else: batching, compression, sharding, resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+"""LLaVA-1.5's suffix for short-answer VQA (TextVQA, GQA, VQAv2, VizWiz)."""
+OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+"""LLaVA-1.5's suffix for multiple choice (ScienceQA, MMBench, SEED-Bench)."""
+
+
+class EvalDataError(ValueError):
+    """A benchmark file is missing or malformed; the message names the file (and question id)."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question: what the model sees and what the metric needs.
+
+    ``question_id`` is unique within the benchmark (a string, whatever the file uses). ``prompt`` is the
+    user text without the conversation template or ``<image>`` tag, suffixes included. ``image`` and
+    ``video`` are absolute paths (a list for several). ``reference`` holds whatever :meth:`Benchmark.score`
+    needs (ground-truth answers, category, split, ...), JSON-serialisable.
+    """
+
+    question_id: str
+    prompt: str
+    image: str | list[str] | None = None
+    video: str | list[str] | None = None
+    max_new_tokens: int = 128
+    reference: Mapping[str, Any] = field(default_factory=dict)
+
+    def request(self) -> dict[str, Any]:
+        """The :meth:`llava.inference.LlavaPipeline.generate` request of this question."""
+        request: dict[str, Any] = {"prompt": self.prompt}
+        if self.image is not None:
+            request["image"] = self.image
+        if self.video is not None:
+            request["video"] = self.video
+        return request
+
+
+@dataclass
+class Score:
+    """A benchmark's result: the headline ``score`` (0-100 unless the metric says otherwise, e.g. MME's
+    sum), its sub-scores, and how many questions were scored out of how many."""
+
+    score: float
+    metrics: dict[str, Any]
+    num_scored: int
+    num_questions: int
+
+    @property
+    def complete(self) -> bool:
+        return self.num_scored == self.num_questions
+
+
+@runtime_checkable
+class Benchmark(Protocol):
+    """What the runner needs from a benchmark module."""
+
+    name: str
+    """Registry name, e.g. ``textvqa``."""
+    score_name: str
+    """What :attr:`Score.score` is, e.g. ``VQA accuracy`` or ``perception (max 2000)``."""
+
+    def load(self, root: Path, cache_dir: Path) -> list[EvalItem]:
+        """All questions, in file order. ``root`` is the evaluation root; ``cache_dir`` a folder the
+        benchmark may write derived files to (e.g. images decoded from a TSV). Raises
+        :class:`EvalDataError` naming the file and question id on bad input; never reads outside ``root``."""
+        ...
+
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+        """Score ``predictions`` (question id -> generated text) with the official metric. Questions
+        without a prediction are not scored (``num_scored`` says how many were)."""
+        ...
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or :class:`EvalDataError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EvalDataError(f"{path}: not valid UTF-8 JSON ({error})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` per non-empty line of a JSONL file; :class:`EvalDataError` names the
+    file and line of a malformed one."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below, errors reported per line
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: file not found") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise EvalDataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise EvalDataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                yield number, record
+        except UnicodeDecodeError as error:
+            raise EvalDataError(f"{path}: not valid UTF-8 ({error})") from None
+
+
+def resolve_inside(root: Path, relative: str, what: str) -> str:
+    """``root / relative`` as an absolute path, refusing paths that leave ``root`` (after symlinks)."""
+    base = root.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise EvalDataError(f"{what}: {relative!r} points outside {base}")
+    return str(path)
+
+
+def require_fields(record: Mapping[str, Any], names: Sequence[str], where: str) -> None:
+    """:class:`EvalDataError` naming ``where`` when ``record`` lacks one of ``names``."""
+    missing = [name for name in names if name not in record]
+    if missing:
+        raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")

@@ -1,0 +1,1 @@
+"""One module per benchmark, each implementing :class:`llava.eval.base.Benchmark`."""
