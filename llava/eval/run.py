@@ -1,0 +1,148 @@
+"""Evaluate a checkpoint on benchmarks, for one or several compression presets.
+
+    python -m llava.eval.run --model runs/llava-v1.5-7b --root playground/data/eval \\
+        --benchmarks textvqa,gqa,mme,pope,sqa --presets none,duet_192 --out runs/eval/llava-v1.5-7b
+
+Several GPUs: ``torchrun --nproc_per_node 8 -m llava.eval.run ...`` (each rank answers its shard, rank 0
+merges and scores). Without a launcher, ``--rank``/``--world-size`` run one shard; ``--score-only`` scores
+a folder once all shards are done. A killed run resumes where it stopped when started again with the
+same ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava.eval.answers import read_answers
+from llava.eval.base import EvalDataError
+from llava.eval.registry import benchmark_names, get_benchmark
+from llava.eval.runner import generate_answers, score_folder
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINT_PRESET = "checkpoint"
+"""Preset label meaning: the compression the checkpoint was saved with."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--root", default="playground/data/eval", help="evaluation data root (LLaVA's layout)")
+    parser.add_argument(
+        "--benchmarks", required=True, help=f"comma-separated benchmark names: {', '.join(benchmark_names())}"
+    )
+    parser.add_argument(
+        "--presets",
+        default=CHECKPOINT_PRESET,
+        help=f"comma-separated compression presets or YAML paths ('{CHECKPOINT_PRESET}': as saved; 'none': off)",
+    )
+    parser.add_argument("--out", required=True, help="output folder (answers, results); reused to resume")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
+    parser.add_argument("--skip-bad", action="store_true", help="count and skip questions whose media are unreadable")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, else float32"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--vision-tower", default=None, help="CLIP folder with the image processor (original LLaVA)")
+    parser.add_argument("--rank", type=int, default=None, help="this shard (without a launcher)")
+    parser.add_argument("--world-size", type=int, default=None, help="number of shards (without a launcher)")
+    parser.add_argument("--score-only", action="store_true", help="score existing answers, generate nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    args.benchmarks = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+    args.presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    unknown = [name for name in args.benchmarks if name not in benchmark_names()]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(benchmark_names())}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size and --limit must be >= 1")
+    if (args.rank is None) != (args.world_size is None):
+        parser.error("--rank and --world-size go together")
+    return args
+
+
+def _distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
+    """``(rank, world_size, launched)``: from ``--rank``/``--world-size``, else from a launcher's environment
+    (which also starts the process group, so rank 0 can wait for the others before scoring)."""
+    if args.rank is not None:
+        return args.rank, args.world_size, False
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world_size, True
+
+
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    from llava.inference import LlavaPipeline
+
+    device = args.device
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    return LlavaPipeline.from_pretrained(args.model, dtype=dtype, device=device, vision_tower=args.vision_tower)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Generate (unless ``--score-only``) and score every preset x benchmark; returns rank 0's results."""
+    args = parse_args(argv)
+    rank, world_size, launched = _distributed(args)
+    out = Path(args.out)
+    pipeline = None if args.score_only else _load_pipeline(args)
+    results: list[dict[str, Any]] = []
+    for preset in args.presets:
+        if pipeline is not None and preset != CHECKPOINT_PRESET:
+            pipeline.model.set_compression(preset)
+        label = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+        for name in args.benchmarks:
+            benchmark = get_benchmark(name)
+            items = benchmark.load(Path(args.root), out / ".cache" / name)
+            if args.limit is not None:
+                items = items[: args.limit]
+            folder = out / label / name
+            folder.mkdir(parents=True, exist_ok=True)
+            if pipeline is not None:
+                generate_answers(
+                    pipeline, benchmark, items, folder, args.batch_size, rank, world_size, label, args.skip_bad,
+                    progress=not args.no_progress,
+                )  # fmt: skip
+            if launched:
+                torch.distributed.barrier()
+            if rank != 0:
+                continue
+            if not launched and world_size > 1 and not args.score_only:
+                remaining = len({item.question_id for item in items} - set(read_answers(folder)))
+                if remaining:
+                    print(f"{label}/{name}: shard {rank} done; {remaining} questions wait for other shards")
+                    continue
+            run_info = {"model": str(Path(args.model).resolve()), "root": str(Path(args.root).resolve()),
+                        "preset": label, "batch_size": args.batch_size, "world_size": world_size}  # fmt: skip
+            result = score_folder(benchmark, items, folder, run_info)
+            results.append(result)
+            score = "server-scored" if result["score"] is None else f"{result['score']:.2f}"
+            print(
+                f"{label}/{name}: {benchmark.score_name} {score} "
+                f"({result['num_scored']}/{result['num_questions']} scored) -> {folder / 'result.json'}"
+            )
+    if launched:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except EvalDataError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,180 @@
+"""The evaluation runner on the tiny playground model: shards, resume after a kill, partial and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+from llava.eval import run as run_cli
+from llava.eval import runner
+from llava.eval.answers import read_answers, shard_file
+from llava.eval.base import EvalDataError, EvalItem, Score
+from llava.hf_adapter import load_image_processor
+from llava.inference import LlavaPipeline
+from llava.model.modeling import DuetLlavaForCausalLM
+from llava.playground.synthetic import build_playground
+
+
+class ToyBenchmark:
+    """Shape questions about playground images; exact match against a fixed reference."""
+
+    name = "toy"
+    score_name = "exact match"
+
+    def __init__(self, count: int = 7) -> None:
+        self.count = count
+
+    def load(self, root: Path, cache_dir: Path) -> list[EvalItem]:
+        images = sorted((root / "images").glob("*.png"))[: self.count]
+        return [
+            EvalItem(f"q{index}", "Which shape is it?", str(path), max_new_tokens=3, reference={"answer": "Circle"})
+            for index, path in enumerate(images)
+        ]
+
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+        scored = [item for item in items if item.question_id in predictions]
+        right = sum(predictions[item.question_id] == item.reference["answer"] for item in scored)
+        return Score(100.0 * right / max(len(scored), 1), {"right": right}, len(scored), len(items))
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pg_eval") / "playground"
+    build_playground(out, num_pretrain=2, num_finetune=8, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(playground: Path, tmp_path_factory: pytest.TempPathFactory) -> LlavaPipeline:
+    checkpoint = tmp_path_factory.mktemp("ckpt") / "model"
+    model = DuetLlavaForCausalLM.from_components(
+        AutoModelForCausalLM.from_pretrained(playground / "llm"),
+        CLIPVisionModel.from_pretrained(playground / "vision_tower"),
+    )
+    model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(playground / "llm").save_pretrained(checkpoint)
+    load_image_processor(playground / "vision_tower").save_pretrained(checkpoint)
+    return LlavaPipeline.from_pretrained(checkpoint, device="cpu")
+
+
+def answers_of(folder: Path) -> dict[str, str]:
+    return {question_id: record["text"] for question_id, record in read_answers(folder).items()}
+
+
+def test_two_shards_merged_equal_one_process(pipeline, playground, tmp_path):
+    benchmark = ToyBenchmark()
+    items = benchmark.load(playground, tmp_path)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert runner.generate_answers(pipeline, benchmark, items, single, batch_size=3, progress=False) == 7
+    for rank in (0, 1):
+        runner.generate_answers(
+            pipeline, benchmark, items, sharded, batch_size=2, rank=rank, world_size=2, progress=False
+        )
+    assert len(shard_file(sharded, 0, 2).read_text().splitlines()) == 4  # questions 0, 2, 4, 6
+    assert answers_of(single) == answers_of(sharded) and len(answers_of(single)) == 7
+    one, two = runner.score_folder(benchmark, items, single), runner.score_folder(benchmark, items, sharded)
+    assert one["score"] == two["score"] and one["complete"] and two["num_scored"] == 7
+    saved = json.loads((sharded / "result.json").read_text())
+    assert saved["num_questions"] == 7 and saved["visual_tokens_per_layer"] == pytest.approx(576.0)
+    assert saved["prefill_s"] > 0 and saved["generate_s"] >= saved["prefill_s"]
+
+
+class PreemptedError(RuntimeError):
+    pass
+
+
+class KilledAfter:
+    """A pipeline that dies after ``batches`` generate calls, as a preempted job would."""
+
+    def __init__(self, pipeline: LlavaPipeline, batches: int) -> None:
+        self.inner, self.left = pipeline, batches
+        self.model, self.device = pipeline.model, pipeline.device
+
+    def generate(self, *args, **kwargs):
+        if self.left == 0:
+            raise PreemptedError
+        self.left -= 1
+        return self.inner.generate(*args, **kwargs)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(pipeline, playground, tmp_path):
+    benchmark = ToyBenchmark()
+    items = benchmark.load(playground, tmp_path)
+    reference = tmp_path / "reference"
+    runner.generate_answers(pipeline, benchmark, items, reference, batch_size=2, progress=False)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(PreemptedError):
+        runner.generate_answers(KilledAfter(pipeline, 2), benchmark, items, resumed, batch_size=2, progress=False)
+    path = shard_file(resumed, 0, 1)
+    assert len(path.read_text().splitlines()) == 4
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"question_id": "q4", "te')  # torn by the kill mid-write
+    answered = runner.generate_answers(pipeline, benchmark, items, resumed, batch_size=2, progress=False)
+    assert answered == 3  # only the unanswered questions were generated again
+    assert path.read_text().count('"question_id": "q0"') == 1  # finished answers are never rewritten
+    assert answers_of(resumed) == answers_of(reference)
+    assert (
+        runner.score_folder(benchmark, items, resumed)["score"]
+        == runner.score_folder(benchmark, items, reference)["score"]
+    )
+
+
+def test_partial_answers_are_reported_as_partial(pipeline, playground, tmp_path):
+    benchmark = ToyBenchmark()
+    items = benchmark.load(playground, tmp_path)
+    runner.generate_answers(
+        pipeline, benchmark, items, tmp_path / "run", batch_size=4, rank=0, world_size=2, progress=False
+    )
+    result = runner.score_folder(benchmark, items, tmp_path / "run")
+    assert (result["num_scored"], result["num_questions"], result["complete"]) == (4, 7, False)
+
+
+def test_answers_for_unknown_questions_are_an_error(playground, tmp_path):
+    benchmark = ToyBenchmark()
+    items = benchmark.load(playground, tmp_path)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shard_file(folder, 0, 1).write_text('{"question_id": "elsewhere-1", "text": "x"}\n')
+    with pytest.raises(EvalDataError, match="elsewhere-1"):
+        runner.score_folder(benchmark, items, folder)
+
+
+def test_unreadable_image_names_the_question_or_is_skipped(pipeline, playground, tmp_path):
+    benchmark = ToyBenchmark(count=3)
+    items = benchmark.load(playground, tmp_path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    items[1] = EvalItem("q1", items[1].prompt, str(broken), max_new_tokens=3, reference={"answer": "Circle"})
+    with pytest.raises(EvalDataError, match="q1"):
+        runner.generate_answers(pipeline, benchmark, items, tmp_path / "strict", batch_size=3, progress=False)
+    runner.generate_answers(pipeline, benchmark, items, tmp_path / "skip", batch_size=3, skip_bad=True, progress=False)
+    result = runner.score_folder(benchmark, items, tmp_path / "skip")
+    assert result["num_skipped"] == 1 and result["skipped"][0]["question_id"] == "q1"
+    assert (result["num_scored"], result["complete"]) == (2, False)
+
+
+def test_cli_runs_presets_and_resumes(pipeline, playground, tmp_path, monkeypatch):
+    from llava.eval import registry
+
+    monkeypatch.setitem(registry._BENCHMARKS, "toy", ("tests.test_eval_runner:ToyBenchmark", {}))
+    monkeypatch.setattr(run_cli, "_load_pipeline", lambda args: pipeline)
+    argv = ["--model", "unused", "--root", str(playground), "--benchmarks", "toy", "--presets", "none,duet_64",
+            "--out", str(tmp_path / "eval"), "--batch-size", "4", "--no-progress"]  # fmt: skip
+    try:
+        results = run_cli.main(argv)
+    finally:
+        pipeline.model.set_compression("none")
+    assert [(result["preset"], result["benchmark"]) for result in results] == [("none", "toy"), ("duet_64", "toy")]
+    assert results[0]["visual_tokens_per_layer"] == pytest.approx(576.0)
+    assert results[1]["visual_tokens_per_layer"] < 576.0  # the preset was applied
+    assert all(result["complete"] for result in results)
+    try:
+        again = run_cli.main(argv)  # everything answered: nothing is generated, the scores are the same
+    finally:
+        pipeline.model.set_compression("none")
+    assert [result["score"] for result in again] == [result["score"] for result in results]
+    assert len(shard_file(tmp_path / "eval" / "none" / "toy", 0, 1).read_text().splitlines()) == 7
