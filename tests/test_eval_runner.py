@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
+from llava.eval import compare, runner
 from llava.eval import run as run_cli
-from llava.eval import runner
 from llava.eval.answers import read_answers, shard_file
 from llava.eval.base import EvalDataError, EvalItem, Score
 from llava.hf_adapter import load_image_processor
@@ -178,3 +178,52 @@ def test_cli_runs_presets_and_resumes(pipeline, playground, tmp_path, monkeypatc
         pipeline.model.set_compression("none")
     assert [result["score"] for result in again] == [result["score"] for result in results]
     assert len(shard_file(tmp_path / "eval" / "none" / "toy", 0, 1).read_text().splitlines()) == 7
+
+
+def _result(checkpoint: str, preset: str, benchmark: str, score: float, tokens: float, complete: bool = True) -> dict:
+    return {"checkpoint": checkpoint, "preset": preset, "benchmark": benchmark, "score": score, "complete": complete,
+            "num_scored": 10 if complete else 5, "num_questions": 10, "visual_tokens_per_layer": tokens,
+            "prefill_s": 0.5}  # fmt: skip
+
+
+def test_compare_table_arithmetic(tmp_path):
+    results = [
+        _result("base", "none", "gqa", 60.0, 576), _result("base", "none", "pope", 80.0, 576),
+        _result("base", "duet_64", "gqa", 57.0, 64), _result("base", "duet_64", "pope", 84.0, 64),
+        _result("trained", "duet_64", "gqa", 59.4, 64), _result("trained", "duet_64", "pope", 40.0, 64, complete=False),
+    ]  # fmt: skip
+    rows = compare.build_table(results, ["gqa", "pope"], ("base", "none"))
+    by_key = {(row["checkpoint"], row["preset"]): row for row in rows}
+    assert by_key[("base", "none")]["average_retained"] == pytest.approx(100.0)
+    duet = by_key[("base", "duet_64")]
+    assert duet["cells"]["gqa"]["retained"] == pytest.approx(95.0) and duet["cells"]["pope"]["retained"] == 105.0
+    assert duet["average_retained"] == pytest.approx(100.0)  # (95 + 105) / 2: the paper's Avg%
+    assert duet["visual_tokens_per_layer"] == 64 and duet["prefill_ms_per_question"] == pytest.approx(50.0)
+    trained = by_key[("trained", "duet_64")]
+    assert trained["incomplete"] == ["pope (5/10)"]
+    markdown = compare.write_table(rows, ["gqa", "pope"], ("base", "none"), tmp_path)
+    assert "| base | duet_64 | 57.0 (95.0 %) | 84.0 (105.0 %) | 100.0 |" in markdown
+    assert "INCOMPLETE" in markdown and (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="baseline"):
+        compare.build_table(results, ["gqa"], ("other", "none"))
+
+
+def test_compare_runs_checkpoints_and_presets(pipeline, playground, tmp_path, monkeypatch):
+    from llava.eval import registry
+
+    monkeypatch.setitem(registry._BENCHMARKS, "toy", ("tests.test_eval_runner:ToyBenchmark", {}))
+    monkeypatch.setattr(run_cli, "_load_pipeline", lambda args: pipeline)
+    try:
+        argv = ["--model", "a=ckpt-a", "--model", "b=ckpt-b", "--benchmarks", "toy", "--presets", "none,duet_64",
+                "--root", str(playground), "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+        rows = compare.main(argv)
+    finally:
+        pipeline.model.set_compression("none")
+    assert [(row["checkpoint"], row["preset"]) for row in rows] == [
+        ("a", "none"),
+        ("a", "duet_64"),
+        ("b", "none"),
+        ("b", "duet_64"),
+    ]
+    assert rows[0]["visual_tokens_per_layer"] == pytest.approx(576.0) and rows[1]["visual_tokens_per_layer"] < 100
+    assert json.loads((tmp_path / "table.json").read_text())["baseline"] == ["a", "none"]

@@ -32,6 +32,11 @@ CHECKPOINT_PRESET = "checkpoint"
 """Preset label meaning: the compression the checkpoint was saved with."""
 
 
+def preset_label(preset: str) -> str:
+    """The folder and table name of a preset: its name, or a YAML file's stem."""
+    return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for preset in args.presets:
         if pipeline is not None and preset != CHECKPOINT_PRESET:
             pipeline.model.set_compression(preset)
-        label = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+        label = preset_label(preset)
         for name in args.benchmarks:
             benchmark = get_benchmark(name)
             items = benchmark.load(Path(args.root), out / ".cache" / name)

@@ -1,0 +1,190 @@
+"""The paper's table in one command: accuracy retained per compression preset (and per checkpoint).
+
+    python -m llava.eval.compare --model runs/llava-v1.5-7b --root playground/data/eval \\
+        --benchmarks textvqa,gqa,mme,pope,sqa --presets none,duet_192,duet_128,duet_64,visionzip_64,pdrop_64 \\
+        --out runs/eval/compare
+
+Runs :mod:`llava.eval.run` for every checkpoint (answers resume; finished ones are not generated again),
+then writes ``table.md``, ``table.json`` and ``table.png``: a row per checkpoint and preset, a column per
+benchmark holding the score and its % of the baseline's (the first checkpoint's ``none`` row unless
+``--baseline`` says otherwise), the average retained (the mean of those percentages, as DUET-VLM and its
+peers compute it), visual tokens per LLM layer and the measured prefill time per question.
+``--model label=path`` names a checkpoint; ``--results-only`` builds the table from existing results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llava.eval import run as run_cli
+from llava.eval.runner import RESULT_FILE
+
+logger = logging.getLogger(__name__)
+
+
+def parse_models(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``label=path`` or ``path`` (labelled by its folder name) -> ``[(label, path)]``; labels must differ."""
+    models = []
+    for spec in specs:
+        label, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        models.append((label, path))
+    labels = [label for label, _ in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"checkpoint labels must differ, got {labels}; name them with label=path")
+    return models
+
+
+def collect_results(out: Path, models: Sequence[str], presets: Sequence[str], benchmarks: Sequence[str]) -> list[dict]:
+    """Every ``result.json`` of ``out/<model>/<preset>/<benchmark>/`` (missing ones are reported and skipped)."""
+    results = []
+    for model in models:
+        for preset in presets:
+            for benchmark in benchmarks:
+                path = out / model / preset / benchmark / RESULT_FILE
+                if not path.is_file():
+                    logger.warning("no result for %s / %s / %s (%s)", model, preset, benchmark, path)
+                    continue
+                results.append({**json.loads(path.read_text(encoding="utf-8")), "checkpoint": model})
+    return results
+
+
+def build_table(
+    results: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """One row per (checkpoint, preset), in first-seen order, with each benchmark's score and % of the baseline.
+
+    ``average_retained`` is the mean of the per-benchmark percentages over the benchmarks the row and the
+    baseline both scored (``None`` when none); incomplete results are flagged and never averaged silently.
+    """
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for result in results:
+        by_key.setdefault((result["checkpoint"], result["preset"]), {})[result["benchmark"]] = result
+    if baseline not in by_key:
+        raise ValueError(f"the baseline {baseline[0]}/{baseline[1]} has no results")
+    base = by_key[baseline]
+    rows = []
+    for (checkpoint, preset), per_benchmark in by_key.items():
+        row: dict[str, Any] = {"checkpoint": checkpoint, "preset": preset, "cells": {}, "incomplete": []}
+        retained, tokens, prefill = [], [], []
+        for name in benchmarks:
+            result = per_benchmark.get(name)
+            if result is None or result["score"] is None:
+                continue
+            cell = {"score": result["score"], "retained": None}
+            reference = base.get(name)
+            if reference is not None and reference["score"]:
+                cell["retained"] = 100.0 * result["score"] / reference["score"]
+                retained.append(cell["retained"])
+            if not result["complete"]:
+                row["incomplete"].append(f"{name} ({result['num_scored']}/{result['num_questions']})")
+            row["cells"][name] = cell
+            if result.get("visual_tokens_per_layer") is not None:
+                tokens.append(result["visual_tokens_per_layer"])
+            if result["num_scored"]:
+                prefill.append(1000.0 * result["prefill_s"] / result["num_scored"])
+        row["average_retained"] = statistics.mean(retained) if retained else None
+        row["visual_tokens_per_layer"] = statistics.mean(tokens) if tokens else None
+        row["prefill_ms_per_question"] = statistics.mean(prefill) if prefill else None
+        rows.append(row)
+    return rows
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str]) -> str:
+    """The table: score (% of baseline) per benchmark, average retained, tokens per layer, prefill ms."""
+    header = ["checkpoint", "preset", *benchmarks, "avg retained %", "visual tok/layer", "prefill ms/question"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = []
+        for name in benchmarks:
+            cell = row["cells"].get(name)
+            cells.append("-" if cell is None else f"{cell['score']:.1f} ({_number(cell['retained'])} %)")
+        lines.append(
+            "| " + " | ".join([row["checkpoint"], row["preset"], *cells, _number(row["average_retained"]),
+                               _number(row["visual_tokens_per_layer"]), _number(row["prefill_ms_per_question"], 2)])
+            + " |"
+        )  # fmt: skip
+    notes = [
+        f"Cells: score (% of {baseline[0]}/{baseline[1]}). Average retained = mean of the percentages over the "
+        "benchmarks (DUET-VLM's Avg%). Visual tokens per layer and prefill time are measured during the run."
+    ]
+    incomplete = [
+        f"{row['checkpoint']}/{row['preset']}: {', '.join(row['incomplete'])}" for row in rows if row["incomplete"]
+    ]
+    if incomplete:
+        notes.append("INCOMPLETE (scored/questions): " + "; ".join(incomplete))
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Average retained against visual tokens per layer, one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row["average_retained"] is None or row["visual_tokens_per_layer"] is None:
+            continue
+        axis.scatter(row["visual_tokens_per_layer"], row["average_retained"])
+        axis.annotate(f"{row['checkpoint']}/{row['preset']}", (row["visual_tokens_per_layer"], row["average_retained"]),
+                      fontsize=7, textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    axis.set_xlabel("visual tokens per LLM layer")
+    axis.set_ylabel("average accuracy retained (%)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_table(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str], out: Path) -> str:
+    """``table.md``, ``table.json`` and ``table.png`` under ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(rows, benchmarks, baseline)
+    (out / "table.md").write_text(markdown, encoding="utf-8")
+    payload = {"baseline": list(baseline), "benchmarks": list(benchmarks), "rows": list(rows)}
+    (out / "table.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    plot(rows, out / "table.png")
+    return markdown
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every checkpoint x preset x benchmark (resuming), then write and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="checkpoint, or label=checkpoint (repeat)")
+    parser.add_argument("--benchmarks", default="textvqa,gqa,mme,pope,sqa")
+    parser.add_argument("--presets", default="none,duet_192,duet_128,duet_64")
+    parser.add_argument("--root", default="playground/data/eval")
+    parser.add_argument("--out", default="runs/eval/compare")
+    parser.add_argument("--baseline", default=None, help="label/preset of the 100 %% row (default: first model/none)")
+    parser.add_argument("--results-only", action="store_true", help="build the table from existing results")
+    args, run_args = parser.parse_known_args(argv)
+    models = parse_models(args.model)
+    benchmarks = [name for name in args.benchmarks.split(",") if name]
+    presets = [name for name in args.presets.split(",") if name]
+    labels = [run_cli.preset_label(preset) for preset in presets]
+    default_preset = "none" if "none" in labels else labels[0]
+    baseline = tuple(args.baseline.split("/", 1)) if args.baseline else (models[0][0], default_preset)
+    out = Path(args.out)
+    if not args.results_only:
+        for label, path in models:
+            run_cli.main(["--model", path, "--root", args.root, "--benchmarks", ",".join(benchmarks), "--presets",
+                          ",".join(presets), "--out", str(out / label), *run_args])  # fmt: skip
+    rows = build_table(collect_results(out, [label for label, _ in models], labels, benchmarks), benchmarks, baseline)
+    print(write_table(rows, benchmarks, baseline, out))
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
