@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -227,3 +229,19 @@ def test_compare_runs_checkpoints_and_presets(pipeline, playground, tmp_path, mo
     ]
     assert rows[0]["visual_tokens_per_layer"] == pytest.approx(576.0) and rows[1]["visual_tokens_per_layer"] < 100
     assert json.loads((tmp_path / "table.json").read_text())["baseline"] == ["a", "none"]
+
+
+def test_eval_scripts_build_the_launch_commands():
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DRY_RUN": "1", "MODEL": "runs/m", "NUM_GPUS": "4", "PRESETS": "none,duet_64"}
+    command = subprocess.run(
+        ["bash", str(repo / "scripts" / "eval" / "run.sh"), "--limit", "5"], env=env, capture_output=True, text=True,
+        check=True,
+    ).stdout.split()  # fmt: skip
+    assert command[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node", "4"]
+    assert command[command.index("--presets") + 1] == "none\\,duet_64" and command[-2:] == ["--limit", "5"]
+    env = {**os.environ, "DRY_RUN": "1", "MODELS": "a=runs/x runs/y"}
+    command = subprocess.run(
+        ["bash", str(repo / "scripts" / "eval" / "compare.sh")], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert command[-4:] == ["--model", "a=runs/x", "--model", "runs/y"]

@@ -68,6 +68,7 @@ def test_shellcheck_clean() -> None:
         REPO / "scripts" / "playground" / "run.sh",
         *sorted((REPO / "scripts" / "bench").glob("*.sh")),
         *sorted((REPO / "scripts" / "deps").glob("*.sh")),
+        *sorted((REPO / "scripts" / "eval").glob("*.sh")),
         REPO / ".ci" / "run",
     ]
     subprocess.run([shellcheck, "-x", *(str(SCRIPTS / s) for s in STAGES), *map(str, others)], check=True, cwd=REPO)
