@@ -1,0 +1,86 @@
+"""SEED-Bench: multiple-choice questions on images and videos (video questions see the middle frame);
+LLaVA-1.5's headline is the image accuracy.
+
+Questions come from ``seed_bench/llava-seed-bench.jsonl`` (text with options and the option-letter
+suffix already in it), the answers from ``seed_bench/SEED-Bench.json``, matched by question id.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llava.eval.base import EvalDataError, EvalItem, Score, read_json, read_jsonl, require_fields
+from llava.eval.benchmarks.choice import existing_image, parse_option_letter, percent
+
+OPTIONS = "ABCD"
+
+
+class SEEDBench:
+    """SEED-Bench; :attr:`Score.score` is the accuracy x 100 on image questions."""
+
+    name = "seed"
+    score_name = "accuracy (image)"
+
+    def load(self, root: Path, cache_dir: Path) -> list[EvalItem]:
+        """One item per question of the LLaVA question file, its answer and type in ``reference``."""
+        folder = root / "seed_bench"
+        question_file = folder / "llava-seed-bench.jsonl"
+        truth_file = folder / "SEED-Bench.json"
+        truth, type_names = self._read_truth(truth_file)
+        items = []
+        for number, record in read_jsonl(question_file):
+            require_fields(record, ("question_id", "image", "text"), f"{question_file}:{number}")
+            question_id = str(record["question_id"])
+            answer = truth.get(question_id)
+            if answer is None:
+                raise EvalDataError(f"{truth_file}: no answer for question {question_id} of {question_file}")
+            type_id = str(answer["question_type_id"])
+            items.append(
+                EvalItem(
+                    question_id=question_id,
+                    prompt=record["text"],
+                    image=existing_image(folder, str(record["image"]), question_file, question_id),
+                    max_new_tokens=128,
+                    reference={
+                        "answer": str(answer["answer"]),
+                        "data_type": str(answer["data_type"]),
+                        "question_type": type_names.get(type_id, type_id),
+                    },
+                )
+            )
+        return items
+
+    @staticmethod
+    def _read_truth(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+            raise EvalDataError(f"{path}: expected an object with a 'questions' list")
+        truth = {}
+        for position, question in enumerate(data["questions"]):
+            where = f"{path}: questions[{position}]"
+            if not isinstance(question, dict):
+                raise EvalDataError(f"{where}: expected a JSON object")
+            require_fields(question, ("question_id", "data_type", "answer", "question_type_id"), where)
+            if question["answer"] not in OPTIONS:
+                raise EvalDataError(f"{where}: answer {question['answer']!r} is not one of {OPTIONS}")
+            truth[str(question["question_id"])] = question
+        names = data.get("question_type", {})
+        type_names = {str(type_id): name for name, type_id in names.items()} if isinstance(names, dict) else {}
+        return truth, type_names
+
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+        """Accuracy per question type (``type/<name>``) and for ``image``, ``video`` and ``all``."""
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for item in items:
+            if item.question_id not in predictions:
+                continue
+            right = parse_option_letter(predictions[item.question_id], OPTIONS) == item.reference["answer"]
+            for key in ("all", item.reference["data_type"], f"type/{item.reference['question_type']}"):
+                counts[key][0] += right
+                counts[key][1] += 1
+        metrics = {key: percent(*counts[key]) for key in ("image", "video", "all")}
+        metrics.update({key: percent(*value) for key, value in sorted(counts.items()) if key.startswith("type/")})
+        return Score(score=metrics["image"], metrics=metrics, num_scored=counts["all"][1], num_questions=len(items))
