@@ -135,3 +135,20 @@ def require_fields(record: Mapping[str, Any], names: Sequence[str], where: str) 
     missing = [name for name in names if name not in record]
     if missing:
         raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def resolve_image(folder: Path, relative: str, where: str) -> str:
+    """The absolute path of an image under ``folder``; :class:`EvalDataError` naming ``where`` (file and
+    question id) when it points outside ``folder`` or does not exist, so a bad layout fails at load time
+    rather than hours into generation."""
+    path = resolve_inside(folder, relative, where)
+    if not Path(path).is_file():
+        raise EvalDataError(f"{where}: image {path} not found")
+    return path
+
+
+def require_unique(question_id: str, seen: set[str], where: str) -> None:
+    """:class:`EvalDataError` when ``question_id`` was already loaded: predictions are keyed by it."""
+    if question_id in seen:
+        raise EvalDataError(f"{where}: duplicate question id {question_id}")
+    seen.add(question_id)

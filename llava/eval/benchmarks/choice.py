@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llava.eval.base import EvalDataError, resolve_inside
+from llava.eval.base import resolve_image
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ANSWER_IS = re.compile(r"The answer is ([A-Z])\.")
@@ -53,11 +53,7 @@ def parse_yes_no_pope(text: str) -> str:
 def existing_image(root: Path, relative: str, source: Path, question_id: object) -> str:
     """``root / relative`` as an absolute path that stays inside ``root`` and exists; otherwise an
     :class:`EvalDataError` naming the question file ``source`` and the question id."""
-    where = f"{source}: question {question_id}"
-    path = resolve_inside(root, relative, where)
-    if not Path(path).is_file():
-        raise EvalDataError(f"{where}: image {path} not found")
-    return path
+    return resolve_image(root, relative, f"{source}: question {question_id}")
 
 
 def percent(part: int, whole: int) -> float:

@@ -13,8 +13,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import EvalDataError, EvalItem, Score, read_json, read_jsonl, require_fields
-from llava.eval.benchmarks.vqa_metric import mean_accuracy, require_unique, resolve_image
+from llava.eval.base import (
+    EvalDataError,
+    EvalItem,
+    Score,
+    read_json,
+    read_jsonl,
+    require_fields,
+    require_unique,
+    resolve_image,
+)
+from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
 logger = logging.getLogger(__name__)
 

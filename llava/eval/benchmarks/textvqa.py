@@ -18,8 +18,17 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score, read_json, read_jsonl, require_fields
-from llava.eval.benchmarks.vqa_metric import mean_accuracy, reference_vqa_accuracy, resolve_image
+from llava.eval.base import (
+    SHORT_ANSWER,
+    EvalDataError,
+    EvalItem,
+    Score,
+    read_json,
+    read_jsonl,
+    require_fields,
+    resolve_image,
+)
+from llava.eval.benchmarks.vqa_metric import mean_accuracy, reference_vqa_accuracy
 
 logger = logging.getLogger(__name__)
 

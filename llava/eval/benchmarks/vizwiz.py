@@ -25,14 +25,14 @@ from llava.eval.base import (
     read_json,
     read_jsonl,
     require_fields,
+    require_unique,
+    resolve_image,
 )
 from llava.eval.benchmarks.vqa_metric import (
     human_answers,
     mean_accuracy,
     normalize_answer,
     reference_vqa_accuracy,
-    require_unique,
-    resolve_image,
 )
 
 logger = logging.getLogger(__name__)

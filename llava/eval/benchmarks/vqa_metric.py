@@ -15,13 +15,11 @@ has no entry for "im"/"ive" (EvalAI's are capitalised, so never match lower-case
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
-from llava.eval.base import EvalDataError, EvalItem, Score, resolve_inside
+from llava.eval.base import EvalItem, Score
 
 _NUMBER_WORDS = {
     "none": "0",
@@ -249,20 +247,3 @@ def human_answers(answers: object) -> list[str] | None:
     if not all(isinstance(answer, dict) and "answer" in answer for answer in answers):
         return None
     return [str(answer["answer"]) for answer in answers]
-
-
-def resolve_image(folder: Path, relative: str, where: str) -> str:
-    """The absolute path of an image under ``folder``; :class:`EvalDataError` naming ``where`` (file and
-    question id) when it points outside ``folder`` or does not exist, so a bad layout fails at load time
-    rather than hours into generation."""
-    path = resolve_inside(folder, relative, where)
-    if not os.path.isfile(path):
-        raise EvalDataError(f"{where}: image {path} not found")
-    return path
-
-
-def require_unique(question_id: str, seen: set[str], where: str) -> None:
-    """:class:`EvalDataError` when ``question_id`` was already loaded: predictions are keyed by it."""
-    if question_id in seen:
-        raise EvalDataError(f"{where}: duplicate question id {question_id}")
-    seen.add(question_id)
