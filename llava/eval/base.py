@@ -152,3 +152,19 @@ def require_unique(question_id: str, seen: set[str], where: str) -> None:
     if question_id in seen:
         raise EvalDataError(f"{where}: duplicate question id {question_id}")
     seen.add(question_id)
+
+
+def llava_questions(path: Path, image_folder: Path) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+    """LLaVA's question JSONL (``question_id``, ``image``, ``text`` per line) as ``(question id, record,
+    absolute image path, where)``: ids unique, images inside ``image_folder`` and present, and every error
+    naming the file, line and question id (``where``)."""
+    seen: set[str] = set()
+    for line_number, record in read_jsonl(path):
+        where = f"{path}:{line_number}"
+        require_fields(record, ("question_id", "image", "text"), where)
+        question_id = str(record["question_id"])
+        where = f"{where}: question {question_id}"
+        if not isinstance(record["image"], str) or not isinstance(record["text"], str):
+            raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
+        require_unique(question_id, seen, where)
+        yield question_id, record, resolve_image(image_folder, record["image"], where), where

@@ -17,11 +17,8 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    llava_questions,
     read_json,
-    read_jsonl,
-    require_fields,
-    require_unique,
-    resolve_image,
 )
 from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
@@ -56,16 +53,8 @@ class GQA:
         annotations = read_json(annotations_path)
         if not isinstance(annotations, dict):
             raise EvalDataError(f"{annotations_path}: expected an object of question id -> annotation")
-        seen: set[str] = set()
         items = []
-        for line_number, record in read_jsonl(questions_path):
-            where = f"{questions_path}:{line_number}"
-            require_fields(record, ("question_id", "image", "text"), where)
-            question_id = str(record["question_id"])
-            where = f"{where}: question {question_id}"
-            if not isinstance(record["image"], str) or not isinstance(record["text"], str):
-                raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
-            require_unique(question_id, seen, where)
+        for question_id, record, image, where in llava_questions(questions_path, folder / IMAGE_FOLDER):
             annotation = annotations.get(question_id)
             if not isinstance(annotation, dict) or "answer" not in annotation:
                 raise EvalDataError(f"{where}: no ground truth in {annotations_path}")
@@ -77,7 +66,7 @@ class GQA:
                 EvalItem(
                     question_id=question_id,
                     prompt=record["text"],
-                    image=resolve_image(folder / IMAGE_FOLDER, record["image"], where),
+                    image=image,
                     max_new_tokens=128,
                     reference=reference,
                 )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    llava_questions,
     read_json,
-    read_jsonl,
     require_fields,
     require_unique,
     resolve_image,
@@ -33,6 +32,7 @@ from llava.eval.benchmarks.vqa_metric import (
     mean_accuracy,
     normalize_answer,
     reference_vqa_accuracy,
+    server_scored,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,22 +69,13 @@ class VizWiz:
 
     @staticmethod
     def _load_test(folder: Path) -> list[EvalItem]:
-        path = folder / TEST_FILE
-        seen: set[str] = set()
         items = []
-        for line_number, record in read_jsonl(path):
-            where = f"{path}:{line_number}"
-            require_fields(record, ("question_id", "image", "text"), where)
-            question_id = str(record["question_id"])
-            where = f"{where}: question {question_id}"
-            if not isinstance(record["image"], str) or not isinstance(record["text"], str):
-                raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
-            require_unique(question_id, seen, where)
+        for question_id, record, image, _ in llava_questions(folder / TEST_FILE, folder / "test"):
             items.append(
                 EvalItem(
                     question_id=question_id,
                     prompt=record["text"],
-                    image=resolve_image(folder / "test", record["image"], where),
+                    image=image,
                     max_new_tokens=128,
                     reference={"image": Path(record["image"]).name},
                 )
@@ -130,12 +121,7 @@ class VizWiz:
         """val: mean VQA accuracy x 100, plus ``answer_type/<type>`` accuracies (unanswerable, yes/no,
         number, other). test: NaN with ``num_scored`` 0; upload :meth:`write_submission`'s file."""
         if self.split == "test":
-            answered = sum(item.question_id in predictions for item in items)
-            metrics = {
-                "note": "VizWiz test is scored by the EvalAI server; upload write_submission's file",
-                "num_predictions": answered,
-            }
-            return Score(score=math.nan, metrics=metrics, num_scored=0, num_questions=len(items))
+            return server_scored("VizWiz test", items, predictions)
         return mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
 
     def write_submission(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:

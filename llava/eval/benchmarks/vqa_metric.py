@@ -247,3 +247,12 @@ def human_answers(answers: object) -> list[str] | None:
     if not all(isinstance(answer, dict) and "answer" in answer for answer in answers):
         return None
     return [str(answer["answer"]) for answer in answers]
+
+
+def server_scored(benchmark: str, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    """The :class:`Score` of a split only the evaluation server can score: NaN, nothing scored locally."""
+    metrics = {
+        "note": f"{benchmark} is scored by the EvalAI server; upload write_submission's file",
+        "num_predictions": sum(item.question_id in predictions for item in items),
+    }
+    return Score(score=math.nan, metrics=metrics, num_scored=0, num_questions=len(items))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    llava_questions,
     read_json,
     read_jsonl,
     require_fields,
@@ -33,6 +33,7 @@ from llava.eval.benchmarks.vqa_metric import (
     mean_accuracy,
     normalize_answer,
     reference_vqa_accuracy,
+    server_scored,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,22 +68,13 @@ class VQAv2:
 
     @staticmethod
     def _load_test_dev(folder: Path) -> list[EvalItem]:
-        path = folder / TEST_DEV_FILE
-        seen: set[str] = set()
         items = []
-        for line_number, record in read_jsonl(path):
-            where = f"{path}:{line_number}"
-            require_fields(record, ("question_id", "image", "text"), where)
-            question_id = str(record["question_id"])
-            where = f"{where}: question {question_id}"
-            if not isinstance(record["image"], str) or not isinstance(record["text"], str):
-                raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
-            require_unique(question_id, seen, where)
+        for question_id, record, image, _ in llava_questions(folder / TEST_DEV_FILE, folder / "test2015"):
             items.append(
                 EvalItem(
                     question_id=question_id,
                     prompt=record["text"],
-                    image=resolve_image(folder / "test2015", record["image"], where),
+                    image=image,
                     max_new_tokens=128,
                 )
             )
@@ -128,12 +120,7 @@ class VQAv2:
         """val: mean VQA accuracy x 100, plus ``answer_type/<type>`` accuracies (yes/no, number, other).
         test-dev: NaN with ``num_scored`` 0; upload :meth:`write_submission`'s file to EvalAI instead."""
         if self.split == "test-dev":
-            answered = sum(item.question_id in predictions for item in items)
-            metrics = {
-                "note": "VQAv2 test-dev is scored by the EvalAI server; upload write_submission's file",
-                "num_predictions": answered,
-            }
-            return Score(score=math.nan, metrics=metrics, num_scored=0, num_questions=len(items))
+            return server_scored("VQAv2 test-dev", items, predictions)
         return mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
 
     def write_submission(
