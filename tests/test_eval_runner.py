@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
+from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.eval import compare, runner
 from llava.eval import run as run_cli
 from llava.eval.answers import read_answers, shard_file
@@ -44,22 +46,22 @@ class ToyBenchmark:
 
 
 @pytest.fixture(scope="module")
-def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def image_playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pg_eval") / "playground"
     build_playground(out, num_pretrain=2, num_finetune=8, seed=0)
     return out
 
 
 @pytest.fixture(scope="module")
-def pipeline(playground: Path, tmp_path_factory: pytest.TempPathFactory) -> LlavaPipeline:
+def pipeline(image_playground: Path, tmp_path_factory: pytest.TempPathFactory) -> LlavaPipeline:
     checkpoint = tmp_path_factory.mktemp("ckpt") / "model"
     model = DuetLlavaForCausalLM.from_components(
-        AutoModelForCausalLM.from_pretrained(playground / "llm"),
-        CLIPVisionModel.from_pretrained(playground / "vision_tower"),
+        AutoModelForCausalLM.from_pretrained(image_playground / "llm"),
+        CLIPVisionModel.from_pretrained(image_playground / "vision_tower"),
     )
     model.save_pretrained(checkpoint)
-    AutoTokenizer.from_pretrained(playground / "llm").save_pretrained(checkpoint)
-    load_image_processor(playground / "vision_tower").save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(image_playground / "llm").save_pretrained(checkpoint)
+    load_image_processor(image_playground / "vision_tower").save_pretrained(checkpoint)
     return LlavaPipeline.from_pretrained(checkpoint, device="cpu")
 
 
@@ -67,9 +69,9 @@ def answers_of(folder: Path) -> dict[str, str]:
     return {question_id: record["text"] for question_id, record in read_answers(folder).items()}
 
 
-def test_two_shards_merged_equal_one_process(pipeline, playground, tmp_path):
+def test_two_shards_merged_equal_one_process(pipeline, image_playground, tmp_path):
     benchmark = ToyBenchmark()
-    items = benchmark.load(playground, tmp_path)
+    items = benchmark.load(image_playground, tmp_path)
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert runner.generate_answers(pipeline, benchmark, items, single, batch_size=3, progress=False) == 7
     for rank in (0, 1):
@@ -103,9 +105,9 @@ class KilledAfter:
         return self.inner.generate(*args, **kwargs)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(pipeline, playground, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_result(pipeline, image_playground, tmp_path):
     benchmark = ToyBenchmark()
-    items = benchmark.load(playground, tmp_path)
+    items = benchmark.load(image_playground, tmp_path)
     reference = tmp_path / "reference"
     runner.generate_answers(pipeline, benchmark, items, reference, batch_size=2, progress=False)
     resumed = tmp_path / "resumed"
@@ -125,9 +127,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pipeline, playground, tm
     )
 
 
-def test_partial_answers_are_reported_as_partial(pipeline, playground, tmp_path):
+def test_partial_answers_are_reported_as_partial(pipeline, image_playground, tmp_path):
     benchmark = ToyBenchmark()
-    items = benchmark.load(playground, tmp_path)
+    items = benchmark.load(image_playground, tmp_path)
     runner.generate_answers(
         pipeline, benchmark, items, tmp_path / "run", batch_size=4, rank=0, world_size=2, progress=False
     )
@@ -135,9 +137,9 @@ def test_partial_answers_are_reported_as_partial(pipeline, playground, tmp_path)
     assert (result["num_scored"], result["num_questions"], result["complete"]) == (4, 7, False)
 
 
-def test_answers_for_unknown_questions_are_an_error(playground, tmp_path):
+def test_answers_for_unknown_questions_are_an_error(image_playground, tmp_path):
     benchmark = ToyBenchmark()
-    items = benchmark.load(playground, tmp_path)
+    items = benchmark.load(image_playground, tmp_path)
     folder = tmp_path / "run"
     folder.mkdir()
     shard_file(folder, 0, 1).write_text('{"question_id": "elsewhere-1", "text": "x"}\n')
@@ -145,9 +147,9 @@ def test_answers_for_unknown_questions_are_an_error(playground, tmp_path):
         runner.score_folder(benchmark, items, folder)
 
 
-def test_unreadable_image_names_the_question_or_is_skipped(pipeline, playground, tmp_path):
+def test_unreadable_image_names_the_question_or_is_skipped(pipeline, image_playground, tmp_path):
     benchmark = ToyBenchmark(count=3)
-    items = benchmark.load(playground, tmp_path)
+    items = benchmark.load(image_playground, tmp_path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     items[1] = EvalItem("q1", items[1].prompt, str(broken), max_new_tokens=3, reference={"answer": "Circle"})
@@ -159,12 +161,12 @@ def test_unreadable_image_names_the_question_or_is_skipped(pipeline, playground,
     assert (result["num_scored"], result["complete"]) == (2, False)
 
 
-def test_cli_runs_presets_and_resumes(pipeline, playground, tmp_path, monkeypatch):
+def test_cli_runs_presets_and_resumes(pipeline, image_playground, tmp_path, monkeypatch):
     from llava.eval import registry
 
     monkeypatch.setitem(registry._BENCHMARKS, "toy", ("tests.test_eval_runner:ToyBenchmark", {}))
     monkeypatch.setattr(run_cli, "_load_pipeline", lambda args: pipeline)
-    argv = ["--model", "unused", "--root", str(playground), "--benchmarks", "toy", "--presets", "none,duet_64",
+    argv = ["--model", "unused", "--root", str(image_playground), "--benchmarks", "toy", "--presets", "none,duet_64",
             "--out", str(tmp_path / "eval"), "--batch-size", "4", "--no-progress"]  # fmt: skip
     try:
         results = run_cli.main(argv)
@@ -210,14 +212,14 @@ def test_compare_table_arithmetic(tmp_path):
         compare.build_table(results, ["gqa"], ("other", "none"))
 
 
-def test_compare_runs_checkpoints_and_presets(pipeline, playground, tmp_path, monkeypatch):
+def test_compare_runs_checkpoints_and_presets(pipeline, image_playground, tmp_path, monkeypatch):
     from llava.eval import registry
 
     monkeypatch.setitem(registry._BENCHMARKS, "toy", ("tests.test_eval_runner:ToyBenchmark", {}))
     monkeypatch.setattr(run_cli, "_load_pipeline", lambda args: pipeline)
     try:
         argv = ["--model", "a=ckpt-a", "--model", "b=ckpt-b", "--benchmarks", "toy", "--presets", "none,duet_64",
-                "--root", str(playground), "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+                "--root", str(image_playground), "--out", str(tmp_path), "--no-progress"]  # fmt: skip
         rows = compare.main(argv)
     finally:
         pipeline.model.set_compression("none")
@@ -245,3 +247,46 @@ def test_eval_scripts_build_the_launch_commands():
         ["bash", str(repo / "scripts" / "eval" / "compare.sh")], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert command[-4:] == ["--model", "a=runs/x", "--model", "runs/y"]
+
+
+def test_video_qa_through_the_cli_with_a_judge(playground, tmp_path, monkeypatch):
+    """A Video-LLaVA checkpoint answers MSVD-format questions (answers listed in another order) and the
+    optional judge's summary lands in the result."""
+    checkpoint = tmp_path / "video-model"
+    model = DuetLlavaForCausalLM.from_components(
+        AutoModelForCausalLM.from_pretrained(playground / "llm"),
+        CLIPVisionModel.from_pretrained(playground / "vision_tower"),
+        video_model=CLIPVisionModel.from_pretrained(playground / "video_tower"),
+    )
+    model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(playground / "llm").save_pretrained(checkpoint)
+    load_image_processor(playground / "vision_tower").save_pretrained(checkpoint)
+    load_image_processor(playground / "video_tower").save_pretrained(checkpoint / VIDEO_PROCESSOR_DIR)
+    folder = tmp_path / "eval" / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA"
+    (folder / "videos").mkdir(parents=True)
+    videos = sorted((playground / "videos").glob("*.mp4"))[:3]
+    questions = []
+    for index, video in enumerate(videos):
+        shutil.copy(video, folder / "videos" / video.name)
+        questions.append({"video_name": video.stem, "question": "what moves?", "question_id": f"v{index}"})
+    answers = [{"answer": "circle", "type": "what", "question_id": question["question_id"]} for question in questions]
+    (folder / "test_q.json").write_text(json.dumps(questions))
+    (folder / "test_a.json").write_text(json.dumps(answers[::-1]))
+    seen = {}
+
+    def fake_judge(items, predictions, config):
+        seen["url"], seen["ids"] = config.url, sorted(predictions)
+        return {"accuracy": 50.0, "score": 2.5, "num_judged": len(predictions), "judgements": {"v0": {}}}
+
+    monkeypatch.setattr(run_cli, "judge_answers", fake_judge)
+    results = run_cli.main(
+        ["--model", str(checkpoint), "--root", str(tmp_path / "eval"), "--benchmarks", "msvd", "--presets", "none",
+         "--out", str(tmp_path / "out"), "--batch-size", "2", "--device", "cpu", "--no-progress", "--judge",
+         "--judge-url", "http://judge.invalid/v1"]
+    )  # fmt: skip
+    (result,) = results
+    assert result["complete"] and result["num_scored"] == 3
+    assert result["visual_tokens_per_layer"] == pytest.approx(model.config.llm_tokens_per_video)
+    assert result["judge"] == {"accuracy": 50.0, "score": 2.5, "num_judged": 3}
+    assert seen == {"url": "http://judge.invalid/v1", "ids": ["v0", "v1", "v2"]}
+    assert json.loads((tmp_path / "out" / "none" / "msvd" / "judge.json").read_text())["judgements"] == {"v0": {}}

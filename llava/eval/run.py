@@ -12,6 +12,7 @@ same ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import torch
 
 from llava.eval.answers import read_answers
 from llava.eval.base import EvalDataError
+from llava.eval.benchmarks.videoqa import VideoQA
+from llava.eval.judge import JudgeConfig, judge_answers
 from llava.eval.registry import benchmark_names, get_benchmark
 from llava.eval.runner import generate_answers, score_folder
 
@@ -63,6 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None, help="number of shards (without a launcher)")
     parser.add_argument("--score-only", action="store_true", help="score existing answers, generate nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--judge", action="store_true", help="also judge video QA answers with an LLM (OpenAI-compatible endpoint)"
+    )
+    parser.add_argument("--judge-url", default=None, help="judge endpoint base URL (default: $DUET_JUDGE_URL)")
+    parser.add_argument("--judge-model", default=None, help="judge model (default: $DUET_JUDGE_MODEL or gpt-3.5-turbo)")
     args = parser.parse_args(argv)
     args.benchmarks = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     args.presets = [name.strip() for name in args.presets.split(",") if name.strip()]
@@ -99,6 +107,14 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
     return LlavaPipeline.from_pretrained(args.model, dtype=dtype, device=device, vision_tower=args.vision_tower)
 
 
+def _judge_for(args: argparse.Namespace, benchmark: Any) -> Any:
+    """The LLM judge for video QA when ``--judge`` asks for it (other benchmarks have official metrics)."""
+    if not args.judge or not isinstance(benchmark, VideoQA):
+        return None
+    config = JudgeConfig.from_env(url=args.judge_url, model=args.judge_model)
+    return functools.partial(judge_answers, config=config)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Generate (unless ``--score-only``) and score every preset x benchmark; returns rank 0's results."""
     args = parse_args(argv)
@@ -133,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     continue
             run_info = {"model": str(Path(args.model).resolve()), "root": str(Path(args.root).resolve()),
                         "preset": label, "batch_size": args.batch_size, "world_size": world_size}  # fmt: skip
-            result = score_folder(benchmark, items, folder, run_info)
+            result = score_folder(benchmark, items, folder, run_info, _judge_for(args, benchmark))
             results.append(result)
             score = "server-scored" if result["score"] is None else f"{result['score']:.2f}"
             print(

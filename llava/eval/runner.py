@@ -16,7 +16,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,13 +212,18 @@ def versions() -> dict[str, str]:
 
 
 def score_folder(
-    benchmark: Benchmark, items: Sequence[EvalItem], folder: Path, run_info: dict[str, Any] | None = None
+    benchmark: Benchmark,
+    items: Sequence[EvalItem],
+    folder: Path,
+    run_info: dict[str, Any] | None = None,
+    judge: Callable[[Sequence[EvalItem], Mapping[str, str]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge every shard's answers, score them and write ``result.json``; returns the result.
 
     Answers whose question id the benchmark does not have are an error (the answer files belong to another
     data set or version). The result says how many questions were scored out of how many, so a partial run
-    is never mistaken for a complete one.
+    is never mistaken for a complete one. ``judge`` (e.g. :func:`llava.eval.judge.judge_answers`) adds an
+    LLM judge's summary under ``judge`` and its per-question verdicts in ``judge.json``.
     """
     answers = read_answers(folder)
     known = {item.question_id for item in items}
@@ -250,6 +255,10 @@ def score_folder(
         "versions": versions(),
         **(run_info or {}),
     }
+    if judge is not None:
+        verdicts = judge(items, predictions)
+        (folder / "judge.json").write_text(json.dumps(verdicts, indent=1, default=str) + "\n", encoding="utf-8")
+        result["judge"] = {key: value for key, value in verdicts.items() if key not in ("judgements", "failures")}
     writer = getattr(benchmark, "write_submission", None)
     if writer is not None:
         result["submission_files"] = [str(path) for path in writer(items, predictions, folder)]
