@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.eval import compare, runner
 from llava.eval import run as run_cli
 from llava.eval.answers import read_answers, shard_file
-from llava.eval.base import EvalDataError, EvalItem, Score
+from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score
 from llava.hf_adapter import load_image_processor
 from llava.inference import LlavaPipeline
 from llava.model.modeling import DuetLlavaForCausalLM
@@ -53,7 +54,8 @@ def image_playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pipeline(image_playground: Path, tmp_path_factory: pytest.TempPathFactory) -> LlavaPipeline:
+def checkpoint(image_playground: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved checkpoint (random projector) with its tokenizer and image processor."""
     checkpoint = tmp_path_factory.mktemp("ckpt") / "model"
     model = DuetLlavaForCausalLM.from_components(
         AutoModelForCausalLM.from_pretrained(image_playground / "llm"),
@@ -62,6 +64,11 @@ def pipeline(image_playground: Path, tmp_path_factory: pytest.TempPathFactory) -
     model.save_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(image_playground / "llm").save_pretrained(checkpoint)
     load_image_processor(image_playground / "vision_tower").save_pretrained(checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint: Path) -> LlavaPipeline:
     return LlavaPipeline.from_pretrained(checkpoint, device="cpu")
 
 
@@ -290,3 +297,41 @@ def test_video_qa_through_the_cli_with_a_judge(playground, tmp_path, monkeypatch
     assert result["judge"] == {"accuracy": 50.0, "score": 2.5, "num_judged": 3}
     assert seen == {"url": "http://judge.invalid/v1", "ids": ["v0", "v1", "v2"]}
     assert json.loads((tmp_path / "out" / "none" / "msvd" / "judge.json").read_text())["judgements"] == {"v0": {}}
+
+
+def write_gqa(root: Path, images: Sequence[Path]) -> None:
+    """A GQA testdev-balanced folder in LLaVA's layout over the given images."""
+    folder = root / "gqa"
+    (folder / "data" / "images").mkdir(parents=True)
+    annotations, lines = {}, []
+    for index, image in enumerate(images):
+        shutil.copy(image, folder / "data" / "images" / image.name)
+        question = "Which shape is it?"
+        lines.append(json.dumps({"question_id": f"g{index}", "image": image.name, "text": question + SHORT_ANSWER}))
+        annotations[f"g{index}"] = {"imageId": image.stem, "question": question, "answer": "circle"}
+    (folder / "llava_gqa_testdev_balanced.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "data" / "testdev_balanced_questions.json").write_text(json.dumps(annotations))
+
+
+def test_torchrun_two_ranks_equal_one_process(checkpoint, image_playground, tmp_path):
+    """Two CPU ranks under torchrun (gloo): each answers its shard, rank 0 merges and scores."""
+    write_gqa(tmp_path / "eval", sorted((image_playground / "images").glob("*.png"))[:5])
+    base = [sys.executable, "-m", "llava.eval.run", "--model", str(checkpoint), "--root", str(tmp_path / "eval"),
+            "--benchmarks", "gqa", "--presets", "none", "--device", "cpu", "--batch-size", "2",
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    single = subprocess.run([*base, "--out", str(tmp_path / "one")], env=env, cwd=repo, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launched = subprocess.run(
+        [*launcher, *base[1:], "--out", str(tmp_path / "two")], env=env, cwd=repo, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    folder = tmp_path / "two" / "none" / "gqa"
+    assert sorted(path.name for path in folder.glob("answers-*.jsonl")) == ["answers-0of2.jsonl", "answers-1of2.jsonl"]
+    one = json.loads((tmp_path / "one" / "none" / "gqa" / "result.json").read_text())
+    two = json.loads((folder / "result.json").read_text())
+    assert (two["world_size"], two["num_scored"], two["complete"]) == (2, 5, True)
+    assert two["score"] == one["score"] and answers_of(folder) == answers_of(tmp_path / "one" / "none" / "gqa")
