@@ -247,7 +247,7 @@ def test_eval_scripts_build_the_launch_commands():
         ["bash", str(repo / "scripts" / "eval" / "run.sh"), "--limit", "5"], env=env, capture_output=True, text=True,
         check=True,
     ).stdout.split()  # fmt: skip
-    assert command[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node", "4"]
+    assert command[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     assert command[command.index("--presets") + 1] == "none\\,duet_64" and command[-2:] == ["--limit", "5"]
     env = {**os.environ, "DRY_RUN": "1", "MODELS": "a=runs/x runs/y"}
     command = subprocess.run(

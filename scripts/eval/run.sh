@@ -22,7 +22,7 @@ PYTHON="${PYTHON:-python}"
 ARGS=(--model "$MODEL" --root "$EVAL_ROOT" --benchmarks "$BENCHMARKS" --presets "$PRESETS" --out "$OUT"
     --batch-size "$BATCH_SIZE" "$@")
 if [[ "$NUM_GPUS" -gt 1 ]]; then
-    CMD=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" -m llava.eval.run "${ARGS[@]}")
+    CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" -m llava.eval.run "${ARGS[@]}")
 else
     CMD=("$PYTHON" -m llava.eval.run "${ARGS[@]}")
 fi
