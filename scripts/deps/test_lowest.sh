@@ -9,6 +9,7 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 pip install -q -c constraints/lowest.txt torch
-pip install -q -c constraints/lowest.txt -e ".[dev,video]"
+pip install -q -c constraints/lowest.txt -e ".[dev,video,lmms]"
+pip install -q --no-deps -c constraints/lowest.txt lmms-eval
 pip freeze | grep -iE '^(torch|transformers|accelerate|deepspeed|peft|tokenizers|safetensors|wandb)=='
 python -m pytest -q "$@"
