@@ -67,6 +67,9 @@ def run_script(script: str, env: dict[str, str], *args: str, folder: str = "v1_5
         pytest.fail(f"{script} did not finish in {STEP_LIMIT_S} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    port = env.get("MASTER_PORT")
+    if port and Path("/dev/shm").is_dir():  # every rank removed its DeepSpeed shared-memory buffer at exit
+        assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*")), f"{script} left /dev/shm buffers"
     return result
 
 

@@ -99,3 +99,18 @@ def test_in_process_resume_reproduces_losses(playground, tmp_path):
     reference, resumed = read_metrics(full), read_metrics(part)
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_shared_memory_buffers_of_this_rank_are_removed(tmp_path, monkeypatch):
+    from llava.training import train as train_module
+
+    monkeypatch.setattr(train_module, "SHM_DIR", tmp_path)
+    names = ["deepspeed_allreduce_buffer_0_127.0.0.1_4321_0", "deepspeed_allreduce_buffer_0_127.0.0.1_4321_1",
+             "deepspeed_allreduce_buffer_0_127.0.0.1_9999_0", "unrelated_127.0.0.1_4321_0"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    environ = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4321", "RANK": "0"}
+    removed = train_module.remove_shared_memory_buffers(environ)
+    assert [path.name for path in removed] == [names[0]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
+    assert train_module.remove_shared_memory_buffers({}) == []  # not launched by DeepSpeed: nothing to do

@@ -176,15 +176,37 @@ def finish(
             video_processor.save_pretrained(output_dir / VIDEO_PROCESSOR_DIR)
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shared_memory_buffers(environ: dict[str, str] | None = None) -> list[Path]:
+    """Delete this rank's DeepSpeed CPU all-reduce buffers from ``/dev/shm``; returns what was removed.
+
+    DeepSpeed's CPU communication op (``DS_ACCELERATOR=cpu``) creates one shared-memory file per rank
+    (``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>``, 66 MB) and never unlinks it, so every run on
+    CPU ranks left its buffers behind until ``/dev/shm`` (RAM) filled up. By exit every rank has mapped
+    its peers' buffers, so unlinking its own name is safe.
+    """
+    environ = os.environ if environ is None else environ
+    address, port, rank = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT"), environ.get("RANK")
+    if not (address and port and rank) or not SHM_DIR.is_dir():
+        return []
+    removed = sorted(SHM_DIR.glob(f"deepspeed_*_{address}_{port}_{rank}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def main() -> None:
     """Console entry point; tears the process group down before exit (no communication threads left to
-    be killed by the interpreter's shutdown)."""
+    be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         train(sys.argv[1:])
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        remove_shared_memory_buffers()
 
 
 if __name__ == "__main__":
