@@ -160,11 +160,16 @@ def llava_questions(path: Path, image_folder: Path) -> Iterator[tuple[str, dict[
     naming the file, line and question id (``where``)."""
     seen: set[str] = set()
     for line_number, record in read_jsonl(path):
-        where = f"{path}:{line_number}"
-        require_fields(record, ("question_id", "image", "text"), where)
-        question_id = str(record["question_id"])
-        where = f"{where}: question {question_id}"
-        if not isinstance(record["image"], str) or not isinstance(record["text"], str):
-            raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
+        question_id, where = check_llava_question(record, f"{path}:{line_number}")
         require_unique(question_id, seen, where)
         yield question_id, record, resolve_image(image_folder, record["image"], where), where
+
+
+def check_llava_question(record: Mapping[str, Any], where: str) -> tuple[str, str]:
+    """``(question id, where naming it)`` of one LLaVA question line, after checking its fields' types."""
+    require_fields(record, ("question_id", "image", "text"), where)
+    question_id = str(record["question_id"])
+    where = f"{where}: question {question_id}"
+    if not isinstance(record["image"], str) or not isinstance(record["text"], str):
+        raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
+    return question_id, where

@@ -122,15 +122,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     pipeline = None if args.score_only else _load_pipeline(args)
     results: list[dict[str, Any]] = []
+    loaded = {}  # every benchmark is read and checked once, whatever the number of presets
+    for name in args.benchmarks:
+        benchmark = get_benchmark(name)
+        items = benchmark.load(Path(args.root), out / ".cache" / name)
+        loaded[name] = (benchmark, items if args.limit is None else items[: args.limit])
     for preset in args.presets:
         if pipeline is not None and preset != CHECKPOINT_PRESET:
             pipeline.model.set_compression(preset)
         label = preset_label(preset)
-        for name in args.benchmarks:
-            benchmark = get_benchmark(name)
-            items = benchmark.load(Path(args.root), out / ".cache" / name)
-            if args.limit is not None:
-                items = items[: args.limit]
+        for name, (benchmark, items) in loaded.items():
             folder = out / label / name
             folder.mkdir(parents=True, exist_ok=True)
             if pipeline is not None:

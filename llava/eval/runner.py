@@ -154,15 +154,17 @@ def generate_answers(
                     raise EvalDataError(
                         f"{benchmark.name}: cannot read the media of question(s) {ids}: {error}"
                     ) from error
-                texts, stats, batch = _answer_one_by_one(pipeline, batch, skipped_path)
+                texts, stats, kept = _answer_one_by_one(pipeline, batch, skipped_path)
+            else:
+                kept = batch
             writer.write(
                 {"question_id": item.question_id, "prompt": item.prompt, "text": text, "preset": preset}
-                for item, text in zip(batch, texts, strict=True)
+                for item, text in zip(kept, texts, strict=True)
             )
             with open(stats_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(stats.__dict__) + "\n")
-            answered += len(batch)
-            bar.update(stats.questions if stats.questions else len(batch))
+            answered += len(kept)
+            bar.update(len(batch))  # skipped questions are done too
     return answered
 
 

@@ -23,6 +23,7 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    check_llava_question,
     read_json,
     read_jsonl,
     require_fields,
@@ -69,12 +70,8 @@ class TextVQA:
         occurrences: Counter[str] = Counter()
         items = []
         for line_number, record in read_jsonl(questions_path):
-            where = f"{questions_path}:{line_number}"
-            require_fields(record, ("question_id", "image", "text"), where)
-            image_id = str(record["question_id"])
-            where = f"{where}: question {image_id}"
-            if not isinstance(record["image"], str) or not isinstance(record["text"], str):
-                raise EvalDataError(f"{where}: 'image' and 'text' must be strings")
+            # LLaVA's TextVQA question_id is the image id and repeats, so not llava_questions (unique ids).
+            image_id, where = check_llava_question(record, f"{questions_path}:{line_number}")
             occurrences[image_id] += 1
             question, prompt_without_ocr = split_prompt(record["text"])
             answers = ground_truth.get((image_id, question.lower()))
