@@ -201,10 +201,15 @@ def main() -> None:
     """Console entry point; tears the process group down before exit (no communication threads left to
     be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    distributed = torch.distributed.is_available()
     try:
         train(sys.argv[1:])
+        if distributed and torch.distributed.is_initialized():
+            # All ranks leave together (after a successful run only: a failed peer would never arrive); a rank
+            # tearing down while another was still saving has aborted at exit.
+            torch.distributed.barrier()
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         remove_shared_memory_buffers()
 
