@@ -50,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-V2V_METHODS = ("duet", "visionzip")
+V2V_METHODS = ("duet", "visionzip", "random")
 T2V_QUERIES = ("last", "instruction", "salient")
 T2V_POSITION_MODES = ("keep", "compact")
 PRESET_DIRS_ENV = "DUET_COMPRESSION_PRESETS"
@@ -85,7 +85,8 @@ class V2VConfig:
 
     ``method`` is ``"duet"`` (anchors evenly spaced in CLS-score rank over a pool of ``cluster_width * k2``
     candidates, other patches dropped) or ``"visionzip"`` (anchors evenly spaced by position over all
-    remaining patches, all of them merged; ``cluster_width`` unused).
+    remaining patches, all of them merged; ``cluster_width`` unused) or ``"random"`` (the baseline: CLS and
+    ``k1 - 1`` uniformly random patches, ``k2`` must be 0).
     """
 
     method: str
@@ -103,6 +104,10 @@ class V2VConfig:
             )
         if not _is_int(self.contextual) or self.contextual < 0:
             raise CompressionConfigError(f"v2v.contextual (k2) must be an integer >= 0, got {self.contextual!r}")
+        if self.method == "random" and self.contextual != 0:
+            raise CompressionConfigError(
+                f"v2v.method random keeps k1 random tokens and merges nothing: contextual must be 0, got {self.contextual!r}"
+            )
         if not _is_int(self.cluster_width) or self.cluster_width < 1:
             raise CompressionConfigError(f"v2v.cluster_width must be an integer >= 1, got {self.cluster_width!r}")
 

@@ -3,7 +3,7 @@
 A merger turns the feature-layer hidden states of each image (CLS + patches) into ``k1 + k2`` tokens:
 ``k1`` dominant tokens (CLS and the patches the CLS query attends to most, raster order) followed by
 ``k2`` contextual tokens (anchors plus the mean of the patches that are most key-similar to them).
-Two plug-ins share one interface and are chosen by ``V2VConfig.method``:
+Three plug-ins share one interface and are chosen by ``V2VConfig.method``:
 
 * ``duet``: contextual anchors are spread over the score ranking of a candidate pool (the top
   ``cluster_width * k2`` remaining patches); patches outside the pool are dropped.
@@ -189,9 +189,30 @@ class VisionZipMerger(_DominantContextualMerger):
         return _merge_into_anchors(features, keys, remaining[:, anchor_slots], remaining[:, ~is_anchor])
 
 
+class RandomMerger(_DominantContextualMerger):
+    """Baseline: CLS plus ``k1 - 1`` patches drawn uniformly at random (raster order), nothing merged.
+
+    The same budget as a CLS-ranked merger with the ranking replaced by noise, so a table can show what
+    the ranking is worth. Draws from torch's global generator on the features' device (seed it for
+    repeatable runs); every image of a batch gets its own draw, with no host synchronisation.
+    """
+
+    method = "random"
+
+    def __init__(self, dominant: int, contextual: int = 0, cluster_width: int = 4) -> None:
+        if contextual != 0:
+            raise ValueError(f"random V2V keeps k1 tokens and merges nothing: contextual must be 0, got {contextual}")
+        super().__init__(dominant, contextual, cluster_width)
+
+    def __call__(self, features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        random_scores = torch.rand(cls_attention.shape, device=cls_attention.device)
+        return super().__call__(features, random_scores, keys)
+
+
 MERGERS: dict[str, Callable[..., VisualTokenMerger]] = {
     DuetMerger.method: DuetMerger,
     VisionZipMerger.method: VisionZipMerger,
+    RandomMerger.method: RandomMerger,
 }
 
 

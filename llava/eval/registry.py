@@ -20,6 +20,7 @@ _BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     "sqa": ("llava.eval.benchmarks.sqa:ScienceQA", {}),
     "mmbench": ("llava.eval.benchmarks.mmbench:MMBench", {}),
     "seed": ("llava.eval.benchmarks.seed:SEEDBench", {}),
+    "playground": ("llava.eval.benchmarks.playground:PlaygroundScenes", {}),
     "msvd": ("llava.eval.benchmarks.videoqa:VideoQA", {"dataset": "MSVD"}),
     "msrvtt": ("llava.eval.benchmarks.videoqa:VideoQA", {"dataset": "MSRVTT"}),
     "tgif": ("llava.eval.benchmarks.videoqa:VideoQA", {"dataset": "TGIF"}),

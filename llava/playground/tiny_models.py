@@ -126,11 +126,12 @@ def ensure_bos(tokenizer: PreTrainedTokenizerBase) -> None:
     logger.info("enabled add_bos_token on the playground tokenizer")
 
 
-def save_llm(out_dir: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """Build and save the tiny LLaMA and its tokenizer (safetensors) into ``out_dir``."""
+def save_llm(out_dir: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides: int) -> LlamaForCausalLM:
+    """Build and save the tiny LLaMA (``overrides`` change :data:`LLM_DEFAULTS`) and its tokenizer
+    (safetensors) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_bos(tokenizer)
-    model = build_tiny_llama(tokenizer, seed)
+    model = build_tiny_llama(tokenizer, seed, **overrides)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     logger.info("saved tiny LLaMA (%d params, vocab %d) to %s", model.num_parameters(), len(tokenizer), out_dir)

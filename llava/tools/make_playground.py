@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from llava.playground.scene_builder import build_scene_playground
 from llava.playground.synthetic import build_playground
 
 
@@ -20,8 +21,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-pretrain", type=int, default=600, help="caption samples (pretrain.json)")
-    parser.add_argument("--num-finetune", type=int, default=600, help="instruction samples (finetune.json)")
+    parser.add_argument(
+        "--task",
+        choices=("shapes", "scenes"),
+        default="shapes",
+        help=(
+            "shapes: the pipeline playground (images, videos, tiny random towers; fast, exercises every path); "
+            "scenes: the learnable 336 px task with a held-out benchmark and a pretrained tiny tower"
+        ),
+    )
+    parser.add_argument(
+        "--num-eval", type=int, default=300, help="scenes: held-out benchmark questions (one per image)"
+    )
+    parser.add_argument(
+        "--llm-steps", type=int, default=400, help="scenes: text pretraining steps of the LLM (0: random LLM)"
+    )
+    parser.add_argument(
+        "--tower-steps", type=int, default=300, help="scenes: supervised tower pretraining steps (0: random tower)"
+    )
+    parser.add_argument(
+        "--num-pretrain", type=int, default=None, help="caption samples (pretrain.json; shapes 600, scenes 1000)"
+    )
+    parser.add_argument(
+        "--num-finetune", type=int, default=None, help="instruction samples (finetune.json; shapes 600, scenes 3000)"
+    )
     parser.add_argument(
         "--num-video-pretrain", type=int, default=160, help="video caption samples (video_pretrain.json)"
     )
@@ -35,9 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=1000, help="tokenizer vocabulary size")
     parser.add_argument("--force", action="store_true", help="overwrite outputs in a non-empty --out")
     args = parser.parse_args(argv)
+    scenes = args.task == "scenes"
+    if args.num_pretrain is None:
+        args.num_pretrain = 1000 if scenes else 600
+    if args.num_finetune is None:
+        args.num_finetune = 3000 if scenes else 600
     counts = (args.num_pretrain, args.num_finetune, args.num_video_pretrain, args.num_video_finetune)
-    if min(counts) < 0:
-        parser.error("--num-pretrain, --num-finetune, --num-video-pretrain and --num-video-finetune must be >= 0")
+    if min(counts) < 0 or min(args.num_eval, args.tower_steps, args.llm_steps) < 0:
+        parser.error(
+            "--num-pretrain, --num-finetune, --num-video-pretrain, --num-video-finetune, --num-eval and "
+            "--tower-steps must be >= 0"
+        )
     return args
 
 
@@ -47,16 +78,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        manifest = build_playground(
-            args.out,
-            num_pretrain=args.num_pretrain,
-            num_finetune=args.num_finetune,
-            seed=args.seed,
-            force=args.force,
-            vocab_size=args.vocab_size,
-            num_video_pretrain=args.num_video_pretrain,
-            num_video_finetune=args.num_video_finetune,
-        )
+        if args.task == "scenes":
+            manifest = build_scene_playground(
+                args.out,
+                num_pretrain=args.num_pretrain,
+                num_finetune=args.num_finetune,
+                num_eval=args.num_eval,
+                tower_steps=args.tower_steps,
+                llm_steps=args.llm_steps,
+                seed=args.seed,
+                vocab_size=args.vocab_size,
+                force=args.force,
+            )
+        else:
+            manifest = build_playground(
+                args.out,
+                num_pretrain=args.num_pretrain,
+                num_finetune=args.num_finetune,
+                seed=args.seed,
+                force=args.force,
+                vocab_size=args.vocab_size,
+                num_video_pretrain=args.num_video_pretrain,
+                num_video_finetune=args.num_video_finetune,
+            )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
