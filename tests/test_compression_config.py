@@ -34,7 +34,7 @@ from llava.compression.config import (
 LAYERS, PATCHES = 32, 576
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "compression"
 EXPECTED_PRESETS = ["none"] + [
-    f"{family}_{n}" for family in ("duet", "visionzip", "pdrop", "fastv") for n in (192, 128, 64)
+    f"{family}_{n}" for family in ("duet", "visionzip", "pdrop", "fastv", "random") for n in (192, 128, 64)
 ]
 
 
@@ -95,6 +95,19 @@ def test_visionzip_presets_are_v2v_only_and_pdrop_fastv_t2v_only():
         assert fastv.v2v is None and fastv.t2v.query == "last" and fastv.t2v.boundary_layers(LAYERS) == (2,)
     assert load_compression("pdrop_192").t2v.boundary_layers(LAYERS) == (8, 16, 24)
     assert load_compression("pdrop_64").t2v.boundary_layers(LAYERS) == (2, 8, 16)
+
+
+def test_random_presets_keep_cls_plus_random_patches_at_every_layer():
+    for n in (192, 128, 64):
+        config = load_compression(f"random_{n}")
+        assert config.t2v is None and (config.v2v.method, config.v2v.dominant, config.v2v.contextual) == (
+            "random",
+            n,
+            0,
+        )
+        assert visual_tokens_per_layer(config, LAYERS, PATCHES) == [n] * LAYERS
+    with pytest.raises(CompressionConfigError, match="contextual must be 0"):
+        V2VConfig(method="random", dominant=10, contextual=2)
 
 
 def test_every_preset_yaml_has_a_provenance_header():

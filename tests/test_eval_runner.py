@@ -219,13 +219,41 @@ def test_compare_table_arithmetic(tmp_path):
         compare.build_table(results, ["gqa"], ("other", "none"))
 
 
+def test_compare_training_time_columns_and_per_model_presets(tmp_path):
+    assert compare.parse_models(["a=runs/x", "runs/y@duet_64,none"]) == [
+        ("a", "runs/x", None),
+        ("y", "runs/y", ["duet_64", "none"]),
+    ]
+    with pytest.raises(ValueError, match="must differ"):
+        compare.parse_models(["runs/x", "other/x"])
+    stage = tmp_path / "pretrain.jsonl"
+    stage.write_text('{"step": 1, "loss": 2.0}\n{"train_runtime": 30.0}\n')
+    finetune = tmp_path / "finetune.jsonl"
+    finetune.write_text('{"train_runtime": 5.0}\n{"step": 9, "loss": 1.0}\n{"train_runtime": 70.0}\n')
+    assert compare.training_seconds([stage, finetune]) == pytest.approx(100.0)  # the last value per file
+    unfinished = tmp_path / "killed.jsonl"
+    unfinished.write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match=r"killed\.jsonl: no train_runtime"):
+        compare.parse_train_times([f"x={unfinished}"])
+    times = compare.parse_train_times([f"base={stage},{finetune}", f"trained={stage}"])
+    results = [_result("base", "none", "gqa", 60.0, 576), _result("trained", "duet_64", "gqa", 57.0, 64)]
+    rows = compare.build_table(results, ["gqa"], ("base", "none"), times)
+    assert [(row["train_s"], row["train_saved_percent"]) for row in rows] == [(100.0, 0.0), (30.0, 70.0)]
+    markdown = compare.render_markdown(rows, ["gqa"], ("base", "none"))
+    assert (
+        "train time saved %" in markdown
+        and "| trained | duet_64 | 57.0 (95.0 %) | 95.0 | 64.0 | 50.00 | 30 | 70.0 |" in markdown
+    )
+
+
 def test_compare_runs_checkpoints_and_presets(pipeline, image_playground, tmp_path, monkeypatch):
     from llava.eval import registry
 
     monkeypatch.setitem(registry._BENCHMARKS, "toy", ("tests.test_eval_runner:ToyBenchmark", {}))
     monkeypatch.setattr(run_cli, "_load_pipeline", lambda args: pipeline)
     try:
-        argv = ["--model", "a=ckpt-a", "--model", "b=ckpt-b", "--benchmarks", "toy", "--presets", "none,duet_64",
+        argv = ["--model", "a=ckpt-a", "--model", "b=ckpt-b", "--model", "c=ckpt-c@random_64", "--benchmarks", "toy",
+                "--presets", "none,duet_64",
                 "--root", str(image_playground), "--out", str(tmp_path), "--no-progress"]  # fmt: skip
         rows = compare.main(argv)
     finally:
@@ -235,6 +263,7 @@ def test_compare_runs_checkpoints_and_presets(pipeline, image_playground, tmp_pa
         ("a", "duet_64"),
         ("b", "none"),
         ("b", "duet_64"),
+        ("c", "random_64"),
     ]
     assert rows[0]["visual_tokens_per_layer"] == pytest.approx(576.0) and rows[1]["visual_tokens_per_layer"] < 100
     assert json.loads((tmp_path / "table.json").read_text())["baseline"] == ["a", "none"]

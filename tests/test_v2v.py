@@ -10,7 +10,7 @@ from transformers import CLIPVisionModel
 
 from llava.compression import v2v
 from llava.compression.config import CompressionConfig, V2VConfig
-from llava.compression.v2v import DuetMerger, VisionZipMerger, VisualTokenMerger, build_merger
+from llava.compression.v2v import DuetMerger, RandomMerger, VisionZipMerger, VisualTokenMerger, build_merger
 from llava.hf_adapter import attn_implementation_of
 from llava.model import vision_tower as vision_tower_module
 from llava.model.config import DuetLlavaConfig
@@ -109,6 +109,25 @@ def test_output_count_and_batch_equals_per_image(method, k1, k2, width):
     top = (cls_attention.argsort(dim=1, descending=True)[:, : k1 - 1] + 1).sort(dim=1).values
     index = torch.cat([torch.zeros(5, 1, dtype=torch.long), top], dim=1)
     assert torch.equal(batched[:, :k1], torch.stack([features[i, index[i]] for i in range(5)]))
+
+
+def test_random_merger_keeps_cls_and_distinct_random_patches_per_image():
+    features, cls_attention, keys = random_inputs(6, 50, seed=3)
+    merger = build_merger(V2VConfig(method="random", dominant=9, contextual=0))
+    assert isinstance(merger, RandomMerger) and merger.num_output_tokens(50) == 9
+    torch.manual_seed(0)
+    merged = merger(features, cls_attention, keys)
+    assert merged.shape == (6, 9, 8) and torch.equal(merged[:, 0], features[:, 0])
+    # Every kept token is one of the image's own patches, each at most once, in raster order.
+    chosen = [[int((features[i, 1:] == token).all(-1).nonzero()) + 1 for token in merged[i, 1:]] for i in range(6)]
+    assert all(row == sorted(set(row)) for row in chosen)
+    # Not the CLS ranking, and not the same draw for every image.
+    top = sorted((cls_attention[0].argsort(descending=True)[:8] + 1).tolist())
+    assert chosen[0] != top and len({tuple(row) for row in chosen}) > 1
+    torch.manual_seed(0)
+    assert torch.equal(merger(features, cls_attention, keys), merged)  # repeatable with the seed
+    with pytest.raises(ValueError, match="contextual must be 0"):
+        RandomMerger(dominant=4, contextual=1)
 
 
 def test_merger_errors_are_clear():
@@ -238,5 +257,5 @@ def test_tower_rejects_budget_larger_than_the_image(monkeypatch):
         merging_tower(monkeypatch, DuetMerger(dominant=12, contextual=6))
 
 
-def test_registry_lists_both_methods():
-    assert set(v2v.MERGERS) == {"duet", "visionzip"}
+def test_registry_lists_every_method():
+    assert set(v2v.MERGERS) == {"duet", "visionzip", "random"}

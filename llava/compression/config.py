@@ -106,7 +106,8 @@ class V2VConfig:
             raise CompressionConfigError(f"v2v.contextual (k2) must be an integer >= 0, got {self.contextual!r}")
         if self.method == "random" and self.contextual != 0:
             raise CompressionConfigError(
-                f"v2v.method random keeps k1 random tokens and merges nothing: contextual must be 0, got {self.contextual!r}"
+                "v2v.method random keeps k1 random tokens and merges nothing: contextual must be 0, "
+                f"got {self.contextual!r}"
             )
         if not _is_int(self.cluster_width) or self.cluster_width < 1:
             raise CompressionConfigError(f"v2v.cluster_width must be an integer >= 1, got {self.cluster_width!r}")

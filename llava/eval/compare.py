@@ -9,7 +9,11 @@ then writes ``table.md``, ``table.json`` and ``table.png``: a row per checkpoint
 benchmark holding the score and its % of the baseline's (the first checkpoint's ``none`` row unless
 ``--baseline`` says otherwise), the average retained (the mean of those percentages, as DUET-VLM and its
 peers compute it), visual tokens per LLM layer and the measured prefill time per question.
-``--model label=path`` names a checkpoint; ``--results-only`` builds the table from existing results.
+``--model label=path`` names a checkpoint and ``label=path@preset1,preset2`` gives it its own presets (e.g.
+a model trained with ``duet_64`` evaluated only at ``duet_64``); ``--train-time label=metrics.jsonl[,...]``
+adds each checkpoint's measured training time (the trainer's ``train_runtime``, summed over the stages'
+``metrics.jsonl``) and the time saved against the baseline's checkpoint; ``--results-only`` builds the
+table from existing results.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import argparse
 import json
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +32,54 @@ from llava.eval.runner import RESULT_FILE
 logger = logging.getLogger(__name__)
 
 
-def parse_models(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """``label=path`` or ``path`` (labelled by its folder name) -> ``[(label, path)]``; labels must differ."""
+def parse_models(specs: Sequence[str]) -> list[tuple[str, str, list[str] | None]]:
+    """``label=path[@presets]`` or ``path[@presets]`` (labelled by its folder name) -> ``[(label, path, presets)]``
+    (``presets`` is ``None`` when the spec names none: the command's ``--presets`` apply); labels must differ."""
     models = []
     for spec in specs:
+        spec, _, preset_list = spec.partition("@")
         label, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
-        models.append((label, path))
-    labels = [label for label, _ in models]
+        presets = [name for name in preset_list.split(",") if name] or None
+        models.append((label, path, presets))
+    labels = [label for label, _, _ in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels must differ, got {labels}; name them with label=path")
     return models
 
 
-def collect_results(out: Path, models: Sequence[str], presets: Sequence[str], benchmarks: Sequence[str]) -> list[dict]:
-    """Every ``result.json`` of ``out/<model>/<preset>/<benchmark>/`` (missing ones are reported and skipped)."""
+def training_seconds(metrics_files: Sequence[Path]) -> float:
+    """Sum of the trainer's ``train_runtime`` over training stages' ``metrics.jsonl`` (the last value in each);
+    ValueError naming a file that has none (a run that did not finish)."""
+    total = 0.0
+    for path in metrics_files:
+        runtime = None
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line) if line.strip() else {}
+                if "train_runtime" in record:
+                    runtime = float(record["train_runtime"])
+        if runtime is None:
+            raise ValueError(f"{path}: no train_runtime (the run did not finish)")
+        total += runtime
+    return total
+
+
+def parse_train_times(specs: Sequence[str]) -> dict[str, float]:
+    """``label=metrics.jsonl[,metrics.jsonl...]`` -> ``{label: training seconds}``."""
+    times = {}
+    for spec in specs:
+        label, sep, files = spec.partition("=")
+        if not sep or not files:
+            raise ValueError(f"--train-time expects label=metrics.jsonl[,...], got {spec!r}")
+        times[label] = training_seconds([Path(name) for name in files.split(",") if name])
+    return times
+
+
+def collect_results(out: Path, models: Sequence[tuple[str, Sequence[str]]], benchmarks: Sequence[str]) -> list[dict]:
+    """Every ``result.json`` of ``out/<model>/<preset>/<benchmark>/`` for ``(model, presets)`` pairs (missing
+    ones are reported and skipped)."""
     results = []
-    for model in models:
+    for model, presets in models:
         for preset in presets:
             for benchmark in benchmarks:
                 path = out / model / preset / benchmark / RESULT_FILE
@@ -55,13 +91,20 @@ def collect_results(out: Path, models: Sequence[str], presets: Sequence[str], be
 
 
 def build_table(
-    results: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str]
+    results: Sequence[dict[str, Any]],
+    benchmarks: Sequence[str],
+    baseline: tuple[str, str],
+    train_seconds: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (checkpoint, preset), in first-seen order, with each benchmark's score and % of the baseline.
 
     ``average_retained`` is the mean of the per-benchmark percentages over the benchmarks the row and the
     baseline both scored (``None`` when none); incomplete results are flagged and never averaged silently.
+    ``train_seconds`` (checkpoint -> seconds) adds ``train_s`` and ``train_saved_percent`` (against the
+    baseline's checkpoint) to that checkpoint's rows.
     """
+    train_seconds = dict(train_seconds or {})
+    base_train = train_seconds.get(baseline[0])
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for result in results:
         by_key.setdefault((result["checkpoint"], result["preset"]), {})[result["benchmark"]] = result
@@ -89,6 +132,10 @@ def build_table(
             if result["num_scored"]:
                 prefill.append(1000.0 * result["prefill_s"] / result["num_scored"])
         row["average_retained"] = statistics.mean(retained) if retained else None
+        row["train_s"] = train_seconds.get(checkpoint)
+        row["train_saved_percent"] = None
+        if row["train_s"] is not None and base_train:
+            row["train_saved_percent"] = 100.0 * (1.0 - row["train_s"] / base_train)
         row["visual_tokens_per_layer"] = statistics.mean(tokens) if tokens else None
         row["prefill_ms_per_question"] = statistics.mean(prefill) if prefill else None
         rows.append(row)
@@ -101,22 +148,30 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str]) -> str:
     """The table: score (% of baseline) per benchmark, average retained, tokens per layer, prefill ms."""
+    with_train = any(row.get("train_s") is not None for row in rows)
     header = ["checkpoint", "preset", *benchmarks, "avg retained %", "visual tok/layer", "prefill ms/question"]
+    if with_train:
+        header += ["train time s", "train time saved %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = []
         for name in benchmarks:
             cell = row["cells"].get(name)
             cells.append("-" if cell is None else f"{cell['score']:.1f} ({_number(cell['retained'])} %)")
-        lines.append(
-            "| " + " | ".join([row["checkpoint"], row["preset"], *cells, _number(row["average_retained"]),
-                               _number(row["visual_tokens_per_layer"]), _number(row["prefill_ms_per_question"], 2)])
-            + " |"
-        )  # fmt: skip
+        values = [row["checkpoint"], row["preset"], *cells, _number(row["average_retained"]),
+                  _number(row["visual_tokens_per_layer"]), _number(row["prefill_ms_per_question"], 2)]  # fmt: skip
+        if with_train:
+            values += [_number(row.get("train_s"), 0), _number(row.get("train_saved_percent"))]
+        lines.append("| " + " | ".join(values) + " |")
     notes = [
         f"Cells: score (% of {baseline[0]}/{baseline[1]}). Average retained = mean of the percentages over the "
         "benchmarks (DUET-VLM's Avg%). Visual tokens per layer and prefill time are measured during the run."
     ]
+    if with_train:
+        notes.append(
+            "Train time: the trainer's train_runtime summed over the checkpoint's training stages (launch and "
+            f"model loading excluded); saved = 1 - time / time of {baseline[0]}."
+        )
     incomplete = [
         f"{row['checkpoint']}/{row['preset']}: {', '.join(row['incomplete'])}" for row in rows if row["incomplete"]
     ]
@@ -168,19 +223,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", default="runs/eval/compare")
     parser.add_argument("--baseline", default=None, help="label/preset of the 100 %% row (default: first model/none)")
     parser.add_argument("--results-only", action="store_true", help="build the table from existing results")
+    parser.add_argument(
+        "--train-time",
+        action="append",
+        default=[],
+        help="label=metrics.jsonl[,metrics.jsonl]: the checkpoint's training time from its stages' metrics (repeat)",
+    )
     args, run_args = parser.parse_known_args(argv)
     models = parse_models(args.model)
     benchmarks = [name for name in args.benchmarks.split(",") if name]
     presets = [name for name in args.presets.split(",") if name]
-    labels = [run_cli.preset_label(preset) for preset in presets]
-    default_preset = "none" if "none" in labels else labels[0]
+    per_model = [(label, path, model_presets or presets) for label, path, model_presets in models]
+    first_labels = [run_cli.preset_label(preset) for preset in per_model[0][2]]
+    default_preset = "none" if "none" in first_labels else first_labels[0]
     baseline = tuple(args.baseline.split("/", 1)) if args.baseline else (models[0][0], default_preset)
     out = Path(args.out)
     if not args.results_only:
-        for label, path in models:
+        for label, path, model_presets in per_model:
             run_cli.main(["--model", path, "--root", args.root, "--benchmarks", ",".join(benchmarks), "--presets",
-                          ",".join(presets), "--out", str(out / label), *run_args])  # fmt: skip
-    rows = build_table(collect_results(out, [label for label, _ in models], labels, benchmarks), benchmarks, baseline)
+                          ",".join(model_presets), "--out", str(out / label), *run_args])  # fmt: skip
+    wanted = [(label, [run_cli.preset_label(p) for p in model_presets]) for label, _, model_presets in per_model]
+    rows = build_table(
+        collect_results(out, wanted, benchmarks), benchmarks, baseline, parse_train_times(args.train_time)
+    )
     print(write_table(rows, benchmarks, baseline, out))
     return rows
 

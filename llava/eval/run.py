@@ -44,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before each preset (random-drop presets)")
     parser.add_argument("--root", default="playground/data/eval", help="evaluation data root (LLaVA's layout)")
     parser.add_argument(
         "--benchmarks", required=True, help=f"comma-separated benchmark names: {', '.join(benchmark_names())}"
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         items = benchmark.load(Path(args.root), out / ".cache" / name)
         loaded[name] = (benchmark, items if args.limit is None else items[: args.limit])
     for preset in args.presets:
+        torch.manual_seed(args.seed + rank)  # random-drop presets draw from it: repeatable per preset and shard
         if pipeline is not None and preset != CHECKPOINT_PRESET:
             pipeline.model.set_compression(preset)
         label = preset_label(preset)

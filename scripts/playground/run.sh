@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The playground pipeline, end to end, through the real launch scripts:
+# PIPELINE=scenes (the default) is the mission in miniature: a tiny model that learns a held-out task,
+# trained with and without DUET, evaluated with every preset, and the table with the training time saved
+# (scripts/playground/scenes.sh; about 15 minutes on 2 CPU cores; results under runs/playground-scenes).
+#
+# PIPELINE=image (faster, about 5 minutes) is the pipeline check, end to end, through the real launch scripts:
 #   1. build the playground (tiny random CLIP tower + LLaMA, generated images and LLaVA JSON; no download)
 #   2. check the data sets (missing/corrupt images, over-length samples, token statistics)
 #   3. pretrain the projector  (scripts/v1_5/pretrain.sh, DeepSpeed ZeRO-2)
@@ -9,33 +13,46 @@
 # PIPELINE=video runs the Video-LLaVA pipeline instead: generated moving-shape videos (8 frames x 257 tokens
 # through a tiny 224 px video tower) mixed with image and text samples, through scripts/video/*.sh.
 #
-#   bash scripts/playground/run.sh                      # defaults: 2 ranks, 1 pretrain + 3 finetune epochs
-#   NUM_GPUS=1 MAX_STEPS=10 bash scripts/playground/run.sh
-#   COMPRESSION=duet_192 RUNS_DIR=runs/playground-duet bash scripts/playground/run.sh
+#   bash scripts/playground/run.sh                      # scenes: train none + duet_128, evaluate, table
+#   TRAIN_COMPRESSION=duet_64 bash scripts/playground/run.sh
+#   PIPELINE=image bash scripts/playground/run.sh       # 2 ranks, 1 pretrain + 3 finetune epochs
+#   PIPELINE=image NUM_GPUS=1 MAX_STEPS=10 bash scripts/playground/run.sh
+#   PIPELINE=image COMPRESSION=duet_192 RUNS_DIR=runs/playground-duet bash scripts/playground/run.sh
 #   PIPELINE=video bash scripts/playground/run.sh       # Video-LLaVA (runs/playground-video)
 #   PIPELINE=video COMPRESSION=duet_video_53 RUNS_DIR=runs/playground-video-duet bash scripts/playground/run.sh
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
-PLAYGROUND_DIR="${PLAYGROUND_DIR:-playground/tiny}"
-PIPELINE="${PIPELINE:-image}"
+PIPELINE="${PIPELINE:-scenes}"
 case "$PIPELINE" in
+    scenes) RUNS_DIR="${RUNS_DIR:-runs/playground-scenes}" ;;
     image) RUNS_DIR="${RUNS_DIR:-runs/playground}" ;;
     video) RUNS_DIR="${RUNS_DIR:-runs/playground-video}" ;;
-    *) echo "PIPELINE must be image or video, got '$PIPELINE'" >&2; exit 2 ;;
+    *) echo "PIPELINE must be scenes, image or video, got '$PIPELINE'" >&2; exit 2 ;;
 esac
+# Absolute and relative RUNS_DIR alike: a relative one is taken from the repository root.
+[[ "$RUNS_DIR" == /* ]] || RUNS_DIR="$REPO_ROOT/$RUNS_DIR"
+export REPORT_TO="${REPORT_TO:-wandb}"
+export WANDB_DIR="${WANDB_DIR:-$RUNS_DIR}"
+export NUM_WORKERS="${NUM_WORKERS:-1}"
+PYTHON="${PYTHON:-python}"
+
+say() { printf '\n=== %s\n' "$*"; }
+
+if [[ "$PIPELINE" == scenes ]]; then
+    mkdir -p "$RUNS_DIR"
+    # shellcheck source=scripts/playground/scenes.sh
+    source "$REPO_ROOT/scripts/playground/scenes.sh"
+    exit 0
+fi
+
+PLAYGROUND_DIR="${PLAYGROUND_DIR:-playground/tiny}"
 COMPRESSION="${COMPRESSION:-none}"
 MAX_STEPS="${MAX_STEPS:--1}"
 export NUM_GPUS="${NUM_GPUS:-2}"
-export REPORT_TO="${REPORT_TO:-wandb}"
-export WANDB_DIR="${WANDB_DIR:-$REPO_ROOT/$RUNS_DIR}"
-export NUM_WORKERS="${NUM_WORKERS:-1}"
-PYTHON="${PYTHON:-python}"
 if [[ "$PIPELINE" == video ]]; then FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-2}"; else FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-3}"; fi
 FINETUNE_ZERO="${FINETUNE_ZERO:-$REPO_ROOT/scripts/zero2.json}"
-
-say() { printf '\n=== %s\n' "$*"; }
 
 if [[ ! -f "$PLAYGROUND_DIR/manifest.json" ]]; then
     say "Building the playground in $PLAYGROUND_DIR"
