@@ -61,7 +61,7 @@ def test_the_dot_is_a_few_patches_and_the_large_shapes_are_many():
         dot_patches = int(np.count_nonzero(targets["patch_shape"] == targets["patch_shape"].max()))
         assert 1 <= dot_patches <= 9  # of 576: dropping the wrong tokens loses the dot
         labels = draw_label_map(scene)
-        assert np.count_nonzero(labels == 1) > 20 * 14 * 14  # a large shape covers tens of patches
+        assert np.count_nonzero(labels == 1) > 15 * 14 * 14  # a large shape covers tens of patches
 
 
 def test_benchmark_is_balanced_over_kinds_and_answers():
@@ -116,3 +116,30 @@ def test_benchmark_line_without_answer_names_the_file_and_question(tmp_path, sce
     (folder / "questions.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(EvalDataError, match=r"questions.jsonl:1: question 0: 'answer'"):
         get_benchmark(BENCHMARK_NAME).load(root, tmp_path / "cache")
+
+
+def test_a_short_run_learns_the_task_well_above_a_constant_answer(tmp_path):
+    """Build a small scenes playground (brief tower and LLM pretraining), finetune through the real entry
+    point for a few dozen steps and score the held-out benchmark with the real runner. The bound is loose:
+    the full main job trains far longer; here it only has to beat the best constant answer clearly."""
+    from llava.eval import run as run_cli
+    from llava.training.train import train
+    from tests.run_args import base_args
+
+    playground = tmp_path / "scenes"
+    build_scene_playground(playground, num_pretrain=8, num_finetune=480, num_eval=96, tower_steps=120, llm_steps=150)
+    out = tmp_path / "model"
+    train(
+        base_args(
+            playground, out, "--version", "v1", "--data_path", str(playground / "finetune.json"),
+            "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--max_steps", "60",
+            "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--mm_projector_type", "mlp2x_gelu",
+            "--mm_vision_select_layer", "-2", "--mm_vision_select_feature", "patch", "--image_aspect_ratio", "pad",
+        )
+    )  # fmt: skip
+    [result] = run_cli.main(["--model", str(out), "--root", str(playground / "eval"), "--benchmarks", BENCHMARK_NAME,
+                             "--out", str(tmp_path / "eval"), "--batch-size", "16", "--no-progress"])  # fmt: skip
+    rows = [json.loads(line) for line in (playground / "eval" / BENCHMARK_NAME / "questions.jsonl").open()]
+    constant = 100.0 * Counter(row["answer"] for row in rows).most_common(1)[0][1] / len(rows)
+    assert result["complete"] and result["num_scored"] == 96
+    assert result["score"] >= constant + 15.0, (result["score"], constant, result["metrics"])

@@ -114,3 +114,16 @@ def test_shared_memory_buffers_of_this_rank_are_removed(tmp_path, monkeypatch):
     assert [path.name for path in removed] == [names[0]]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
     assert train_module.remove_shared_memory_buffers({}) == []  # not launched by DeepSpeed: nothing to do
+
+
+def test_text_only_batches_are_logged_as_such(playground, tmp_path):
+    """Modality-grouped batching gives whole text-only steps (the loss jumps of the playground curves):
+    ``text_only_fraction`` is 1 exactly on those steps and 0 on image-only ones."""
+    samples = json.loads((playground / "finetune.json").read_text())
+    text_only = sum("image" not in sample and "video" not in sample for sample in samples)
+    out = tmp_path / "ft"
+    train(finetune_args(playground, out, "--num_train_epochs", "1"))
+    fractions = [row["text_only_fraction"] for row in read_metrics(out).values()]
+    assert len(fractions) == -(-len(samples) // 4)
+    assert fractions.count(1.0) == text_only // 4  # one full megabatch of 4 per 4 text-only samples
+    assert all(0.0 <= value <= 1.0 for value in fractions) and fractions.count(0.0) >= len(fractions) - 2

@@ -138,7 +138,7 @@ def _losses(heads: _Heads, features: torch.Tensor, targets: dict[str, torch.Tens
     return (
         F.cross_entropy(heads.patch_color(patches).flatten(0, 1), targets["patch_color"].flatten().long())
         + F.cross_entropy(heads.patch_shape(patches).flatten(0, 1), targets["patch_shape"].flatten().long())
-        + 0.5 * F.cross_entropy(heads.patch_cell(patches).flatten(0, 1), targets["patch_cell"].flatten().long())
+        + 2.0 * F.cross_entropy(heads.patch_cell(patches).flatten(0, 1), targets["patch_cell"].flatten().long())
         + F.binary_cross_entropy_with_logits(heads.present(cls), targets["present"])
         + F.cross_entropy(heads.count(cls), targets["count"].long())
         + F.cross_entropy(heads.dot_color(cls), targets["dot_color"].long())

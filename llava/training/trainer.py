@@ -35,6 +35,8 @@ class LlavaTrainer(Trainer):
         self.num_skipped_samples = 0
         self._compression_sums: dict[str, float] = {}
         self._compression_batches = 0
+        self._text_only_samples = 0  # samples without image or video since the last log, and all samples
+        self._logged_samples = 0
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
         """Visual tokens the batch adds to the LLM sequence before compression (each image slot becomes
@@ -94,11 +96,21 @@ class LlavaTrainer(Trainer):
         if self.metrics is not None and model.training:
             num_samples, num_text_tokens = batch_counts(inputs)
             self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
+            self._count_text_only(inputs, num_samples)
         has_visual = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if model.training and has_visual:  # text-only batches say nothing about visual tokens
             self._record_compression(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _count_text_only(self, inputs: dict[str, Any], num_samples: int) -> None:
+        """Count the batch's samples without an image or video slot: logged as ``text_only_fraction``, it
+        explains the loss jumps of modality-grouped batches (a text-only batch has a different loss)."""
+        config = self.accelerator.unwrap_model(self.model).config
+        input_ids = inputs["input_ids"]
+        has_visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+        self._text_only_samples += num_samples - int(has_visual.any(dim=1).sum())
+        self._logged_samples += num_samples
 
     def _record_compression(self, outputs: Any) -> None:
         """Accumulate visual tokens per LLM layer (per image or video) and compression seconds until the next log."""
@@ -115,6 +127,9 @@ class LlavaTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the averaged compression statistics of the logging interval to the Trainer's logs."""
+        if self._logged_samples and "loss" in logs:
+            logs["text_only_fraction"] = self._text_only_samples / self._logged_samples
+            self._text_only_samples = self._logged_samples = 0
         if self._compression_batches and "loss" in logs:
             for key, total in self._compression_sums.items():
                 logs[key] = total / self._compression_batches
