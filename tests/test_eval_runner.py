@@ -239,7 +239,8 @@ def test_compare_training_time_columns_and_per_model_presets(tmp_path):
     results = [_result("base", "none", "gqa", 60.0, 576), _result("trained", "duet_64", "gqa", 57.0, 64)]
     rows = compare.build_table(results, ["gqa"], ("base", "none"), times)
     assert [(row["train_s"], row["train_saved_percent"]) for row in rows] == [(100.0, 0.0), (30.0, 70.0)]
-    markdown = compare.render_markdown(rows, ["gqa"], ("base", "none"))
+    markdown = compare.write_table(rows, ["gqa"], ("base", "none"), tmp_path / "table")
+    assert (tmp_path / "table" / "table.png").read_bytes()[:4] == b"\x89PNG"  # with the training-time panel
     assert (
         "train time saved %" in markdown
         and "| trained | duet_64 | 57.0 (95.0 %) | 95.0 | 64.0 | 50.00 | 30 | 70.0 |" in markdown

@@ -181,13 +181,16 @@ def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], b
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Average retained against visual tokens per layer, one point per row."""
+    """Average retained against visual tokens per layer, one point per row; with training times, a second
+    panel with each checkpoint's training time and the saving."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    trained = {row["checkpoint"]: row for row in rows if row.get("train_s") is not None}
+    figure, axes = plt.subplots(1, 2 if trained else 1, figsize=(11 if trained else 6, 4), squeeze=False)
+    axis = axes[0][0]
     for row in rows:
         if row["average_retained"] is None or row["visual_tokens_per_layer"] is None:
             continue
@@ -197,6 +200,19 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("visual tokens per LLM layer")
     axis.set_ylabel("average accuracy retained (%)")
     axis.grid(alpha=0.3)
+    if trained:
+        bars = axes[0][1]
+        labels = list(trained)
+        seconds = [trained[label]["train_s"] for label in labels]
+        bars.bar(labels, seconds, color="tab:blue")
+        for index, label in enumerate(labels):
+            saved = trained[label]["train_saved_percent"]
+            note = f"{seconds[index]:.0f} s" + ("" if saved is None else f" ({saved:+.1f} % saved)")
+            bars.annotate(note, (index, seconds[index]), ha="center", fontsize=8, textcoords="offset points",
+                          xytext=(0, 3))  # fmt: skip
+        bars.set_ylabel("training time (s)")
+        bars.set_title("measured training time", fontsize=9)
+        bars.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
