@@ -8,7 +8,6 @@ text and makes answers depend on the batch size (LLaVA #1928).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from llava.data.templates import ConversationTemplate, generation_turns, get_tem
 from llava.data.tokenization import tokenize_prompt
 from llava.data.video import load_and_preprocess_videos
 from llava.hf_adapter import load_image_processor
-from llava.model.loading import load_pretrained_model, read_model_type
+from llava.model.loading import load_pretrained_model, read_config_json, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,9 @@ def image_paths(image: ImageSpec, key: str = "image") -> list[str]:
     if isinstance(image, str | os.PathLike):
         return [os.fspath(image)]
     if isinstance(image, Sequence):
+        for index, path in enumerate(image):
+            if not isinstance(path, str | os.PathLike):
+                raise TypeError(f"'{key}'[{index}] must be a path, got {type(path).__name__} {path!r}")
         return [os.fspath(path) for path in image]
     raise TypeError(f"'{key}' must be a path, a list of paths or None, got {type(image).__name__}")
 
@@ -303,5 +305,4 @@ class LlavaPipeline:
 
 def _original_tower(model_dir: Path) -> str | None:
     """``mm_vision_tower`` of an original LLaVA config (where its image processor lives)."""
-    with (model_dir / "config.json").open() as handle:
-        return json.load(handle).get("mm_vision_tower")
+    return read_config_json(model_dir / "config.json").get("mm_vision_tower")

@@ -151,6 +151,20 @@ def test_malformed_json_names_file_and_position(tokenizer, tmp_path):
         LazySupervisedDataset(DataArguments(data_path=[str(lines)]), tokenizer)
 
 
+def test_invalid_utf8_names_file_and_line(tokenizer, tmp_path):
+    good = json.dumps({"id": "a", "conversations": qa()}).encode()
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b"[\n" + good + b",\n" + good.replace(b"What", b"Wh\xe4t") + b"\n]")
+    with pytest.raises(DataError, match=r"latin1\.json: line 3: not valid UTF-8"):
+        LazySupervisedDataset(DataArguments(data_path=[str(path)]), tokenizer)
+    lines = tmp_path / "latin1.jsonl"
+    lines.write_bytes(good + b"\n" + good.replace(b"What", b"Wh\xe4t") + b"\n" + good + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl: line 2: not valid UTF-8"):
+        LazySupervisedDataset(DataArguments(data_path=[str(lines)]), tokenizer)
+    skipping = LazySupervisedDataset(DataArguments(data_path=[str(lines)], skip_bad_samples=True), tokenizer)
+    assert len(skipping) == 2 and "line 2: not valid UTF-8" in str(skipping.problems[0])
+
+
 @pytest.mark.parametrize(
     ("image", "message"), [("nowhere.png", "image file not found"), ("corrupt.jpg", "cannot read")]
 )

@@ -174,6 +174,75 @@ def test_cli_pairs_print_answers(model_dir: Path, images: list[str], capsys: pyt
     assert [line.split("]")[0] for line in printed] == ["[0", "[1"]
 
 
+def test_requests_file_with_invalid_utf8_names_the_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    requests_file = tmp_path / "requests.jsonl"
+    good = json.dumps({"id": "q-1", "prompt": "What?"}).encode()
+    requests_file.write_bytes(good + b"\n" + good.replace(b"What", b"Wh\xe4t") + b"\n")
+    assert generate_cli.main(["--model", str(model_dir), "--requests", str(requests_file)]) == 2
+    assert "requests.jsonl:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_malformed_config_and_truncated_weights_name_the_file(model_dir: Path, tmp_path: Path) -> None:
+    from llava.model.loading import load_pretrained_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = broken / "config.json"
+    good_config = config.read_text()
+    config.write_text(good_config[:-20])
+    with pytest.raises(ValueError, match=r"broken/config\.json: malformed JSON at line"):
+        load_pretrained_model(broken)
+    config.write_text(good_config)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    with pytest.raises(ValueError, match=r"broken/model\.safetensors: unreadable safetensors file"):
+        load_pretrained_model(broken)
+
+
+def test_requests_are_validated_before_the_model_loads(
+    model_dir: Path, images: list[str], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for invalid requests")
+
+    monkeypatch.setattr(generate_cli.LlavaPipeline, "from_pretrained", no_model)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cases = [
+        ({"id": "q-2", "image": [images[0], 7], "prompt": "What?"}, "'image'[1] must be a path, got int"),
+        ({"id": "q-2", "image": str(empty), "prompt": "What?"}, "image file is empty"),
+        ({"id": "q-2", "image": str(broken), "prompt": "What?"}, "cannot read image"),
+    ]
+    for request, message in cases:
+        requests_file = tmp_path / "requests.jsonl"
+        requests_file.write_text(json.dumps({"id": "q-1", "prompt": "Hi"}) + "\n" + json.dumps(request) + "\n")
+        assert generate_cli.main(["--model", str(model_dir), "--requests", str(requests_file)]) == 2
+        err = capsys.readouterr().err
+        assert "requests.jsonl:2: request id='q-2'" in err and message in err, err
+
+
+def test_a_request_failing_at_generation_costs_only_its_own_answer(
+    model_dir: Path, images: list[str], tmp_path: Path, capsys
+) -> None:
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not a video, and this image-only model has no video tower anyway")
+    requests_file = tmp_path / "requests.jsonl"
+    rows = [{"id": "good-1", "image": images[0], "prompt": "What?"},
+            {"id": "bad", "video": str(video), "prompt": "What happens?"},
+            {"id": "good-2", "prompt": "Hello"}]  # fmt: skip
+    requests_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model", str(model_dir), "--requests", str(requests_file), "--out", str(out), "--max-new-tokens", "3"]
+    assert generate_cli.main(argv) == 2
+    written = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert isinstance(written["good-1"]["answer"], str) and isinstance(written["good-2"]["answer"], str)
+    assert written["bad"]["answer"] is None and "video" in written["bad"]["error"]
+    err = capsys.readouterr().err
+    assert "requests.jsonl:2: request id='bad'" in err and "1 of 3 requests failed" in err
+
+
 def test_cli_missing_image_names_file_and_id(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -164,15 +164,24 @@ def _word_count(conversations: list[dict[str, str]]) -> int:
     return sum(len(turn["value"].replace(IMAGE_TAG, " ").replace(VIDEO_TAG, " ").split()) for turn in conversations)
 
 
+def _decode(raw: bytes, path: str, line_number: int | None = None) -> str:
+    """UTF-8 text of ``raw``, or :class:`DataError` naming the file and line of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = line_number if line_number is not None else raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+
+
 def _read_samples(path: str, skip_bad: bool) -> list[Any]:
-    """Parse a JSON list or JSONL file; malformed JSON raises with file and line/column.
+    """Parse a JSON list or JSONL file; malformed JSON or UTF-8 raises with file and line (and column).
 
     In skip mode a malformed JSONL line becomes a :class:`_MalformedLine` placeholder.
     """
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         if not path.endswith(".jsonl"):
             try:
-                samples = json.load(handle)
+                samples = json.loads(_decode(handle.read(), path))
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"{path}: malformed JSON at line {error.lineno} column {error.colno} "
@@ -182,15 +191,20 @@ def _read_samples(path: str, skip_bad: bool) -> list[Any]:
                 raise DataError(f"{path}: top level must be a list of samples, got {type(samples).__name__}")
             return samples
         samples = []
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+        for line_number, raw in enumerate(handle, start=1):
             try:
+                line = _decode(raw, path, line_number)
+                if not line.strip():
+                    continue
                 samples.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                message = f"malformed JSON at line {line_number} column {error.colno}: {error.msg}"
+            except (DataError, json.JSONDecodeError) as error:
+                message = (
+                    str(error).removeprefix(f"{path}: ")
+                    if isinstance(error, DataError)
+                    else f"malformed JSON at line {line_number} column {error.colno}: {error.msg}"
+                )
                 if not skip_bad:
-                    raise DataError(f"{path}: {message}") from error
+                    raise DataError(f"{path}: {message}") from None
                 samples.append(_MalformedLine(message))
         return samples
 

@@ -9,8 +9,9 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 AspectRatio = Literal["pad", "square"]
 ASPECT_RATIOS: tuple[str, ...] = ("pad", "square")
@@ -20,16 +21,69 @@ class ImageError(ValueError):
     """An image file is missing, unreadable or corrupt; the message names the path."""
 
 
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Colour transparent pixels are composited onto (white, as transformers' ``convert_rgb`` does)."""
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully (so corrupt files fail here, not later) and convert it to RGB."""
+    """Open an image fully (so corrupt files fail here, not later), as displayed, in RGB."""
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: str | os.PathLike[str]) -> tuple[Image.Image, str | None]:
+    """:func:`load_image` plus what the conversion to 8-bit RGB lost (``None`` when nothing did)."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError as error:
         raise ImageError(f"image file not found: {path}") from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageError(f"cannot read image {path}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """The image as displayed (EXIF orientation applied) in 8-bit RGB, and what the conversion lost.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit, 32-bit and float pixels instead of scaling them (a 50 %
+    grey 16-bit PNG turns white) and drops alpha onto black; here high-bit-depth images are scaled to
+    8 bits and transparency is composited onto :data:`ALPHA_BACKGROUND`.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        lossy = "16-bit pixels reduced to 8 bits"
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            lossy = f"32-bit pixels outside 0-65535 (min {values.min()}, max {values.max()}) clipped"
+        scaled = np.clip(values, 0, 65535) // 257  # 0-65535 onto 0-255, exactly (65535 = 255 * 257)
+        if mode == "I" and values.size and values.min() >= 0 and values.max() <= 255:
+            scaled, lossy = values, None  # 8-bit data stored as 32-bit integers: nothing to scale
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB"), lossy
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        high = float(finite.max()) if finite.size else 0.0
+        low = float(finite.min()) if finite.size else 0.0
+        scale = 255.0 if high <= 1.0 else 1.0  # floats in 0-1 (common) or already in 0-255
+        lossy = "float pixels reduced to 8 bits"
+        if low < 0 or high * scale > 255.0 or finite.size != values.size:
+            lossy = f"float pixels outside the displayable range (min {low:g}, max {high:g}) or not finite, clipped"
+        pixels = np.clip(np.nan_to_num(values * scale, nan=0.0), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(pixels, mode="L").convert("RGB"), lossy
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        lossy = None if alpha.getextrema() == (255, 255) else "transparency composited onto white"
+        canvas = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        canvas.paste(rgba.convert("RGB"), mask=alpha)
+        return canvas, lossy
+    if mode in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return (image if mode == "RGB" else image.convert("RGB")), None
+    raise ValueError(f"unsupported image mode {mode!r}")
 
 
 def processor_background(processor: Any) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -38,12 +39,27 @@ _HF_STRATEGY = {"default": "patch", "full": "cls_patch"}
 _ORIGINAL_STRATEGY = {"patch": "patch", "cls_patch": "cls_patch"}
 
 
+def read_config_json(config_file: str | Path) -> dict[str, Any]:
+    """A model directory's ``config.json`` as a dict; ValueError naming the file when it is not UTF-8 JSON
+    of an object (instead of a bare decoder traceback)."""
+    try:
+        raw = json.loads(Path(config_file).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{config_file}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_file}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def read_model_type(path: str | Path) -> str:
     """``model_type`` from a local checkpoint's config.json, or from the Hub config."""
     config_file = Path(path) / "config.json"
     if config_file.is_file():
-        with config_file.open() as handle:
-            raw = json.load(handle)
+        raw = read_config_json(config_file)
         if "model_type" not in raw:
             raise ValueError(f"{config_file} has no 'model_type'")
         return raw["model_type"]
@@ -68,6 +84,8 @@ def load_pretrained_model(
     attn = attn_implementation or default_attn_implementation()
     dtype = dtype or torch.float32
     model_type = read_model_type(path)
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     if model_type == DuetLlavaConfig.model_type:
         return DuetLlavaForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
     if model_type == "llava":
@@ -170,6 +188,17 @@ def convert_hf_video_llava(hf_model: VideoLlavaForConditionalGeneration, num_fra
     return _rehome_hf_modules(hf_model, config, hf_model.model.image_tower, hf_model.model.video_tower)
 
 
+def check_weight_files(directory: Path) -> None:
+    """Open every ``*.safetensors`` header of a local checkpoint (cheap: no tensor is read), so a truncated or
+    damaged file fails with its path instead of a bare safetensors error deep inside a loader."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file}: unreadable safetensors file ({error}); re-download or re-save it") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) checkpoint: safetensors, else ``.bin`` with weights_only."""
     tensors: dict[str, torch.Tensor] = {}
@@ -197,8 +226,7 @@ def load_original_llava(
     The tower is loaded from ``vision_tower`` or the checkpoint's ``mm_vision_tower``.
     """
     path = Path(path)
-    with (path / "config.json").open() as handle:
-        raw: dict[str, Any] = json.load(handle)
+    raw = read_config_json(path / "config.json")
     tower_path = vision_tower or raw.get("mm_vision_tower")
     if not tower_path:
         raise ValueError(f"{path}/config.json has no 'mm_vision_tower'; pass vision_tower=")

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
-from llava.data.images import ImageError, load_image
+from llava.data.images import ImageError, inspect_image
 from llava.data.templates import conversation_to_turns
 from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation, truncate
 from llava.data.video import VideoError, read_video_frames
@@ -46,6 +46,7 @@ class DataReport:
     num_structural_errors: int = 0
     num_missing_images: int = 0
     num_corrupt_images: int = 0
+    num_lossy_images: int = 0
     num_missing_videos: int = 0
     num_bad_videos: int = 0
     num_no_learnable_tokens: int = 0
@@ -53,11 +54,14 @@ class DataReport:
     num_text_only: int = 0
     problems: list[str] = field(default_factory=list)
     over_length_examples: list[str] = field(default_factory=list)
+    lossy_examples: list[str] = field(default_factory=list)
+    """Images that load, but whose conversion to 8-bit RGB loses something (bit depth, transparency)."""
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def num_problems(self) -> int:
-        """Problem count (over-length samples excluded: they are truncated, not broken)."""
+        """Problem count (over-length samples and lossy images excluded: they are truncated or converted,
+        not broken; both are reported)."""
         return (
             self.num_files_unreadable
             + self.num_structural_errors
@@ -115,6 +119,7 @@ def scan(
     image_counts: list[int] = []
     video_counts: list[int] = []
     media_status: dict[str, str] = {}
+    lossy_images: dict[str, str] = {}
     tokens_per_image, max_length = data_args.tokens_per_image, data_args.model_max_length
     tokens_per_video = data_args.tokens_per_video
     num_valid = sum(len(dataset) for dataset in datasets)
@@ -159,7 +164,12 @@ def scan(
             if check_images:
                 for image_path in dataset.image_paths(record):
                     if image_path not in media_status:
-                        media_status[image_path] = _check_image(image_path)
+                        media_status[image_path], lossy = _check_image(image_path)
+                        if lossy:
+                            lossy_images[image_path] = lossy
+                            report.num_lossy_images += 1
+                            if len(report.lossy_examples) < max_listed:
+                                report.lossy_examples.append(f"{where}: {image_path}: {lossy}")
                     status = media_status[image_path]
                     if status == "missing":
                         report.num_missing_images += 1
@@ -188,15 +198,15 @@ def scan(
     return report
 
 
-def _check_image(path: str) -> str:
-    """'ok', 'missing', or the reason the image cannot be decoded."""
+def _check_image(path: str) -> tuple[str, str | None]:
+    """('ok', 'missing' or the reason the image cannot be decoded; what its RGB conversion loses, if anything)."""
     if not os.path.exists(path):
-        return "missing"
+        return "missing", None
     try:
-        load_image(path)
+        _, lossy = inspect_image(path)
     except ImageError as error:
-        return str(error.__cause__ or error)
-    return "ok"
+        return str(error.__cause__ or error), None
+    return "ok", lossy
 
 
 def _check_video(path: str, data_args: DataArguments) -> str:
@@ -223,6 +233,7 @@ def format_report(report: DataReport) -> str:
         f"unusable videos (unreadable, empty, too short): {report.num_bad_videos}",
         f"no learnable tokens: {report.num_no_learnable_tokens}",
         f"over max length (will be truncated): {report.num_over_max_length}",
+        f"images converted with loss (bit depth, transparency): {report.num_lossy_images}",
     ]
     for name, summary in report.stats.items():
         if summary:
@@ -234,6 +245,9 @@ def format_report(report: DataReport) -> str:
     if report.over_length_examples:
         lines.append("over-length examples:")
         lines += [f"  {example}" for example in report.over_length_examples]
+    if report.lossy_examples:
+        lines.append("images converted with loss:")
+        lines += [f"  {example}" for example in report.lossy_examples]
     return "\n".join(lines)
 
 

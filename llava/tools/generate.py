@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llava.data.images import ImageError
+from llava.data.images import ImageError, load_image
 from llava.data.video import VideoError
 from llava.inference import LlavaPipeline, image_paths
 
@@ -82,8 +82,14 @@ def read_requests(
     root = Path(image_folder) if image_folder else path.parent
     video_root = Path(video_folder) if video_folder else path.parent
     requests = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise RequestError(
+                    f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -93,11 +99,15 @@ def read_requests(
             if not isinstance(record, dict):
                 raise RequestError(f"{path}:{line_number}: expected a JSON object")
             record.setdefault("id", f"line{line_number}")
-            images = [str(root / image) for image in image_paths(record.get("image"))]
+            try:
+                images = [str(root / image) for image in image_paths(record.get("image"))]
+                videos = [str(video_root / video) for video in image_paths(record.get("video"), "video")]
+            except TypeError as error:
+                raise RequestError(f"{path}:{line_number}: request id={record['id']!r}: {error}") from None
             record["image"] = images or None
             if "video" in record:
-                videos = [str(video_root / video) for video in image_paths(record["video"], "video")]
                 record["video"] = videos or None
+            record["_where"] = f"{path}:{line_number}: "
             requests.append(record)
     return requests
 
@@ -118,15 +128,27 @@ def cli_requests(images: list[str], prompts: list[str], videos: list[str] | None
 
 
 def validate_requests(requests: list[dict[str, Any]]) -> None:
-    """Fail before loading the model if a request lacks a prompt or names a missing image or video file."""
+    """Fail before loading the model if a request lacks a prompt, names a missing or empty file, or an image
+    that does not decode (every image is opened in full: a broken one must not stop a run hours in)."""
     for request in requests:
-        request_id = request.get("id")
+        where = f"{request.get('_where', '')}request id={request.get('id')!r}"
         if not isinstance(request.get("prompt"), str):
-            raise RequestError(f"request id={request_id!r}: missing or non-string 'prompt'")
+            raise RequestError(f"{where}: missing or non-string 'prompt'")
         for key in ("image", "video"):
-            for file in image_paths(request.get(key), key):
+            try:
+                files = image_paths(request.get(key), key)
+            except TypeError as error:
+                raise RequestError(f"{where}: {error}") from None
+            for file in files:
                 if not Path(file).is_file():
-                    raise RequestError(f"request id={request_id!r}: {key} file not found: {file}")
+                    raise RequestError(f"{where}: {key} file not found: {file}")
+                if Path(file).stat().st_size == 0:
+                    raise RequestError(f"{where}: {key} file is empty: {file}")
+                if key == "image":
+                    try:
+                        load_image(file)
+                    except ImageError as error:
+                        raise RequestError(f"{where}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,23 +172,29 @@ def main(argv: list[str] | None = None) -> int:
         compression=args.compression,
     )
     show_bar = bool(args.requests)
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+               "top_p": args.top_p, "seed": args.seed}  # fmt: skip
+    inputs = [{"image": r.get("image"), "video": r.get("video"), "prompt": r["prompt"]} for r in requests]
+    failed = 0
     with tqdm(total=len(requests), desc="generate", unit="req", disable=not show_bar, file=sys.stderr) as bar:
         try:
-            answers = pipeline.generate(
-                [{"image": r.get("image"), "video": r.get("video"), "prompt": r["prompt"]} for r in requests],
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                progress=bar.update,
-            )
+            answers = pipeline.generate(inputs, batch_size=args.batch_size, progress=bar.update, **options)
+            records = [{**request, "answer": answer} for request, answer in zip(requests, answers, strict=True)]
         except (ImageError, VideoError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    records = [{**request, "answer": answer} for request, answer in zip(requests, answers, strict=True)]
+            # A request that passed validation still failed (e.g. a video that does not decode): answer the
+            # others one by one, so one bad request costs its own answer, not every answer of the run.
+            print(f"error: {error}; retrying request by request", file=sys.stderr)
+            records = []
+            for request, single in zip(requests, inputs, strict=True):
+                try:
+                    records.append({**request, "answer": pipeline.generate([single], **options)[0]})
+                except (ImageError, VideoError, ValueError) as request_error:
+                    failed += 1
+                    where = f"{request.get('_where', '')}request id={request.get('id')!r}"
+                    print(f"error: {where}: {request_error}", file=sys.stderr)
+                    records.append({**request, "answer": None, "error": str(request_error)})
+    for record in records:
+        record.pop("_where", None)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out or not show_bar:
         for record in records:
             print(f"[{record['id']}] {record['answer']}")
+    if failed:
+        print(f"error: {failed} of {len(records)} requests failed (answer null, 'error' says why)", file=sys.stderr)
+        return 2
     scored = [record for record in records if "expected" in record]
     if scored:
         correct = sum(_normalise(record["answer"]) == _normalise(record["expected"]) for record in scored)
