@@ -139,3 +139,18 @@ def test_videos_are_checked_and_counted(tmp_path, tokenizer_dir, image_folder, c
     problems = "\n".join(report["problems"])
     assert "id='short'" in problems and "two.mp4" in problems and "id='gone'" in problems
     assert "unusable videos (unreadable, empty, too short): 2" in capsys.readouterr().out
+
+
+def test_paths_outside_the_image_folder_are_problems_unless_allowed(tmp_path, tokenizer_dir, image_folder):
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(outside)
+    data = tmp_path / "escape.json"
+    question = qa("<image>\nWhat?")
+    samples = [{"id": "up", "image": "../outside.png", "conversations": question},
+               {"id": "abs", "image": str(outside), "conversations": question}]  # fmt: skip
+    data.write_text(json.dumps(samples))
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data])
+    assert code == 1 and report["num_structural_errors"] == 2 and report["num_missing_images"] == 0
+    assert any("id='up'" in problem and "outside" in problem for problem in report["problems"])
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data], "--allow_outside_paths")
+    assert code == 0 and report["num_problems"] == 0

@@ -258,3 +258,22 @@ def test_sampler_is_a_deterministic_permutation_grouped_by_modality():
 def test_sampler_rejects_zero_length():
     with pytest.raises(ValueError, match="non-zero"):
         list(ModalityLengthGroupedSampler(2, 1, [3, 0, -2]))
+
+
+def test_paths_outside_the_image_folder_are_refused_unless_allowed(tokenizer, processor, image_folder, tmp_path):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(secret / "x.png")
+    (image_folder / "link.png").symlink_to(secret / "x.png")  # a link inside that points outside
+    for name in ("../secret/x.png", str(secret / "x.png"), "link.png"):
+        samples = [{"id": "sneaky", "image": name, "conversations": qa("<image>\nWhat?")}]
+        dataset = make_dataset(tokenizer, processor, image_folder, samples, tmp_path)
+        with pytest.raises(DataError, match="outside") as error:
+            dataset[0]
+        assert "data.json sample id='sneaky' (index 0)" in str(error.value) and "allow_outside_paths" in str(
+            error.value
+        )
+        trusted = make_dataset(tokenizer, processor, image_folder, samples, tmp_path, allow_outside_paths=True)
+        assert trusted[0]["pixel_values"].shape[0] == 1
+    samples = [{"id": "ok", "image": "./red.png", "conversations": qa("<image>\nWhat?")}]
+    assert make_dataset(tokenizer, processor, image_folder, samples, tmp_path)[0]["pixel_values"].shape[0] == 1

@@ -234,13 +234,26 @@ def test_a_request_failing_at_generation_costs_only_its_own_answer(
             {"id": "good-2", "prompt": "Hello"}]  # fmt: skip
     requests_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "answers.jsonl"
-    argv = ["--model", str(model_dir), "--requests", str(requests_file), "--out", str(out), "--max-new-tokens", "3"]
+    argv = ["--model", str(model_dir), "--requests", str(requests_file), "--out", str(out), "--max-new-tokens", "3",
+            "--allow-outside-paths"]  # fmt: skip
     assert generate_cli.main(argv) == 2
     written = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert isinstance(written["good-1"]["answer"], str) and isinstance(written["good-2"]["answer"], str)
     assert written["bad"]["answer"] is None and "video" in written["bad"]["error"]
     err = capsys.readouterr().err
     assert "requests.jsonl:2: request id='bad'" in err and "1 of 3 requests failed" in err
+
+
+def test_requests_may_not_name_files_outside_their_folder(model_dir: Path, images: list[str], tmp_path: Path, capsys):
+    requests_file = tmp_path / "requests.jsonl"
+    requests_file.write_text(json.dumps({"id": "q-9", "image": images[0], "prompt": "What?"}) + "\n")
+    assert generate_cli.main(["--model", str(model_dir), "--requests", str(requests_file)]) == 2
+    err = capsys.readouterr().err
+    assert "requests.jsonl:1: request id='q-9'" in err and "outside" in err and "--allow-outside-paths" not in err
+    [request] = generate_cli.read_requests(requests_file, allow_outside_paths=True)
+    assert request["image"] == [images[0]]
+    [request] = generate_cli.read_requests(requests_file, image_folder=Path(images[0]).parent)  # inside: fine
+    assert Path(request["image"][0]).resolve() == Path(images[0]).resolve()
 
 
 def test_cli_missing_image_names_file_and_id(

@@ -73,6 +73,13 @@ class DataArguments:
     )
     video_backend: str = field(default="pyav", metadata={"help": "Video decoder: pyav | decord | auto."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples."})
+    allow_outside_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Trusted data only: let samples name absolute paths or paths outside --image_folder/--video_folder "
+            "(by default a sample may only name files under its folder, symbolic links resolved)."
+        },
+    )
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "Batch image and text-only samples separately, by length."}
     )
@@ -162,6 +169,22 @@ class _MalformedLine(NamedTuple):
 def _word_count(conversations: list[dict[str, str]]) -> int:
     """Whitespace words of all turns, image/video tags excluded (they are counted separately)."""
     return sum(len(turn["value"].replace(IMAGE_TAG, " ").replace(VIDEO_TAG, " ").split()) for turn in conversations)
+
+
+def contained_path(folder: str | os.PathLike[str], name: str, what: str = "file") -> str:
+    """``folder / name`` if it stays inside ``folder`` once symbolic links are resolved, else :class:`DataError`.
+
+    Data sets come from strangers: a sample naming ``../secret.png`` or ``/etc/...`` must not be read unless
+    the user vouches for the data (``--allow_outside_paths``).
+    """
+    root = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    resolved = os.path.realpath(path)
+    if os.path.commonpath([root, resolved]) != root:
+        raise DataError(
+            f"{what} {name!r} is outside {root} (resolved to {resolved}); pass --allow_outside_paths for trusted data"
+        )
+    return path
 
 
 def _decode(raw: bytes, path: str, line_number: int | None = None) -> str:
@@ -336,14 +359,18 @@ class LazySupervisedDataset(Dataset):
         return f"{self.files[self._file_ids[index]]} sample id={sample_id!r} (index {self._positions[index]})"
 
     def image_paths(self, record: dict[str, Any]) -> list[str]:
-        """Absolute/rooted paths of a record's images."""
-        folder = self.data_args.image_folder
-        return [os.path.join(folder, path) if folder else path for path in record["images"]]
+        """Paths of a record's images under ``image_folder``; :class:`DataError` for one outside it."""
+        return [self._inside(self.data_args.image_folder, path, "image") for path in record["images"]]
 
     def video_paths(self, record: dict[str, Any]) -> list[str]:
-        """Absolute/rooted paths of a record's videos."""
-        folder = self.data_args.video_folder
-        return [os.path.join(folder, path) if folder else path for path in record.get("videos", [])]
+        """Paths of a record's videos under ``video_folder``; :class:`DataError` for one outside it."""
+        return [self._inside(self.data_args.video_folder, path, "video") for path in record.get("videos", [])]
+
+    def _inside(self, folder: str | None, name: str, what: str) -> str:
+        path = os.path.join(folder, name) if folder else name
+        if self.data_args.allow_outside_paths:
+            return path
+        return contained_path(folder or os.getcwd(), name, what)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor] | SkippedSample:
         record = self.get_record(index)

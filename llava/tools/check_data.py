@@ -161,8 +161,14 @@ def scan(
                 if all(label == IGNORE_INDEX for label in cut["labels"]):
                     report.num_no_learnable_tokens += 1
                     note(f"{where}: nothing learnable left after truncation to {max_length}")
+            try:
+                media_paths = dataset.image_paths(record), dataset.video_paths(record)
+            except DataError as error:
+                report.num_structural_errors += 1
+                note(f"{where}: {error}")
+                continue
             if check_images:
-                for image_path in dataset.image_paths(record):
+                for image_path in media_paths[0]:
                     if image_path not in media_status:
                         media_status[image_path], lossy = _check_image(image_path)
                         if lossy:
@@ -177,7 +183,7 @@ def scan(
                     elif status != "ok":
                         report.num_corrupt_images += 1
                         note(f"{where}: corrupt image {image_path}: {status}")
-                for video_path in dataset.video_paths(record):
+                for video_path in media_paths[1]:
                     if video_path not in media_status:
                         media_status[video_path] = _check_video(video_path, data_args)
                     status = media_status[video_path]
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens_per_video", type=int, default=8 * 257, help="visual tokens per video")
     parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
     parser.add_argument("--json-report", dest="json_report", default=None, help="write the report here")
+    parser.add_argument(
+        "--allow_outside_paths",
+        action="store_true",
+        help="trusted data only: accept absolute paths and paths outside --image_folder/--video_folder",
+    )
     parser.add_argument("--max-listed", dest="max_listed", type=int, default=20, help="problems to list")
     parser.add_argument(
         "--skip-image-check", dest="skip_image_check", action="store_true", help="do not open images and videos"
@@ -287,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         video_folder=args.video_folder,
         tokens_per_video=args.tokens_per_video,
         num_frames=args.num_frames,
+        allow_outside_paths=args.allow_outside_paths,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     report = scan(data_args, tokenizer, check_images=not args.skip_image_check, max_listed=args.max_listed)

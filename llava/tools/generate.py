@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llava.data.dataset import DataError, contained_path
 from llava.data.images import ImageError, load_image
 from llava.data.video import VideoError
 from llava.inference import LlavaPipeline, image_paths
@@ -43,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", help="JSONL file of {'id', 'image', 'video', 'prompt'} requests")
     parser.add_argument("--image-folder", help="root for relative image paths in --requests")
     parser.add_argument("--video-folder", help="root for relative video paths in --requests")
+    parser.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="trusted requests only: accept image/video paths outside --image-folder/--video-folder",
+    )
     parser.add_argument("--out", help="write answers here as JSONL ({'id', 'prompt', 'image', 'answer'})")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -74,10 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_requests(
-    path: str | Path, image_folder: str | Path | None = None, video_folder: str | Path | None = None
+    path: str | Path,
+    image_folder: str | Path | None = None,
+    video_folder: str | Path | None = None,
+    allow_outside_paths: bool = False,
 ) -> list[dict[str, Any]]:
-    """Read a JSONL requests file; relative image (video) paths are resolved against ``image_folder``
-    (``video_folder``), by default the requests file's folder."""
+    """Read a JSONL requests file; image (video) paths are resolved against ``image_folder`` (``video_folder``),
+    by default the requests file's folder, and must stay inside it unless ``allow_outside_paths``."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
     video_root = Path(video_folder) if video_folder else path.parent
@@ -100,9 +109,14 @@ def read_requests(
                 raise RequestError(f"{path}:{line_number}: expected a JSON object")
             record.setdefault("id", f"line{line_number}")
             try:
-                images = [str(root / image) for image in image_paths(record.get("image"))]
-                videos = [str(video_root / video) for video in image_paths(record.get("video"), "video")]
-            except TypeError as error:
+                images = [
+                    _resolve(root, name, "image", allow_outside_paths) for name in image_paths(record.get("image"))
+                ]
+                videos = [
+                    _resolve(video_root, name, "video", allow_outside_paths)
+                    for name in image_paths(record.get("video"), "video")
+                ]
+            except (TypeError, DataError) as error:
                 raise RequestError(f"{path}:{line_number}: request id={record['id']!r}: {error}") from None
             record["image"] = images or None
             if "video" in record:
@@ -110,6 +124,10 @@ def read_requests(
             record["_where"] = f"{path}:{line_number}: "
             requests.append(record)
     return requests
+
+
+def _resolve(root: Path, name: str, what: str, allow_outside: bool) -> str:
+    return str(root / name) if allow_outside else contained_path(root, name, what)
 
 
 def cli_requests(images: list[str], prompts: list[str], videos: list[str] | None = None) -> list[dict[str, Any]]:
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.requests:
-            requests = read_requests(args.requests, args.image_folder, args.video_folder)
+            requests = read_requests(args.requests, args.image_folder, args.video_folder, args.allow_outside_paths)
         else:
             requests = cli_requests(args.image, args.prompt, args.video)
         validate_requests(requests)
