@@ -58,6 +58,32 @@ def test_checkpoint_with_missing_or_truncated_file_is_incomplete(tmp_path: Path)
     assert "missing" in checkpoint_problem(ckpt)
 
 
+def test_same_size_corruption_is_refused_on_resume_naming_the_file(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path, 5)
+    marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    assert all(len(entry["crc32"]) == 8 for entry in marker["files"])
+    shard = ckpt / "global_step5" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"x" * 9 + b"y")  # same size, one byte changed
+    assert checkpoint_problem(ckpt) is None  # the cheap check (rotation) sees sizes only
+    problem = checkpoint_problem(ckpt, verify_content=True)
+    assert "content changed" in problem and str(shard) in problem
+    with pytest.raises(CheckpointResumeError, match=r"mp_rank_00_model_states\.pt"):
+        resolve_resume_checkpoint(tmp_path, str(ckpt))
+    older = make_checkpoint(tmp_path, 3)
+    with pytest.raises(CheckpointResumeError, match=r"checkpoint-5 \(step 5\) is corrupted"):
+        resolve_resume_checkpoint(tmp_path, "auto")  # never a silent fall-back to an older state
+    assert resolve_resume_checkpoint(tmp_path, str(older)) == str(older)
+
+
+def test_markers_without_checksums_are_still_accepted(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path, 5)
+    marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    for entry in marker["files"]:
+        del entry["crc32"]
+    (ckpt / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert checkpoint_problem(ckpt, verify_content=True) is None
+
+
 def test_list_sorts_by_step_number_not_name(tmp_path: Path) -> None:
     for step in (999, 1000, 50):
         make_checkpoint(tmp_path, step)
@@ -155,3 +181,11 @@ def test_rerun_into_existing_checkpoint_drops_stale_marker_before_saving(tmp_pat
     state, control = TrainerState(global_step=2), TrainerControl(should_save=True)
     CheckpointCompletionCallback().on_step_end(args, state, control)
     assert not is_checkpoint_complete(stale)  # a crash during the re-save now leaves it incomplete
+
+
+def test_checksum_cost_benchmark_runs_and_verifies(tmp_path: Path) -> None:
+    from llava.bench import checksum_cost
+
+    result = checksum_cost.main(["--size-gb", "0.01", "--files", "2", "--out", str(tmp_path)])
+    assert result["files"] == 2 and result["checksum_s"] > 0 and result["checksum_gb_per_s"] > 0
+    assert not (tmp_path / "checkpoint-1").exists()  # scratch cleaned up

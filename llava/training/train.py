@@ -131,7 +131,11 @@ def train(argv: list[str] | None = None) -> Path:
         video_token_id=model.config.video_token_id,
     )
     run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
-    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_config)
+    # The CRC-32 verification reads every file: one process per node does it (a mismatch stops that rank,
+    # and the launcher stops the others), not every rank.
+    resume = resolve_resume_checkpoint(
+        args.output_dir, args.resume_from_checkpoint, run_config, verify_content=args.local_process_index == 0
+    )
 
     keep_last, args.save_total_limit = args.save_total_limit, None  # rotated after completion instead
     metrics = MetricsCallback(args.metrics_file)
