@@ -154,3 +154,19 @@ def test_paths_outside_the_image_folder_are_problems_unless_allowed(tmp_path, to
     assert any("id='up'" in problem and "outside" in problem for problem in report["problems"])
     code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data], "--allow_outside_paths")
     assert code == 0 and report["num_problems"] == 0
+
+
+def test_invalid_utf8_is_reported_not_raised(tmp_path, tokenizer_dir, image_folder):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(json.dumps({"id": "a", "conversations": qa()}).encode() + b'\n{"id": "b\xe4"}\n')
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data])
+    assert code == 1 and report["num_structural_errors"] == 1 and report["num_samples"] == 2  # the good line is kept
+    assert any("latin1.jsonl" in problem and "line 2: not valid UTF-8" in problem for problem in report["problems"])
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b'[{"id": "b\xe4"}]')
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [whole])
+    assert (
+        code == 1
+        and report["num_files_unreadable"] == 1
+        and "latin1.json: line 1: not valid UTF-8" in report["problems"][0]
+    )
