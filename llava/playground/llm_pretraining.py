@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llava.constants import IGNORE_INDEX, IMAGE_TAG
+from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.data.templates import conversation_to_turns, get_template
 from llava.data.tokenization import tokenize_conversation
 from llava.playground.scenes import caption, random_scene, vqa_sample
@@ -40,21 +41,15 @@ def text_conversation(rng: random.Random, rounds: int) -> list[dict[str, str]]:
 def _batch(
     tokenizer: PreTrainedTokenizerBase, rng: random.Random, batch_size: int, rounds: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, attention_mask)`` of ``batch_size`` conversations, padded by the training collator."""
     template = get_template("v1")
-    encoded = []
+    items = []
     for _ in range(batch_size):
         turns = conversation_to_turns(template, text_conversation(rng, rng.randint(*rounds)))
-        encoded.append(tokenize_conversation(tokenizer, template, turns))
-    length = max(len(e["input_ids"]) for e in encoded)
-    input_ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        attention_mask[row, :n] = 1
-    return input_ids, labels, attention_mask
+        encoded = tokenize_conversation(tokenizer, template, turns)
+        items.append({key: torch.tensor(encoded[key], dtype=torch.long) for key in ("input_ids", "labels")})
+    batch = DataCollatorForSupervisedDataset(tokenizer)(items)
+    return batch["input_ids"], batch["labels"], batch["attention_mask"]
 
 
 def pretrain_llm(

@@ -17,10 +17,8 @@ Layout of ``out_dir`` (every path relative to it):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from llava.playground.scenes import (
     vqa_sample,
     write_scenes,
 )
+from llava.playground.synthetic import prepare_out_dir, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -67,31 +66,6 @@ GENERATED_ENTRIES: tuple[str, ...] = (
     "README.md",
 )
 """Top-level names the builder writes; ``force`` removes only these, never other files."""
-
-
-def _prepare(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"output directory {out} is not empty; pass --force (force=True) to overwrite it")
-        for name in GENERATED_ENTRIES:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-        logger.warning("overwriting scene playground outputs in %s", out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def _scenes(rng: random.Random, prefix: str, count: int) -> list[Scene]:
@@ -129,7 +103,7 @@ def build_scene_playground(
     from llava.playground.tower_training import pretrain_tower
 
     out = Path(out_dir)
-    _prepare(out, force)
+    prepare_out_dir(out, force, GENERATED_ENTRIES)
     rng = random.Random(f"scenes-{seed}")
     pretrain_scenes = _scenes(rng, "pretrain", num_pretrain)
     finetune_scenes = _scenes(rng, "finetune", num_finetune)
@@ -143,21 +117,21 @@ def build_scene_playground(
     all_training = pretrain_scenes + finetune_scenes
     for scenes, folder in ((all_training, out / "images"), (eval_scenes, out / "eval" / BENCHMARK_NAME / "images")):
         write_scenes(tqdm(scenes, desc=f"drawing {folder.relative_to(out)}", unit="img", leave=False), folder)
-    _write_json(out / "pretrain.json", pretrain)
-    _write_json(out / "finetune.json", finetune)
-    _write_json(out / "scene_metadata.json", {s.file: s.to_json() for s in all_training + eval_scenes})
-    _write_jsonl(out / "eval" / BENCHMARK_NAME / "questions.jsonl", questions)
+    write_json(out / "pretrain.json", pretrain)
+    write_json(out / "finetune.json", finetune)
+    write_json(out / "scene_metadata.json", {s.file: s.to_json() for s in all_training + eval_scenes})
+    write_jsonl(out / "eval" / BENCHMARK_NAME / "questions.jsonl", questions)
     demo = [
         {"id": f"demo_{row['question_id']}", "image": row["image"], "prompt": row["text"], "expected": row["answer"]}
         for row in questions[: len(QUESTION_KINDS)]
     ]
-    _write_jsonl(out / "demo_requests.jsonl", demo)
+    write_jsonl(out / "demo_requests.jsonl", demo)
 
     tower = build_tiny_vision_tower(seed)
     tower_result = pretrain_tower(tower, steps=tower_steps, seed=seed) if tower_steps > 0 else None
     tower.save_pretrained(out / "vision_tower", safe_serialization=True)
     build_clip_image_processor(tower.config.image_size).save_pretrained(out / "vision_tower")
-    _write_json(out / "tower_pretraining.json", asdict(tower_result) if tower_result else {"steps": 0})
+    write_json(out / "tower_pretraining.json", asdict(tower_result) if tower_result else {"steps": 0})
 
     texts = [turn["value"] for sample in pretrain + finetune for turn in sample["conversations"]]
     texts += [SHORT_ANSWER_SUFFIX, "USER:", "ASSISTANT:", "Scene:"] + [caption(s) for s in pretrain_scenes]
@@ -167,7 +141,7 @@ def build_scene_playground(
     llm_result = pretrain_llm(llm, tokenizer, steps=llm_steps, seed=seed) if llm_steps > 0 else {"steps": 0}
     llm.save_pretrained(out / "llm", safe_serialization=True)
     tokenizer.save_pretrained(out / "llm")
-    _write_json(out / "llm_pretraining.json", llm_result)
+    write_json(out / "llm_pretraining.json", llm_result)
 
     kinds = {kind: sum(q["category"] == kind for q in questions) for kind in QUESTION_KINDS}
     manifest: dict[str, Any] = {
@@ -204,7 +178,7 @@ def build_scene_playground(
             "pretraining": llm_result if llm_steps > 0 else None,
         },
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     (out / "README.md").write_text(_readme(manifest), encoding="utf-8")
     return manifest
 

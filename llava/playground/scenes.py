@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llava.constants import IMAGE_TAG
+from llava.playground.synthetic import draw_shape
 
 CANVAS = 336
 """Image side in pixels: CLIP-L/14-336's input, so no resizing happens in preprocessing."""
@@ -146,21 +147,7 @@ def draw_label_map(scene: Scene) -> np.ndarray:
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: Any) -> None:
-    x0, y0, x1, y1 = obj.bbox
-    if obj.shape == "circle":
-        draw.ellipse(obj.bbox, fill=fill)
-    elif obj.shape == "square":
-        inset = round((x1 - x0) * 0.1)
-        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=fill)
-    elif obj.shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif obj.shape == "cross":
-        half = (x1 - x0) * 0.17
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        draw.rectangle((cx - half, y0, cx + half, y1), fill=fill)
-        draw.rectangle((x0, cy - half, x1, cy + half), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {obj.shape!r}")
+    draw_shape(draw, obj.shape, obj.bbox, fill, square_inset=0.1, cross_half_width=0.17)
 
 
 def write_scenes(scenes: Iterable[Scene], image_dir: Path) -> int:

@@ -174,24 +174,36 @@ def draw_shapes(image: Image.Image, shapes: Iterable[ShapeSpec]) -> None:
     """Draw ``shapes`` onto ``image`` in place, in order (later shapes on top)."""
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        fill = COLORS[s.color]
-        x0, y0, x1, y1 = s.bbox
-        if s.shape == "circle":
-            draw.ellipse(s.bbox, fill=fill)
-        elif s.shape == "square":
-            inset = round((x1 - x0) * 0.12)
-            draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=fill)
-        elif s.shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        elif s.shape == "star":
-            draw.polygon(_star_points(x0, y0, x1, y1), fill=fill)
-        elif s.shape == "cross":
-            t = (x1 - x0) * 0.18
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            draw.rectangle((cx - t, y0, cx + t, y1), fill=fill)
-            draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
-        else:
-            raise ValueError(f"unknown shape {s.shape!r}")
+        draw_shape(draw, s.shape, s.bbox, COLORS[s.color])
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    bbox: tuple[int, int, int, int],
+    fill: Any,
+    square_inset: float = 0.12,
+    cross_half_width: float = 0.18,
+) -> None:
+    """Draw one ``shape`` filling ``bbox`` (x0, y0, x1, y1) with ``fill`` (a colour, or a label id on an
+    ``L`` image). ``square_inset`` and ``cross_half_width`` are fractions of the box width."""
+    x0, y0, x1, y1 = bbox
+    if shape == "circle":
+        draw.ellipse(bbox, fill=fill)
+    elif shape == "square":
+        inset = round((x1 - x0) * square_inset)
+        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_star_points(x0, y0, x1, y1), fill=fill)
+    elif shape == "cross":
+        half = (x1 - x0) * cross_half_width
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.rectangle((cx - half, y0, cx + half, y1), fill=fill)
+        draw.rectangle((x0, cy - half, x1, cy + half), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
 
 
 def write_images(specs: Iterable[ImageSpec], image_dir: Path, desc: str = "images") -> int:
@@ -450,13 +462,15 @@ GENERATED_ENTRIES: tuple[str, ...] = (
 """Top-level names the builder writes; ``force`` removes only these, never other files."""
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+def prepare_out_dir(out_dir: Path, force: bool, entries: Iterable[str] = GENERATED_ENTRIES) -> None:
+    """Create ``out_dir``; a non-empty one is a FileExistsError unless ``force``, which removes only ``entries``
+    (the names a builder writes), never other files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise FileExistsError(f"output directory {out_dir} is not empty; pass --force (force=True) to overwrite it")
-        for name in GENERATED_ENTRIES:
+        for name in entries:
             path = out_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -466,11 +480,13 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented UTF-8 JSON."""
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
@@ -530,15 +546,15 @@ def build_playground(
     from llava.playground.tokenizer import train_playground_tokenizer
 
     out = Path(out_dir)
-    _prepare_out_dir(out, force)
+    prepare_out_dir(out, force)
     data = generate_data(num_pretrain, num_finetune, seed)
     write_images(data.all_images, out / "images")
-    _write_json(out / "pretrain.json", data.pretrain)
-    _write_json(out / "finetune.json", data.finetune)
-    _write_json(out / "image_metadata.json", {spec.file: spec.to_json() for spec in data.all_images})
+    write_json(out / "pretrain.json", data.pretrain)
+    write_json(out / "finetune.json", data.finetune)
+    write_json(out / "image_metadata.json", {spec.file: spec.to_json() for spec in data.all_images})
     demo_specs, demo = demo_requests(seed)
     write_images(demo_specs, out / "images", desc="demo images")
-    _write_jsonl(out / "demo_requests.jsonl", demo)
+    write_jsonl(out / "demo_requests.jsonl", demo)
 
     vdata = sv.generate_video_data(num_video_pretrain, num_video_finetune, seed, images=data.all_images)
     video_demo_specs: list[sv.VideoSpec] = []
@@ -547,10 +563,10 @@ def build_playground(
         sv.write_videos(vdata.all_videos, out / "videos")
         video_demo_specs, video_demo = sv.video_demo_requests(seed)
         sv.write_videos(video_demo_specs, out / "videos", desc="demo videos")
-        _write_json(out / "video_pretrain.json", vdata.pretrain)
-        _write_json(out / "video_finetune.json", vdata.finetune)
-        _write_json(out / "video_metadata.json", {spec.file: spec.to_json() for spec in vdata.all_videos})
-        _write_jsonl(out / "video_demo_requests.jsonl", video_demo)
+        write_json(out / "video_pretrain.json", vdata.pretrain)
+        write_json(out / "video_finetune.json", vdata.finetune)
+        write_json(out / "video_metadata.json", {spec.file: spec.to_json() for spec in vdata.all_videos})
+        write_jsonl(out / "video_demo_requests.jsonl", video_demo)
 
     tokenizer = train_playground_tokenizer(corpus_texts(data) + sv.video_corpus_texts(vdata), vocab_size=vocab_size)
     vision = save_vision_tower(out / "vision_tower", seed=seed)
@@ -629,7 +645,7 @@ def build_playground(
             "parameters": llm.num_parameters(),
         },
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     (out / "README.md").write_text(_readme(manifest), encoding="utf-8")
     return manifest
 

@@ -79,8 +79,9 @@ def scene_targets(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
     A patch takes the label of the object covering at least a fifth of it (the dot: any tenth, so a dot
     straddling patch borders still labels them), background otherwise.
     """
-    side = draw_label_map(scene).shape[0] // patch_size
-    label_map = draw_label_map(scene).reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3)
+    label_map = draw_label_map(scene)
+    side = label_map.shape[0] // patch_size
+    label_map = label_map.reshape(side, patch_size, side, patch_size).transpose(0, 2, 1, 3)
     label_map = label_map.reshape(side * side, patch_size * patch_size)
     num_labels = len(scene.objects) + 2
     coverage = np.stack([(label_map == k).mean(axis=1) for k in range(num_labels)], axis=1)

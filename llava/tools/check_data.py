@@ -119,7 +119,6 @@ def scan(
     image_counts: list[int] = []
     video_counts: list[int] = []
     media_status: dict[str, str] = {}
-    lossy_images: dict[str, str] = {}
     tokens_per_image, max_length = data_args.tokens_per_image, data_args.model_max_length
     tokens_per_video = data_args.tokens_per_video
     num_valid = sum(len(dataset) for dataset in datasets)
@@ -172,7 +171,6 @@ def scan(
                     if image_path not in media_status:
                         media_status[image_path], lossy = _check_image(image_path)
                         if lossy:
-                            lossy_images[image_path] = lossy
                             report.num_lossy_images += 1
                             if len(report.lossy_examples) < max_listed:
                                 report.lossy_examples.append(f"{where}: {image_path}: {lossy}")

@@ -78,28 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
+        common = {"num_pretrain": args.num_pretrain, "num_finetune": args.num_finetune, "seed": args.seed,
+                  "vocab_size": args.vocab_size, "force": args.force}  # fmt: skip
         if args.task == "scenes":
             manifest = build_scene_playground(
-                args.out,
-                num_pretrain=args.num_pretrain,
-                num_finetune=args.num_finetune,
-                num_eval=args.num_eval,
-                tower_steps=args.tower_steps,
-                llm_steps=args.llm_steps,
-                seed=args.seed,
-                vocab_size=args.vocab_size,
-                force=args.force,
+                args.out, num_eval=args.num_eval, tower_steps=args.tower_steps, llm_steps=args.llm_steps, **common
             )
         else:
             manifest = build_playground(
                 args.out,
-                num_pretrain=args.num_pretrain,
-                num_finetune=args.num_finetune,
-                seed=args.seed,
-                force=args.force,
-                vocab_size=args.vocab_size,
                 num_video_pretrain=args.num_video_pretrain,
                 num_video_finetune=args.num_video_finetune,
+                **common,
             )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)

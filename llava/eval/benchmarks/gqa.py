@@ -34,7 +34,8 @@ def gqa_answer(prediction: str) -> str:
     return prediction.strip().rstrip(".").lower()
 
 
-def _exact_match(prediction: str, item: EvalItem) -> float:
+def exact_match(prediction: str, item: EvalItem) -> float:
+    """1.0 when :func:`gqa_answer` of ``prediction`` equals the item's ``answer`` reference, else 0.0."""
     return float(gqa_answer(prediction) == item.reference["answer"])
 
 
@@ -77,4 +78,4 @@ class GQA:
     def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
         """Exact-match accuracy x 100; ``metrics`` adds ``structural/<type>`` and ``semantic/<type>``
         accuracies when the annotations carry GQA's question types."""
-        return mean_accuracy(items, predictions, _exact_match, group_by=("structural", "semantic"))
+        return mean_accuracy(items, predictions, exact_match, group_by=("structural", "semantic"))

@@ -13,17 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from llava.eval.base import EvalDataError, EvalItem, Score, llava_questions
-from llava.eval.benchmarks.gqa import gqa_answer
+from llava.eval.benchmarks.gqa import exact_match, gqa_answer
 from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
 logger = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "questions.jsonl"
 IMAGE_FOLDER = "images"
-
-
-def _exact_match(prediction: str, item: EvalItem) -> float:
-    return float(gqa_answer(prediction) == item.reference["answer"])
 
 
 class PlaygroundScenes:
@@ -54,4 +50,4 @@ class PlaygroundScenes:
 
     def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
         """Exact-match accuracy x 100, with ``category/<kind>`` accuracies."""
-        return mean_accuracy(items, predictions, _exact_match, group_by=("category",))
+        return mean_accuracy(items, predictions, exact_match, group_by=("category",))
