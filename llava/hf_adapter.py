@@ -17,7 +17,9 @@ Checked against transformers 5.14.1 (the lowest supported release, see :mod:`lla
   outputs (the old name still works there with a deprecation warning until 5.40). Detected from
   the signatures, not from version numbers, so remote-code layers keep whichever name they use.
 
-Also relied on, without a call site here: the Trainer's ``_get_train_sampler`` hook
+Also relied on, without a call site here: decoder layers write their keys and values through
+``cache.update(key_states, value_states, layer_idx, ...)`` and read the returned tensors (the static
+per-stage cache of :mod:`llava.model.static_cache` implements only that); the Trainer's ``_get_train_sampler`` hook
 (:class:`llava.training.trainer.LlavaTrainer`) and the module layout of LLaMA-style decoders
 (``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and
 CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``).
@@ -49,6 +51,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 __all__ = [
+    "STATIC_DECODE_KERNELS",
     "Cache",
     "ModelOutput",
     "activation_checkpointing_requested",
@@ -60,6 +63,7 @@ __all__ = [
     "causal_mask",
     "clip_image_processor_class",
     "current_training_argv",
+    "decode_step_mask",
     "enable_activation_checkpointing",
     "load_image_processor",
     "new_dynamic_cache",
@@ -89,8 +93,27 @@ def causal_mask(
     attention_mask: torch.Tensor,
     cache: Cache | None,
     layer_idx: int,
+    padding_free: bool | None = None,
 ) -> torch.Tensor | None:
-    """The 4D mask (or ``None`` = plain causal) the configured attention kernel expects."""
+    """The 4D mask (or ``None`` = plain causal) the configured attention kernel expects.
+
+    For SDPA, transformers reads the padding mask back from the device to decide whether the mask can be
+    skipped (a synchronisation per call). ``padding_free`` (every row holds only real tokens, known on the
+    host) makes that decision here instead: ``True`` gives ``None`` (SDPA's causal kernel), ``False``
+    builds the mask without the check. Only for a prefill without a cache.
+    """
+    if padding_free is not None and cache is None and attn_implementation_of(config) == "sdpa":
+        if padding_free:
+            return None
+        if _takes_argument(create_causal_mask, "allow_is_causal_skip"):
+            return create_causal_mask(
+                config=config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                layer_idx=layer_idx,
+                allow_is_causal_skip=False,
+                **{cache_kwarg_of(create_causal_mask): None},
+            )
     return create_causal_mask(
         config=config,
         inputs_embeds=inputs_embeds,
@@ -98,6 +121,11 @@ def causal_mask(
         layer_idx=layer_idx,
         **{cache_kwarg_of(create_causal_mask): cache},
     )
+
+
+@functools.cache
+def _takes_argument(function: Any, name: str) -> bool:
+    return name in inspect.signature(function).parameters
 
 
 def call_decoder_layer(
@@ -171,6 +199,29 @@ def current_training_argv(argv: list[str]) -> list[str]:
 def activation_checkpointing_requested(args: TrainingArguments) -> bool:
     """Whether the training arguments turn activation (gradient) checkpointing on, under either name."""
     return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
+
+
+STATIC_DECODE_KERNELS = ("sdpa", "eager")
+"""Attention kernels whose decode step takes a plain 4D mask over a fixed-size cache (no data-dependent
+unpadding), so it has fixed shapes and can be captured in a CUDA graph."""
+
+
+def decode_step_mask(config: PreTrainedConfig, attendable: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask of a one-token decode step over a preallocated cache, in the format the kernel expects.
+
+    ``attendable`` ``[B, capacity]`` bool marks the cache columns the new token may see (its row's real
+    prompt tokens, earlier generated tokens and itself); unwritten columns stay False. SDPA takes the
+    bool mask, eager attention an additive float mask (0 or the dtype's minimum).
+    """
+    kernel = attn_implementation_of(config)
+    mask = attendable[:, None, None, :]
+    if kernel == "sdpa":
+        return mask
+    if kernel == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"static-cache decoding supports the {' and '.join(STATIC_DECODE_KERNELS)} attention kernels, not {kernel!r}"
+    )
 
 
 def new_dynamic_cache(config: PreTrainedConfig) -> Cache:

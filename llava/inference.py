@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -24,6 +24,8 @@ from llava.data.templates import ConversationTemplate, generation_turns, get_tem
 from llava.data.tokenization import tokenize_prompt
 from llava.data.video import load_and_preprocess_videos
 from llava.hf_adapter import load_image_processor
+from llava.model.fast_generation import FastDecoder
+from llava.model.generation import use_fast_path
 from llava.model.loading import load_pretrained_model, read_config_json, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
 
@@ -130,6 +132,10 @@ class LlavaPipeline:
     image_aspect_ratio: str = "pad"
     video_processor: Any = None
     video_backend: str = "pyav"
+    fast_decoding: bool | None = None
+    """Decode with static per-stage caches and CUDA graphs (``None``: on CUDA when the attention kernel
+    allows it; ``False``: the eager loop). See :mod:`llava.model.fast_generation`."""
+    _fast_decoder: FastDecoder | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_pretrained(
@@ -139,6 +145,7 @@ class LlavaPipeline:
         device: str | torch.device | None = None,
         vision_tower: str | None = None,
         compression: Any = None,
+        fast_decoding: bool | None = None,
     ) -> LlavaPipeline:
         """Load a checkpoint directory (any layout :func:`load_pretrained_model` accepts).
 
@@ -148,7 +155,7 @@ class LlavaPipeline:
         The tokenizer and image processor are read from ``path`` (training's final save writes
         them there); for original LLaVA checkpoints the image processor comes from
         ``vision_tower``. A missing component raises :class:`MissingComponentError` naming it.
-        ``dtype`` defaults to float32; ``device`` to CUDA when available.
+        ``dtype`` defaults to float32; ``device`` to CUDA when available. ``fast_decoding``: see the field.
         """
         model_dir = Path(path)
         if not model_dir.is_dir():
@@ -196,12 +203,21 @@ class LlavaPipeline:
             template=get_template(model.config.template),
             image_aspect_ratio=model.config.image_aspect_ratio,
             video_processor=video_processor or image_processor if model.config.has_video_tower else None,
+            fast_decoding=fast_decoding,
         )
 
     @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
+
+    def fast_decoder(self) -> FastDecoder | None:
+        """The decoder whose buffers and CUDA graphs are reused across batches, when fast decoding is on."""
+        if not use_fast_path(self.model, self.device, True, self.fast_decoding, None):
+            return None
+        if self._fast_decoder is None or self._fast_decoder.model is not self.model:
+            self._fast_decoder = FastDecoder(self.model)
+        return self._fast_decoder
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):
@@ -270,6 +286,7 @@ class LlavaPipeline:
         if do_sample and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         eos_id = self.tokenizer.eos_token_id
+        fast_decoder = self.fast_decoder()
         answers: list[str] = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
@@ -289,6 +306,8 @@ class LlavaPipeline:
                 eos_token_id=eos_id,
                 pad_token_id=self._pad_id(),
                 generator=generator,
+                fast=self.fast_decoding if fast_decoder is None else True,
+                fast_decoder=fast_decoder,
             )
             answers.extend(self._decode(new_tokens.cpu(), eos_id))
             if progress is not None:

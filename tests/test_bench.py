@@ -154,11 +154,13 @@ def test_infer_speed_hf_baseline_rows(tmp_path: Path) -> None:
         ["--shape", "tiny", "--presets", "none", "--batch-sizes", "1,2", "--prompt-tokens", "8", "--new-tokens", "3",
          "--repeats", "2", "--warmup", "1", "--hf-baseline", "--device", "cpu", "--threads", "1", "--out", str(out)]
     )  # fmt: skip
-    assert [(row["preset"], row["batch_size"]) for row in rows] == [
-        ("none", 1), (BASELINE_LABEL, 1), ("none", 2), (BASELINE_LABEL, 2)
+    assert [(row["preset"], row["batch_size"], row["path"]) for row in rows] == [
+        ("none", 1, "eager"), ("none", 1, "fast"), (BASELINE_LABEL, 1, "hf"),
+        ("none", 2, "eager"), ("none", 2, "fast"), (BASELINE_LABEL, 2, "hf"),
     ]  # fmt: skip
     none_rows = [row for row in rows if row["preset"] == "none"]
     assert all(row["ratio_vs_none"] == 1.0 for row in none_rows)  # the baseline never replaces none
+    assert all(row["decode_speedup_vs_eager"] == 1.0 for row in none_rows if row["path"] == "eager")
     assert all(row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows)
 
 
@@ -182,9 +184,12 @@ def test_infer_speed_tiny(tmp_path: Path, tiny_preset: str) -> None:
          "--out", str(out)]
     )  # fmt: skip
     saved = _check_outputs(out, rows, INFER_KEYS)
-    assert [(row["preset"], row["batch_size"]) for row in saved] == [
-        ("none", 1), ("duet_tiny", 1), ("none", 2), ("duet_tiny", 2),
+    assert [(row["preset"], row["batch_size"], row["path"]) for row in saved] == [
+        ("none", 1, "eager"), ("duet_tiny", 1, "eager"), ("none", 1, "fast"), ("duet_tiny", 1, "fast"),
+        ("none", 2, "eager"), ("duet_tiny", 2, "eager"), ("none", 2, "fast"), ("duet_tiny", 2, "fast"),
     ]  # fmt: skip
+    assert all(row["capture_s"] == 0.0 for row in saved)  # no CUDA graph on CPU
+    assert all(row["decode_speedup_vs_eager"] > 0 for row in saved)
     for row in saved:
         if row["preset"] == "none":
             assert row["ratio_vs_none"] == 1.0 and row["prefill_speedup_vs_none"] == 1.0
@@ -233,7 +238,9 @@ def test_infer_speed_tiny_video(tmp_path: Path, tiny_video_preset: str) -> None:
          "--threads", "1", "--out", str(out)]
     )  # fmt: skip
     saved = _check_outputs(out, rows, INFER_KEYS)
-    assert [(row["preset"], row["batch_size"]) for row in saved] == [("none", 2), ("duet_tiny_video", 2)]
+    assert [(row["preset"], row["path"]) for row in saved] == [
+        ("none", "eager"), ("duet_tiny_video", "eager"), ("none", "fast"), ("duet_tiny_video", "fast")
+    ]  # fmt: skip
     _check_video_rows(saved)
     assert all(row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0 for row in saved)
     assert "video (2 frames)" in out.with_suffix(".md").read_text()

@@ -49,5 +49,11 @@ def test_finetune_with_duet_64_then_batched_generation(playground, tmp_path):
     one_by_one = pipeline.generate(requests, max_new_tokens=6, batch_size=1)
     batched = pipeline.generate(requests, max_new_tokens=6, batch_size=6)
     assert batched == one_by_one
+    # The fast path (static per-stage caches; the CUDA-graph step runs eagerly on CPU) answers the same,
+    # and reuses its buffers across batches of the same shape.
+    fast = LlavaPipeline.from_pretrained(out, fast_decoding=True)
+    assert fast.generate(requests, max_new_tokens=6, batch_size=3) == batched
+    assert len(fast.fast_decoder().runners()) == 1
+    assert pipeline.fast_decoder() is None  # CPU default: the eager reference loop
     uncompressed = LlavaPipeline.from_pretrained(out, compression="none")
     assert uncompressed.model.stage_plan is None and uncompressed.model.vision_tower.merger is None

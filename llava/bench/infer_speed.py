@@ -8,11 +8,15 @@ call: the first forward is the prefill (time to first token), the rest is decodi
 measurements run round-robin over (preset, batch size) so that machine drift hits all alike; rows give
 medians and compare the prefill-time ratio to ``none`` with the FLOP model's prefill ratio. With a video
 shape each prompt holds one video slot and ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead of an image.
+Every case is timed on both decode loops (``--decode-paths``): the eager reference loop and the fast path
+(static per-stage KV caches, CUDA-graph decode step); ratios against ``none`` compare rows of one path.
 
     python -m llava.bench.infer_speed --shape small --presets none,duet_192,duet_128,duet_64 \
         --batch-sizes 1,8 --prompt-tokens 64 --new-tokens 32 --out runs/bench/small-infer.json
     python -m llava.bench.infer_speed --shape small-video --presets none,duet_video_53,duet_video_93 \
         --batch-sizes 1,4 --prompt-tokens 64 --new-tokens 16 --out runs/bench/small-video-infer.json
+    python -m llava.bench.infer_speed --shape llava-7b --batch-sizes 1,8 --new-tokens 128 \
+        --attn-implementation sdpa --out runs/bench/llava-7b-infer.json    # on a GPU: the issue-14 targets
 """
 
 from __future__ import annotations
@@ -43,15 +47,21 @@ from llava.bench.train_speed import (
     visual_input_fields,
 )
 from llava.compression.config import CompressionConfig
+from llava.model.fast_generation import FastDecoder
 
 logger = logging.getLogger(__name__)
 
 NEVER_EMITTED_TOKEN = -1
 """EOS id for the benchmark: argmax never returns a negative id, so every sample runs to ``--new-tokens``."""
 
+DECODE_PATHS = ("eager", "fast")
+"""``eager``: the reference decode loop (growing cache, one Python pass per token); ``fast``: static
+per-stage caches with a CUDA-graph decode step (:mod:`llava.model.fast_generation`; no graph on CPU)."""
+
 TABLE_COLUMNS = (
     ("preset", "preset"),
     ("batch_size", "batch"),
+    ("path", "decode path"),
     ("avg_visual_tokens", "visual tok/layer"),
     ("ttft_s", "TTFT s (median)"),
     ("ttft_iqr_s", "IQR s"),
@@ -61,6 +71,8 @@ TABLE_COLUMNS = (
     ("measured_over_ideal", "measured/ideal"),
     ("decode_tokens_per_s", "decode tok/s"),
     ("decode_speedup_vs_none", "decode speed-up"),
+    ("decode_speedup_vs_eager", "decode vs eager"),
+    ("capture_s", "capture s"),
     ("compression_share", "compression share"),
     ("peak_mem_mb", "peak mem MiB"),
 )
@@ -116,7 +128,9 @@ class CaseRecord:
     batch_size: int
     prompts: dict[str, torch.Tensor]
     hf_baseline: bool = False
+    path: str = "eager"
     samples: list[GenerateSample] = field(default_factory=list)
+    capture_s: float = 0.0
     peak_mem_mb: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -139,12 +153,18 @@ class _PrefillClock:
 
 
 def run_generate(
-    model: nn.Module, prompts: dict[str, torch.Tensor], new_tokens: int, pad_token_id: int, hf_baseline: bool = False
+    model: nn.Module,
+    prompts: dict[str, torch.Tensor],
+    new_tokens: int,
+    pad_token_id: int,
+    hf_baseline: bool = False,
+    fast_decoder: FastDecoder | None = None,
 ) -> GenerateSample:
     """One greedy ``generate`` of exactly ``new_tokens`` tokens per sample, split into prefill and decode.
 
     ``hf_baseline``: ``model`` is transformers' LLaVA, whose ``generate`` returns prompt + new tokens and
-    is held to exactly ``new_tokens`` by ``min_new_tokens`` (it rejects a negative EOS id).
+    is held to exactly ``new_tokens`` by ``min_new_tokens`` (it rejects a negative EOS id). With a
+    ``fast_decoder`` our model decodes on the fast path, otherwise on the eager loop.
     """
     device = prompts["input_ids"].device
     clock = _PrefillClock(device)
@@ -152,7 +172,7 @@ def run_generate(
     if hf_baseline:
         options = {"min_new_tokens": new_tokens, "use_cache": True}
     else:
-        options = {"eos_token_id": NEVER_EMITTED_TOKEN}
+        options = {"eos_token_id": NEVER_EMITTED_TOKEN, "fast": fast_decoder is not None, "fast_decoder": fast_decoder}
     try:
         report.synchronize(device)
         began = time.perf_counter()
@@ -195,19 +215,35 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     for batch_size in args.batch_sizes:
         prompts = build_prompts(shape, batch_size, args.prompt_tokens, seed=args.seed, pad_token_id=pad_token_id)
         moved = move_batch(prompts, device, dtype)
-        cases += [CaseRecord(label, config, batch_size, moved) for label, config in presets]
+        cases += [
+            CaseRecord(label, config, batch_size, moved, path=path)
+            for path in args.decode_paths
+            for label, config in presets
+        ]
         if hf_model is not None:
             hf_prompts = move_batch(to_hf_batch(prompts, shape), device, dtype)
-            cases.append(CaseRecord(BASELINE_LABEL, CompressionConfig(), batch_size, hf_prompts, hf_baseline=True))
+            cases.append(
+                CaseRecord(BASELINE_LABEL, CompressionConfig(), batch_size, hf_prompts, hf_baseline=True, path="hf")
+            )
+    # One fast decoder per preset: its buffers and CUDA graphs are captured once (in the warm-up) and
+    # reused by every timed call, as in a long evaluation run.
+    fast_decoders: dict[str, FastDecoder] = {}
 
     def measure(case: CaseRecord) -> GenerateSample:
         if case.hf_baseline:
             return run_generate(hf_model, case.prompts, args.new_tokens, pad_token_id, hf_baseline=True)
         model.set_compression(case.config)
-        return run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+        if case.path == "eager":
+            return run_generate(model, case.prompts, args.new_tokens, pad_token_id)
+        decoder = fast_decoders.setdefault(case.label, FastDecoder(model))
+        captured_before = decoder.capture_time_s
+        sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id, fast_decoder=decoder)
+        case.capture_s += decoder.capture_time_s - captured_before
+        return sample
 
     for case in cases:
-        for _ in range(args.warmup):
+        # A fast case's first call captures its CUDA graphs: at least one untimed call keeps that out of the rows.
+        for _ in range(max(args.warmup, 1 if case.path == "fast" else 0)):
             measure(case)
     memory = report.PeakMemory(device)
     for number, case in report.round_robin(cases, args.repeats):
@@ -241,13 +277,16 @@ def build_rows(
         tokens_per_s = report.ratio(decode_steps * case.batch_size, decode_s) if decode_steps > 0 else float("nan")
         summaries.append((case, ttft, ttft_iqr, decode_s, tokens_per_s))
     baselines = {
-        case.batch_size: (ttft, tps)
+        (case.batch_size, case.path): (ttft, tps)
         for case, ttft, _, _, tps in summaries
         if not case.config.enabled and not case.hf_baseline
     }
+    eager_tps = {(case.label, case.batch_size): tps for case, _, _, _, tps in summaries if case.path == "eager"}
     rows: list[dict[str, Any]] = []
     for case, ttft, ttft_iqr, decode_s, tokens_per_s in summaries:
-        base_ttft, base_tps = baselines[case.batch_size]
+        # The HF baseline is compared with our none row of the first decode path measured.
+        reference_path = args.decode_paths[0] if case.hf_baseline else case.path
+        base_ttft, base_tps = baselines[(case.batch_size, reference_path)]
         flops = prefill_flops(shape, case.config, case.batch_size, args.prompt_tokens)
         flops_none = prefill_flops(shape, None, case.batch_size, args.prompt_tokens)
         flops_ratio = flops.total / flops_none.total
@@ -258,6 +297,7 @@ def build_rows(
                 "preset": case.label,
                 "shape": shape.name,
                 "batch_size": case.batch_size,
+                "path": case.path,
                 "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens,
                 **visual_input_fields(shape, case.config),
@@ -274,6 +314,10 @@ def build_rows(
                 "decode_time_s": decode_s,
                 "decode_tokens_per_s": tokens_per_s,
                 "decode_speedup_vs_none": report.ratio(tokens_per_s, base_tps),
+                "decode_speedup_vs_eager": report.ratio(tokens_per_s, eager_tps[(case.label, case.batch_size)])
+                if (case.label, case.batch_size) in eager_tps
+                else None,
+                "capture_s": case.capture_s,
                 "compression_share": report.ratio(compression_s, ttft),
                 "peak_mem_mb": case.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
@@ -291,6 +335,11 @@ NOTES = (
     "decode tok/s = (new_tokens - 1) x batch / time after the prefill (the first token comes from the prefill).",
     "ratio vs none = TTFT / none's TTFT at the same batch size; FLOP-model ratio = prefill_flops ratio.",
     "peak mem: CUDA max_memory_allocated; on CPU the peak RSS (getrusage) above the RSS at call start, approximate.",
+    "decode path: eager = the reference loop (growing KV cache, one Python pass per token); fast = static per-stage "
+    "KV caches, a decode step with no host synchronisation, captured as a CUDA graph on CUDA (not on CPU). Ratios "
+    "vs none compare rows of the same path; decode vs eager = fast tok/s / eager tok/s of the same preset and batch.",
+    "capture s = one-time CUDA graph capture (warm-up steps + capture) of the fast path, paid in the untimed "
+    "warm-up calls and excluded from the timed rows.",
 )
 
 
@@ -309,7 +358,7 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
             "cache) on the same prompts with image slots expanded, timed round-robin with the presets; both models "
             "are in memory together."
         )
-    labels = [f"{row['preset']}\nB={row['batch_size']}" for row in rows]
+    labels = [f"{row['preset']}\n{row['path']} B={row['batch_size']}" for row in rows]
     return report.write_report(rows, out, title, TABLE_COLUMNS, notes, labels, "prefill time / none")
 
 
@@ -339,6 +388,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attn-implementation", default=None, help="default: flash_attention_2 if importable, else sdpa"
     )
+    parser.add_argument(
+        "--decode-paths",
+        type=report.parse_list,
+        default=list(DECODE_PATHS),
+        help="comma-separated decode loops to time: eager (reference), fast (static caches + CUDA graphs); "
+        "default both",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -355,6 +411,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(str(error))
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or not args.batch_sizes:
         parser.error("--repeats and --new-tokens must be >= 1, --warmup >= 0, --batch-sizes non-empty")
+    unknown_paths = [path for path in args.decode_paths if path not in DECODE_PATHS]
+    if unknown_paths or not args.decode_paths:
+        parser.error(f"--decode-paths takes {', '.join(DECODE_PATHS)}; got {', '.join(args.decode_paths) or 'nothing'}")
     if any(size < 1 for size in args.batch_sizes):
         parser.error("--batch-sizes must be >= 1")
     if args.presets is None:

@@ -61,33 +61,69 @@ class Sequence:
     query_mask: torch.Tensor  # [B, L] bool
     labels: torch.Tensor | None = None  # [B, L]
 
-    def compact(self, keep: torch.Tensor, left_align: bool, recompute_positions: bool) -> Sequence:
-        """Keep the ``keep`` positions of every tensor, in order; pad rows to the longest.
+    def compact(
+        self, keep: torch.Tensor, left_align: bool, recompute_positions: bool, length: int | None = None
+    ) -> Sequence:
+        """Keep the ``keep`` positions of every tensor, in order; pad rows to ``length``.
 
-        Vectorised: one cumsum gives every kept token its destination column.
+        ``length`` must be the largest number of kept positions of any row; when the caller knows it
+        (see :func:`compacted_lengths`) no host synchronisation happens here. Vectorised: one cumsum
+        gives every kept token its destination column, one scatter inverts that into a source column
+        per destination, and every tensor is gathered with one flat ``index_select``.
         """
+        batch, old_length = keep.shape
         counts = keep.sum(dim=1)
-        length = int(counts.max()) if counts.numel() else 0
+        if length is None:
+            length = int(counts.max()) if counts.numel() else 0
         dest = keep.long().cumsum(dim=1) - 1
         if left_align:
             dest = dest + (length - counts).unsqueeze(1)
-        rows, cols = keep.nonzero(as_tuple=True)
-        target = dest[rows, cols]
+        dest = torch.where(keep, dest, length)  # dropped positions land in a spare column
+        positions = torch.arange(old_length, device=keep.device)
+        source = torch.full((batch, length + 1), -1, dtype=torch.long, device=keep.device)
+        source = source.scatter(1, dest, positions.expand(batch, old_length))[:, :length]
+        filled = source >= 0
+        flat_source = (source.clamp(min=0) + torch.arange(batch, device=keep.device).unsqueeze(1) * old_length).view(-1)
         out = {}
         for item in fields(self):
             tensor = getattr(self, item.name)
             if tensor is None:
                 out[item.name] = None
                 continue
+            rest = tensor.shape[2:]
+            picked = tensor.reshape(batch * old_length, *rest).index_select(0, flat_source)
+            picked = picked.view(batch, length, *rest)
             fill = IGNORE_INDEX if item.name == "labels" else 0
-            shape = (tensor.shape[0], length, *tensor.shape[2:])
-            new = tensor.new_full(shape, fill)
-            new[rows, target] = tensor[rows, cols]
-            out[item.name] = new
+            keep_value = filled.view(batch, length, *([1] * len(rest)))
+            fill_value = torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device)
+            out[item.name] = torch.where(keep_value, picked, fill_value)
         compacted = Sequence(**out)
         if recompute_positions:
             compacted = replace(compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0))
         return compacted
+
+
+def keep_counts_for(initial_visual: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Visual tokens each row keeps at a boundary: ``floor(ratio * N0)``, relative to the row's initial
+    count N0 (never compounding over stages)."""
+    return torch.floor(initial_visual.double() * ratio + 1e-9).long().clamp(max=initial_visual)
+
+
+def compacted_extents(sequence: Sequence, keep_ratios: tuple[float, ...]) -> torch.Tensor:
+    """Shortest and longest row after each boundary, ``[len(keep_ratios), 2]`` on the device.
+
+    Every real text token is kept and each row keeps ``keep_counts_for(N0, ratio)`` visual tokens, so
+    the lengths follow from counts alone; the caller reads them with one host transfer for all stages
+    instead of one synchronisation per boundary. The longest row is the padded length after the drop;
+    rows are padding-free when both are equal.
+    """
+    device = sequence.attention_mask.device
+    if not keep_ratios or sequence.attention_mask.shape[0] == 0:
+        return torch.zeros(len(keep_ratios), 2, dtype=torch.long, device=device)
+    initial_visual = sequence.visual_mask.sum(dim=1)
+    text = sequence.attention_mask.sum(dim=1) - initial_visual
+    rows = torch.stack([text + keep_counts_for(initial_visual, ratio) for ratio in keep_ratios])
+    return torch.stack([rows.amin(dim=1), rows.amax(dim=1)], dim=1)
 
 
 def build_query_mask(
@@ -143,11 +179,15 @@ def build_query_mask(
 
 
 @torch.no_grad()
-def score_visual_tokens(layer: nn.Module, sequence: Sequence, position_embeddings: tuple) -> torch.Tensor:
+def score_visual_tokens(
+    layer: nn.Module, sequence: Sequence, position_embeddings: tuple, max_queries: int | None = None
+) -> torch.Tensor:
     """Mean attention each position receives from the query rows at ``layer``, ``[B, L]`` fp32.
 
     Only the query rows are computed: q for the queries, k for all positions, the layer's own
     input norm and projections, RoPE at the tokens' positions, causal + padding mask.
+    ``max_queries`` (at least the largest number of query rows of any sample) avoids reading that
+    number back from the device.
     """
     attention = layer.self_attn
     hidden = layer.input_layernorm(sequence.hidden)
@@ -156,7 +196,9 @@ def score_visual_tokens(layer: nn.Module, sequence: Sequence, position_embedding
     cos, sin = position_embeddings
 
     query_count = sequence.query_mask.sum(dim=1)
-    max_queries = max(int(query_count.max()), 1)
+    if max_queries is None:
+        max_queries = int(query_count.max()) if query_count.numel() else 0
+    max_queries = max(max_queries, 1)
     # Query positions per row, first max_queries of them (rows with fewer are padded with 0).
     order = torch.argsort((~sequence.query_mask).to(torch.int8), dim=1, stable=True)[:, :max_queries]
     valid_query = torch.arange(max_queries, device=hidden.device).unsqueeze(0) < query_count.unsqueeze(1)

@@ -80,6 +80,18 @@ def _merge_into_anchors(
     return anchors + means.to(anchors.dtype)
 
 
+def _split_anchors(count: int, wanted: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor slots (:func:`_evenly_spaced`) of ``0..count-1`` and the other slots, both ascending.
+
+    Built with an argsort instead of boolean indexing, so no size is read back from the device.
+    """
+    anchors = _evenly_spaced(count, wanted, device)
+    is_anchor = torch.zeros(count, dtype=torch.bool, device=device)
+    is_anchor[anchors] = True
+    others = torch.argsort(is_anchor.to(torch.int8), stable=True)[: count - anchors.numel()]
+    return anchors, others
+
+
 def _evenly_spaced(count: int, wanted: int, device: torch.device) -> torch.Tensor:
     """``wanted`` positions of ``0..count-1`` at ``step = max(1, count // wanted)`` (VisionZip's spacing)."""
     step = max(1, count // wanted)
@@ -163,10 +175,8 @@ class DuetMerger(_DominantContextualMerger):
     ) -> torch.Tensor:
         pool_size = min(self.cluster_width * self.contextual, remaining_by_score.shape[1])
         pool = remaining_by_score[:, :pool_size]
-        anchor_ranks = _evenly_spaced(pool_size, self.contextual, pool.device)
-        is_anchor = torch.zeros(pool_size, dtype=torch.bool, device=pool.device)
-        is_anchor[anchor_ranks] = True
-        return _merge_into_anchors(features, keys, pool[:, anchor_ranks], pool[:, ~is_anchor])
+        anchor_ranks, member_ranks = _split_anchors(pool_size, self.contextual, pool.device)
+        return _merge_into_anchors(features, keys, pool[:, anchor_ranks], pool[:, member_ranks])
 
 
 class VisionZipMerger(_DominantContextualMerger):
@@ -183,10 +193,8 @@ class VisionZipMerger(_DominantContextualMerger):
     ) -> torch.Tensor:
         remaining = remaining_by_score.sort(dim=1).values  # raster order, as VisionZip's masked_select
         count = remaining.shape[1]
-        anchor_slots = _evenly_spaced(count, self.contextual, remaining.device)
-        is_anchor = torch.zeros(count, dtype=torch.bool, device=remaining.device)
-        is_anchor[anchor_slots] = True
-        return _merge_into_anchors(features, keys, remaining[:, anchor_slots], remaining[:, ~is_anchor])
+        anchor_slots, member_slots = _split_anchors(count, self.contextual, remaining.device)
+        return _merge_into_anchors(features, keys, remaining[:, anchor_slots], remaining[:, member_slots])
 
 
 class RandomMerger(_DominantContextualMerger):

@@ -69,6 +69,18 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def _parse_optional_bool(value: bool | str | None, name: str) -> bool | None:
+    """``--model_args`` values arrive as strings: true/false (any case), or unset."""
+    if value is None or isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 class DuetLlava(lmms):
     """A DUET-LLaVA checkpoint as an lmms-eval model (simple, prompt-string interface)."""
 
@@ -82,11 +94,13 @@ class DuetLlava(lmms):
         device: str | None = None,
         dtype: str | None = None,
         max_new_tokens: int = 128,
+        fast_decoding: bool | str | None = None,
         **unused: Any,
     ) -> None:
         """``compression``: a preset name or ``none``; by default the checkpoint's own.
         ``dtype``: float32 (default), float16 or bfloat16. ``max_new_tokens`` applies when a task's
-        generation_kwargs do not set it. Unknown keyword arguments are logged and ignored."""
+        generation_kwargs do not set it. ``fast_decoding``: true/false (default: on CUDA), see
+        :mod:`llava.model.fast_generation`. Unknown keyword arguments are logged and ignored."""
         super().__init__()
         if unused:
             logger.warning("duet_llava ignores model_args %s", sorted(unused))
@@ -95,7 +109,11 @@ class DuetLlava(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
         self.pipeline = LlavaPipeline.from_pretrained(
-            pretrained, dtype=_parse_dtype(dtype), device=device, compression=compression
+            pretrained,
+            dtype=_parse_dtype(dtype),
+            device=device,
+            compression=compression,
+            fast_decoding=_parse_optional_bool(fast_decoding, "fast_decoding"),
         )
 
     @classmethod

@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-only", action="store_true", help="score existing answers, generate nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--fast-decoding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static per-stage KV caches and CUDA-graph decode steps (default: on CUDA with SDPA/eager attention)",
+    )
+    parser.add_argument(
         "--judge", action="store_true", help="also judge video QA answers with an LLM (OpenAI-compatible endpoint)"
     )
     parser.add_argument("--judge-url", default=None, help="judge endpoint base URL (default: $DUET_JUDGE_URL)")
@@ -105,7 +111,9 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    return LlavaPipeline.from_pretrained(args.model, dtype=dtype, device=device, vision_tower=args.vision_tower)
+    return LlavaPipeline.from_pretrained(
+        args.model, dtype=dtype, device=device, vision_tower=args.vision_tower, fast_decoding=args.fast_decoding
+    )
 
 
 def _judge_for(args: argparse.Namespace, benchmark: Any) -> Any:

@@ -13,9 +13,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
-from llava.compression.t2v import Sequence, keep_top_visual, score_visual_tokens
-from llava.hf_adapter import Cache, call_decoder_layer, causal_mask
+from llava.compression.t2v import (
+    Sequence,
+    compacted_extents,
+    keep_counts_for,
+    keep_top_visual,
+    score_visual_tokens,
+)
+from llava.hf_adapter import Cache, call_decoder_layer, causal_mask, decode_step_mask
+from llava.utils.profiling import PROFILE_REGIONS
 
 POSITION_MODES = ("keep", "compact")
 
@@ -121,37 +129,64 @@ def run_decoder(
     num_layers = len(decoder.layers)
     initial_visual = sequence.visual_mask.sum(dim=1)
     per_segment = max(num_segments, 1)
+    # Everything the stages need to know on the host, read back in one transfer instead of one
+    # synchronisation per boundary: each stage's shortest and longest row (its padded length, and whether
+    # it has padding at all) and how many query rows to score.
+    row_lengths = sequence.attention_mask.sum(dim=1)
+    first_stage = torch.stack([row_lengths.amin(), row_lengths.amax()]) if row_lengths.numel() else row_lengths
+    known = [first_stage.reshape(-1)]
+    if plan.boundaries:
+        known += [
+            compacted_extents(sequence, plan.keep_ratios).reshape(-1),
+            sequence.query_mask.sum(dim=1).amax(0, True),
+        ]
+    values = torch.cat(known).tolist()
+    max_queries = values.pop() if plan.boundaries else 0
+    extents = [values[index : index + 2] for index in range(0, len(values), 2)]
+    padded_lengths = [sequence.attention_mask.shape[1]] + [longest for _, longest in extents[1:]]
+    padding_free = [
+        bool(extent) and extent[0] == padded for extent, padded in zip(extents, padded_lengths, strict=False)
+    ]
     masks: list[torch.Tensor] = []
     next_positions: list[torch.Tensor] = []
-    tokens_per_layer: list[float] = []
+    visual_per_stage: list[torch.Tensor] = []
     compression_time = 0.0
     position_embeddings = None
     for stage, start in enumerate(starts):
         end = starts[stage + 1] if stage + 1 < len(starts) else num_layers
         if stage > 0:
             began = time.perf_counter()
-            ratio = plan.keep_ratios[stage - 1]
-            keep_counts = torch.floor(initial_visual.double() * ratio + 1e-9).long()
-            scores = score_visual_tokens(decoder.layers[start], sequence, position_embeddings)
-            keep = keep_top_visual(scores, sequence, keep_counts)
-            sequence = sequence.compact(keep, left_align, recompute_positions=plan.position_mode == "compact")
+            with record_function(PROFILE_REGIONS["t2v_scoring"]):
+                scores = score_visual_tokens(decoder.layers[start], sequence, position_embeddings, max_queries)
+            with record_function(PROFILE_REGIONS["t2v_compaction"]):
+                keep_counts = keep_counts_for(initial_visual, plan.keep_ratios[stage - 1])
+                keep = keep_top_visual(scores, sequence, keep_counts)
+                sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
             compression_time += time.perf_counter() - began
         position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
-        mask = causal_mask(decoder.config, sequence.hidden, sequence.attention_mask, cache, start)
-        hidden = _run_layers(
-            list(decoder.layers[start:end]),
-            sequence.hidden,
-            mask,
-            sequence.position_ids,
-            position_embeddings,
-            cache,
-            use_cache,
+        # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
+        mask = causal_mask(
+            decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free=padding_free[stage]
         )
+        with record_function(PROFILE_REGIONS["llm"]):
+            hidden = _run_layers(
+                list(decoder.layers[start:end]),
+                sequence.hidden,
+                mask,
+                sequence.position_ids,
+                position_embeddings,
+                cache,
+                use_cache,
+            )
         sequence = replace(sequence, hidden=hidden)
         masks.append(sequence.attention_mask)
         next_positions.append(_next_positions(sequence))
-        visual_now = float(sequence.visual_mask.sum()) / per_segment
-        tokens_per_layer += [visual_now] * (end - start)
+        visual_per_stage.append(sequence.visual_mask.sum())
+    ends = (*starts[1:], num_layers)
+    visual_counts = (torch.stack(visual_per_stage).double() / per_segment).tolist()
+    tokens_per_layer = [
+        count for count, start, end in zip(visual_counts, starts, ends, strict=True) for _ in range(start, end)
+    ]
     return DecoderResult(
         hidden=decoder.norm(sequence.hidden),
         sequence=sequence,
@@ -178,6 +213,59 @@ def run_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: DecodeStat
             list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
             cache, True,
         )  # fmt: skip
+    return decoder.norm(hidden)
+
+
+@dataclass
+class StaticDecodeState:
+    """Fixed-address tensors a static-cache decode step reads and advances in place (graph-capturable).
+
+    ``attendable[s]`` ``[B, capacity_s]`` marks the cache columns of stage ``s`` a new token may see,
+    ``positions`` ``[stages, B]`` the next RoPE position per stage and row, ``write_columns`` ``[stages]``
+    the cache column the next token goes to in each stage (shared with the cache's ``update``).
+    """
+
+    stage_starts: tuple[int, ...]
+    attendable: list[torch.Tensor]
+    positions: torch.Tensor
+    write_columns: torch.Tensor
+
+    def load(self, state: DecodeState) -> None:
+        """Start from a prefill's state: its masks, next positions and lengths (device ops, no sync)."""
+        for stage, prompt_mask in enumerate(state.attention_masks):
+            self.attendable[stage].zero_()
+            self.attendable[stage][:, : prompt_mask.shape[1]].copy_(prompt_mask.bool())
+            self.write_columns[stage].fill_(prompt_mask.shape[1])
+            self.positions[stage].copy_(state.next_positions[stage])
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of every tensor, to undo warm-up steps."""
+        return [tensor.clone() for tensor in (*self.attendable, self.positions, self.write_columns)]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        """Copy a :meth:`snapshot` back in place (addresses unchanged)."""
+        for tensor, copy in zip((*self.attendable, self.positions, self.write_columns), saved, strict=True):
+            tensor.copy_(copy)
+
+
+def run_static_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: StaticDecodeState, cache) -> torch.Tensor:
+    """One new token per row over static per-stage caches; advances ``state`` in place.
+
+    Fixed shapes, no host synchronisation and no data-dependent control flow, so a CUDA graph can
+    capture it. ``cache`` is the :class:`~llava.model.static_cache.StaticStageCache` in decoding mode,
+    reading ``state.write_columns``.
+    """
+    num_layers = len(decoder.layers)
+    for stage, start in enumerate(state.stage_starts):
+        end = state.stage_starts[stage + 1] if stage + 1 < len(state.stage_starts) else num_layers
+        attendable = state.attendable[stage]
+        attendable.index_fill_(1, state.write_columns[stage : stage + 1], True)
+        positions = state.positions[stage].unsqueeze(1)
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        mask = decode_step_mask(decoder.config, attendable, hidden.dtype)
+        hidden = _run_layers(list(decoder.layers[start:end]), hidden, mask, positions, position_embeddings, cache, True)
+    state.positions.add_(1)
+    state.write_columns.add_(1)
     return decoder.norm(hidden)
 
 

@@ -2,20 +2,61 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import TYPE_CHECKING
 
 import torch
 
 from llava.hf_adapter import new_dynamic_cache
+from llava.model.fast_generation import FastDecoder, static_decode_supported
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 
 def _as_id_list(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
+
+
+def use_fast_path(
+    model: DuetLlavaForCausalLM,
+    device: torch.device,
+    use_cache: bool,
+    fast: bool | None,
+    fast_decoder: FastDecoder | None,
+) -> bool:
+    """Whether to decode with static caches and CUDA graphs.
+
+    ``fast=None`` (the default) picks it on CUDA when the attention kernel allows it (or when a
+    ``fast_decoder`` is passed); ``False`` keeps the eager reference loop; ``True`` insists and fails
+    with the reason when it cannot run.
+    """
+    if fast is False:
+        return False
+    if not use_cache:
+        if fast:
+            raise ValueError("fast decoding needs the KV cache; use_cache=False is the recomputation reference")
+        return False
+    reason = static_decode_supported(model)
+    if fast:
+        if reason is not None:
+            raise ValueError(f"fast decoding is not available: {reason}")
+        return True
+    if reason is not None:
+        if device.type == "cuda":
+            _log_eager_fallback(reason)
+        return False
+    return fast_decoder is not None or device.type == "cuda"
+
+
+@functools.cache
+def _log_eager_fallback(reason: str) -> None:
+    logger.info("generating with the eager decode loop: %s", reason)
 
 
 def pick_next_token(
@@ -53,6 +94,8 @@ def greedy_or_sample(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    fast: bool | None = None,
+    fast_decoder: FastDecoder | None = None,
 ) -> torch.Tensor:
     """Decode up to ``max_new_tokens`` tokens per prompt; see :meth:`DuetLlavaForCausalLM.generate`."""
     text_config = model.config.text_config
@@ -63,6 +106,18 @@ def greedy_or_sample(
         attention_mask = torch.ones_like(input_ids)
     batch = input_ids.shape[0]
     device = input_ids.device
+    if use_fast_path(model, input_ids.device, use_cache, fast, fast_decoder):
+        decoder = fast_decoder if fast_decoder is not None else FastDecoder(model)
+        return decoder.generate(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            pixel_values_videos,
+            max_new_tokens,
+            lambda logits: pick_next_token(logits, do_sample, temperature, top_p, generator),
+            eos_ids,
+            pad_token_id,
+        )
     eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []

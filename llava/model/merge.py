@@ -28,6 +28,16 @@ def detect_left_padding(attention_mask: torch.Tensor) -> bool:
     return bool(attention_mask[:, -1].all()) and not bool(attention_mask[:, 0].all())
 
 
+def slot_positions(is_slot: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of the ``num_slots`` True entries of ``is_slot``, in row-major order.
+
+    Like ``nonzero`` but with the count given, so nothing is read back from the device.
+    """
+    length = is_slot.shape[1]
+    flat = torch.argsort((~is_slot).reshape(-1).to(torch.int8), stable=True)[:num_slots]
+    return flat // length, flat % length
+
+
 def merge_visual_tokens(
     input_ids: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -37,6 +47,8 @@ def merge_visual_tokens(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     left_padding: bool | None = None,
+    num_slots: int | None = None,
+    new_length: int | None = None,
 ) -> MergedInputs:
     """Replace each visual slot (an image or a video sentinel) by that segment's visual tokens.
 
@@ -49,66 +61,68 @@ def merge_visual_tokens(
         slot_token_ids: the sentinel id(s) that mark a slot (image and video ids).
         left_padding: align the expanded rows to the right (generation). ``None`` infers it from
             ``attention_mask``.
+        num_slots, new_length: the number of slots and the merged length, when the caller knows them on
+            the host; then nothing is read back from the device (no synchronisation on a GPU) and the
+            counts are trusted. Otherwise they are read and checked.
     """
-    batch = input_ids.shape[0]
+    batch, length = input_ids.shape
     device = input_ids.device
     slot_ids = torch.as_tensor(slot_token_ids, dtype=input_ids.dtype, device=device).reshape(-1)
     is_slot = torch.isin(input_ids, slot_ids)
-    num_slots = int(is_slot.sum())
-    if num_slots != visual_counts.numel():
+    counts = visual_counts.to(device=device, dtype=torch.long)
+    total_visual = visual_embeds.shape[0]
+    if num_slots is None:
+        num_slots = int(is_slot.sum())
+        if num_slots == counts.numel() and int(counts.sum()) != total_visual:
+            raise ValueError(f"visual_counts sum to {int(counts.sum())} but visual_embeds has {total_visual} rows")
+    if num_slots != counts.numel():
         per_sample = is_slot.sum(dim=1).tolist()
         raise ValueError(
             f"input_ids hold {num_slots} visual slots (per sample: {per_sample}) but "
-            f"{visual_counts.numel()} images/videos were given"
-        )
-    if int(visual_counts.sum()) != visual_embeds.shape[0]:
-        raise ValueError(
-            f"visual_counts sum to {int(visual_counts.sum())} but visual_embeds has {visual_embeds.shape[0]} rows"
+            f"{counts.numel()} images/videos were given"
         )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if left_padding is None:
         left_padding = detect_left_padding(attention_mask)
 
-    tokens_per_slot = torch.ones_like(input_ids)
-    tokens_per_slot[is_slot] = visual_counts.to(device=device, dtype=tokens_per_slot.dtype)
+    tokens_per_slot = torch.ones_like(input_ids).masked_scatter(is_slot, counts)
     new_lengths = tokens_per_slot.sum(dim=1)
-    new_length = int(new_lengths.max())
+    if new_length is None:
+        new_length = int(new_lengths.max()) if batch else 0
     start = tokens_per_slot.cumsum(dim=1) - tokens_per_slot
     if left_padding:
         start = start + (new_length - new_lengths).unsqueeze(1)
 
-    is_text = ~is_slot
-    text_rows, text_cols = is_text.nonzero(as_tuple=True)
-    text_dest = start[text_rows, text_cols]
+    # Every source position gets a distinct destination column; slots go to spare columns past the end,
+    # which are cut off, so the index puts below never see duplicate indices and never read back sizes.
+    columns = torch.arange(length, device=device)
+    text_dest = torch.where(is_slot, new_length + columns, start)
+    rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
+    width = new_length + length
 
-    slot_rows, slot_cols = is_slot.nonzero(as_tuple=True)
-    counts = visual_counts.to(device)
-    first_token_of_image = counts.cumsum(0) - counts
-    visual_rows = slot_rows.repeat_interleave(counts)
-    offset_in_image = torch.arange(visual_embeds.shape[0], device=device) - first_token_of_image.repeat_interleave(
-        counts
+    slot_rows, slot_cols = slot_positions(is_slot, num_slots)
+    visual_rows = slot_rows.repeat_interleave(counts, output_size=total_visual)
+    first_token_of_segment = counts.cumsum(0) - counts
+    offset_in_segment = torch.arange(total_visual, device=device) - first_token_of_segment.repeat_interleave(
+        counts, output_size=total_visual
     )
-    visual_dest = start[slot_rows, slot_cols].repeat_interleave(counts) + offset_in_image
+    visual_dest = start[slot_rows, slot_cols].repeat_interleave(counts, output_size=total_visual) + offset_in_segment
 
-    hidden = text_embeds.shape[-1]
-    embeds = text_embeds.new_zeros(batch, new_length, hidden)
-    embeds = embeds.index_put((text_rows, text_dest), text_embeds[text_rows, text_cols])
-    embeds = embeds.index_put((visual_rows, visual_dest), visual_embeds.to(embeds.dtype))
+    def spread(values: torch.Tensor, fill: int | float, visual_value: torch.Tensor | int | None) -> torch.Tensor:
+        merged = values.new_full((batch, width, *values.shape[2:]), fill)
+        merged = merged.index_put((rows, text_dest), values)
+        if visual_value is not None:
+            merged = merged.index_put(
+                (visual_rows, visual_dest), torch.as_tensor(visual_value, dtype=merged.dtype, device=device)
+            )
+        return merged[:, :new_length]
 
-    new_mask = attention_mask.new_zeros(batch, new_length)
-    new_mask[text_rows, text_dest] = attention_mask[text_rows, text_cols]
-    new_mask[visual_rows, visual_dest] = 1
-    visual_mask = torch.zeros(batch, new_length, dtype=torch.bool, device=device)
-    visual_mask[visual_rows, visual_dest] = True
-
-    new_labels = None
-    if labels is not None:
-        new_labels = labels.new_full((batch, new_length), IGNORE_INDEX)
-        new_labels[text_rows, text_dest] = labels[text_rows, text_cols]
-
-    token_ids = input_ids.new_full((batch, new_length), -1)
-    token_ids[text_rows, text_dest] = input_ids[text_rows, text_cols]
+    embeds = spread(text_embeds, 0, visual_embeds.to(text_embeds.dtype))
+    new_mask = spread(attention_mask, 0, 1)
+    visual_mask = spread(torch.zeros_like(is_slot), False, True)
+    new_labels = None if labels is None else spread(labels, IGNORE_INDEX, None)
+    token_ids = spread(input_ids, -1, None)
 
     position_ids = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
     return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels, token_ids)
@@ -120,15 +134,18 @@ def order_visual_segments(
     image_counts: torch.Tensor,
     video_embeds: torch.Tensor,
     video_counts: torch.Tensor,
+    num_videos: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Interleave image and video segments into slot order, with one gather (no per-segment loop).
 
     ``slot_is_video`` ``[num_slots]`` tells, in row-major slot order, which slots are videos; the
     k-th image slot takes the k-th image of ``image_embeds`` (``[sum(image_counts), D]``, images
     concatenated), the j-th video slot the j-th video. Returns ``(embeds, counts)`` in slot order,
-    ready for :func:`merge_visual_tokens`.
+    ready for :func:`merge_visual_tokens`. ``num_videos`` (the number of video slots, when known on the
+    host) avoids reading it back from the device.
     """
-    num_videos = int(slot_is_video.sum())
+    if num_videos is None:
+        num_videos = int(slot_is_video.sum())
     if num_videos != video_counts.numel() or slot_is_video.numel() - num_videos != image_counts.numel():
         raise ValueError(
             f"input_ids hold {slot_is_video.numel() - num_videos} image and {num_videos} video slots but "
@@ -148,9 +165,9 @@ def order_visual_segments(
     counts = torch.where(is_video, video_counts[video_rank.clamp(min=0)], image_counts[image_rank.clamp(min=0)])
     source_starts = torch.where(is_video, video_starts[video_rank.clamp(min=0)], image_starts[image_rank.clamp(min=0)])
     first_of_segment = counts.cumsum(0) - counts
-    total = int(counts.sum())
-    offset = torch.arange(total, device=counts.device) - first_of_segment.repeat_interleave(counts)
-    gather = source_starts.repeat_interleave(counts) + offset
+    total = image_embeds.shape[0] + video_embeds.shape[0]
+    offset = torch.arange(total, device=counts.device) - first_of_segment.repeat_interleave(counts, output_size=total)
+    gather = source_starts.repeat_interleave(counts, output_size=total) + offset
     return torch.cat([image_embeds, video_embeds.to(image_embeds.dtype)])[gather], counts
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, PreTrainedModel
 
 from llava.compression.t2v import Sequence, build_query_mask, content_token_table
@@ -17,9 +18,16 @@ from llava.constants import IGNORE_INDEX
 from llava.hf_adapter import Cache, ModelOutput
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
-from llava.model.merge import MergedInputs, detect_left_padding, merge_visual_tokens, order_visual_segments
+from llava.model.merge import (
+    MergedInputs,
+    detect_left_padding,
+    merge_visual_tokens,
+    order_visual_segments,
+    slot_positions,
+)
 from llava.model.projector import build_projector
 from llava.model.vision_tower import VisionTower
+from llava.utils.profiling import PROFILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -210,25 +218,48 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         image_slots = input_ids == image_id
         video_slots = input_ids == video_id
         is_slot = image_slots | video_slots
+        # The one read-back of the merge, before the towers run (the device is idle then): slots per row.
+        images_per_row, videos_per_row = torch.stack([image_slots.sum(dim=1), video_slots.sum(dim=1)]).tolist()
+        num_images, num_videos = sum(images_per_row), sum(videos_per_row)
         text_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_slot, 0))
-        images = self._encode_or_idle("image", image_slots, pixel_values, text_embeds)
-        videos = self._encode_or_idle("video", video_slots, pixel_values_videos, text_embeds)
-        visual_embeds, counts = order_visual_segments(input_ids[is_slot] == video_id, *images[:2], *videos[:2])
-        merged = merge_visual_tokens(
-            input_ids,
-            text_embeds,
-            visual_embeds,
-            counts,
-            (image_id, video_id),
-            attention_mask=attention_mask,
-            labels=labels,
-            left_padding=left_padding,
-        )
+        with record_function(PROFILE_REGIONS["vision"]):
+            images = self._encode_or_idle("image", num_images, pixel_values, text_embeds)
+            videos = self._encode_or_idle("video", num_videos, pixel_values_videos, text_embeds)
+        num_slots = num_images + num_videos
+        slot_rows, slot_cols = slot_positions(is_slot, num_slots)
+        slot_is_video = video_slots[slot_rows, slot_cols]
+        visual_embeds, counts = order_visual_segments(slot_is_video, *images[:2], *videos[:2], num_videos=num_videos)
+        new_length = None
+        if counts.numel() == num_slots:
+            # Every image (and every video) of a batch yields the same number of tokens, so the merged
+            # length follows from the slot counts per row.
+            image_tokens = images[0].shape[0] // num_images if num_images else 0
+            video_tokens = videos[0].shape[0] // num_videos if num_videos else 0
+            new_length = max(
+                (
+                    input_ids.shape[1] + images * (image_tokens - 1) + videos * (video_tokens - 1)
+                    for images, videos in zip(images_per_row, videos_per_row, strict=True)
+                ),
+                default=0,
+            )
+        with record_function(PROFILE_REGIONS["merge"]):
+            merged = merge_visual_tokens(
+                input_ids,
+                text_embeds,
+                visual_embeds,
+                counts,
+                (image_id, video_id),
+                attention_mask=attention_mask,
+                labels=labels,
+                left_padding=left_padding,
+                num_slots=num_slots if new_length is not None else None,
+                new_length=new_length,
+            )
         merged.v2v_time_s = images[2] + videos[2]
         return merged
 
     def _encode_or_idle(
-        self, kind: str, slots: torch.Tensor, pixels: torch.Tensor | None, text_embeds: torch.Tensor
+        self, kind: str, num_slots: int, pixels: torch.Tensor | None, text_embeds: torch.Tensor
     ) -> VisualParts:
         """Encode one modality, or return zero tokens when the batch has none of it.
 
@@ -237,8 +268,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         """
         if pixels is not None and pixels.shape[0] > 0:
             return self.encode_videos(pixels) if kind == "video" else self.encode_images(pixels)
-        if bool(slots.any()):
-            raise ValueError(f"input_ids hold {int(slots.sum())} {kind} slots but no {kind} pixels were given")
+        if num_slots:
+            raise ValueError(f"input_ids hold {num_slots} {kind} slots but no {kind} pixels were given")
         counts = torch.zeros(0, dtype=torch.long, device=text_embeds.device)
         has_tower = kind == "image" or self.video_tower is not None
         if has_tower and self.training and torch.is_grad_enabled():
@@ -322,7 +353,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             loss, num_label_tokens = self._loss(lm_head, result.hidden, result.sequence.labels, num_items_in_batch)
         else:
             kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
-            logits = lm_head(kept)
+            with record_function(PROFILE_REGIONS["lm_head"]):
+                logits = lm_head(kept)
         return DuetLlavaOutput(
             loss=loss,
             logits=logits,
@@ -395,12 +427,19 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        fast: bool | None = None,
+        fast_decoder: Any = None,
     ) -> torch.Tensor:
         """Greedy or sampled decoding for a batch of left-padded prompts.
 
         Returns the new tokens ``[B, <= max_new_tokens]``, padded with ``pad_token_id`` after
         each sample's EOS. ``use_cache=False`` recomputes the whole sequence at every step
         (slow; a reference for testing the cached path).
+
+        ``fast`` chooses the decode loop: static per-stage caches with a CUDA-graph decode step
+        (:mod:`llava.model.fast_generation`; the default on CUDA) or the eager loop (``False``; the
+        default on CPU). Pass a :class:`~llava.model.fast_generation.FastDecoder` as ``fast_decoder`` to
+        reuse its buffers and captured graphs across calls; without one each call captures anew.
         """
         from llava.model.generation import greedy_or_sample
 
@@ -418,6 +457,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             pad_token_id=pad_token_id,
             use_cache=use_cache,
             generator=generator,
+            fast=fast,
+            fast_decoder=fast_decoder,
         )
 
 

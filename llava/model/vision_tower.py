@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import CLIPVisionModel
 
 from llava.compression.v2v import VisualTokenMerger, build_merger
 from llava.hf_adapter import call_clip_layer
 from llava.model.config import DuetLlavaConfig
+from llava.utils.profiling import PROFILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +137,11 @@ class VisionTower(nn.Module):
         hidden = self.run_layers(pixel_values, self.num_layers - 1)
         feature_layer = self.vision_model.encoder.layers[self.num_layers - 1]
         began = time.perf_counter()
-        cls_attention, keys = cls_attention_and_keys(feature_layer, hidden)
+        with record_function(PROFILE_REGIONS["v2v"]):
+            cls_attention, keys = cls_attention_and_keys(feature_layer, hidden)
         scoring = time.perf_counter() - began
         features = call_clip_layer(feature_layer, hidden)
         began = time.perf_counter()
-        merged = self.merger(features, cls_attention, keys)
+        with record_function(PROFILE_REGIONS["v2v"]):
+            merged = self.merger(features, cls_attention, keys)
         return merged, scoring + time.perf_counter() - began

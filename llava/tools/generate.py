@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compression",
         help="visual-token compression preset or YAML (default: what the checkpoint was trained with; 'none' = off)",
     )
+    parser.add_argument(
+        "--fast-decoding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static per-stage KV caches and CUDA-graph decode steps (default: on CUDA with SDPA/eager attention)",
+    )
     args = parser.parse_args(argv)
     if args.requests and (args.image or args.video or args.prompt):
         parser.error("use either --requests or --image/--video/--prompt, not both")
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         vision_tower=args.vision_tower,
         compression=args.compression,
+        fast_decoding=args.fast_decoding,
     )
     show_bar = bool(args.requests)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,

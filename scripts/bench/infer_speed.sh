@@ -7,6 +7,7 @@
 #   SHAPE=small-video bash scripts/bench/infer_speed.sh               # one 8-frame video per prompt (CPU)
 #   DRY_RUN=1 bash scripts/bench/infer_speed.sh      # print the command instead of running it
 #   HF_BASELINE=1 bash scripts/bench/infer_speed.sh  # add transformers' LlavaForConditionalGeneration.generate rows
+#   DECODE_PATHS=fast bash scripts/bench/infer_speed.sh  # only the fast path (default: eager,fast, both timed)
 # SHAPE: tiny, small, llava-7b, llava-13b (images) or tiny-video, small-video, video-llava-7b (each
 # prompt one video of 8 frames x 257 tokens; tiny-video 2 x 17). Video shapes default to
 # PRESETS=none,duet_video_53,duet_video_93 and BATCH_SIZES=1,4.
@@ -49,6 +50,7 @@ CMD=("$PYTHON" -m llava.bench.infer_speed
     --new-tokens "$NEW_TOKENS"
     --repeats "$STEPS"
     --warmup "$WARMUP"
+    --decode-paths "${DECODE_PATHS:-eager,fast}"
     --out "$OUT")
 if [[ "${HF_BASELINE:-0}" == "1" ]]; then
     CMD+=(--hf-baseline)
