@@ -48,14 +48,13 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 __all__ = [
     "STATIC_DECODE_KERNELS",
     "Cache",
     "ModelOutput",
     "activation_checkpointing_requested",
-    "apply_rotary_pos_emb",
     "attn_implementation_of",
     "cache_kwarg_of",
     "call_clip_layer",
@@ -67,6 +66,7 @@ __all__ = [
     "enable_activation_checkpointing",
     "load_image_processor",
     "new_dynamic_cache",
+    "rotary_embed",
     "set_attn_implementation",
 ]
 
@@ -222,6 +222,12 @@ def decode_step_mask(config: PreTrainedConfig, attendable: torch.Tensor, dtype: 
     raise ValueError(
         f"static-cache decoding supports the {' and '.join(STATIC_DECODE_KERNELS)} attention kernels, not {kernel!r}"
     )
+
+
+def rotary_embed(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one ``[B, heads, L, head_dim]`` tensor with ``cos``/``sin`` ``[B, L, head_dim]``, LLaMA's
+    rotate-half convention (what ``apply_rotary_pos_emb`` does to q and to k, for one of them only)."""
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
 def new_dynamic_cache(config: PreTrainedConfig) -> Cache:

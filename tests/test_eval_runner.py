@@ -365,3 +365,27 @@ def test_torchrun_two_ranks_equal_one_process(checkpoint, image_playground, tmp_
     two = json.loads((folder / "result.json").read_text())
     assert (two["world_size"], two["num_scored"], two["complete"]) == (2, 5, True)
     assert two["score"] == one["score"] and answers_of(folder) == answers_of(tmp_path / "one" / "none" / "gqa")
+
+
+def test_fast_decoding_answers_equal_the_eager_loop_and_the_flag_reaches_the_pipeline(
+    pipeline, image_playground, checkpoint, tmp_path, monkeypatch
+):
+    benchmark = ToyBenchmark()
+    items = benchmark.load(image_playground, tmp_path)
+    pipeline.model.set_compression("duet_64")
+    try:
+        runner.generate_answers(pipeline, benchmark, items, tmp_path / "eager", batch_size=3, progress=False)
+        pipeline.fast_decoding = True
+        runner.generate_answers(pipeline, benchmark, items, tmp_path / "fast", batch_size=3, progress=False)
+        assert pipeline.fast_decoder() is not None and pipeline.fast_decoder().runners()
+    finally:
+        pipeline.fast_decoding = None
+        pipeline.model.set_compression("none")
+    assert answers_of(tmp_path / "fast") == answers_of(tmp_path / "eager")
+
+    seen = {}
+    monkeypatch.setattr(LlavaPipeline, "from_pretrained", lambda path, **kwargs: seen.update(kwargs))
+    for flag, expected in (("--fast-decoding", True), ("--no-fast-decoding", False), (None, None)):
+        argv = ["--model", str(checkpoint), "--benchmarks", "playground", "--out", str(tmp_path / "x")]
+        run_cli._load_pipeline(run_cli.parse_args([*argv, flag] if flag else argv))
+        assert seen["fast_decoding"] is expected

@@ -172,6 +172,9 @@ def test_cli_pairs_print_answers(model_dir: Path, images: list[str], capsys: pyt
     assert rc == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in printed] == ["[0", "[1"]
+    # The fast decode path (static caches; no CUDA graph on CPU) prints the same answers.
+    assert generate_cli.main([*argv, "--prompt", "Hi", "--max-new-tokens", "3", "--fast-decoding"]) == 0
+    assert capsys.readouterr().out.splitlines() == printed
 
 
 def test_requests_file_with_invalid_utf8_names_the_line(model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -184,7 +184,12 @@ def _saved_images(task_dir: Path, tmp_path: Path) -> list[str]:
 def test_generate_until_matches_pipeline_and_batch_size(checkpoint: Path, task_dir: Path, tmp_path: Path) -> None:
     by_batch = {}
     for batch_size in (1, 4):
-        model = DuetLlava(pretrained=str(checkpoint), batch_size=batch_size, device="cpu", max_new_tokens=6)
+        # Batch 4 on the fast decode path (as a --model_args string sets it): the answers must not change.
+        fast = "true" if batch_size == 4 else None
+        model = DuetLlava(
+            pretrained=str(checkpoint), batch_size=batch_size, device="cpu", max_new_tokens=6, fast_decoding=fast
+        )
+        assert (model.pipeline.fast_decoder() is not None) == (fast == "true")
         results = _evaluate(model, task_dir, "duet_yesno")
         answers = _responses(results, "duet_yesno")
         assert len(answers) == len(QUESTIONS)
@@ -249,6 +254,8 @@ def test_model_args_win_over_cli_batch_size(checkpoint: Path) -> None:
         f"pretrained={checkpoint},batch_size=4,device=cpu", {"batch_size": 1, "device": None, "max_batch_size": None}
     )
     assert model.batch_size == 4
+    with pytest.raises(ValueError, match="fast_decoding must be true or false"):
+        DuetLlava.create_from_arg_string(f"pretrained={checkpoint},device=cpu,fast_decoding=maybe")
 
 
 def test_truncate_at_stops_cuts_at_earliest() -> None:

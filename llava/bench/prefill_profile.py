@@ -54,7 +54,7 @@ TABLE_COLUMNS = (
     ("host_ms", "host ms"),
     ("device_ms", "device ms"),
     ("kernels", "kernels"),
-    ("ops", "aten ops"),
+    ("ops", "ops"),
     ("syncs", "host syncs"),
 )
 
@@ -81,8 +81,8 @@ def attribute(events: Sequence[Any], repeats: int) -> dict[str, dict[str, float]
         entry = totals[region]
         if event.cpu_parent is None or event.cpu_parent.name in REGION_OF_LABEL:
             entry["host_ms"] += event.cpu_time_total / 1000  # top-level op of its region (children included)
-        if event.name.startswith("aten::"):
-            entry["ops"] += 1
+        if event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
+            entry["ops"] += 1  # top-level aten ops (what Python dispatches), not their nested calls
         if event.name in SYNC_EVENTS:
             entry["syncs"] += 1
         for kernel in event.kernels:
@@ -148,7 +148,8 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 NOTES = (
     "Per prefill (mean over the profiled repeats). host ms: CPU time of the region's top-level ops (Python "
     "overhead between ops is not in any op, so regions sum to less than the wall time); device ms: time of the "
-    "kernels the region launched; host syncs: reads of device values (.item(), nonzero) and stream/device "
+    "kernels the region launched (CUDA only); ops: top-level aten ops the region dispatched (each is host "
+    "work; most launch a kernel); host syncs: reads of device values (.item(), nonzero) and stream/device "
     "synchronisations. Regions: vision = towers without V2V; v2v = V2V scoring and merging; merge = splicing "
     "visual tokens into the text; llm = decoder layers; t2v_scoring / t2v_compaction = T2V at the boundaries; "
     "other = embeddings, RoPE tables, masks, final norm. total: wall_ms is the unprofiled median.",

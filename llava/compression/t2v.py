@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llava.constants import IGNORE_INDEX
-from llava.hf_adapter import apply_rotary_pos_emb
+from llava.hf_adapter import rotary_embed
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +67,39 @@ class Sequence:
         """Keep the ``keep`` positions of every tensor, in order; pad rows to ``length``.
 
         ``length`` must be the largest number of kept positions of any row; when the caller knows it
-        (see :func:`compacted_lengths`) no host synchronisation happens here. Vectorised: one cumsum
+        (see :func:`compacted_extents`) no host synchronisation happens here. Vectorised: one cumsum
         gives every kept token its destination column, one scatter inverts that into a source column
-        per destination, and every tensor is gathered with one flat ``index_select``.
+        per destination, and the hidden states and the stacked integer fields are each gathered with one
+        flat ``index_select``.
         """
         batch, old_length = keep.shape
+        device = keep.device
         counts = keep.sum(dim=1)
         if length is None:
             length = int(counts.max()) if counts.numel() else 0
+        positions = torch.arange(old_length, device=device)
         dest = keep.long().cumsum(dim=1) - 1
         if left_align:
             dest = dest + (length - counts).unsqueeze(1)
-        dest = torch.where(keep, dest, length)  # dropped positions land in a spare column
-        positions = torch.arange(old_length, device=keep.device)
-        source = torch.full((batch, length + 1), -1, dtype=torch.long, device=keep.device)
+        # Dropped positions land in spare columns past the end (distinct ones: no duplicate indices).
+        dest = torch.where(keep, dest, length + positions)
+        source = torch.full((batch, length + old_length), -1, dtype=torch.long, device=device)
         source = source.scatter(1, dest, positions.expand(batch, old_length))[:, :length]
-        filled = source >= 0
-        flat_source = (source.clamp(min=0) + torch.arange(batch, device=keep.device).unsqueeze(1) * old_length).view(-1)
-        out = {}
-        for item in fields(self):
-            tensor = getattr(self, item.name)
-            if tensor is None:
-                out[item.name] = None
-                continue
-            rest = tensor.shape[2:]
-            picked = tensor.reshape(batch * old_length, *rest).index_select(0, flat_source)
-            picked = picked.view(batch, length, *rest)
-            fill = IGNORE_INDEX if item.name == "labels" else 0
-            keep_value = filled.view(batch, length, *([1] * len(rest)))
-            fill_value = torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device)
-            out[item.name] = torch.where(keep_value, picked, fill_value)
+        filled = (source >= 0).unsqueeze(-1)
+        flat_source = (source.clamp(min=0) + torch.arange(batch, device=device).unsqueeze(1) * old_length).view(-1)
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(batch * old_length, -1).index_select(0, flat_source).view(batch, length, -1)
+
+        # The per-token integer fields travel together: one gather and one fill for all of them.
+        names = [item.name for item in fields(self) if item.name != "hidden" and getattr(self, item.name) is not None]
+        stacked = torch.stack([getattr(self, name).long() for name in names], dim=-1)
+        fills = torch.tensor([IGNORE_INDEX if name == "labels" else 0 for name in names], device=device)
+        picked = torch.where(filled, gather(stacked), fills).unbind(-1)
+        out = {name: None for name in ("labels",)}
+        for name, values in zip(names, picked, strict=True):
+            out[name] = values.to(getattr(self, name).dtype)
+        out["hidden"] = torch.where(filled, gather(self.hidden), 0).view(batch, length, *self.hidden.shape[2:])
         compacted = Sequence(**out)
         if recompute_positions:
             compacted = replace(compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0))
@@ -207,8 +210,8 @@ def score_visual_tokens(
     q = attention.q_proj(query_hidden).view(batch, max_queries, -1, head_dim).transpose(1, 2)
     k = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     index = order.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, index), sin.gather(1, index))
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q = rotary_embed(q, cos.gather(1, index), sin.gather(1, index))
+    k = rotary_embed(k, cos, sin)
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
 
