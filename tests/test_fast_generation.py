@@ -165,6 +165,8 @@ def test_buffers_and_graph_shapes_are_reused_and_bounded():
     model.generate(ids[1:], mask[1:], pixels, fast=True, fast_decoder=decoder, max_new_tokens=4)
     model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, max_new_tokens=30, eos_token_id=[])
     assert len(decoder.runners()) <= 2
+    # Buffers are released with their graphs: at most the shapes of the runners held now remain.
+    assert decoder.cache.num_buffer_shapes <= 2 * len(model.language_model.model.layers)
     # Capacities are bucketed: a stage of L prompt tokens decoding N tokens holds bucketed(L + N - 1).
     lengths = [int(m.shape[1]) for m in model(ids, mask, pixels, use_cache=False).decode_state.attention_masks]
     assert decoder.cache.stage_capacities() == tuple(bucketed(length + 29, 16) for length in lengths)

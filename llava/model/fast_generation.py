@@ -111,13 +111,14 @@ class FastDecoder:
 
     def _runner_for(self, cache: StaticStageCache, batch: int, device: torch.device) -> _Runner:
         capacities = cache.stage_capacities()
-        key = (batch, capacities, device)
+        key = (batch, capacities, cache.dtype, device)
         runner = self._runners.get(key)
         if runner is not None:
             return runner
         if len(self._runners) >= self.max_shapes:
             logger.info("fast decoding: %d shapes held; releasing their buffers and graphs", len(self._runners))
             self._runners.clear()
+            cache.release_unused()
         stages = len(capacities)
         state = StaticDecodeState(
             stage_starts=self._cache_layout[0],

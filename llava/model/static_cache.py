@@ -114,6 +114,17 @@ class StaticStageCache:
         """Distinct buffer sets held (for memory accounting)."""
         return len(self._buffers)
 
+    def release_unused(self) -> None:
+        """Drop every buffer set the current batch does not use (graphs captured on them must go too)."""
+        in_use = {id(buffers[0]) for buffers in self._current if buffers is not None}
+        self._buffers = {key: buffers for key, buffers in self._buffers.items() if id(buffers[0]) in in_use}
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """Dtype of the current buffers (``None`` before a prefill)."""
+        first = self._current[0]
+        return None if first is None else first[0].dtype
+
     def clear(self) -> None:
         """Release every buffer (invalidates graphs captured on them)."""
         self._buffers.clear()
