@@ -22,7 +22,8 @@ Also relied on, without a call site here: decoder layers write their keys and va
 per-stage cache of :mod:`llava.model.static_cache` implements only that); the Trainer's ``_get_train_sampler`` hook
 (:class:`llava.training.trainer.LlavaTrainer`) and the module layout of LLaMA-style decoders
 (``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and
-CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``).
+CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``, ``layer_norm2``, ``mlp``; the attention takes an
+additive float mask).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ __all__ = [
     "activation_checkpointing_requested",
     "attn_implementation_of",
     "cache_kwarg_of",
+    "call_clip_attention",
     "call_clip_layer",
+    "call_clip_mlp",
     "call_decoder_layer",
     "causal_mask",
     "clip_image_processor_class",
@@ -154,6 +157,31 @@ def call_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """One CLIP encoder layer without a padding mask (every image has all its patches)."""
     output = layer(hidden, attention_mask=None)
     return output[0] if isinstance(output, tuple) else output
+
+
+def call_clip_attention(
+    layer: nn.Module, hidden: torch.Tensor, key_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of a CLIP encoder layer (pre-norm, attention, residual) and the block's keys.
+
+    ``key_bias`` ``[N, 1, 1, T]`` is added to the attention logits of every query (SDPA and eager take it
+    as the additive mask); DyMU uses it for proportional attention (``log`` of each token's size, ``-inf``
+    on empty slots). The keys (``k_proj`` output, ``[N, T, heads * head_dim]``) are caught by a forward
+    hook that lives for this call only, so nothing is computed twice.
+    """
+    captured: list[torch.Tensor] = []
+    handle = layer.self_attn.k_proj.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        output = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=key_bias)
+    finally:
+        handle.remove()
+    attended = output[0] if isinstance(output, tuple) else output
+    return hidden + attended, captured[0]
+
+
+def call_clip_mlp(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a CLIP encoder layer (pre-norm, MLP, residual)."""
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 def enable_activation_checkpointing(model: PreTrainedModel, **checkpoint_kwargs: Any) -> None:

@@ -1,9 +1,11 @@
 """Typed, validated configuration of DUET-VLM visual-token compression.
 
-A :class:`CompressionConfig` has up to two stages:
+A :class:`CompressionConfig` has up to two stages (Stage A by DUET's V2V or by DyMU's DToMe):
 
 * :class:`V2VConfig` (Stage A, vision tower): merge the CLIP patches into ``k1`` dominant tokens (CLS
   included) and ``k2`` contextual tokens, with DUET's pooled anchors or VisionZip's positional ones.
+* :class:`DyMUConfig` (Stage A alternative): DyMU's threshold-driven merging in every tower block; the
+  number of tokens per image follows the image.
 * :class:`T2VConfig` (Stage B, LLM): at given fractions of the decoder depth keep only the most attended
   visual tokens, ``floor(ratio * N0)`` of them, ``N0`` being the visual count entering the LLM.
 
@@ -23,6 +25,7 @@ config saved in a model's ``config.json`` (``CompressionConfig.to_dict()``) neve
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -41,6 +44,7 @@ __all__ = [
     "V2V_METHODS",
     "CompressionConfig",
     "CompressionConfigError",
+    "DyMUConfig",
     "T2VConfig",
     "V2VConfig",
     "available_presets",
@@ -116,6 +120,52 @@ class V2VConfig:
     def num_tokens(self) -> int:
         """Visual tokens per image leaving the vision tower: ``k1 + k2``."""
         return self.dominant + self.contextual
+
+
+@dataclass(frozen=True)
+class DyMUConfig:
+    """Stage A alternative (vision tower): DyMU's dynamic merging (DToMe) in every encoder block run.
+
+    ``thresholds`` holds one cosine threshold per encoder layer the tower runs (23 for CLIP-L/14-336 read
+    at layer -2); an A token whose best key similarity exceeds it merges, so the token count follows the
+    image. ``thresholds_file`` names a JSON file written by ``python -m llava.compression.calibrate_dymu``
+    (absolute, or relative to the working directory); it is read when the config is loaded and the
+    thresholds are stored inline, so a checkpoint's ``config.json`` needs no file.
+    """
+
+    thresholds: tuple[float, ...] = ()
+    thresholds_file: str | None = None
+
+    def __post_init__(self) -> None:
+        thresholds = self.thresholds
+        if not thresholds and self.thresholds_file:
+            thresholds = _read_thresholds(self.thresholds_file)
+        if not isinstance(thresholds, (list, tuple)) or not thresholds:
+            raise CompressionConfigError(
+                "dymu needs thresholds: a list with one value per vision-tower layer, or thresholds_file (make one "
+                "with `python -m llava.compression.calibrate_dymu`)"
+            )
+        if not all(_is_number(value) and 0.0 <= value <= 1.0 for value in thresholds):
+            raise CompressionConfigError(f"dymu.thresholds are cosine thresholds in [0, 1], got {list(thresholds)}")
+        object.__setattr__(self, "thresholds", tuple(float(value) for value in thresholds))
+        object.__setattr__(self, "thresholds_file", None)
+
+
+def _read_thresholds(path_text: str) -> list[float]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise CompressionConfigError(
+            f"dymu.thresholds_file {path_text!r} does not exist (looked at {path.resolve()}); calibrate one with "
+            "`python -m llava.compression.calibrate_dymu --vision_tower ... --data_path ... --image_folder ... "
+            f"--target low --out {path_text}`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CompressionConfigError(f"dymu.thresholds_file {path_text!r} is not valid JSON: {error}") from None
+    if not isinstance(data, Mapping) or "thresholds" not in data:
+        raise CompressionConfigError(f"dymu.thresholds_file {path_text!r} has no 'thresholds' list")
+    return data["thresholds"]
 
 
 @dataclass(frozen=True)
@@ -233,6 +283,7 @@ class CompressionConfig:
     name: str = "none"
     v2v: V2VConfig | None = None
     t2v: T2VConfig | None = field(default=None)
+    dymu: DyMUConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -241,11 +292,15 @@ class CompressionConfig:
             raise CompressionConfigError(f"v2v must be a V2VConfig or None, got {type(self.v2v).__name__}")
         if self.t2v is not None and not isinstance(self.t2v, T2VConfig):
             raise CompressionConfigError(f"t2v must be a T2VConfig or None, got {type(self.t2v).__name__}")
+        if self.dymu is not None and not isinstance(self.dymu, DyMUConfig):
+            raise CompressionConfigError(f"dymu must be a DyMUConfig or None, got {type(self.dymu).__name__}")
+        if self.dymu is not None and self.v2v is not None:
+            raise CompressionConfigError("v2v and dymu both reduce tokens in the vision tower: configure one of them")
 
     @property
     def enabled(self) -> bool:
         """Whether any stage reduces visual tokens."""
-        return self.v2v is not None or self.t2v is not None
+        return self.v2v is not None or self.t2v is not None or self.dymu is not None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML data (lists, not tuples), the inverse of :meth:`from_dict`; stored in config.json."""
@@ -260,6 +315,7 @@ class CompressionConfig:
                 "query": self.t2v.query,
                 "position_mode": self.t2v.position_mode,
             },
+            **({} if self.dymu is None else {"dymu": {"thresholds": list(self.dymu.thresholds)}}),
         }
 
     @classmethod
@@ -283,9 +339,13 @@ def _check_keys(data: Any, allowed: tuple[str, ...], required: tuple[str, ...], 
 
 
 def _from_dict(data: Any) -> CompressionConfig:
-    _check_keys(data, ("name", "v2v", "t2v"), (), "the top level")
+    _check_keys(data, ("name", "v2v", "t2v", "dymu"), (), "the top level")
     v2v = data.get("v2v")
     t2v = data.get("t2v")
+    dymu = data.get("dymu")
+    if dymu is not None:
+        _check_keys(dymu, ("thresholds", "thresholds_file"), (), "dymu")
+        dymu = DyMUConfig(**dymu)
     if v2v is not None:
         names = tuple(f.name for f in fields(V2VConfig))
         _check_keys(v2v, names, ("method", "dominant", "contextual"), "v2v")
@@ -294,7 +354,7 @@ def _from_dict(data: Any) -> CompressionConfig:
         names = tuple(f.name for f in fields(T2VConfig))
         _check_keys(t2v, names, ("boundaries", "keep_ratios"), "t2v")
         t2v = T2VConfig(**t2v)
-    return CompressionConfig(name=data.get("name", "custom"), v2v=v2v, t2v=t2v)
+    return CompressionConfig(name=data.get("name", "custom"), v2v=v2v, t2v=t2v, dymu=dymu)
 
 
 def preset_dirs() -> list[Path]:

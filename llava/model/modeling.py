@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,38 @@ def _warn_salient_fallback() -> None:
     logger.warning("salient T2V queries need set_query_vocabulary(tokenizer); using 'instruction' queries")
 
 
-VisualParts = tuple[torch.Tensor, torch.Tensor, float]
-"""Visual tokens of several images or videos, concatenated ``[sum(counts), D]``, their ``counts`` and
-the seconds V2V took."""
+class VisualParts(NamedTuple):
+    """Visual tokens of several images or videos: concatenated ``[sum(counts), D]``, their ``counts`` on the
+    device and on the host (so the merge needs no read-back), and the host seconds V2V/DToMe took."""
+
+    embeds: torch.Tensor
+    counts: torch.Tensor
+    seconds: float
+    host_counts: list[int]
+
+
+def merged_length(
+    length: int,
+    images_per_row: list[int],
+    videos_per_row: list[int],
+    image_counts: list[int],
+    video_counts: list[int],
+) -> int:
+    """Padded length after every slot of a ``length``-long batch is replaced by its segment's tokens.
+
+    Images (videos) are numbered in row-major slot order, so row ``r`` holds the next
+    ``images_per_row[r]`` image counts and the next ``videos_per_row[r]`` video counts. Host arithmetic only.
+    """
+    longest = 0
+    next_image = next_video = 0
+    for images, videos in zip(images_per_row, videos_per_row, strict=True):
+        visual = sum(image_counts[next_image : next_image + images]) + sum(
+            video_counts[next_video : next_video + videos]
+        )
+        next_image += images
+        next_video += videos
+        longest = max(longest, length - images - videos + visual)
+    return longest
 
 
 class DuetLlavaPreTrainedModel(PreTrainedModel):
@@ -177,10 +206,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
     # ----- images and videos -----
     def encode_images(self, pixel_values: torch.Tensor) -> VisualParts:
         """Visual tokens of all images ``[num_images, 3, H, W]``, concatenated, with their counts."""
-        features, v2v_seconds = self.vision_tower.encode(pixel_values)
-        projected = self.projector(features.to(self._projector_dtype()))
-        counts = torch.full((projected.shape[0],), projected.shape[1], dtype=torch.long, device=projected.device)
-        return projected.reshape(-1, projected.shape[-1]), counts, v2v_seconds
+        return self._encode(self.vision_tower, pixel_values, frames_per_segment=1)
 
     def encode_videos(self, pixel_values_videos: torch.Tensor) -> VisualParts:
         """Visual tokens of all videos ``[num_videos, frames, 3, H, W]``: each video is one segment of
@@ -192,12 +218,36 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 "pixel_values_videos must be [num_videos, frames, 3, H, W], "
                 f"got shape {tuple(pixel_values_videos.shape)}"
             )
-        num_videos, num_frames = pixel_values_videos.shape[:2]
-        features, v2v_seconds = self.video_tower.encode(pixel_values_videos.flatten(0, 1))
-        projected = self.projector(features.to(self._projector_dtype()))
-        per_video = num_frames * projected.shape[1]
-        counts = torch.full((num_videos,), per_video, dtype=torch.long, device=projected.device)
-        return projected.reshape(-1, projected.shape[-1]), counts, v2v_seconds
+        num_frames = pixel_values_videos.shape[1]
+        return self._encode(self.video_tower, pixel_values_videos.flatten(0, 1), frames_per_segment=num_frames)
+
+    def _encode(self, tower: VisionTower, pixels: torch.Tensor, frames_per_segment: int) -> VisualParts:
+        """Tower, projector, and the tokens of each segment (an image, or a video's frames) concatenated."""
+        if tower.dymu_thresholds is None:
+            features, seconds = tower.encode(pixels)
+            projected = self.projector(features.to(self._projector_dtype()))
+            num_segments = projected.shape[0] // frames_per_segment
+            per_segment = frames_per_segment * projected.shape[1]
+            counts = torch.full((num_segments,), per_segment, dtype=torch.long, device=projected.device)
+            return VisualParts(
+                projected.reshape(-1, projected.shape[-1]), counts, seconds, [per_segment] * num_segments
+            )
+        # DyMU: every image (frame) keeps its own number of tokens; one read of the counts, then one gather.
+        features, frame_counts, seconds = tower.encode_dynamic(pixels)
+        host_frame_counts = frame_counts.tolist()
+        total = sum(host_frame_counts)
+        rows = torch.repeat_interleave(
+            torch.arange(len(host_frame_counts), device=pixels.device), frame_counts, output_size=total
+        )
+        starts = frame_counts.cumsum(0) - frame_counts
+        columns = torch.arange(total, device=pixels.device) - starts.repeat_interleave(frame_counts, output_size=total)
+        projected = self.projector(features[rows, columns].to(self._projector_dtype()))
+        host_counts = [
+            sum(host_frame_counts[start : start + frames_per_segment])
+            for start in range(0, len(host_frame_counts), frames_per_segment)
+        ]
+        counts = torch.tensor(host_counts, dtype=torch.long).to(projected.device, non_blocking=True)
+        return VisualParts(projected, counts, seconds, host_counts)
 
     def _projector_dtype(self) -> torch.dtype:
         for parameter in self.projector.parameters():
@@ -230,17 +280,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         slot_is_video = video_slots[slot_rows, slot_cols]
         visual_embeds, counts = order_visual_segments(slot_is_video, *images[:2], *videos[:2], num_videos=num_videos)
         new_length = None
-        if counts.numel() == num_slots:
-            # Every image (and every video) of a batch yields the same number of tokens, so the merged
-            # length follows from the slot counts per row.
-            image_tokens = images[0].shape[0] // num_images if num_images else 0
-            video_tokens = videos[0].shape[0] // num_videos if num_videos else 0
-            new_length = max(
-                (
-                    input_ids.shape[1] + images * (image_tokens - 1) + videos * (video_tokens - 1)
-                    for images, videos in zip(images_per_row, videos_per_row, strict=True)
-                ),
-                default=0,
+        if len(images.host_counts) == num_images and len(videos.host_counts) == num_videos:
+            # The merged length follows on the host from the slots per row and the tokens per segment.
+            new_length = merged_length(
+                input_ids.shape[1], images_per_row, videos_per_row, images.host_counts, videos.host_counts
             )
         with record_function(PROFILE_REGIONS["merge"]):
             merged = merge_visual_tokens(
@@ -255,7 +298,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 num_slots=num_slots if new_length is not None else None,
                 new_length=new_length,
             )
-        merged.v2v_time_s = images[2] + videos[2]
+        merged.v2v_time_s = images.seconds + videos.seconds
         return merged
 
     def _encode_or_idle(
@@ -273,8 +316,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         counts = torch.zeros(0, dtype=torch.long, device=text_embeds.device)
         has_tower = kind == "image" or self.video_tower is not None
         if has_tower and self.training and torch.is_grad_enabled():
-            return self._idle_visual_tokens(kind, text_embeds.device), counts, 0.0
-        return text_embeds.new_zeros(0, text_embeds.shape[-1]), counts, 0.0
+            return VisualParts(self._idle_visual_tokens(kind, text_embeds.device), counts, 0.0, [])
+        return VisualParts(text_embeds.new_zeros(0, text_embeds.shape[-1]), counts, 0.0, [])
 
     # ----- forward -----
     def forward(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 from torch.profiler import record_function
 from transformers import CLIPVisionModel
 
+from llava.compression.dtome import MergeState, head_mean_keys, merge_above
 from llava.compression.v2v import VisualTokenMerger, build_merger
-from llava.hf_adapter import call_clip_layer
+from llava.hf_adapter import attn_implementation_of, call_clip_attention, call_clip_layer, call_clip_mlp
 from llava.model.config import DuetLlavaConfig
 from llava.utils.profiling import PROFILE_REGIONS
 
@@ -39,6 +41,21 @@ def layers_to_run(num_hidden_layers: int, feature_layer: int) -> int:
     return index
 
 
+def _compression_settings(compression: Any) -> Any:
+    if compression is None or (isinstance(compression, str) and compression.lower() == "none"):
+        return None
+    from llava.compression.config import load_compression
+
+    return load_compression(compression)
+
+
+def build_dymu_thresholds(compression: Any) -> tuple[float, ...] | None:
+    """DyMU's per-layer thresholds from a model config's ``compression`` field, or ``None`` without DyMU."""
+    settings = _compression_settings(compression)
+    dymu = getattr(settings, "dymu", None) if settings is not None else None
+    return None if dymu is None else dymu.thresholds
+
+
 def build_tower_merger(compression: Any) -> VisualTokenMerger | None:
     """The V2V merger described by a model config's ``compression`` field, or ``None`` without V2V.
 
@@ -46,11 +63,7 @@ def build_tower_merger(compression: Any) -> VisualTokenMerger | None:
     :func:`llava.compression.config.load_compression` (imported here, so models without compression
     never depend on it).
     """
-    if compression is None or (isinstance(compression, str) and compression.lower() == "none"):
-        return None
-    from llava.compression.config import load_compression
-
-    settings = load_compression(compression)
+    settings = _compression_settings(compression)
     v2v = getattr(settings, "v2v", None) if settings is not None else None
     return build_merger(v2v) if v2v is not None else None
 
@@ -98,8 +111,23 @@ class VisionTower(nn.Module):
         self.num_layers = layers_to_run(vision_config.num_hidden_layers, config.vision_feature_layer)
         self.keep_cls = strategy == "cls_patch"
         self.merger = build_tower_merger(getattr(config, "compression", None))
+        self.dymu_thresholds = build_dymu_thresholds(getattr(config, "compression", None))
         num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
-        if self.merger is None:
+        if self.dymu_thresholds is not None:
+            if len(self.dymu_thresholds) != self.num_layers:
+                raise ValueError(
+                    f"DyMU needs one threshold per vision-tower layer run: this tower runs {self.num_layers} layers "
+                    f"but the preset has {len(self.dymu_thresholds)} thresholds (calibrate them for this tower with "
+                    "`python -m llava.compression.calibrate_dymu`)"
+                )
+            kernel = attn_implementation_of(vision_config)
+            if kernel not in ("sdpa", "eager", None):
+                raise ValueError(
+                    f"DyMU's proportional attention needs the sdpa or eager kernel in the tower, not {kernel!r}"
+                )
+            # The most tokens an image can keep (nothing merged); the actual count follows the image.
+            self.num_output_tokens = num_patches + (1 if self.keep_cls else 0)
+        elif self.merger is None:
             self.num_output_tokens = num_patches + (1 if self.keep_cls else 0)
         else:
             if self.num_layers == 0:
@@ -130,7 +158,12 @@ class VisionTower(nn.Module):
         return self.encode(pixel_values)[0]
 
     def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Features plus the host seconds spent on V2V scoring and merging (0 without a merger)."""
+        """Features plus the host seconds spent on V2V scoring and merging (0 without a merger).
+
+        With DyMU use :meth:`encode_dynamic` (images keep different numbers of tokens).
+        """
+        if self.dymu_thresholds is not None:
+            raise RuntimeError("a DyMU tower yields a different token count per image: call encode_dynamic")
         if self.merger is None:
             hidden = self.run_layers(pixel_values, self.num_layers)
             return (hidden if self.keep_cls else hidden[:, 1:]), 0.0
@@ -145,3 +178,30 @@ class VisionTower(nn.Module):
         with record_function(PROFILE_REGIONS["v2v"]):
             merged = self.merger(features, cls_attention, keys)
         return merged, scoring + time.perf_counter() - began
+
+    def encode_dynamic(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """DyMU: ``(features [N, T, D], tokens per image [N], host seconds in DToMe)``.
+
+        Every block runs attention (with proportional attention from the second block on), then DToMe,
+        then its MLP. Each row's live tokens come first, in raster order of the first patch they cover
+        (CLS first); rows are padded to the longest. The thresholds are fixed: nothing here depends on
+        train or eval mode.
+        """
+        hidden = self.vision_model.embeddings(pixel_values.to(self.dtype))
+        state = MergeState.start(self.vision_model.pre_layrnorm(hidden))
+        seconds = 0.0
+        layers = self.vision_model.encoder.layers[: self.num_layers]
+        for layer, threshold in zip(layers, self.dymu_thresholds, strict=True):
+            hidden, keys = call_clip_attention(layer, state.hidden, state.attention_bias(state.hidden.dtype))
+            began = time.perf_counter()
+            with record_function(PROFILE_REGIONS["v2v"]):
+                state = merge_above(
+                    replace(state, hidden=hidden), head_mean_keys(keys, layer.self_attn.num_heads), threshold
+                )
+            seconds += time.perf_counter() - began
+            state = replace(state, hidden=call_clip_mlp(layer, state.hidden))
+        features, _ = state.raster_order()
+        counts = state.counts
+        if not self.keep_cls:
+            features, counts = features[:, 1:], counts - 1
+        return features, counts, seconds
