@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 from llava.compression.config import (
     CompressionConfig,
+    CompressionConfigError,
     T2VConfig,
     V2VConfig,
     available_presets,
@@ -71,6 +72,11 @@ def initial_visual_tokens(
         raise ValueError(f"num_patches must be positive, got {num_patches}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if config.dymu is not None:
+        raise ValueError(
+            f"compression {config.name!r}: DyMU keeps a different number of tokens per image; measure the mean and "
+            "spread on your data with `python -m llava.compression.calibrate_dymu --measure THRESHOLDS.json ...`"
+        )
     if config.v2v is None:
         return num_frames * (num_patches + int(cls_token))
     if config.v2v.num_tokens > num_patches + 1:
@@ -210,6 +216,20 @@ def _describe(
     per_frame = num_patches + int(cls_token)
     unit = f"{num_frames} frames x {per_frame} tokens" if num_frames > 1 else f"{per_frame} tokens per image"
     lines = [f"== {config.name} ({num_layers} layers, {unit})"]
+    if config.dymu is not None:
+        thresholds = config.dymu.thresholds
+        lines.append(
+            f"  DyMU DToMe: {len(thresholds)} tower layers, thresholds {min(thresholds):.3f}-{max(thresholds):.3f}; "
+            "tokens per image follow the image: `python -m llava.compression.calibrate_dymu --measure ...` reports "
+            "their mean and spread on a data set"
+        )
+        if config.t2v is not None:
+            t2v = config.t2v
+            lines.append(
+                f"  T2V boundaries {list(t2v.boundaries)} -> layers {list(t2v.boundary_layers(num_layers))}, "
+                f"keep ratios {list(t2v.stage_ratios(num_layers))} of each image's own N0"
+            )
+        return "\n".join(lines)
     if config.v2v is not None:
         v2v = config.v2v
         width = f", cluster_width {v2v.cluster_width}" if v2v.method == "duet" else ""
@@ -279,7 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not specs and not args.solve:
         parser.error("give --preset NAME, --all or --solve")
     for spec in specs:
-        print(_describe(load_compression(spec), args.num_layers, args.num_patches, args.num_frames, args.cls_token))
+        try:
+            config = load_compression(spec)
+        except CompressionConfigError as error:
+            if spec in args.preset:
+                raise
+            print(f"== {spec}: not loadable here ({error})")
+            continue
+        print(_describe(config, args.num_layers, args.num_patches, args.num_frames, args.cls_token))
     if args.solve:
         print("\n".join(_solved_presets(args.num_layers, args.num_patches)))
     return 0

@@ -157,7 +157,7 @@ def _read_thresholds(path_text: str) -> list[float]:
         raise CompressionConfigError(
             f"dymu.thresholds_file {path_text!r} does not exist (looked at {path.resolve()}); calibrate one with "
             "`python -m llava.compression.calibrate_dymu --vision_tower ... --data_path ... --image_folder ... "
-            f"--target low --out {path_text}`"
+            f"--target low|mid|high|TOKENS --out {path_text}`"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -196,7 +196,7 @@ def _decode(raw: bytes, path: str, line_number: int | None = None) -> str:
         raise DataError(f"{path}: line {line}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
-def _read_samples(path: str, skip_bad: bool) -> list[Any]:
+def read_samples(path: str, skip_bad: bool = False) -> list[Any]:
     """Parse a JSON list or JSONL file; malformed JSON or UTF-8 raises with file and line (and column).
 
     In skip mode a malformed JSONL line becomes a :class:`_MalformedLine` placeholder.
@@ -277,7 +277,7 @@ class LazySupervisedDataset(Dataset):
         skip_bad = self.data_args.skip_bad_samples
         for file_id, path in enumerate(self.files):
             file_problems: list[SampleProblem] = []
-            for index, raw in enumerate(_read_samples(path, skip_bad)):
+            for index, raw in enumerate(read_samples(path, skip_bad)):
                 sample_id = str(raw.get("id", index)) if isinstance(raw, dict) else str(index)
                 try:
                     if isinstance(raw, _MalformedLine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -187,21 +188,41 @@ class VisionTower(nn.Module):
         (CLS first); rows are padded to the longest. The thresholds are fixed: nothing here depends on
         train or eval mode.
         """
-        hidden = self.vision_model.embeddings(pixel_values.to(self.dtype))
-        state = MergeState.start(self.vision_model.pre_layrnorm(hidden))
-        seconds = 0.0
-        layers = self.vision_model.encoder.layers[: self.num_layers]
-        for layer, threshold in zip(layers, self.dymu_thresholds, strict=True):
-            hidden, keys = call_clip_attention(layer, state.hidden, state.attention_bias(state.hidden.dtype))
+        thresholds = self.dymu_thresholds
+        seconds = [0.0]
+
+        def merge(index: int, state: MergeState, keys: torch.Tensor) -> MergeState:
             began = time.perf_counter()
             with record_function(PROFILE_REGIONS["v2v"]):
-                state = merge_above(
-                    replace(state, hidden=hidden), head_mean_keys(keys, layer.self_attn.num_heads), threshold
-                )
-            seconds += time.perf_counter() - began
-            state = replace(state, hidden=call_clip_mlp(layer, state.hidden))
+                merged = merge_above(state, keys, thresholds[index])
+            seconds[0] += time.perf_counter() - began
+            return merged
+
+        state = run_dtome(self.vision_model, pixel_values, self.num_layers, merge)
         features, _ = state.raster_order()
         counts = state.counts
         if not self.keep_cls:
             features, counts = features[:, 1:], counts - 1
-        return features, counts, seconds
+        return features, counts, seconds[0]
+
+
+def run_dtome(
+    vision_model: CLIPVisionModel,
+    pixel_values: torch.Tensor,
+    num_layers: int,
+    merge: Callable[[int, MergeState, torch.Tensor], MergeState],
+) -> MergeState:
+    """The first ``num_layers`` CLIP blocks with DToMe between each block's attention and MLP.
+
+    ``merge(layer_index, state, keys)`` merges tokens given the block's head-averaged keys ``[N, T, d]``
+    (thresholds at inference, a fixed count per layer during calibration). Attention gets the
+    proportional-attention bias of the current token sizes; each block runs its own submodules.
+    """
+    dtype = vision_model.embeddings.patch_embedding.weight.dtype
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values.to(dtype)))
+    state = MergeState.start(hidden)
+    for index, layer in enumerate(vision_model.encoder.layers[:num_layers]):
+        attended, keys = call_clip_attention(layer, state.hidden, state.attention_bias(state.hidden.dtype))
+        state = merge(index, replace(state, hidden=attended), head_mean_keys(keys, layer.self_attn.num_heads))
+        state = replace(state, hidden=call_clip_mlp(layer, state.hidden))
+    return state
