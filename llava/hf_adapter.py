@@ -21,7 +21,8 @@ Also relied on, without a call site here: decoder layers write their keys and va
 ``cache.update(key_states, value_states, layer_idx, ...)`` and read the returned tensors (the static
 per-stage cache of :mod:`llava.model.static_cache` implements only that); the Trainer's ``_get_train_sampler`` hook
 (:class:`llava.training.trainer.LlavaTrainer`) and the module layout of LLaMA-style decoders
-(``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``self_attn.{q,k}_proj``, ``input_layernorm``) and
+(``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
+``post_attention_layernorm``, ``mlp``, the attention-function registry; see :func:`call_decoder_layer_on_groups`) and
 CLIP encoder layers (``self_attn.{q,k}_proj``, ``layer_norm1``, ``layer_norm2``, ``mlp``; the attention takes an
 additive float mask).
 """
@@ -49,7 +50,8 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 __all__ = [
     "STATIC_DECODE_KERNELS",
@@ -62,6 +64,7 @@ __all__ = [
     "call_clip_layer",
     "call_clip_mlp",
     "call_decoder_layer",
+    "call_decoder_layer_on_groups",
     "causal_mask",
     "clip_image_processor_class",
     "current_training_argv",
@@ -151,6 +154,54 @@ def call_decoder_layer(
         **{cache_kwarg_of(type(layer).forward): cache},
     )
     return output[0] if isinstance(output, tuple) else output
+
+
+def call_decoder_layer_on_groups(
+    layer: nn.Module,
+    unique: torch.Tensor,
+    groups: torch.Tensor,
+    group_sizes: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache: Cache | None,
+) -> torch.Tensor:
+    """A LLaMA-style decoder layer with DyMU's virtual token unmerging (VTU).
+
+    ``unique`` ``[B, U, D]`` holds one hidden state per group of positions that share a token; ``groups``
+    ``[B, N]`` names the group of each of the N sequence positions and ``group_sizes`` ``[B, U]`` counts
+    them. q, k and v are projected for the U unique tokens, copied out to the N positions, rotated at the
+    true positions and attended at full length (the layer's own kernel and mask; the full-length keys and
+    values go to the cache, so decoding afterwards is the ordinary path); the attention output is averaged
+    back per group, and ``o_proj`` and the MLP run on U tokens. Mirrors the layer's own forward (pre-norm,
+    attention, residual, post-norm, MLP, residual), module by module.
+    """
+    attention = layer.self_attn
+    batch = unique.shape[0]
+    positions = groups.shape[1]
+    head_dim = attention.head_dim
+
+    def expand(projected: torch.Tensor) -> torch.Tensor:
+        heads = projected.shape[-1] // head_dim
+        index = groups[:, :, None].expand(batch, positions, projected.shape[-1])
+        return projected.gather(1, index).view(batch, positions, heads, head_dim).transpose(1, 2)
+
+    normed = layer.input_layernorm(unique)
+    query = expand(attention.q_proj(normed))
+    key = expand(attention.k_proj(normed))
+    value = expand(attention.v_proj(normed))
+    cos, sin = position_embeddings
+    query, key = rotary_embed(query, cos, sin), rotary_embed(key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, attention.layer_idx)
+    kernel = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation_of(attention.config), eager_attention_forward)
+    attended, _ = kernel(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
+    attended = attended.reshape(batch, positions, -1)
+    sums = attended.new_zeros(batch, unique.shape[1], attended.shape[-1])
+    sums = sums.scatter_add(1, groups[:, :, None].expand_as(attended), attended)
+    averaged = sums / group_sizes.clamp(min=1).unsqueeze(-1).to(sums.dtype)
+    hidden = unique + attention.o_proj(averaged)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def call_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

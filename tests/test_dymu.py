@@ -13,7 +13,7 @@ from llava.compression import calibrate_dymu
 from llava.compression.config import CompressionConfig, CompressionConfigError, DyMUConfig, T2VConfig, V2VConfig
 from llava.compression.dtome import NO_MERGE, MergeState, apply_merges, best_matches, merge_above
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from llava.hf_adapter import call_clip_attention
+from llava.hf_adapter import call_clip_attention, call_decoder_layer_on_groups
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
 from tests.conftest import tiny_text_config, tiny_vision_config
@@ -43,7 +43,7 @@ def test_thresholds_of_one_merge_nothing_and_give_the_uncompressed_output():
     dymu = build(DyMUConfig((NO_MERGE,) * TOWER_LAYERS))
     dymu.load_state_dict(base.state_dict())
     ids, mask, pixels = mixed_batch()
-    _, counts, _ = dymu.vision_tower.encode_dynamic(pixels)
+    _, counts, _, _ = dymu.vision_tower.encode_dynamic(pixels)
     assert counts.tolist() == [16, 16, 16]
     torch.testing.assert_close(dymu(ids, mask, pixels).logits, base(ids, mask, pixels).logits, atol=1e-5, rtol=1e-5)
 
@@ -63,8 +63,10 @@ def test_merge_counts_and_position_map_on_a_hand_built_case():
     # Nothing above the threshold: nothing merges, the order becomes A then B.
     kept = merge_above(state, hidden, NO_MERGE)
     assert kept.counts.tolist() == [5] and kept.owner.tolist() == [[0, 3, 1, 4, 2]]
-    ordered, sizes = kept.raster_order()
-    assert torch.equal(ordered, hidden) and sizes.tolist() == [[1.0] * 5]
+    ordered, sizes, owner = kept.raster_order()
+    assert torch.equal(ordered, hidden) and sizes.tolist() == [[1.0] * 5] and owner.tolist() == [[0, 1, 2, 3, 4]]
+    _, merged_sizes, merged_owner = merged.raster_order()
+    assert merged_owner.tolist() == [[0, 1, 1, 2, 2]] and merged_sizes.tolist() == [[1.0, 2.0, 2.0, 0.0, 0.0]]
 
 
 def test_cls_never_merges_and_rows_merge_independently():
@@ -105,13 +107,14 @@ def test_a_batch_equals_its_images_alone_and_counts_follow_the_image():
     torch.manual_seed(3)
     plain = torch.zeros(1, 3, 56, 56)  # a flat image merges much more than noise
     pixels = torch.cat([torch.randn(2, 3, 56, 56), plain])
-    features, counts, _ = model.vision_tower.encode_dynamic(pixels)
+    features, counts, groups, _ = model.vision_tower.encode_dynamic(pixels)
     assert counts[2] < counts[0] and counts[2] < counts[1]
     for index in range(3):
-        alone, alone_count, _ = model.vision_tower.encode_dynamic(pixels[index : index + 1])
+        alone, alone_count, alone_groups, _ = model.vision_tower.encode_dynamic(pixels[index : index + 1])
         assert alone_count.item() == counts[index].item()
         live = int(counts[index])
         torch.testing.assert_close(features[index, :live], alone[0, :live], atol=1e-5, rtol=1e-5)
+        assert torch.equal(groups[index], alone_groups[0]) and int(groups[index].max()) == live - 1
 
 
 def test_tower_output_does_not_depend_on_train_mode():
@@ -190,3 +193,59 @@ def test_calibration_refuses_paths_outside_the_image_folder(tmp_path):
     assert calibrate_dymu.merges_per_layer("mid", 577, 23) == 16
     assert calibrate_dymu.merges_per_layer("high", 577, 23) == 8
     assert calibrate_dymu.reachable_tokens(577, 2, 242) < 577 // 3
+
+
+# ---------------------------------------------------------------- VTU: virtual token unmerging in the LLM
+
+
+def test_vtu_with_nothing_merged_equals_the_uncompressed_model():
+    base = build()
+    vtu = build(DyMUConfig((NO_MERGE,) * TOWER_LAYERS, vtu=True))
+    vtu.load_state_dict(base.state_dict())
+    ids, mask, pixels = mixed_batch()
+    torch.testing.assert_close(vtu(ids, mask, pixels).logits, base(ids, mask, pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_vtu_layer_on_duplicated_tokens_equals_the_full_layer_averaged_per_group():
+    """q/k/v of each unique token copied to its positions, attention at full length with RoPE at the true
+    positions: the same as the layer's own attention on the expanded sequence, averaged back per group."""
+    from transformers import LlamaModel
+
+    torch.manual_seed(5)
+    llm = LlamaModel(tiny_text_config()).eval()
+    layer = llm.layers[0]
+    unique = torch.randn(2, 3, 64)
+    groups = torch.tensor([[0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2]])
+    sizes = torch.zeros(2, 3).scatter_add(1, groups, torch.ones(2, 6))
+    full = unique.gather(1, groups.unsqueeze(-1).expand(-1, -1, 64))
+    embeddings = llm.rotary_emb(full, position_ids=torch.arange(6).expand(2, 6))
+    out = call_decoder_layer_on_groups(
+        layer, unique, groups, sizes, attention_mask=None, position_embeddings=embeddings, cache=None
+    )
+    attended, _ = layer.self_attn(layer.input_layernorm(full), attention_mask=None, position_embeddings=embeddings)
+    residual = full + attended
+    averaged = torch.zeros_like(unique).scatter_add(1, groups.unsqueeze(-1).expand(-1, -1, 64), residual)
+    averaged = averaged / sizes.unsqueeze(-1)
+    expected = averaged + layer.mlp(layer.post_attention_layernorm(averaged))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vtu_batches_generation_and_token_accounting():
+    model = build(DyMUConfig((0.2, 0.2), vtu=True))
+    plain = build(DyMUConfig((0.2, 0.2)))
+    ids, mask, pixels = mixed_batch()
+    out = model(ids, mask, pixels)
+    # Attention runs at full length (every patch position), the linear layers on the merged tokens.
+    assert out.logits.shape[1] == ids.shape[1] - 2 + 2 * 16  # the two-image row, at full length
+    assert out.visual_tokens_per_layer == plain(ids, mask, pixels).visual_tokens_per_layer
+    assert out.visual_tokens_per_layer[0] < 16
+    options = dict(max_new_tokens=6, eos_token_id=[])
+    cached = model.generate(ids, mask, pixels, fast=False, **options)
+    assert torch.equal(cached, model.generate(ids, mask, pixels, use_cache=False, **options))
+    assert torch.equal(cached, model.generate(ids, mask, pixels, fast=True, **options))
+    for row, images in enumerate([[], [0], [1, 2]]):
+        keep = mask[row].bool()
+        single = model.generate(ids[row : row + 1, keep], None, pixels[images] if images else None, **options)
+        assert torch.equal(single[0], cached[row])
+    with pytest.raises(CompressionConfigError, match="not combined"):
+        CompressionConfig("x", dymu=DyMUConfig((0.2, 0.2), vtu=True), t2v=T2VConfig((0.5,), (0.5,)))

@@ -133,7 +133,7 @@ def test_v2v_merges_each_frame_to_its_budget():
     model = video_model(compression)
     videos = torch.randn(2, FRAMES, 3, 56, 56)
     with torch.no_grad():
-        tokens, counts, _ = model.encode_videos(videos)
+        tokens, counts, *_ = model.encode_videos(videos)
         per_frame = model.video_tower(videos.flatten(0, 1))
     assert counts.tolist() == [FRAMES * 7, FRAMES * 7]
     assert tokens.shape[0] == 2 * FRAMES * 7

@@ -131,12 +131,19 @@ class DyMUConfig:
     image. ``thresholds_file`` names a JSON file written by ``python -m llava.compression.calibrate_dymu``
     (absolute, or relative to the working directory); it is read when the config is loaded and the
     thresholds are stored inline, so a checkpoint's ``config.json`` needs no file.
+
+    ``vtu``: DyMU's virtual token unmerging in the LLM. Every merged token is copied back to each position
+    it covers for attention (RoPE at the true positions, full-length attention and KV cache) while the
+    linear layers and the MLP run once per token. Without it the merged tokens enter the LLM packed.
     """
 
     thresholds: tuple[float, ...] = ()
     thresholds_file: str | None = None
+    vtu: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vtu, bool):
+            raise CompressionConfigError(f"dymu.vtu must be true or false, got {self.vtu!r}")
         thresholds = self.thresholds
         if not thresholds and self.thresholds_file:
             thresholds = _read_thresholds(self.thresholds_file)
@@ -296,6 +303,11 @@ class CompressionConfig:
             raise CompressionConfigError(f"dymu must be a DyMUConfig or None, got {type(self.dymu).__name__}")
         if self.dymu is not None and self.v2v is not None:
             raise CompressionConfigError("v2v and dymu both reduce tokens in the vision tower: configure one of them")
+        if self.dymu is not None and self.dymu.vtu and self.t2v is not None:
+            raise CompressionConfigError(
+                "dymu.vtu keeps the LLM sequence at full length while t2v drops positions from it: they are not "
+                "combined; use t2v with dymu's packed tokens (vtu: false)"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -315,7 +327,11 @@ class CompressionConfig:
                 "query": self.t2v.query,
                 "position_mode": self.t2v.position_mode,
             },
-            **({} if self.dymu is None else {"dymu": {"thresholds": list(self.dymu.thresholds)}}),
+            **(
+                {}
+                if self.dymu is None
+                else {"dymu": {"thresholds": list(self.dymu.thresholds), **({"vtu": True} if self.dymu.vtu else {})}}
+            ),
         }
 
     @classmethod
@@ -344,7 +360,7 @@ def _from_dict(data: Any) -> CompressionConfig:
     t2v = data.get("t2v")
     dymu = data.get("dymu")
     if dymu is not None:
-        _check_keys(dymu, ("thresholds", "thresholds_file"), (), "dymu")
+        _check_keys(dymu, ("thresholds", "thresholds_file", "vtu"), (), "dymu")
         dymu = DyMUConfig(**dymu)
     if v2v is not None:
         names = tuple(f.name for f in fields(V2VConfig))

@@ -51,16 +51,20 @@ class MergeState:
         """``[N, 1, 1, T]`` additive key bias: ``log(size)``, ``-inf`` on empty slots (proportional attention)."""
         return self.sizes.log().to(dtype)[:, None, None, :]
 
-    def raster_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def raster_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Live tokens sorted by the first original token each covers (CLS first, then patch raster order),
-        empty slots last: ``(hidden [N, T, D], sizes [N, T])``."""
+        empty slots last: ``(hidden [N, T, D], sizes [N, T], owner [N, T0])``, ``owner`` remapped to the new
+        slots (so slot ``j`` is the token that first appears at original position ``j``'s rank)."""
         num_images, num_tokens = self.sizes.shape
         first = torch.full((num_images, num_tokens), self.owner.shape[1], dtype=torch.long, device=self.owner.device)
         originals = torch.arange(self.owner.shape[1], device=self.owner.device).expand_as(self.owner)
         first = first.scatter_reduce(1, self.owner, originals, reduce="amin")
         order = first.argsort(dim=1, stable=True)
         hidden = self.hidden.gather(1, order.unsqueeze(-1).expand_as(self.hidden))
-        return hidden, self.sizes.gather(1, order)
+        new_slot = torch.empty_like(order).scatter_(
+            1, order, torch.arange(num_tokens, device=order.device).expand_as(order)
+        )
+        return hidden, self.sizes.gather(1, order), new_slot.gather(1, self.owner)
 
 
 def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:

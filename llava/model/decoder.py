@@ -22,7 +22,7 @@ from llava.compression.t2v import (
     keep_top_visual,
     score_visual_tokens,
 )
-from llava.hf_adapter import Cache, call_decoder_layer, causal_mask, decode_step_mask
+from llava.hf_adapter import Cache, call_decoder_layer, call_decoder_layer_on_groups, causal_mask, decode_step_mask
 from llava.utils.profiling import PROFILE_REGIONS
 
 POSITION_MODES = ("keep", "compact")
@@ -74,6 +74,40 @@ class DecodeState:
 
 
 @dataclass
+class TokenGroups:
+    """DyMU's virtual token unmerging: positions of the sequence that share one merged token.
+
+    ``starts`` ``[B, L]`` marks the first position of every group (a text or padding position is a group
+    of one); ``count`` is the number of groups of the row that has most (known on the host).
+    """
+
+    starts: torch.Tensor
+    count: int
+
+    def run(
+        self,
+        layers: list[nn.Module],
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """``layers`` on one hidden state per group (attention at full length), expanded back to ``[B, L, D]``."""
+        groups = self.starts.long().cumsum(dim=1) - 1
+        representatives = torch.argsort((~self.starts).to(torch.int8), dim=1, stable=True)[:, : self.count]
+        sizes = torch.zeros(groups.shape[0], self.count, device=groups.device).scatter_add(
+            1, groups, torch.ones_like(groups, dtype=torch.float)
+        )
+        width = hidden.shape[-1]
+        unique = hidden.gather(1, representatives.unsqueeze(-1).expand(-1, -1, width))
+        for layer in layers:
+            unique = call_decoder_layer_on_groups(
+                layer, unique, groups, sizes, attention_mask=mask, position_embeddings=position_embeddings, cache=cache
+            )
+        return unique.gather(1, groups.unsqueeze(-1).expand(-1, -1, width))
+
+
+@dataclass
 class DecoderResult:
     hidden: torch.Tensor
     sequence: Sequence
@@ -116,15 +150,19 @@ def run_decoder(
     use_cache: bool = False,
     left_align: bool = False,
     num_segments: int = 0,
+    groups: TokenGroups | None = None,
 ) -> DecoderResult:
     """Prefill/training pass over the whole sequence, dropping visual tokens at the plan's boundaries.
 
     ``left_align`` keeps rows right-aligned after a drop (left padding, for generation); training
     batches are right-padded. ``num_segments`` (images plus videos in the batch) turns the reported
     visual tokens per layer into a per-image/per-video count. Returns the final-normed hidden states and
-    the compacted sequence (its labels stay aligned with the hidden states).
+    the compacted sequence (its labels stay aligned with the hidden states). ``groups`` (DyMU's VTU, no
+    T2V boundaries) runs every layer once per group of positions that share a merged token.
     """
     plan = plan or StagePlan()
+    if groups is not None and plan.boundaries:
+        raise ValueError("virtual token unmerging keeps every position; it does not combine with T2V boundaries")
     starts = plan.stage_starts()
     num_layers = len(decoder.layers)
     initial_visual = sequence.visual_mask.sum(dim=1)
@@ -169,19 +207,26 @@ def run_decoder(
             decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free=padding_free[stage]
         )
         with record_function(PROFILE_REGIONS["llm"]):
-            hidden = _run_layers(
-                list(decoder.layers[start:end]),
-                sequence.hidden,
-                mask,
-                sequence.position_ids,
-                position_embeddings,
-                cache,
-                use_cache,
-            )
+            if groups is not None:
+                layer_cache = cache if use_cache else None
+                hidden = groups.run(
+                    list(decoder.layers[start:end]), sequence.hidden, mask, position_embeddings, layer_cache
+                )
+            else:
+                hidden = _run_layers(
+                    list(decoder.layers[start:end]),
+                    sequence.hidden,
+                    mask,
+                    sequence.position_ids,
+                    position_embeddings,
+                    cache,
+                    use_cache,
+                )
         sequence = replace(sequence, hidden=hidden)
         masks.append(sequence.attention_mask)
         next_positions.append(_next_positions(sequence))
-        visual_per_stage.append(sequence.visual_mask.sum())
+        visual_tokens = sequence.visual_mask if groups is None else sequence.visual_mask & groups.starts
+        visual_per_stage.append(visual_tokens.sum())  # with VTU: the distinct tokens the linear layers see
     ends = (*starts[1:], num_layers)
     visual_counts = (torch.stack(visual_per_stage).double() / per_segment).tolist()
     tokens_per_layer = [

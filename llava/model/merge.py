@@ -21,6 +21,8 @@ class MergedInputs:
     labels: torch.Tensor | None  # [B, L'] with IGNORE_INDEX on visual tokens and padding
     token_ids: torch.Tensor  # [B, L'] text token ids, -1 on visual tokens and added padding
     v2v_time_s: float = 0.0  # host seconds spent on V2V scoring and merging
+    group_starts: torch.Tensor | None = None  # [B, L'] bool, VTU only: first position of each token's group
+    num_groups: int | None = None  # VTU only: groups in the row that has most
 
 
 def detect_left_padding(attention_mask: torch.Tensor) -> bool:

@@ -17,7 +17,14 @@ from llava.compression.t2v import Sequence, build_query_mask, content_token_tabl
 from llava.constants import IGNORE_INDEX
 from llava.hf_adapter import Cache, ModelOutput
 from llava.model.config import DuetLlavaConfig
-from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
+from llava.model.decoder import (
+    DecodeState,
+    TokenGroups,
+    decoder_of,
+    run_decoder,
+    run_decoder_step,
+    stage_plan_from_config,
+)
 from llava.model.merge import (
     MergedInputs,
     detect_left_padding,
@@ -56,36 +63,42 @@ def _warn_salient_fallback() -> None:
 
 class VisualParts(NamedTuple):
     """Visual tokens of several images or videos: concatenated ``[sum(counts), D]``, their ``counts`` on the
-    device and on the host (so the merge needs no read-back), and the host seconds V2V/DToMe took."""
+    device and on the host (so the merge needs no read-back), and the host seconds V2V/DToMe took.
+
+    With DyMU's VTU the tokens are copied back to every position they cover (``counts`` are the full
+    counts); ``group_starts`` ``[sum(counts)]`` marks each token's first position and ``unique_counts`` the
+    distinct tokens per segment.
+    """
 
     embeds: torch.Tensor
     counts: torch.Tensor
     seconds: float
     host_counts: list[int]
+    group_starts: torch.Tensor | None = None
+    unique_counts: list[int] | None = None
 
 
-def merged_length(
+def merged_row_lengths(
     length: int,
     images_per_row: list[int],
     videos_per_row: list[int],
     image_counts: list[int],
     video_counts: list[int],
-) -> int:
-    """Padded length after every slot of a ``length``-long batch is replaced by its segment's tokens.
+) -> list[int]:
+    """Length of each row of a ``length``-long batch once every slot is replaced by its segment's tokens.
 
     Images (videos) are numbered in row-major slot order, so row ``r`` holds the next
     ``images_per_row[r]`` image counts and the next ``videos_per_row[r]`` video counts. Host arithmetic only.
     """
-    longest = 0
+    lengths = []
     next_image = next_video = 0
     for images, videos in zip(images_per_row, videos_per_row, strict=True):
-        visual = sum(image_counts[next_image : next_image + images]) + sum(
-            video_counts[next_video : next_video + videos]
-        )
+        image_tokens = sum(image_counts[next_image : next_image + images])
+        video_tokens = sum(video_counts[next_video : next_video + videos])
         next_image += images
         next_video += videos
-        longest = max(longest, length - images - videos + visual)
-    return longest
+        lengths.append(length - images - videos + image_tokens + video_tokens)
+    return lengths
 
 
 class DuetLlavaPreTrainedModel(PreTrainedModel):
@@ -233,7 +246,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 projected.reshape(-1, projected.shape[-1]), counts, seconds, [per_segment] * num_segments
             )
         # DyMU: every image (frame) keeps its own number of tokens; one read of the counts, then one gather.
-        features, frame_counts, seconds = tower.encode_dynamic(pixels)
+        features, frame_counts, groups, seconds = tower.encode_dynamic(pixels)
         host_frame_counts = frame_counts.tolist()
         total = sum(host_frame_counts)
         rows = torch.repeat_interleave(
@@ -246,8 +259,32 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             sum(host_frame_counts[start : start + frames_per_segment])
             for start in range(0, len(host_frame_counts), frames_per_segment)
         ]
+        if tower.virtual_unmerging:
+            return self._unmerged(projected, frame_counts, groups, frames_per_segment, seconds, host_counts)
         counts = torch.tensor(host_counts, dtype=torch.long).to(projected.device, non_blocking=True)
         return VisualParts(projected, counts, seconds, host_counts)
+
+    @staticmethod
+    def _unmerged(
+        projected: torch.Tensor,
+        frame_counts: torch.Tensor,
+        groups: torch.Tensor,
+        frames_per_segment: int,
+        seconds: float,
+        unique_counts: list[int],
+    ) -> VisualParts:
+        """VTU: every merged token copied back to each position it covers; each group's first position marked."""
+        frames, positions = groups.shape
+        starts = frame_counts.cumsum(0) - frame_counts
+        expanded = projected[(starts.unsqueeze(1) + groups).reshape(-1)]
+        first = torch.full_like(groups, positions).scatter_reduce(
+            1, groups, torch.arange(positions, device=groups.device).expand_as(groups), reduce="amin"
+        )
+        group_starts = (first.gather(1, groups) == torch.arange(positions, device=groups.device)).reshape(-1)
+        per_segment = frames_per_segment * positions
+        num_segments = frames // frames_per_segment
+        counts = torch.full((num_segments,), per_segment, dtype=torch.long, device=projected.device)
+        return VisualParts(expanded, counts, seconds, [per_segment] * num_segments, group_starts, unique_counts)
 
     def _projector_dtype(self) -> torch.dtype:
         for parameter in self.projector.parameters():
@@ -280,11 +317,13 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         slot_is_video = video_slots[slot_rows, slot_cols]
         visual_embeds, counts = order_visual_segments(slot_is_video, *images[:2], *videos[:2], num_videos=num_videos)
         new_length = None
+        row_lengths: list[int] = []
         if len(images.host_counts) == num_images and len(videos.host_counts) == num_videos:
             # The merged length follows on the host from the slots per row and the tokens per segment.
-            new_length = merged_length(
+            row_lengths = merged_row_lengths(
                 input_ids.shape[1], images_per_row, videos_per_row, images.host_counts, videos.host_counts
             )
+            new_length = max(row_lengths, default=0)
         with record_function(PROFILE_REGIONS["merge"]):
             merged = merge_visual_tokens(
                 input_ids,
@@ -299,7 +338,46 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
                 new_length=new_length,
             )
         merged.v2v_time_s = images.seconds + videos.seconds
+        if images.group_starts is not None or videos.group_starts is not None:
+            unique_row_lengths = merged_row_lengths(
+                input_ids.shape[1], images_per_row, videos_per_row, images.unique_counts or images.host_counts,
+                videos.unique_counts or videos.host_counts,
+            )  # fmt: skip
+            self._mark_groups(merged, images, videos, slot_is_video, row_lengths, unique_row_lengths)
         return merged
+
+    @staticmethod
+    def _mark_groups(
+        merged: MergedInputs,
+        images: VisualParts,
+        videos: VisualParts,
+        slot_is_video: torch.Tensor,
+        row_lengths: list[int],
+        unique_row_lengths: list[int],
+    ) -> None:
+        """VTU: mark the first position of every group (text and padding positions are groups of one) and
+        count the groups of the row that has most, on the host."""
+        flags = [
+            parts.group_starts
+            if parts.group_starts is not None
+            else torch.ones(parts.embeds.shape[0], dtype=torch.bool, device=parts.embeds.device)
+            for parts in (images, videos)
+        ]
+        ordered, _ = order_visual_segments(
+            slot_is_video,
+            flags[0].unsqueeze(1).float(),
+            images.counts,
+            flags[1].unsqueeze(1).float(),
+            videos.counts,
+            num_videos=len(videos.host_counts),
+        )
+        # The merge places visual tokens in row-major order, so the k-th visual position takes the k-th flag.
+        visual = merged.visual_mask
+        merged.group_starts = (~visual).masked_scatter(visual, ordered.squeeze(1).bool())
+        width = visual.shape[1]
+        merged.num_groups = max(
+            (width - full + unique for full, unique in zip(row_lengths, unique_row_lengths, strict=True)), default=0
+        )
 
     def _encode_or_idle(
         self, kind: str, num_slots: int, pixels: torch.Tensor | None, text_embeds: torch.Tensor
@@ -388,7 +466,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         num_segments = sum(
             0 if pixels is None else int(pixels.shape[0]) for pixels in (pixel_values, pixel_values_videos)
         )
-        result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments)
+        groups = None if merged.group_starts is None else TokenGroups(merged.group_starts, merged.num_groups)
+        result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments, groups)
 
         loss = logits = num_label_tokens = None
         lm_head = self.get_output_embeddings()

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -50,11 +50,10 @@ def _compression_settings(compression: Any) -> Any:
     return load_compression(compression)
 
 
-def build_dymu_thresholds(compression: Any) -> tuple[float, ...] | None:
-    """DyMU's per-layer thresholds from a model config's ``compression`` field, or ``None`` without DyMU."""
+def build_dymu(compression: Any) -> Any:
+    """The :class:`~llava.compression.config.DyMUConfig` of a model config's ``compression`` field, or ``None``."""
     settings = _compression_settings(compression)
-    dymu = getattr(settings, "dymu", None) if settings is not None else None
-    return None if dymu is None else dymu.thresholds
+    return getattr(settings, "dymu", None) if settings is not None else None
 
 
 def build_tower_merger(compression: Any) -> VisualTokenMerger | None:
@@ -89,6 +88,15 @@ def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torc
     return cls_attention, keys.float().mean(dim=1)
 
 
+class DynamicFeatures(NamedTuple):
+    """A DyMU tower's output for ``N`` images of ``P`` positions (patches, plus CLS when kept)."""
+
+    features: torch.Tensor  # [N, P, D]: each row's live tokens first, padded to P
+    counts: torch.Tensor  # [N]: live tokens per image
+    groups: torch.Tensor  # [N, P]: the token (row slot) that stands for each original position
+    seconds: float  # host seconds in DToMe
+
+
 class VisionTower(nn.Module):
     """Owns a ``CLIPVisionModel`` and returns LLaVA's image features (before the projector).
 
@@ -112,7 +120,9 @@ class VisionTower(nn.Module):
         self.num_layers = layers_to_run(vision_config.num_hidden_layers, config.vision_feature_layer)
         self.keep_cls = strategy == "cls_patch"
         self.merger = build_tower_merger(getattr(config, "compression", None))
-        self.dymu_thresholds = build_dymu_thresholds(getattr(config, "compression", None))
+        dymu = build_dymu(getattr(config, "compression", None))
+        self.dymu_thresholds = None if dymu is None else dymu.thresholds
+        self.virtual_unmerging = dymu is not None and dymu.vtu
         num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
         if self.dymu_thresholds is not None:
             if len(self.dymu_thresholds) != self.num_layers:
@@ -180,8 +190,8 @@ class VisionTower(nn.Module):
             merged = self.merger(features, cls_attention, keys)
         return merged, scoring + time.perf_counter() - began
 
-    def encode_dynamic(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """DyMU: ``(features [N, T, D], tokens per image [N], host seconds in DToMe)``.
+    def encode_dynamic(self, pixel_values: torch.Tensor) -> DynamicFeatures:
+        """DyMU's tokens per image, see :class:`DynamicFeatures`.
 
         Every block runs attention (with proportional attention from the second block on), then DToMe,
         then its MLP. Each row's live tokens come first, in raster order of the first patch they cover
@@ -199,11 +209,11 @@ class VisionTower(nn.Module):
             return merged
 
         state = run_dtome(self.vision_model, pixel_values, self.num_layers, merge)
-        features, _ = state.raster_order()
+        features, _, groups = state.raster_order()
         counts = state.counts
-        if not self.keep_cls:
-            features, counts = features[:, 1:], counts - 1
-        return features, counts, seconds[0]
+        if not self.keep_cls:  # CLS is slot 0 and never merges: drop it and shift the patches' slots
+            features, counts, groups = features[:, 1:], counts - 1, groups[:, 1:] - 1
+        return DynamicFeatures(features, counts, groups, seconds[0])
 
 
 def run_dtome(
