@@ -249,3 +249,38 @@ def test_vtu_batches_generation_and_token_accounting():
         assert torch.equal(single[0], cached[row])
     with pytest.raises(CompressionConfigError, match="not combined"):
         CompressionConfig("x", dymu=DyMUConfig((0.2, 0.2), vtu=True), t2v=T2VConfig((0.5,), (0.5,)))
+
+
+# ---------------------------------------------------------------- accounting, FLOP model, benchmarks
+
+
+def test_flop_model_counts_what_vtu_saves_and_benchmarks_take_dymu_presets(tmp_path):
+    from llava.bench import flops, infer_speed
+    from llava.compression.accounting import initial_visual_tokens
+
+    plain = CompressionConfig("plain", dymu=DyMUConfig((0.9,) * 23))
+    vtu = CompressionConfig("vtu", dymu=DyMUConfig((0.9,) * 23, vtu=True))
+    with pytest.raises(ValueError, match="calibrate_dymu --measure"):
+        initial_visual_tokens(plain, 576)
+    none = flops.prefill_flops("llava-7b", None, 1)
+    packed = flops.prefill_flops("llava-7b", plain, 1, dymu_tokens=88)
+    unmerged = flops.prefill_flops("llava-7b", vtu, 1, dymu_tokens=88)
+    # VTU: the same linear-layer savings, attention still over every patch position.
+    assert packed.total < unmerged.total < none.total
+    shape = flops.get_shape("llava-7b")
+    text = shape.text_tokens - shape.answer_tokens  # the prefill's prompt
+    extra_attention = 2.0 * shape.llm.hidden * ((text + 576) ** 2 - (text + 88) ** 2)
+    assert unmerged.forward["llm_layer_0"] - packed.forward["llm_layer_0"] == pytest.approx(extra_attention)
+
+    thresholds = tmp_path / "tiny.json"
+    thresholds.write_text(json.dumps({"thresholds": [0.2]}))  # the tiny shape's tower runs 1 layer
+    preset = tmp_path / "dymu_tiny.yaml"
+    preset.write_text(f"name: dymu_tiny\ndymu: {{thresholds_file: {thresholds}}}\n")
+    rows = infer_speed.main(
+        ["--shape", "tiny", "--presets", f"none,{preset}", "--batch-sizes", "2", "--prompt-tokens", "8",
+         "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--decode-paths", "eager", "--device", "cpu",
+         "--threads", "1", "--out", str(tmp_path / "infer.json")]
+    )  # fmt: skip
+    dymu_row = rows[1]
+    assert dymu_row["preset"] == "dymu_tiny"
+    assert 1 <= dymu_row["initial_visual_tokens"] < 16 and dymu_row["flops_ratio_vs_none"] < 1.0

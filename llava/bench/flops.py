@@ -22,7 +22,11 @@ Rules (a multiply-add counts as 2 FLOPs; every count is per sample times the bat
    T = P + 1 tokens (4 T^2 d). A video runs the video tower once per frame (F times; frames never attend
    to each other in the tower).
 5. Projector ``mlp{N}x_gelu`` (or ``linear``): its linears on the N0 tokens (after V2V on k1 + k2 only).
-6. V2V scoring (no grad): k_proj on T rows, q_proj on the CLS row, T scores (2 T d), and the cosine
+6. DyMU (``--dymu-tokens``, the measured mean per image): the LLM's linears on the merged tokens; with VTU
+   attention on every patch position (text + P), without it on the merged tokens; DToMe's A x B key cosines
+   in every tower layer run (the batched tower keeps its length, so the tower itself costs as much as
+   uncompressed).
+   V2V scoring (no grad): k_proj on T rows, q_proj on the CLS row, T scores (2 T d), and the cosine
    similarity of pool members to anchors on head-averaged keys (2 members anchors head_dim); per frame
    for a video (F times).
 7. T2V scoring at each boundary the model applies (no grad): q_proj on Q query rows, k_proj on all L rows
@@ -162,7 +166,11 @@ def _tower_forward(vision: VisionShape) -> float:
 
 
 def _v2v_scoring(vision: VisionShape, config: CompressionConfig) -> float:
-    """CLS-row attention at the feature layer plus cosine assignment of pool members to anchors."""
+    """CLS-row attention at the feature layer plus cosine assignment of pool members to anchors; DyMU:
+    the A x B key cosines in every layer run (the batched tower keeps its length, so every layer counts T)."""
+    if config.dymu is not None:
+        tokens = vision.num_patches + 1
+        return vision.layers_run * 2.0 * (tokens // 2 + 1) * (tokens // 2) * (vision.hidden // vision.heads)
     v2v = config.v2v
     if v2v is None:
         return 0.0
@@ -213,10 +221,14 @@ def _llm_linears(llm: LLMShape) -> list[tuple[int, int]]:
     return [(d, d), (d, kv), (d, kv), (d, d), (d, llm.intermediate), (d, llm.intermediate), (llm.intermediate, d)]
 
 
-def _llm_layer(llm: LLMShape, tokens: int, lora_r: int) -> tuple[float, float, float]:
-    """Forward ``(linears, causal attention, LoRA adapters)`` of one decoder layer on ``tokens`` tokens."""
+def _llm_layer(
+    llm: LLMShape, tokens: float, lora_r: int, attention_tokens: float | None = None
+) -> tuple[float, float, float]:
+    """Forward ``(linears, causal attention, LoRA adapters)`` of one decoder layer on ``tokens`` tokens;
+    ``attention_tokens`` (DyMU's VTU: every position) when attention runs on more tokens than the linears."""
     linears = sum(linear_flops(tokens, d_in, d_out) for d_in, d_out in _llm_linears(llm))
-    attention = 2.0 * tokens * tokens * llm.hidden
+    span = tokens if attention_tokens is None else attention_tokens
+    attention = 2.0 * span * span * llm.hidden
     lora = sum(2.0 * tokens * lora_r * (d_in + d_out) for d_in, d_out in _llm_linears(llm))
     return linears, attention, lora
 
@@ -258,13 +270,17 @@ def _step(
     stage: str | None,
     gradient_checkpointing: bool,
     lora_r: int,
+    dymu_tokens: float | None = None,
 ) -> FlopBreakdown:
     """Forward (and, for a training ``stage``, backward) FLOPs of a batch; ``stage=None`` is inference."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     llm = shape.llm
-    visual = shape.visual_tokens_per_layer(config)
+    visual = shape.visual_tokens_per_layer(config, measured=dymu_tokens)
     n0 = visual[0]
+    # DyMU's VTU: the linear layers see the merged tokens, attention every position.
+    vtu = config.dymu is not None and config.dymu.vtu
+    attention_visual = shape.uncompressed_visual_tokens if vtu else None
     rank = lora_r if stage == "lora" else 0
     linear_x, attention_x, lora_x, head_x = _BACKWARD[stage] if stage is not None else (0, 0, 0, 0)
 
@@ -279,7 +295,8 @@ def _step(
         forward["idle_image"] = backward["idle_image"] = 0.0
     layers_forward = 0.0
     for index, count in enumerate(visual):
-        linears, attention, lora = _llm_layer(llm, text + count, rank)
+        span = None if attention_visual is None else text + attention_visual
+        linears, attention, lora = _llm_layer(llm, text + count, rank, span)
         forward[f"llm_layer_{index}"] = linears + attention + lora
         backward[f"llm_layer_{index}"] = linear_x * linears + attention_x * attention + lora_x * lora
         layers_forward += linears + attention + lora
@@ -307,11 +324,13 @@ def training_step_flops(
     batch_size: int,
     gradient_checkpointing: bool = True,
     lora_r: int = 128,
+    dymu_tokens: float | None = None,
 ) -> FlopBreakdown:
     """FLOPs of one training step (forward + backward, optimizer excluded) of ``batch_size`` samples.
 
     ``stage`` is ``pretrain`` (projector only), ``finetune`` (projector + LLM) or ``lora`` (projector +
-    rank-``lora_r`` adapters); ``compression`` is a preset name, YAML path, config or ``None``.
+    rank-``lora_r`` adapters); ``compression`` is a preset name, YAML path, config or ``None``. A DyMU
+    preset needs ``dymu_tokens``, the measured mean tokens per image (``calibrate_dymu --measure``).
     """
     shape = get_shape(shape)
     _check_stage(stage)
@@ -321,8 +340,9 @@ def training_step_flops(
     else:
         text = shape.text_tokens
         queries = 1 if config.t2v is None or config.t2v.query == "last" else max(1, text - shape.answer_tokens)
+    head_tokens = supervised_tokens(shape, stage)
     return _step(
-        shape, config, batch_size, text, supervised_tokens(shape, stage), queries, stage, gradient_checkpointing, lora_r
+        shape, config, batch_size, text, head_tokens, queries, stage, gradient_checkpointing, lora_r, dymu_tokens
     )
 
 
@@ -331,16 +351,18 @@ def prefill_flops(
     compression: CompressionConfig | str | None,
     batch_size: int,
     prompt_tokens: int | None = None,
+    dymu_tokens: float | None = None,
 ) -> FlopBreakdown:
     """Forward FLOPs of an inference prefill: image + ``prompt_tokens`` text tokens per sample (default:
-    ``text_tokens - answer_tokens``), logits for the last token only. ``backward`` is all zeros."""
+    ``text_tokens - answer_tokens``), logits for the last token only. ``backward`` is all zeros.
+    ``dymu_tokens``: see :func:`training_step_flops`."""
     shape = get_shape(shape)
     config = load_compression(compression)
     text = shape.text_tokens - shape.answer_tokens if prompt_tokens is None else prompt_tokens
     if text < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {text}")
     queries = 1 if config.t2v is None or config.t2v.query == "last" else text
-    return _step(shape, config, batch_size, text, 1, queries, None, False, 0)
+    return _step(shape, config, batch_size, text, 1, queries, None, False, 0, dymu_tokens)
 
 
 def predicted_step_ratio(
@@ -365,10 +387,11 @@ def _table(args: argparse.Namespace) -> list[str]:
 
     def flops_of(preset: str) -> FlopBreakdown:
         if args.stage == "prefill":
-            return prefill_flops(shape, preset, args.batch_size, args.prompt_tokens)
+            return prefill_flops(shape, preset, args.batch_size, args.prompt_tokens, args.dymu_tokens)
         return training_step_flops(
-            shape, preset, args.stage, args.batch_size, not args.no_gradient_checkpointing, args.lora_r
-        )
+            shape, preset, args.stage, args.batch_size, not args.no_gradient_checkpointing, args.lora_r,
+            args.dymu_tokens,
+        )  # fmt: skip
 
     baseline = flops_of("none")
     what = "prefill" if args.stage == "prefill" else f"{args.stage} step"
@@ -383,7 +406,7 @@ def _table(args: argparse.Namespace) -> list[str]:
         visual = flops.visual_tokens_per_layer
         ratio = flops.total / baseline.total
         lines.append(
-            f"{preset:<16}{visual[0]:>6}{sum(visual) / len(visual):>9.2f}{flops.total / 1e12:>11.2f}"
+            f"{preset:<16}{visual[0]:>6g}{sum(visual) / len(visual):>9.2f}{flops.total / 1e12:>11.2f}"
             f"{ratio:>9.3f}{1 - ratio:>8.1%}{flops.llm_share:>11.1%}"
         )
         if args.breakdown:
@@ -408,6 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prefill text tokens per sample")
     parser.add_argument("--breakdown", action="store_true", help="per-component rows under each preset")
+    parser.add_argument(
+        "--dymu-tokens",
+        type=float,
+        default=None,
+        help="DyMU presets: measured mean tokens per image entering the LLM (calibrate_dymu --measure)",
+    )
     args = parser.parse_args(argv)
     if args.presets is None:
         args.presets = ",".join(default_presets(args.shape))

@@ -39,6 +39,7 @@ from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets,
 from llava.bench.train_speed import (
     FIRST_SPECIAL_IDS,
     SYSTEM_PROMPT_TOKENS,
+    measured_initial_tokens,
     move_batch,
     random_pixels,
     resolve_presets,
@@ -117,6 +118,7 @@ class GenerateSample:
     decode_s: float
     compression_s: float
     total_s: float
+    initial_tokens: float = 0.0  # visual tokens per sample entering the LLM, as the model reported
 
 
 @dataclass
@@ -143,6 +145,7 @@ class _PrefillClock:
         self.calls = 0
         self.prefill_end = 0.0
         self.compression_s = 0.0
+        self.initial_tokens = 0.0
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         self.calls += 1
@@ -150,6 +153,8 @@ class _PrefillClock:
             report.synchronize(self.device)
             self.prefill_end = time.perf_counter()
             self.compression_s = float(getattr(output, "compression_time_s", 0.0) or 0.0)
+            per_layer = getattr(output, "visual_tokens_per_layer", None)
+            self.initial_tokens = float(per_layer[0]) if per_layer else 0.0
 
 
 def run_generate(
@@ -192,6 +197,7 @@ def run_generate(
         decode_s=ended - clock.prefill_end,
         compression_s=clock.compression_s,
         total_s=ended - began,
+        initial_tokens=clock.initial_tokens,
     )
 
 
@@ -287,7 +293,8 @@ def build_rows(
         # The HF baseline is compared with our none row of the first decode path measured.
         reference_path = args.decode_paths[0] if case.hf_baseline else case.path
         base_ttft, base_tps = baselines[(case.batch_size, reference_path)]
-        flops = prefill_flops(shape, case.config, case.batch_size, args.prompt_tokens)
+        measured = measured_initial_tokens(case.config, case.samples)
+        flops = prefill_flops(shape, case.config, case.batch_size, args.prompt_tokens, measured)
         flops_none = prefill_flops(shape, None, case.batch_size, args.prompt_tokens)
         flops_ratio = flops.total / flops_none.total
         ratio = report.ratio(ttft, base_ttft)
@@ -300,8 +307,8 @@ def build_rows(
                 "path": case.path,
                 "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens,
-                **visual_input_fields(shape, case.config),
-                "avg_visual_tokens": shape.average_visual_tokens(case.config),
+                **visual_input_fields(shape, case.config, measured),
+                "avg_visual_tokens": shape.average_visual_tokens(case.config, measured),
                 "repeats": len(case.samples),
                 "ttft_s": ttft,
                 "ttft_iqr_s": ttft_iqr,

@@ -169,17 +169,18 @@ class ModelShape:
             "cls_token": self.is_video,
         }
 
-    def initial_visual_tokens(self, config: CompressionConfig) -> int:
-        """``N0`` per sample: V2V's ``k1 + k2`` (per frame, times the frames) or every token of the sample."""
-        return initial_visual_tokens(config, **self._accounting())
+    def initial_visual_tokens(self, config: CompressionConfig, measured: float | None = None) -> float:
+        """``N0`` per sample: V2V's ``k1 + k2`` (per frame, times the frames) or every token of the sample;
+        DyMU: the ``measured`` mean."""
+        return initial_visual_tokens(config, **self._accounting(), measured=measured)
 
-    def visual_tokens_per_layer(self, config: CompressionConfig) -> list[int]:
+    def visual_tokens_per_layer(self, config: CompressionConfig, measured: float | None = None) -> list[float]:
         """Visual tokens per sample (one image or one video, all frames) seen by each LLM layer."""
-        return visual_tokens_per_layer(config, self.llm.num_layers, **self._accounting())
+        return visual_tokens_per_layer(config, self.llm.num_layers, **self._accounting(), measured=measured)
 
-    def average_visual_tokens(self, config: CompressionConfig) -> float:
+    def average_visual_tokens(self, config: CompressionConfig, measured: float | None = None) -> float:
         """Visual tokens per sample averaged over the LLM layers (the papers' token count)."""
-        return average_visual_tokens(config, self.llm.num_layers, **self._accounting())
+        return average_visual_tokens(config, self.llm.num_layers, **self._accounting(), measured=measured)
 
     def describe_visual_input(self) -> str:
         """``one video of 8 frames x 257 tokens`` or ``one image of 576 tokens``: what a sample carries."""

@@ -203,6 +203,7 @@ class StepSample:
     compression_s: float
     visual_tokens: float
     loss: float
+    initial_tokens: float = 0.0  # visual tokens per sample entering the LLM, as the model reported
 
 
 @dataclass
@@ -247,6 +248,7 @@ def run_step(
         compression_s=float(getattr(output, "compression_time_s", None) or 0.0),
         visual_tokens=sum(per_layer) / len(per_layer),
         loss=float(output.loss.detach()),
+        initial_tokens=per_layer[0],
     )
 
 
@@ -260,7 +262,13 @@ def resolve_presets(specs: Sequence[str], shape: ModelShape) -> list[tuple[str, 
         label = report.preset_label(spec)
         try:
             config = load_compression(spec)
-            shape.average_visual_tokens(config)
+            if config.dymu is None:
+                shape.average_visual_tokens(config)
+            elif len(config.dymu.thresholds) != shape.sample_tower.layers_run:
+                raise ValueError(
+                    f"{len(config.dymu.thresholds)} DyMU thresholds for a tower that runs "
+                    f"{shape.sample_tower.layers_run} layers"
+                )
         except (CompressionConfigError, ValueError) as error:
             raise SystemExit(f"preset {spec!r} does not fit shape {shape.name!r}: {error}") from None
         resolved.append((label, config))
@@ -360,15 +368,24 @@ def _measure_hf_baseline(
     return record
 
 
-def visual_input_fields(shape: ModelShape, config: CompressionConfig) -> dict[str, Any]:
+def measured_initial_tokens(config: CompressionConfig, samples: Sequence[Any]) -> float | None:
+    """DyMU: the mean tokens per sample the model reported entering the LLM (its count follows the
+    images); ``None`` for every other preset, whose count the accounting knows."""
+    if config.dymu is None:
+        return None
+    return statistics.mean(sample.initial_tokens for sample in samples)
+
+
+def visual_input_fields(shape: ModelShape, config: CompressionConfig, measured: float | None = None) -> dict[str, Any]:
     """What one sample carries: ``media`` (image/video), ``num_frames`` (0 for an image), ``tokens_per_frame``
-    (0 for an image), the uncompressed visual tokens and ``initial_visual_tokens`` (N0, after V2V)."""
+    (0 for an image), the uncompressed visual tokens and ``initial_visual_tokens`` (N0, after V2V; DyMU:
+    the ``measured`` mean)."""
     return {
         "media": shape.media,
         "num_frames": shape.num_frames,
         "tokens_per_frame": shape.tokens_per_frame,
         "uncompressed_visual_tokens": shape.uncompressed_visual_tokens,
-        "initial_visual_tokens": shape.initial_visual_tokens(config),
+        "initial_visual_tokens": shape.initial_visual_tokens(config, measured),
     }
 
 
@@ -409,14 +426,10 @@ def build_rows(
             baseline_step, baseline_fwd_bwd = step_s, fwd_bwd_s
         optimizer_s = statistics.median(sample.optimizer_s for sample in record.samples)
         compression_s = statistics.median(sample.compression_s for sample in record.samples)
-        flops = training_step_flops(
-            shape, record.config, args.stage, args.batch_size, gradient_checkpointing=args.gradient_checkpointing
-        )
-        flops_ratio = float(
-            predicted_step_ratio(
-                shape, record.config, args.stage, args.batch_size, gradient_checkpointing=args.gradient_checkpointing
-            )
-        )
+        measured = measured_initial_tokens(record.config, record.samples)
+        options = {"gradient_checkpointing": args.gradient_checkpointing, "dymu_tokens": measured}
+        flops = training_step_flops(shape, record.config, args.stage, args.batch_size, **options)
+        flops_ratio = float(predicted_step_ratio(shape, record.config, args.stage, args.batch_size, **options))
         ratio = report.ratio(step_s, baseline_step)
         fwd_bwd_ratio = report.ratio(fwd_bwd_s, baseline_fwd_bwd)
         rows.append(
@@ -426,8 +439,8 @@ def build_rows(
                 "stage": args.stage,
                 "batch_size": args.batch_size,
                 "gradient_checkpointing": bool(args.gradient_checkpointing),
-                **visual_input_fields(shape, record.config),
-                "avg_visual_tokens": shape.average_visual_tokens(record.config),
+                **visual_input_fields(shape, record.config, measured),
+                "avg_visual_tokens": shape.average_visual_tokens(record.config, measured),
                 "measured_visual_tokens": statistics.mean(sample.visual_tokens for sample in record.samples),
                 "steps": len(record.samples),
                 "step_time_s": step_s,

@@ -64,15 +64,22 @@ RATIO_DECIMALS = 4
 
 
 def initial_visual_tokens(
-    config: CompressionConfig, num_patches: int, num_frames: int = 1, cls_token: bool = False
-) -> int:
+    config: CompressionConfig,
+    num_patches: int,
+    num_frames: int = 1,
+    cls_token: bool = False,
+    measured: float | None = None,
+) -> float:
     """``N0``: visual tokens per image (or per video of ``num_frames`` frames) entering the LLM: the Stage A
-    output per frame, else every patch (plus CLS when ``cls_token``)."""
+    output per frame, else every patch (plus CLS when ``cls_token``). DyMU's count depends on the images:
+    pass the ``measured`` mean (what the LLM's linear layers see; with VTU attention still sees every patch)."""
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive, got {num_patches}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if config.dymu is not None:
+        if measured is not None:
+            return measured
         raise ValueError(
             f"compression {config.name!r}: DyMU keeps a different number of tokens per image; measure the mean and "
             "spread on your data with `python -m llava.compression.calibrate_dymu --measure THRESHOLDS.json ...`"
@@ -88,22 +95,36 @@ def initial_visual_tokens(
 
 
 def visual_tokens_per_layer(
-    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
-) -> list[int]:
-    """Visual tokens (per image, or per video) seen by each of the ``num_layers`` LLM layers."""
-    n0 = initial_visual_tokens(config, num_patches, num_frames, cls_token)
+    config: CompressionConfig,
+    num_layers: int,
+    num_patches: int,
+    num_frames: int = 1,
+    cls_token: bool = False,
+    measured: float | None = None,
+) -> list[float]:
+    """Visual tokens (per image, or per video) seen by each of the ``num_layers`` LLM layers' linear layers.
+
+    With a ``measured`` DyMU mean the T2V stages keep ``floor(ratio * round(mean))``: an approximation, as
+    each image keeps ``floor(ratio * N0)`` of its own count.
+    """
+    n0 = initial_visual_tokens(config, num_patches, num_frames, cls_token, measured)
     counts = [n0] * num_layers
     if config.t2v is not None:
-        for layer, kept in config.t2v.schedule(num_layers, n0):
+        for layer, kept in config.t2v.schedule(num_layers, round(n0)):
             counts[layer:] = [kept] * (num_layers - layer)
     return counts
 
 
 def average_visual_tokens(
-    config: CompressionConfig, num_layers: int, num_patches: int, num_frames: int = 1, cls_token: bool = False
+    config: CompressionConfig,
+    num_layers: int,
+    num_patches: int,
+    num_frames: int = 1,
+    cls_token: bool = False,
+    measured: float | None = None,
 ) -> float:
     """The papers' "token count": visual tokens (per image or per video) averaged over all LLM layers."""
-    counts = visual_tokens_per_layer(config, num_layers, num_patches, num_frames, cls_token)
+    counts = visual_tokens_per_layer(config, num_layers, num_patches, num_frames, cls_token, measured)
     return sum(counts) / num_layers
 
 
