@@ -57,3 +57,35 @@ def test_finetune_with_duet_64_then_batched_generation(playground, tmp_path):
     assert pipeline.fast_decoder() is None  # CPU default: the eager reference loop
     uncompressed = LlavaPipeline.from_pretrained(out, compression="none")
     assert uncompressed.model.stage_plan is None and uncompressed.model.vision_tower.merger is None
+
+
+def test_finetune_with_dymu_and_t2v_then_batched_generation(playground, tmp_path):
+    """Dynamic merging in the tower (thresholds calibrated on the playground) plus T2V, in training: the
+    checkpoint stores the thresholds themselves, and generation batches images of different token counts."""
+    from llava.compression import calibrate_dymu
+
+    thresholds = tmp_path / "dymu.json"
+    calibrate_dymu.main(
+        ["--vision_tower", str(playground / "vision_tower"), "--data_path", str(playground / "finetune.json"),
+         "--image_folder", str(playground / "images"), "--target", "300", "--out", str(thresholds), "--no_progress"]
+    )  # fmt: skip
+    preset = tmp_path / "dymu_t2v.yaml"
+    preset.write_text(
+        f"name: dymu_t2v\ndymu: {{thresholds_file: {thresholds}}}\n"
+        "t2v: {boundaries: [0.5], keep_ratios: [0.5], query: instruction}\n"
+    )
+    out = tmp_path / "finetune-dymu"
+    train(finetune_args(playground, out, "--compression", str(preset), "--max_steps", "2", "--save_steps", "100"))
+    with_images = [row for row in read_metrics(out).values() if "visual_tokens_stage0" in row]
+    assert with_images and all(200 < row["visual_tokens_stage0"] < 400 for row in with_images)
+    config = json.loads((out / "config.json").read_text())
+    assert config["compression"]["dymu"]["thresholds"] == json.loads(thresholds.read_text())["thresholds"]
+    thresholds.unlink()  # the checkpoint needs no file
+    pipeline = LlavaPipeline.from_pretrained(out)
+    requests = [
+        {"image": str(playground / "images" / f"demo_00{i}.png"), "prompt": "What color is the shape?"}
+        for i in range(4)
+    ] + [{"image": None, "prompt": "What is two plus two?"}]
+    assert pipeline.generate(requests, max_new_tokens=5, batch_size=5) == pipeline.generate(
+        requests, max_new_tokens=5, batch_size=1
+    )
