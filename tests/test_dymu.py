@@ -284,3 +284,22 @@ def test_flop_model_counts_what_vtu_saves_and_benchmarks_take_dymu_presets(tmp_p
     dymu_row = rows[1]
     assert dymu_row["preset"] == "dymu_tiny"
     assert 1 <= dymu_row["initial_visual_tokens"] < 16 and dymu_row["flops_ratio_vs_none"] < 1.0
+
+
+def test_videos_merge_frame_by_frame_and_generate_like_recomputation():
+    from tests.test_video_model import FRAMES, VID, video_model
+
+    for vtu in (False, True):
+        model = video_model(CompressionConfig("dymu_video", dymu=DyMUConfig((0.3, 0.3), vtu=vtu)).to_dict(), seed=3)
+        torch.manual_seed(4)
+        ids = torch.tensor([[0, 0, 1, VID, 5, 6, 7], [1, VID, 8, IMG, 9, 10, 11]])
+        videos = torch.randn(2, FRAMES, 3, 56, 56)
+        parts = model.encode_videos(videos)
+        frame_counts = model.video_tower.encode_dynamic(videos.flatten(0, 1)).counts.view(2, FRAMES)
+        unique = frame_counts.sum(dim=1).tolist()
+        assert (parts.unique_counts if vtu else parts.host_counts) == unique
+        kwargs = dict(attention_mask=(ids != 0).long(), pixel_values=torch.randn(1, 3, 56, 56),
+                      pixel_values_videos=videos, max_new_tokens=5, eos_token_id=[])  # fmt: skip
+        cached = model.generate(ids, fast=False, **kwargs)
+        assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
+        assert torch.equal(cached, model.generate(ids, fast=True, **kwargs))
