@@ -72,6 +72,8 @@ __all__ = [
     "enable_activation_checkpointing",
     "load_image_processor",
     "new_dynamic_cache",
+    "qwen_rope_index",
+    "qwen_visual_embeddings",
     "rotary_embed",
     "set_attn_implementation",
 ]
@@ -202,6 +204,37 @@ def call_decoder_layer_on_groups(
     averaged = sums / group_sizes.clamp(min=1).unsqueeze(-1).to(sums.dtype)
     hidden = unique + attention.o_proj(averaged)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def qwen_visual_embeddings(
+    model: PreTrainedModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, video: bool = False
+) -> torch.Tensor:
+    """Qwen2.5-VL's merged visual tokens (after the patch merger) of all images (videos), concatenated in
+    input order: ``[sum(t * h * w / merge^2), hidden]``."""
+    inner = model.model
+    features = inner.get_video_features if video else inner.get_image_features
+    output = features(pixel_values, grid_thw, return_dict=True)
+    return torch.cat(list(output.pooler_output), dim=0)
+
+
+def qwen_rope_index(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    token_types: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Qwen2.5-VL's M-RoPE positions ``[3, B, L]`` (temporal, height, width) of a left- or right-padded
+    batch; ``token_types`` marks text 0, image 1, video 2 tokens."""
+    positions, _ = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        attention_mask=attention_mask,
+    )
+    return positions
 
 
 def call_clip_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class Sequence:
 
     hidden: torch.Tensor  # [B, L, D]
     attention_mask: torch.Tensor  # [B, L] long
-    position_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L], or [B, L, 3] for M-RoPE (temporal, height, width)
     visual_mask: torch.Tensor  # [B, L] bool
     query_mask: torch.Tensor  # [B, L] bool
     labels: torch.Tensor | None = None  # [B, L]
@@ -93,15 +93,26 @@ class Sequence:
 
         # The per-token integer fields travel together: one gather and one fill for all of them.
         names = [item.name for item in fields(self) if item.name != "hidden" and getattr(self, item.name) is not None]
-        stacked = torch.stack([getattr(self, name).long() for name in names], dim=-1)
-        fills = torch.tensor([IGNORE_INDEX if name == "labels" else 0 for name in names], device=device)
-        picked = torch.where(filled, gather(stacked), fills).unbind(-1)
+        columns = [getattr(self, name).long().reshape(batch, old_length, -1) for name in names]
+        widths = [column.shape[-1] for column in columns]
+        fills = torch.tensor(
+            [
+                IGNORE_INDEX if name == "labels" else 0
+                for name, width in zip(names, widths, strict=True)
+                for _ in range(width)
+            ],
+            device=device,
+        )
+        picked = torch.where(filled, gather(torch.cat(columns, dim=-1)), fills).split(widths, dim=-1)
         out = {name: None for name in ("labels",)}
         for name, values in zip(names, picked, strict=True):
-            out[name] = values.to(getattr(self, name).dtype)
+            original = getattr(self, name)
+            out[name] = values.reshape(batch, length, *original.shape[2:]).to(original.dtype)
         out["hidden"] = torch.where(filled, gather(self.hidden), 0).view(batch, length, *self.hidden.shape[2:])
         compacted = Sequence(**out)
         if recompute_positions:
+            if self.position_ids.dim() == 3:
+                raise ValueError("M-RoPE positions are kept through drops; position_mode 'compact' does not apply")
             compacted = replace(compacted, position_ids=(compacted.attention_mask.cumsum(dim=1) - 1).clamp(min=0))
         return compacted
 

@@ -29,8 +29,9 @@ POSITION_MODES = ("keep", "compact")
 
 
 def decoder_of(language_model: nn.Module) -> nn.Module:
-    """The base decoder (embeddings, layers, final norm, rotary embedding) of a causal LM."""
-    decoder = language_model.get_decoder()
+    """The base decoder (embeddings, layers, final norm, rotary embedding) of a causal LM (or the decoder
+    itself, as Qwen2.5-VL's text model)."""
+    decoder = language_model if hasattr(language_model, "layers") else language_model.get_decoder()
     for attribute in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(decoder, attribute):
             raise TypeError(
@@ -139,7 +140,18 @@ def _run_layers(
 
 
 def _next_positions(sequence: Sequence) -> torch.Tensor:
-    return (sequence.position_ids * sequence.attention_mask).amax(dim=1) + 1
+    """Each row's next RoPE position: one past its largest (over M-RoPE's components too, where text after
+    an image continues from the image's largest position, as transformers' ``rope_deltas`` do)."""
+    positions = sequence.position_ids
+    mask = sequence.attention_mask if positions.dim() == 2 else sequence.attention_mask.unsqueeze(-1)
+    largest = (positions * mask).amax(dim=1)
+    return (largest if largest.dim() == 1 else largest.amax(dim=-1)) + 1
+
+
+def rotary_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Positions as the decoder's rotary embedding takes them: ``[B, L]``, or M-RoPE's ``[B, L, 3]`` (kept
+    per token so drops compact them like any field) as ``[3, B, L]``."""
+    return position_ids.permute(2, 0, 1) if position_ids.dim() == 3 else position_ids
 
 
 def run_decoder(
@@ -201,7 +213,7 @@ def run_decoder(
                 keep = keep_top_visual(scores, sequence, keep_counts)
                 sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
             compression_time += time.perf_counter() - began
-        position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
+        position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=rotary_positions(sequence.position_ids))
         # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
         mask = causal_mask(
             decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free=padding_free[stage]

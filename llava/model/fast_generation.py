@@ -217,10 +217,12 @@ class FastDecoder:
         pick_next_token,
         eos_ids: list[int],
         pad_token_id: int,
+        visual_inputs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """New tokens ``[B, <= max_new_tokens]``, identical to the eager loop's for the same picks.
 
-        ``pick_next_token(logits [B, V]) -> [B]`` chooses each token (greedy or sampled).
+        ``pick_next_token(logits [B, V]) -> [B]`` chooses each token (greedy or sampled);
+        ``visual_inputs`` are further prefill keywords (Qwen2.5-VL's ``image_grid_thw``).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -239,6 +241,7 @@ class FastDecoder:
             use_cache=True,
             left_padding=True,
             logits_to_keep=1,
+            **(visual_inputs or {}),
         )
         batch = input_ids.shape[0]
         eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)

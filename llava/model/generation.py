@@ -96,8 +96,13 @@ def greedy_or_sample(
     generator: torch.Generator | None = None,
     fast: bool | None = None,
     fast_decoder: FastDecoder | None = None,
+    visual_inputs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Decode up to ``max_new_tokens`` tokens per prompt; see :meth:`DuetLlavaForCausalLM.generate`."""
+    """Decode up to ``max_new_tokens`` tokens per prompt; see :meth:`DuetLlavaForCausalLM.generate`.
+
+    ``visual_inputs``: further keyword tensors the model's prefill takes (Qwen2.5-VL's ``image_grid_thw``).
+    """
+    visual_inputs = dict(visual_inputs or {})
     text_config = model.config.text_config
     eos_ids = _as_id_list(eos_token_id if eos_token_id is not None else text_config.eos_token_id)
     if pad_token_id is None:
@@ -117,6 +122,7 @@ def greedy_or_sample(
             lambda logits: pick_next_token(logits, do_sample, temperature, top_p, generator),
             eos_ids,
             pad_token_id,
+            visual_inputs,
         )
     eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -132,6 +138,7 @@ def greedy_or_sample(
         use_cache=use_cache,
         left_padding=True,
         logits_to_keep=1,
+        **visual_inputs,
     )
     decode_state = out.decode_state
     prompt_length = out.prompt_length
@@ -162,5 +169,6 @@ def greedy_or_sample(
                 left_padding=True,
                 logits_to_keep=1,
                 query_end=prompt_length,
+                **visual_inputs,
             )
     return torch.stack(new_tokens, dim=1)

@@ -1,0 +1,158 @@
+"""Qwen2.5-VL with DUET's text-guided dropping (T2V) in the Qwen2 decoder, by composition.
+
+The HF model (``Qwen2_5_VLForConditionalGeneration``) supplies everything but the decoder loop: its
+vision transformer and patch merger give the visual tokens (spliced into the placeholder positions, one
+per merged token), ``get_rope_index`` gives the M-RoPE positions ``(t, h, w)`` of every token of a
+left-padded batch, and the lm_head gives logits. The decoder layers then run through this project's
+stage loop (:func:`llava.model.decoder.run_decoder`), which drops visual tokens at the T2V boundaries:
+each boundary scores with the next layer's norm, q/k projections and M-RoPE at the tokens' own
+positions, the causal mask and an fp32 softmax, keeps ``floor(ratio * N0)`` of every sample's N0 visual
+tokens (never compounding), and keeps every survivor's 3-D position. Decoding continues after each row's
+largest position, as transformers' ``rope_deltas`` do, with one KV cache length per stage.
+
+Not here yet: V2V on Qwen's merged tokens (the vision side runs uncompressed), the processor pipeline,
+evaluation and finetuning (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.compression.config import load_compression
+from llava.compression.t2v import Sequence, build_query_mask
+from llava.hf_adapter import Cache, qwen_rope_index, qwen_visual_embeddings
+from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
+from llava.model.modeling import DuetLlavaOutput
+
+QWEN_QUERY_MODES = ("last", "instruction")
+
+
+class DuetQwenVL(nn.Module):
+    """A ``Qwen2_5_VLForConditionalGeneration`` run with DUET's T2V stages; the same ``forward``/``generate``
+    contract as :class:`~llava.model.modeling.DuetLlavaForCausalLM` (prefill, decode steps with a
+    ``decode_state``, per-stage caches, the fast decode path)."""
+
+    def __init__(self, hf_model: nn.Module, compression: Any = None) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        self.stage_plan = None
+        self.set_compression(compression)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The Qwen2 text decoder (embeddings, layers, norm, M-RoPE rotary embedding)."""
+        return self.hf_model.model.language_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
+    def set_compression(self, spec: Any) -> None:
+        """Switch the compression preset (T2V only on Qwen2.5-VL for now; positions are always kept)."""
+        compression = load_compression(spec)
+        if compression.v2v is not None or compression.dymu is not None:
+            raise ValueError(
+                f"compression {compression.name!r}: Qwen2.5-VL supports T2V stages only for now (V2V after the "
+                "patch merger is not implemented)"
+            )
+        if compression.t2v is not None:
+            if compression.t2v.position_mode != "keep":
+                raise ValueError("Qwen2.5-VL keeps every token's M-RoPE position: t2v.position_mode must be 'keep'")
+            if compression.t2v.query not in QWEN_QUERY_MODES:
+                raise ValueError(
+                    f"Qwen2.5-VL T2V queries: {', '.join(QWEN_QUERY_MODES)}; got {compression.t2v.query!r}"
+                )
+        self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
+
+    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        types = (input_ids == self.config.image_token_id).int()
+        return types + 2 * (input_ids == self.config.video_token_id).int()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        left_padding: bool | None = None,
+        logits_to_keep: int = 0,
+        decode_state: DecodeState | None = None,
+        query_end: int | None = None,
+        **unused: Any,
+    ) -> DuetLlavaOutput:
+        """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
+        ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`."""
+        decoder = decoder_of(self.language_model)
+        lm_head = self.get_output_embeddings()
+        if decode_state is not None:
+            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, cache)
+            logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+            return DuetLlavaOutput(logits=logits, cache=cache, decode_state=decode_state)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        token_types = self._token_types(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        for pixels, grid, kind in ((pixel_values, image_grid_thw, 1), (pixel_values_videos, video_grid_thw, 2)):
+            if pixels is not None:
+                visual = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2).to(embeds.dtype)
+                slots = (token_types == kind).unsqueeze(-1)
+                embeds = embeds.masked_scatter(slots, visual)
+        positions = qwen_rope_index(
+            self.hf_model, input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask
+        )
+        visual_mask = token_types > 0
+        plan = self.stage_plan
+        query_mask = torch.zeros_like(visual_mask)
+        if plan is not None and plan.boundaries:
+            query_mask = build_query_mask(plan.query, attention_mask, visual_mask, None, query_end=query_end)
+        sequence = Sequence(
+            hidden=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions.permute(1, 2, 0),
+            visual_mask=visual_mask,
+            query_mask=query_mask,
+        )
+        segments = sum(0 if grid is None else int(grid.shape[0]) for grid in (image_grid_thw, video_grid_thw))
+        left = bool(left_padding) if left_padding is not None else True
+        result = run_decoder(decoder, sequence, plan, cache, use_cache, left, segments)
+        kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
+        return DuetLlavaOutput(
+            logits=lm_head(kept),
+            cache=cache if use_cache else None,
+            attention_mask=result.sequence.attention_mask,
+            position_ids=result.sequence.position_ids,
+            decode_state=result.decode_state,
+            prompt_length=input_ids.shape[1],
+            visual_tokens_per_layer=result.visual_tokens_per_layer,
+            compression_time_s=result.compression_time_s,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding of left-padded prompts; options as
+        :meth:`DuetLlavaForCausalLM.generate` (``fast``, ``use_cache``, sampling, EOS/pad ids)."""
+        from llava.model.generation import greedy_or_sample
+
+        visual_inputs = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+        return greedy_or_sample(
+            self, input_ids, attention_mask, pixel_values, None, max_new_tokens, visual_inputs=visual_inputs,
+            **options,
+        )  # fmt: skip
