@@ -357,15 +357,16 @@ def set_attn_implementation(config: PreTrainedConfig, implementation: str | None
     config._attn_implementation = implementation
 
 
-def load_image_processor(source: str | os.PathLike[str]) -> Any:
-    """``AutoImageProcessor.from_pretrained(source)``, falling back to the PIL class without torchvision.
+def load_image_processor(source: str | os.PathLike[str], **overrides: Any) -> Any:
+    """``AutoImageProcessor.from_pretrained(source, **overrides)``, falling back to the PIL class without
+    torchvision.
 
     transformers 5.14-5.17 raise an ``ImportError`` for a ``CLIPImageProcessor`` config when torchvision is
     missing instead of falling back to ``CLIPImageProcessorPil`` (5.18 does it itself); only that case is
     caught, other errors propagate.
     """
     try:
-        return AutoImageProcessor.from_pretrained(source)
+        return AutoImageProcessor.from_pretrained(source, **overrides)
     except ImportError:
         if importlib.util.find_spec("torchvision") is not None:
             raise
@@ -374,7 +375,7 @@ def load_image_processor(source: str | os.PathLike[str]) -> Any:
         pil_class = getattr(transformers, f"{name}Pil", None) if name else None
         if pil_class is None:
             raise
-        return pil_class.from_pretrained(source)
+        return pil_class.from_pretrained(source, **overrides)
 
 
 def clip_image_processor_class() -> type:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ImageSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
+_QWEN_MODEL_TYPES = ("qwen2_5_vl",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -121,21 +122,118 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass
-class LlavaPipeline:
+@dataclass(kw_only=True)
+class GenerationPipeline:
+    """What every model family's pipeline shares: batching, device placement, the decode loop (eager or
+    fast, with one :class:`FastDecoder` kept across batches) and turning tokens into text. A family
+    supplies :meth:`prepare` (requests to model inputs) and its loader."""
+
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    fast_decoding: bool | None = None
+    """Decode with static per-stage caches and CUDA graphs (``None``: on CUDA when the attention kernel
+    allows it; ``False``: the eager loop). See :mod:`llava.model.fast_generation`."""
+    _fast_decoder: FastDecoder | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of requests (left-padded)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def fast_decoder(self) -> FastDecoder | None:
+        """The decoder whose buffers and CUDA graphs are reused across batches, when fast decoding is on."""
+        if not use_fast_path(self.model, self.device, True, self.fast_decoding, None):
+            return None
+        if self._fast_decoder is None or self._fast_decoder.model is not self.model:
+            self._fast_decoder = FastDecoder(self.model)
+        return self._fast_decoder
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):
+            if candidate is not None:
+                return candidate
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+
+    def _eos_ids(self) -> list[int]:
+        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    def _pixel_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        progress: Any = None,
+    ) -> list[str]:
+        """Answer ``requests`` (``{"image": path | [paths] | None, "video": ..., "prompt": str}``) in order.
+
+        Greedy answers do not depend on ``batch_size``. ``seed`` seeds the sampling generator
+        (one per call). ``progress`` (optional) is called with the number of requests done per batch,
+        e.g. a tqdm bar's ``update``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.device
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        eos_ids = self._eos_ids()
+        fast_decoder = self.fast_decoder()
+        answers: list[str] = []
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start : start + batch_size]
+            inputs = {
+                key: value.to(device=device, dtype=self._pixel_dtype()) if key.startswith("pixel_values")
+                else value.to(device)
+                for key, value in self.prepare(batch).items()
+            }  # fmt: skip
+            new_tokens = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=eos_ids,
+                pad_token_id=self._pad_id(),
+                generator=generator,
+                fast=self.fast_decoding if fast_decoder is None else True,
+                fast_decoder=fast_decoder,
+            )
+            answers.extend(self._decode(new_tokens.cpu(), eos_ids))
+            if progress is not None:
+                progress(len(batch))
+        return answers
+
+    def _decode(self, new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[str]:
+        """Text of each row up to (excluding) its first EOS, special tokens skipped."""
+        stops = set(eos_ids)
+        rows = []
+        for row in new_tokens.tolist():
+            cut = next((index for index, token in enumerate(row) if token in stops), len(row))
+            rows.append(row[:cut])
+        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+@dataclass(kw_only=True)
+class LlavaPipeline(GenerationPipeline):
     """Model + tokenizer + image (and video) processor + conversation template, ready to answer requests."""
 
     model: DuetLlavaForCausalLM
-    tokenizer: PreTrainedTokenizerBase
     image_processor: Any
     template: ConversationTemplate
     image_aspect_ratio: str = "pad"
     video_processor: Any = None
     video_backend: str = "pyav"
-    fast_decoding: bool | None = None
-    """Decode with static per-stage caches and CUDA graphs (``None``: on CUDA when the attention kernel
-    allows it; ``False``: the eager loop). See :mod:`llava.model.fast_generation`."""
-    _fast_decoder: FastDecoder | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_pretrained(
@@ -146,7 +244,7 @@ class LlavaPipeline:
         vision_tower: str | None = None,
         compression: Any = None,
         fast_decoding: bool | None = None,
-    ) -> LlavaPipeline:
+    ) -> GenerationPipeline:
         """Load a checkpoint directory (any layout :func:`load_pretrained_model` accepts).
 
         ``compression`` (a preset name, YAML path or dict) overrides the visual-token compression
@@ -156,8 +254,16 @@ class LlavaPipeline:
         them there); for original LLaVA checkpoints the image processor comes from
         ``vision_tower``. A missing component raises :class:`MissingComponentError` naming it.
         ``dtype`` defaults to float32; ``device`` to CUDA when available. ``fast_decoding``: see the field.
+        A Qwen2.5-VL checkpoint (``model_type`` ``qwen2_5_vl``) gives a
+        :class:`~llava.inference_qwen.QwenVLPipeline` with the same ``generate``.
         """
         model_dir = Path(path)
+        if (model_dir / "config.json").is_file() and read_model_type(model_dir) in _QWEN_MODEL_TYPES:
+            from llava.inference_qwen import QwenVLPipeline
+
+            return QwenVLPipeline.from_pretrained(
+                model_dir, dtype=dtype, device=device, compression=compression, fast_decoding=fast_decoding
+            )
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         if not (model_dir / "config.json").is_file():
@@ -206,24 +312,8 @@ class LlavaPipeline:
             fast_decoding=fast_decoding,
         )
 
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def fast_decoder(self) -> FastDecoder | None:
-        """The decoder whose buffers and CUDA graphs are reused across batches, when fast decoding is on."""
-        if not use_fast_path(self.model, self.device, True, self.fast_decoding, None):
-            return None
-        if self._fast_decoder is None or self._fast_decoder.model is not self.model:
-            self._fast_decoder = FastDecoder(self.model)
-        return self._fast_decoder
-
-    def _pad_id(self) -> int:
-        for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):
-            if candidate is not None:
-                return candidate
-        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+    def _pixel_dtype(self) -> torch.dtype:
+        return self.model.vision_tower.dtype
 
     def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Tokenize and left-pad a batch: ``input_ids``, ``attention_mask`` and, when the batch has any,
@@ -261,65 +351,6 @@ class LlavaPipeline:
                 videos, self.video_processor, config.num_frames, self.video_backend
             )
         return batch
-
-    def generate(
-        self,
-        requests: Sequence[Request],
-        max_new_tokens: int = 64,
-        batch_size: int = 8,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        progress: Any = None,
-    ) -> list[str]:
-        """Answer ``requests`` (``{"image": path | [paths] | None, "video": ..., "prompt": str}``) in order.
-
-        Greedy answers do not depend on ``batch_size``. ``seed`` seeds the sampling generator
-        (one per call). ``progress`` (optional) is called with the number of requests done per batch,
-        e.g. a tqdm bar's ``update``.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = self.device
-        generator = None
-        if do_sample and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        eos_id = self.tokenizer.eos_token_id
-        fast_decoder = self.fast_decoder()
-        answers: list[str] = []
-        for start in range(0, len(requests), batch_size):
-            batch = requests[start : start + batch_size]
-            inputs = self.prepare(batch)
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in inputs:
-                    inputs[key] = inputs[key].to(device=device, dtype=self.model.vision_tower.dtype)
-            new_tokens = self.model.generate(
-                inputs["input_ids"].to(device),
-                attention_mask=inputs["attention_mask"].to(device),
-                pixel_values=inputs.get("pixel_values"),
-                pixel_values_videos=inputs.get("pixel_values_videos"),
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                eos_token_id=eos_id,
-                pad_token_id=self._pad_id(),
-                generator=generator,
-                fast=self.fast_decoding if fast_decoder is None else True,
-                fast_decoder=fast_decoder,
-            )
-            answers.extend(self._decode(new_tokens.cpu(), eos_id))
-            if progress is not None:
-                progress(len(batch))
-        return answers
-
-    def _decode(self, new_tokens: torch.Tensor, eos_id: int | None) -> list[str]:
-        """Text of each row up to (excluding) its first EOS, special tokens skipped."""
-        rows = new_tokens.tolist()
-        if eos_id is not None:
-            rows = [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
-        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 def _original_tower(model_dir: Path) -> str | None:

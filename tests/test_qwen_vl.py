@@ -111,3 +111,78 @@ def test_unsupported_settings_are_refused():
         model.set_compression(CompressionConfig("x", v2v=V2VConfig("duet", 4, 2)))
     with pytest.raises(ValueError, match="position_mode"):
         model.set_compression(CompressionConfig("x", t2v=T2VConfig((0.5,), (0.5,), "last", "compact")))
+
+
+# ---------------------------------------------------------------- a local Qwen2.5-VL checkpoint end to end
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    """A tiny Qwen2.5-VL saved like the Hub's: weights, locally trained tokenizer with Qwen's special tokens
+    and chat template, Qwen's image processor (dynamic resolution), and a few images."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    from llava.playground.tokenizer import train_playground_tokenizer
+
+    out = tmp_path_factory.mktemp("qwen")
+    tokenizer = train_playground_tokenizer(["what colour is the shape", "a red square", "hello there"] * 40, 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
+    model = tiny_qwen()
+    model.config.image_token_id = ids["<|image_pad|>"]
+    model.config.video_token_id = ids["<|video_pad|>"]
+    model.config.vision_start_token_id = ids["<|vision_start|>"]
+    model.config.vision_end_token_id = ids["<|vision_end|>"]
+    model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], tokenizer.eos_token_id]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2).save_pretrained(out)
+    for index, size in enumerate([(90, 70), (60, 60), (120, 80)]):
+        Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
+    return out
+
+
+def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(qwen_checkpoint):
+    from llava.inference import LlavaPipeline
+    from llava.inference_qwen import QwenVLPipeline
+
+    pipeline = LlavaPipeline.from_pretrained(qwen_checkpoint, device="cpu")
+    assert isinstance(pipeline, QwenVLPipeline)
+    requests = [
+        {"image": str(qwen_checkpoint / "image_0.png"), "prompt": "what colour is the shape"},
+        {"image": [str(qwen_checkpoint / "image_1.png"), str(qwen_checkpoint / "image_2.png")], "prompt": "hello"},
+        {"image": None, "prompt": "hello there"},
+    ]
+    inputs = pipeline.prepare(requests)
+    # Dynamic resolution: 90x70 -> 84x56 px -> grid 1x4x6 -> 6 tokens; 60x60 -> 56x56 -> 4; 120x80 -> 112x84 -> 12.
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 6], [1, 4, 4], [1, 6, 8]]
+    image_token = pipeline.model.config.image_token_id
+    assert (inputs["input_ids"] == image_token).sum(dim=1).tolist() == [6, 4 + 12, 0]
+    assert inputs["attention_mask"][:, -1].all()  # left-padded
+    one_by_one = pipeline.generate(requests, max_new_tokens=5, batch_size=1)
+    assert pipeline.generate(requests, max_new_tokens=5, batch_size=3) == one_by_one
+    compressed = QwenVLPipeline.from_pretrained(qwen_checkpoint, device="cpu", compression=T2V)
+    assert compressed.model.stage_plan.boundaries == (2, 3)
+    assert compressed.generate(requests, max_new_tokens=5, batch_size=3) == compressed.generate(
+        requests, max_new_tokens=5, batch_size=1
+    )
+
+
+def test_generate_cli_answers_with_a_qwen_checkpoint(qwen_checkpoint, capsys):
+    from llava.tools import generate as generate_cli
+
+    argv = ["--model", str(qwen_checkpoint), "--image", str(qwen_checkpoint / "image_0.png"), "--prompt", "hi",
+            "--max-new-tokens", "3", "--device", "cpu"]  # fmt: skip
+    assert generate_cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith("[0]")

@@ -1,0 +1,132 @@
+"""Inference pipeline for Qwen2.5-VL checkpoints (``Qwen/Qwen2.5-VL-7B-Instruct`` layout).
+
+Prompts are built with the checkpoint's own chat template (the tokenizer's) and images are processed by
+Qwen's own image processor (dynamic resolution between ``min_pixels`` and ``max_pixels``); each image's
+``<|image_pad|>`` placeholder is repeated once per merged visual token (``t * h * w / merge^2``), as
+Qwen's processor does. Batches are left-padded and run through :class:`~llava.model.qwen_vl.DuetQwenVL`
+(T2V compression, fast decoding). Videos are not served on this path yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from llava.constants import IMAGE_TAG
+from llava.data.images import load_image
+from llava.hf_adapter import load_image_processor
+from llava.inference import GenerationPipeline, MissingComponentError, Request, image_paths
+from llava.model.loading import check_weight_files, read_config_json
+from llava.model.qwen_vl import DuetQwenVL
+
+logger = logging.getLogger(__name__)
+
+
+def load_qwen_vl(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None, compression: Any = None, attn: str = "sdpa"
+) -> DuetQwenVL:
+    """A local Qwen2.5-VL checkpoint as :class:`DuetQwenVL` (safetensors weights, no remote code)."""
+    model_dir = Path(path)
+    read_config_json(model_dir / "config.json")
+    check_weight_files(model_dir)
+    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation=attn, use_safetensors=True
+    )
+    return DuetQwenVL(hf_model, compression)
+
+
+def _chat_template(tokenizer: Any, model_dir: Path) -> None:
+    """Qwen ships the template as the processor's ``chat_template.json``; give it to the tokenizer."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    path = model_dir / "chat_template.json"
+    if not path.is_file():
+        raise MissingComponentError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.json)")
+    tokenizer.chat_template = json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+
+
+@dataclass(kw_only=True)
+class QwenVLPipeline(GenerationPipeline):
+    """Qwen2.5-VL model + tokenizer (with its chat template) + Qwen's image processor."""
+
+    model: DuetQwenVL
+    image_processor: Any
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        compression: Any = None,
+        fast_decoding: bool | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> QwenVLPipeline:
+        """Load a Qwen2.5-VL directory; ``min_pixels``/``max_pixels`` bound each image's resolution."""
+        model_dir = Path(path)
+        model = load_qwen_vl(model_dir, dtype=dtype, compression=compression)
+        device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer.padding_side = "left"
+        _chat_template(tokenizer, model_dir)
+        overrides = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        image_processor = load_image_processor(str(model_dir), **overrides)
+        logger.info("Loaded Qwen2.5-VL %s on %s", model_dir, device)
+        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, fast_decoding=fast_decoding)
+
+    def _eos_ids(self) -> list[int]:
+        configured = self.model.hf_model.generation_config.eos_token_id
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        return ids or super()._eos_ids()
+
+    def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Chat-templated, left-padded ``input_ids``/``attention_mask`` and, when the batch has images, Qwen's
+        ``pixel_values`` (flattened patches) and ``image_grid_thw``."""
+        config = self.model.config
+        image_pad = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
+        merge = self.image_processor.merge_size
+        texts, images = [], []
+        for request in requests:
+            if "prompt" not in request or not isinstance(request["prompt"], str):
+                raise ValueError(f"request needs a string 'prompt': {request!r}")
+            if request.get("video"):
+                raise ValueError(f"videos are not served on the Qwen2.5-VL path yet: {request!r}")
+            paths = image_paths(request.get("image"))
+            prompt = request["prompt"].replace(IMAGE_TAG + "\n", "").replace(IMAGE_TAG, "").strip()
+            content = [{"type": "image"}] * len(paths) + [{"type": "text", "text": prompt}]
+            texts.append(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            )
+            images.extend(load_image(path) for path in paths)
+        batch: dict[str, torch.Tensor] = {}
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            batch["pixel_values"] = processed["pixel_values"]
+            batch["image_grid_thw"] = processed["image_grid_thw"]
+            counts = iter((processed["image_grid_thw"].prod(dim=-1) // merge**2).tolist())
+            texts = [_expand_placeholders(text, image_pad, counts) for text in texts]
+        encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **batch}
+
+
+def _expand_placeholders(text: str, image_pad: str, counts: Any) -> str:
+    """Each image's single placeholder repeated once per merged visual token, in order."""
+    parts = text.split(image_pad)
+    expanded = [parts[0]]
+    for part in parts[1:]:
+        expanded.append(image_pad * next(counts) + part)
+    return "".join(expanded)
