@@ -73,6 +73,8 @@ __all__ = [
     "load_image_processor",
     "new_dynamic_cache",
     "qwen_rope_index",
+    "qwen_vision_layout",
+    "qwen_vision_rotary",
     "qwen_visual_embeddings",
     "rotary_embed",
     "set_attn_implementation",
@@ -207,14 +209,61 @@ def call_decoder_layer_on_groups(
 
 
 def qwen_visual_embeddings(
-    model: PreTrainedModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, video: bool = False
-) -> torch.Tensor:
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    video: bool = False,
+    capture_block: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
     """Qwen2.5-VL's merged visual tokens (after the patch merger) of all images (videos), concatenated in
-    input order: ``[sum(t * h * w / merge^2), hidden]``."""
+    input order, ``[sum(t * h * w / merge^2), hidden]``; with ``capture_block`` also that vision block's
+    inputs (``hidden_states`` in window order, ``cu_seqlens``, ``position_embeddings``), caught by a
+    pre-hook that lives for this call only."""
     inner = model.model
-    features = inner.get_video_features if video else inner.get_image_features
-    output = features(pixel_values, grid_thw, return_dict=True)
-    return torch.cat(list(output.pooler_output), dim=0)
+    captured: dict[str, Any] = {}
+    handle = None
+    if capture_block is not None:
+
+        def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+            captured["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+            captured["position_embeddings"] = kwargs.get("position_embeddings")
+
+        handle = inner.visual.blocks[capture_block].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        features = inner.get_video_features if video else inner.get_image_features
+        output = features(pixel_values, grid_thw, return_dict=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.cat(list(output.pooler_output), dim=0), (captured if capture_block is not None else None)
+
+
+def qwen_vision_layout(model: PreTrainedModel, grid_thw: torch.Tensor) -> tuple[torch.Tensor, int, int, nn.Module]:
+    """Where Qwen2.5-VL's vision transformer keeps its tokens: the window order of the merged tokens
+    (``window_index[j]`` = raster index of the j-th merged token in window order), the patches per merged
+    token, and the index and module of the last full-attention block (each image attends to all of itself
+    there)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    visual = model.model.visual
+    window_index, _ = modeling_qwen2_5_vl.get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    last_full = visual.fullatt_block_indexes[-1]
+    return window_index, visual.spatial_merge_size**2, last_full, visual.blocks[last_full]
+
+
+def qwen_vision_rotary(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision transformer's 2-D RoPE on ``[tokens, heads, head_dim]`` queries and keys."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    return modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
 
 
 def qwen_rope_index(

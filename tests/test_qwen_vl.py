@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
+from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
 from llava.model.qwen_vl import DuetQwenVL
 
 IMAGE, START, END = 150, 152, 153
@@ -107,8 +107,10 @@ def test_t2v_generation_matches_recomputation_fast_path_and_single_samples():
 
 def test_unsupported_settings_are_refused():
     model = DuetQwenVL(tiny_qwen())
-    with pytest.raises(ValueError, match="T2V stages only"):
-        model.set_compression(CompressionConfig("x", v2v=V2VConfig("duet", 4, 2)))
+    with pytest.raises(ValueError, match="not 'visionzip'"):
+        model.set_compression(CompressionConfig("x", v2v=V2VConfig("visionzip", 4, 2)))
+    with pytest.raises(ValueError, match="DyMU"):
+        model.set_compression(CompressionConfig("x", dymu=DyMUConfig((0.5,))))
     with pytest.raises(ValueError, match="position_mode"):
         model.set_compression(CompressionConfig("x", t2v=T2VConfig((0.5,), (0.5,), "last", "compact")))
 
@@ -186,3 +188,61 @@ def test_generate_cli_answers_with_a_qwen_checkpoint(qwen_checkpoint, capsys):
             "--max-new-tokens", "3", "--device", "cpu"]  # fmt: skip
     assert generate_cli.main(argv) == 0
     assert capsys.readouterr().out.startswith("[0]")
+
+
+# ---------------------------------------------------------------- V2V on the merged tokens
+
+
+def test_token_scores_follow_the_window_order_back_to_raster_order_and_match_an_eager_reference(monkeypatch):
+    """A 112 px image (8 x 8 patches, 4 x 4 merged tokens) spans four 56 px attention windows, so the vision
+    transformer runs its tokens in window order; scores come back in raster order, per image."""
+    from llava.compression import qwen_v2v
+    from llava.hf_adapter import qwen_vision_layout, qwen_vision_rotary, qwen_visual_embeddings
+
+    hf = tiny_qwen()
+    torch.manual_seed(2)
+    grid = torch.tensor([[1, 8, 8], [1, 4, 4]])
+    pixels = torch.randn(64 + 16, PATCH_FEATURES)
+    window_index, unit, index, block = qwen_vision_layout(hf, grid)
+    assert not torch.equal(window_index[:16], torch.arange(16))  # the windows do reorder the first image
+    _, captured = qwen_visual_embeddings(hf, pixels, grid, capture_block=index)
+    monkeypatch.setattr(qwen_v2v, "QUERY_CHUNK", 5)  # chunked softmax rows must not change the sums
+    scores, keys = qwen_v2v.token_scores(block, captured, window_index, unit)
+    # Eager reference: the whole [heads, n, n] map per image, then window -> raster by transformers' argsort.
+    hidden = block.norm1(captured["hidden_states"])
+    qkv = block.attn.qkv(hidden).reshape(hidden.shape[0], 3, block.attn.num_heads, -1).permute(1, 0, 2, 3)
+    query, key = qwen_vision_rotary(qkv[0], qkv[1], *captured["position_embeddings"])
+    expected = []
+    for start, end in ((0, 64), (64, 80)):
+        q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(1, 2) * block.attn.scaling, dim=-1)
+        expected.append(probs.sum(dim=1).mean(dim=0))
+    merged = torch.cat(expected).view(-1, unit).mean(dim=1)[torch.argsort(window_index)]
+    torch.testing.assert_close(scores, merged, atol=1e-5, rtol=1e-5)
+    assert keys.shape == (20, key.shape[-1])
+
+
+def test_v2v_keeps_each_images_budget_with_positions_and_generates_consistently():
+    compression = CompressionConfig(
+        "qwen_duet", v2v=V2VConfig("duet", 0.5, 0.25), t2v=T2VConfig((0.5, 0.75), (0.5, 0.25), "instruction")
+    )
+    model = DuetQwenVL(tiny_qwen(), compression)
+    inputs = batch()
+    v2v_only = DuetQwenVL(model.hf_model, CompressionConfig("v", v2v=V2VConfig("duet", 0.5, 0.25)))
+    out = v2v_only(**inputs)
+    # Images of 4, 4 and 1 tokens keep floor(0.5 n) + floor(0.25 n) (at least one): 3, 3, 1.
+    assert out.visual_tokens_per_layer[0] * 3 == pytest.approx(7)
+    assert out.attention_mask.shape[1] == inputs["input_ids"].shape[1] - 1  # the two-image row lost one token
+    # Survivors keep their M-RoPE positions: every kept position is one of the full sequence's positions.
+    full = DuetQwenVL(model.hf_model)(**inputs).position_ids
+    for row in range(3):
+        kept = {tuple(p) for p in out.position_ids[row][out.attention_mask[row].bool()].tolist()}
+        assert kept <= {tuple(p) for p in full[row][inputs["attention_mask"][row].bool()].tolist()}
+    options = dict(max_new_tokens=6, eos_token_id=[])
+    cached = model.generate(**inputs, fast=False, **options)
+    assert torch.equal(cached, model.generate(**inputs, use_cache=False, **options))
+    assert torch.equal(cached, model.generate(**inputs, fast=True, **options))
+    single = model.generate(
+        inputs["input_ids"][:1, 3:], None, inputs["pixel_values"][:16], inputs["image_grid_thw"][:1], **options
+    )
+    assert torch.equal(single[0], cached[0])

@@ -90,7 +90,8 @@ class V2VConfig:
     ``method`` is ``"duet"`` (anchors evenly spaced in CLS-score rank over a pool of ``cluster_width * k2``
     candidates, other patches dropped) or ``"visionzip"`` (anchors evenly spaced by position over all
     remaining patches, all of them merged; ``cluster_width`` unused) or ``"random"`` (the baseline: CLS and
-    ``k1 - 1`` uniformly random patches, ``k2`` must be 0).
+    ``k1 - 1`` uniformly random patches, ``k2`` must be 0). Floats in (0, 1) are fractions of each image's
+    tokens (Qwen2.5-VL, whose images have different token counts; no CLS there).
     """
 
     method: str
@@ -101,13 +102,22 @@ class V2VConfig:
     def __post_init__(self) -> None:
         if self.method not in V2V_METHODS:
             raise CompressionConfigError(f"v2v.method must be one of {list(V2V_METHODS)}, got {self.method!r}")
-        if not _is_int(self.dominant) or self.dominant < 1:
-            raise CompressionConfigError(
-                f"v2v.dominant (k1) must be an integer >= 1 because it counts the CLS token, which is always "
-                f"kept; got {self.dominant!r}"
-            )
-        if not _is_int(self.contextual) or self.contextual < 0:
-            raise CompressionConfigError(f"v2v.contextual (k2) must be an integer >= 0, got {self.contextual!r}")
+        if self.is_fraction:
+            if not (
+                0.0 < self.dominant < 1.0 and 0.0 <= self.contextual < 1.0 and self.dominant + self.contextual <= 1
+            ):
+                raise CompressionConfigError(
+                    "v2v.dominant and v2v.contextual given as fractions of each image's tokens must lie in (0, 1) and "
+                    f"[0, 1) and sum to at most 1; got {self.dominant!r}, {self.contextual!r}"
+                )
+        else:
+            if not _is_int(self.dominant) or self.dominant < 1:
+                raise CompressionConfigError(
+                    f"v2v.dominant (k1) must be an integer >= 1 because it counts the CLS token, which is always "
+                    f"kept; got {self.dominant!r}"
+                )
+            if not _is_int(self.contextual) or self.contextual < 0:
+                raise CompressionConfigError(f"v2v.contextual (k2) must be an integer >= 0, got {self.contextual!r}")
         if self.method == "random" and self.contextual != 0:
             raise CompressionConfigError(
                 "v2v.method random keeps k1 random tokens and merges nothing: contextual must be 0, "
@@ -117,8 +127,22 @@ class V2VConfig:
             raise CompressionConfigError(f"v2v.cluster_width must be an integer >= 1, got {self.cluster_width!r}")
 
     @property
+    def is_fraction(self) -> bool:
+        """Budgets given as fractions of each image's token count (Qwen2.5-VL's counts vary per image)."""
+        return isinstance(self.dominant, float) or (isinstance(self.contextual, float) and self.contextual > 0)
+
+    def budget(self, num_tokens: int) -> tuple[int, int]:
+        """``(k1, k2)`` for an image of ``num_tokens`` tokens: the fractions floored, at least one dominant token."""
+        if not self.is_fraction:
+            return self.dominant, self.contextual
+        dominant = max(1, _floor(self.dominant * num_tokens))
+        return dominant, min(_floor(self.contextual * num_tokens), num_tokens - dominant)
+
+    @property
     def num_tokens(self) -> int:
         """Visual tokens per image leaving the vision tower: ``k1 + k2``."""
+        if self.is_fraction:
+            raise ValueError("v2v budgets given as fractions keep a different number of tokens per image")
         return self.dominant + self.contextual
 
 

@@ -52,7 +52,7 @@ def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
 
 
-def _merge_into_anchors(
+def merge_into_anchors(
     features: torch.Tensor,
     keys: torch.Tensor,
     anchor_idx: torch.Tensor,
@@ -80,7 +80,7 @@ def _merge_into_anchors(
     return anchors + means.to(anchors.dtype)
 
 
-def _split_anchors(count: int, wanted: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def split_anchors(count: int, wanted: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor slots (:func:`_evenly_spaced`) of ``0..count-1`` and the other slots, both ascending.
 
     Built with an argsort instead of boolean indexing, so no size is read back from the device.
@@ -175,8 +175,8 @@ class DuetMerger(_DominantContextualMerger):
     ) -> torch.Tensor:
         pool_size = min(self.cluster_width * self.contextual, remaining_by_score.shape[1])
         pool = remaining_by_score[:, :pool_size]
-        anchor_ranks, member_ranks = _split_anchors(pool_size, self.contextual, pool.device)
-        return _merge_into_anchors(features, keys, pool[:, anchor_ranks], pool[:, member_ranks])
+        anchor_ranks, member_ranks = split_anchors(pool_size, self.contextual, pool.device)
+        return merge_into_anchors(features, keys, pool[:, anchor_ranks], pool[:, member_ranks])
 
 
 class VisionZipMerger(_DominantContextualMerger):
@@ -193,8 +193,8 @@ class VisionZipMerger(_DominantContextualMerger):
     ) -> torch.Tensor:
         remaining = remaining_by_score.sort(dim=1).values  # raster order, as VisionZip's masked_select
         count = remaining.shape[1]
-        anchor_slots, member_slots = _split_anchors(count, self.contextual, remaining.device)
-        return _merge_into_anchors(features, keys, remaining[:, anchor_slots], remaining[:, member_slots])
+        anchor_slots, member_slots = split_anchors(count, self.contextual, remaining.device)
+        return merge_into_anchors(features, keys, remaining[:, anchor_slots], remaining[:, member_slots])
 
 
 class RandomMerger(_DominantContextualMerger):
@@ -226,6 +226,11 @@ MERGERS: dict[str, Callable[..., VisualTokenMerger]] = {
 
 def build_merger(v2v_config: V2VConfig) -> VisualTokenMerger:
     """The merger named by ``v2v_config.method`` with its ``k1``/``k2``/``cluster_width``."""
+    if v2v_config.is_fraction:
+        raise ValueError(
+            "V2V budgets as fractions of each image's tokens are for Qwen2.5-VL; LLaVA's tower has a fixed count: "
+            "give k1 and k2 as token counts"
+        )
     factory = MERGERS.get(v2v_config.method)
     if factory is None:
         raise ValueError(f"unknown V2V method {v2v_config.method!r}; expected one of {sorted(MERGERS)}")

@@ -10,20 +10,24 @@ positions, the causal mask and an fp32 softmax, keeps ``floor(ratio * N0)`` of e
 tokens (never compounding), and keeps every survivor's 3-D position. Decoding continues after each row's
 largest position, as transformers' ``rope_deltas`` do, with one KV cache length per stage.
 
-Not here yet: V2V on Qwen's merged tokens (the vision side runs uncompressed), the processor pipeline,
-evaluation and finetuning (see the README).
+V2V (DUET's dominant + contextual tokens, :mod:`llava.compression.qwen_v2v`) runs on the merged tokens
+after the patch merger, scored in the vision transformer's last full-attention block; the dropped tokens
+leave the sequence after the positions were laid out, so the survivors keep their (t, h, w). Not here
+yet: finetuning (see the README).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from llava.compression.config import load_compression
+from llava.compression.qwen_v2v import select_tokens, token_scores
 from llava.compression.t2v import Sequence, build_query_mask
-from llava.hf_adapter import Cache, qwen_rope_index, qwen_visual_embeddings
+from llava.hf_adapter import Cache, qwen_rope_index, qwen_vision_layout, qwen_visual_embeddings
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
 from llava.model.modeling import DuetLlavaOutput
 
@@ -40,6 +44,7 @@ class DuetQwenVL(nn.Module):
         self.hf_model = hf_model
         self.config = hf_model.config
         self.stage_plan = None
+        self.v2v = None
         self.set_compression(compression)
 
     @property
@@ -54,13 +59,15 @@ class DuetQwenVL(nn.Module):
         return self.hf_model.get_output_embeddings()
 
     def set_compression(self, spec: Any) -> None:
-        """Switch the compression preset (T2V only on Qwen2.5-VL for now; positions are always kept)."""
+        """Switch the compression preset (DUET's V2V after the patch merger and T2V; positions are kept)."""
         compression = load_compression(spec)
-        if compression.v2v is not None or compression.dymu is not None:
+        if compression.dymu is not None:
             raise ValueError(
-                f"compression {compression.name!r}: Qwen2.5-VL supports T2V stages only for now (V2V after the "
-                "patch merger is not implemented)"
+                f"compression {compression.name!r}: DyMU is not available for Qwen2.5-VL's vision transformer"
             )
+        if compression.v2v is not None and compression.v2v.method != "duet":
+            raise ValueError(f"Qwen2.5-VL's V2V is DUET's (dominant + contextual), not {compression.v2v.method!r}")
+        self.v2v = compression.v2v
         if compression.t2v is not None:
             if compression.t2v.position_mode != "keep":
                 raise ValueError("Qwen2.5-VL keeps every token's M-RoPE position: t2v.position_mode must be 'keep'")
@@ -102,11 +109,18 @@ class DuetQwenVL(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         token_types = self._token_types(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
+        kept = attention_mask.bool()
+        v2v_seconds = 0.0
         for pixels, grid, kind in ((pixel_values, image_grid_thw, 1), (pixel_values_videos, video_grid_thw, 2)):
-            if pixels is not None:
-                visual = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2).to(embeds.dtype)
-                slots = (token_types == kind).unsqueeze(-1)
-                embeds = embeds.masked_scatter(slots, visual)
+            if pixels is None:
+                continue
+            slots = token_types == kind
+            if self.v2v is None:
+                visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2)
+            else:
+                visual, keep, v2v_seconds = self._v2v(pixels, grid, kind == 2)
+                kept = kept.masked_scatter(slots, keep)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
         positions = qwen_rope_index(
             self.hf_model, input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask
         )
@@ -122,6 +136,9 @@ class DuetQwenVL(nn.Module):
             visual_mask=visual_mask,
             query_mask=query_mask,
         )
+        if self.v2v is not None and not bool(kept.all()):
+            # V2V drops tokens after the positions were laid out: the survivors keep their (t, h, w).
+            sequence = sequence.compact(kept, left_align=True, recompute_positions=False)
         segments = sum(0 if grid is None else int(grid.shape[0]) for grid in (image_grid_thw, video_grid_thw))
         left = bool(left_padding) if left_padding is not None else True
         result = run_decoder(decoder, sequence, plan, cache, use_cache, left, segments)
@@ -134,8 +151,18 @@ class DuetQwenVL(nn.Module):
             decode_state=result.decode_state,
             prompt_length=input_ids.shape[1],
             visual_tokens_per_layer=result.visual_tokens_per_layer,
-            compression_time_s=result.compression_time_s,
+            compression_time_s=result.compression_time_s + v2v_seconds,
         )
+
+    def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor, video: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Merged visual tokens, which of them V2V keeps, and the host seconds its scoring and merging took."""
+        window_index, merge_unit, block_index, block = qwen_vision_layout(self.hf_model, grid)
+        visual, captured = qwen_visual_embeddings(self.hf_model, pixels, grid, video=video, capture_block=block_index)
+        began = time.perf_counter()
+        scores, keys = token_scores(block, captured, window_index, merge_unit)
+        counts = (grid.prod(dim=-1) // merge_unit).tolist()
+        keep, values = select_tokens(visual, scores, keys, counts, self.v2v)
+        return values, keep, time.perf_counter() - began
 
     @torch.no_grad()
     def generate(
