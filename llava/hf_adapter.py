@@ -70,6 +70,7 @@ __all__ = [
     "current_training_argv",
     "decode_step_mask",
     "enable_activation_checkpointing",
+    "flat_rotary_tables",
     "load_image_processor",
     "new_dynamic_cache",
     "qwen_rope_index",
@@ -77,6 +78,7 @@ __all__ = [
     "qwen_vision_rotary",
     "qwen_visual_embeddings",
     "rotary_embed",
+    "rotary_tables",
     "set_attn_implementation",
 ]
 
@@ -124,6 +126,13 @@ def causal_mask(
                 allow_is_causal_skip=False,
                 **{cache_kwarg_of(create_causal_mask): None},
             )
+        # Releases without the switch: the same causal + padding mask, built here (a padding query attends
+        # to itself, so no row is empty).
+        length = attention_mask.shape[1]
+        device = attention_mask.device
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        mask = (causal & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
+        return mask[:, None]
     return create_causal_mask(
         config=config,
         inputs_embeds=inputs_embeds,
@@ -383,6 +392,39 @@ def decode_step_mask(config: PreTrainedConfig, attendable: torch.Tensor, dtype: 
     raise ValueError(
         f"static-cache decoding supports the {' and '.join(STATIC_DECODE_KERNELS)} attention kernels, not {kernel!r}"
     )
+
+
+def _mrope_section(config: PreTrainedConfig) -> list[int] | None:
+    for field_name in ("rope_parameters", "rope_scaling"):
+        settings = getattr(config, field_name, None)
+        if isinstance(settings, dict) and settings.get("mrope_section"):
+            return list(settings["mrope_section"])
+    return None
+
+
+def rotary_tables(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The decoder's own RoPE tables for ``position_ids`` ``[B, L]`` (or M-RoPE's ``[3, B, L]``), in whatever
+    form its layers take. A text-only ``[B, L]`` is given to an M-RoPE decoder as three equal rows
+    (transformers before about 5.2x require the three rows)."""
+    if position_ids.dim() == 2 and _mrope_section(decoder.config) is not None:
+        position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+    return decoder.rotary_emb(hidden, position_ids=position_ids)
+
+
+def flat_rotary_tables(
+    config: PreTrainedConfig, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables as ``[B, L, head_dim]``: M-RoPE's per-component ``[3, B, L, head_dim]`` tables (older
+    transformers; newer ones recombine them in the rotary embedding) recombined by ``mrope_section``,
+    as the attention layer does before rotating."""
+    if cos.dim() != 4:
+        return cos, sin
+    sections = _mrope_section(config) * 2
+
+    def combine(table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part[index % 3] for index, part in enumerate(table.split(sections, dim=-1))], dim=-1)
+
+    return combine(cos), combine(sin)
 
 
 def rotary_embed(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -246,3 +246,12 @@ def test_v2v_keeps_each_images_budget_with_positions_and_generates_consistently(
         inputs["input_ids"][:1, 3:], None, inputs["pixel_values"][:16], inputs["image_grid_thw"][:1], **options
     )
     assert torch.equal(single[0], cached[0])
+
+
+def test_qwen_presets_reach_the_papers_reductions():
+    from llava.compression.accounting import visual_token_reduction
+    from llava.compression.config import load_compression
+
+    assert visual_token_reduction(load_compression("qwen_duet_53"), 28, 1000) == pytest.approx(0.519, abs=0.001)
+    assert visual_token_reduction(load_compression("qwen_duet_67"), 28, 1000) == pytest.approx(0.670, abs=0.001)
+    DuetQwenVL(tiny_qwen(), "qwen_duet_53")  # the presets load on a Qwen model

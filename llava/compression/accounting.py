@@ -86,6 +86,8 @@ def initial_visual_tokens(
         )
     if config.v2v is None:
         return num_frames * (num_patches + int(cls_token))
+    if config.v2v.is_fraction:  # Qwen2.5-VL: fractions of each image's merged tokens (no CLS)
+        return num_frames * sum(config.v2v.budget(num_patches))
     if config.v2v.num_tokens > num_patches + 1:
         raise ValueError(
             f"compression {config.name!r}: v2v keeps k1 + k2 = {config.v2v.num_tokens} tokens but the tower only "
@@ -255,7 +257,12 @@ def _describe(
         v2v = config.v2v
         width = f", cluster_width {v2v.cluster_width}" if v2v.method == "duet" else ""
         where = " per frame" if num_frames > 1 else ""
-        lines.append(f"  V2V {v2v.method}: k1 {v2v.dominant} (CLS included) + k2 {v2v.contextual}{width}{where}")
+        if v2v.is_fraction:
+            lines.append(
+                f"  V2V {v2v.method}: k1 {v2v.dominant} + k2 {v2v.contextual} of each image's tokens{width}{where}"
+            )
+        else:
+            lines.append(f"  V2V {v2v.method}: k1 {v2v.dominant} (CLS included) + k2 {v2v.contextual}{width}{where}")
     if config.t2v is not None:
         t2v = config.t2v
         joint = " (ranked over all frames jointly)" if num_frames > 1 else ""

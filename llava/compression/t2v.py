@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llava.constants import IGNORE_INDEX
-from llava.hf_adapter import rotary_embed
+from llava.hf_adapter import flat_rotary_tables, rotary_embed
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def score_visual_tokens(
     hidden = layer.input_layernorm(sequence.hidden)
     batch, length, _ = hidden.shape
     head_dim = attention.head_dim
-    cos, sin = position_embeddings
+    cos, sin = flat_rotary_tables(attention.config, *position_embeddings)
 
     query_count = sequence.query_mask.sum(dim=1)
     if max_queries is None:

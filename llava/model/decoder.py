@@ -22,7 +22,14 @@ from llava.compression.t2v import (
     keep_top_visual,
     score_visual_tokens,
 )
-from llava.hf_adapter import Cache, call_decoder_layer, call_decoder_layer_on_groups, causal_mask, decode_step_mask
+from llava.hf_adapter import (
+    Cache,
+    call_decoder_layer,
+    call_decoder_layer_on_groups,
+    causal_mask,
+    decode_step_mask,
+    rotary_tables,
+)
 from llava.utils.profiling import PROFILE_REGIONS
 
 POSITION_MODES = ("keep", "compact")
@@ -213,7 +220,7 @@ def run_decoder(
                 keep = keep_top_visual(scores, sequence, keep_counts)
                 sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
             compression_time += time.perf_counter() - began
-        position_embeddings = decoder.rotary_emb(sequence.hidden, position_ids=rotary_positions(sequence.position_ids))
+        position_embeddings = rotary_tables(decoder, sequence.hidden, rotary_positions(sequence.position_ids))
         # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
         mask = causal_mask(
             decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free=padding_free[stage]
@@ -264,7 +271,7 @@ def run_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: DecodeStat
         state.attention_masks[stage] = mask
         positions = state.next_positions[stage].unsqueeze(1) + steps
         state.next_positions[stage] = state.next_positions[stage] + new_tokens
-        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        position_embeddings = rotary_tables(decoder, hidden, positions)
         causal = causal_mask(decoder.config, hidden, mask, cache, start)
         hidden = _run_layers(
             list(decoder.layers[start:end]), hidden, causal, positions, position_embeddings,
@@ -318,7 +325,7 @@ def run_static_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: Sta
         attendable = state.attendable[stage]
         attendable.index_fill_(1, state.write_columns[stage : stage + 1], True)
         positions = state.positions[stage].unsqueeze(1)
-        position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+        position_embeddings = rotary_tables(decoder, hidden, positions)
         mask = decode_step_mask(decoder.config, attendable, hidden.dtype)
         hidden = _run_layers(list(decoder.layers[start:end]), hidden, mask, positions, position_embeddings, cache, True)
     state.positions.add_(1)
