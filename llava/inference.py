@@ -161,8 +161,19 @@ class GenerationPipeline:
     def _eos_ids(self) -> list[int]:
         return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
 
-    def _pixel_dtype(self) -> torch.dtype:
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype pixel inputs are cast to (the vision side's)."""
         return next(self.model.parameters()).dtype
+
+    def to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model inputs on the model's device, pixels in :meth:`pixel_dtype`."""
+        device = self.device
+        return {
+            key: value.to(device=device, dtype=self.pixel_dtype())
+            if key.startswith("pixel_values")
+            else value.to(device)
+            for key, value in inputs.items()
+        }
 
     def generate(
         self,
@@ -192,11 +203,7 @@ class GenerationPipeline:
         answers: list[str] = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
-            inputs = {
-                key: value.to(device=device, dtype=self._pixel_dtype()) if key.startswith("pixel_values")
-                else value.to(device)
-                for key, value in self.prepare(batch).items()
-            }  # fmt: skip
+            inputs = self.to_device(self.prepare(batch))
             new_tokens = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -312,7 +319,8 @@ class LlavaPipeline(GenerationPipeline):
             fast_decoding=fast_decoding,
         )
 
-    def _pixel_dtype(self) -> torch.dtype:
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype pixel inputs are cast to (the vision tower's)."""
         return self.model.vision_tower.dtype
 
     def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:

@@ -281,3 +281,16 @@ def test_lmms_eval_cli_finds_and_runs_duet_llava(checkpoint: Path, task_dir: Pat
     results = json.loads(saved[0].read_text())
     assert "accuracy,none" in results["results"]["duet_yesno"]
     assert "compression=duet_64" in json.dumps(results["config"])
+
+
+def test_a_qwen_checkpoint_answers_and_scores_through_the_plugin(qwen_checkpoint: Path, task_dir: Path) -> None:
+    """The plugin loads Qwen2.5-VL through the same pipeline dispatch: generation and loglikelihood."""
+    from llava.inference_qwen import QwenVLPipeline
+
+    model = DuetLlava(pretrained=str(qwen_checkpoint), batch_size=2, device="cpu", max_new_tokens=4)
+    assert isinstance(model.pipeline, QwenVLPipeline)
+    answers = _responses(_evaluate(model, task_dir, "duet_yesno"), "duet_yesno")
+    assert len(answers) == len(QUESTIONS) and all(isinstance(answer, str) for answer in answers)
+    scores = _responses(_evaluate(model, task_dir, "duet_yesno_ll"), "duet_yesno_ll")
+    scores = [ast.literal_eval(s) if isinstance(s, str) else s for s in scores]
+    assert len(scores) == len(QUESTIONS) and all(logprob < 0 for logprob, _ in scores)

@@ -5,33 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
 from llava.model.qwen_vl import DuetQwenVL
+from tests.conftest import IMAGE, PATCH_FEATURES, tiny_qwen
 
-IMAGE, START, END = 150, 152, 153
-PATCH_FEATURES = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
-
-
-def tiny_qwen() -> Qwen2_5_VLForConditionalGeneration:
-    """A random Qwen2.5-VL: 2-block vision transformer (window + full attention), 4-layer Qwen2 decoder."""
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=160, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-        ),
-        image_token_id=IMAGE, video_token_id=151, vision_start_token_id=START, vision_end_token_id=END,
-    )  # fmt: skip
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+START, END = 152, 153
 
 
 def image(tokens: int) -> list[int]:
@@ -116,43 +95,6 @@ def test_unsupported_settings_are_refused():
 
 
 # ---------------------------------------------------------------- a local Qwen2.5-VL checkpoint end to end
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-@pytest.fixture(scope="module")
-def qwen_checkpoint(tmp_path_factory):
-    """A tiny Qwen2.5-VL saved like the Hub's: weights, locally trained tokenizer with Qwen's special tokens
-    and chat template, Qwen's image processor (dynamic resolution), and a few images."""
-    from PIL import Image
-    from transformers import Qwen2VLImageProcessorPil
-
-    from llava.playground.tokenizer import train_playground_tokenizer
-
-    out = tmp_path_factory.mktemp("qwen")
-    tokenizer = train_playground_tokenizer(["what colour is the shape", "a red square", "hello there"] * 40, 300)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
-    model = tiny_qwen()
-    model.config.image_token_id = ids["<|image_pad|>"]
-    model.config.video_token_id = ids["<|video_pad|>"]
-    model.config.vision_start_token_id = ids["<|vision_start|>"]
-    model.config.vision_end_token_id = ids["<|vision_end|>"]
-    model.resize_token_embeddings(len(tokenizer))
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], tokenizer.eos_token_id]
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2).save_pretrained(out)
-    for index, size in enumerate([(90, 70), (60, 60), (120, 80)]):
-        Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
-    return out
 
 
 def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(qwen_checkpoint):

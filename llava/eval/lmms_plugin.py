@@ -221,9 +221,7 @@ class DuetLlava(lmms):
         """Teacher-forced log-probabilities of ``continuations`` after the left-padded prompts."""
         model = self.pipeline.model
         device = self.pipeline.device
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=model.vision_tower.dtype)
+        inputs = self.pipeline.to_device(inputs)
         width = max(len(ids) for ids in continuations)
         pad_id = self.pipeline._pad_id()
         targets = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in continuations], device=device)
@@ -231,9 +229,7 @@ class DuetLlava(lmms):
 
         cache = new_dynamic_cache(model.language_model.config)
         out = model(
-            inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            pixel_values=pixel_values,
+            **inputs,
             cache=cache,
             use_cache=True,
             left_padding=True,
