@@ -197,3 +197,24 @@ def test_qwen_presets_reach_the_papers_reductions():
     assert visual_token_reduction(load_compression("qwen_duet_53"), 28, 1000) == pytest.approx(0.519, abs=0.001)
     assert visual_token_reduction(load_compression("qwen_duet_67"), 28, 1000) == pytest.approx(0.670, abs=0.001)
     DuetQwenVL(tiny_qwen(), "qwen_duet_53")  # the presets load on a Qwen model
+
+
+def test_qwen_benchmark_flop_model_and_a_tiny_timed_run(tmp_path):
+    from llava.bench import qwen_speed
+
+    rows = qwen_speed.main(["--flops-only", "--batch-sizes", "1", "--out", str(tmp_path / "flops.json")])
+    by_preset = {row["preset"]: row for row in rows}
+    # 1008 x 756 px: 72 x 54 patches, 972 merged tokens; qwen_duet_53 keeps floor(0.65 n) + floor(0.05 n) = 679,
+    # then 339 from layer 14 and 169 from layer 21 of 28.
+    assert by_preset["none"]["visual tok/layer"] == 972
+    assert by_preset["qwen_duet_53"]["visual tok/layer"] == pytest.approx((679 * 14 + 339 * 7 + 169 * 7) / 28)
+    assert 1.0 > by_preset["qwen_duet_53"]["flops_ratio_vs_none"] > by_preset["qwen_duet_67"]["flops_ratio_vs_none"]
+    timed = qwen_speed.main(
+        ["--shape", "qwen-tiny", "--batch-sizes", "2", "--image-size", "112x112", "--prompt-tokens", "6",
+         "--new-tokens", "3", "--repeats", "1", "--device", "cpu", "--presets", "none,qwen_duet_53",
+         "--out", str(tmp_path / "tiny.json")]
+    )  # fmt: skip
+    assert [(row["preset"], row["path"]) for row in timed] == [
+        ("none", "eager"), ("qwen_duet_53", "eager"), ("none", "fast"), ("qwen_duet_53", "fast")
+    ]  # fmt: skip
+    assert all(row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in timed)
