@@ -226,7 +226,7 @@ MERGERS: dict[str, Callable[..., VisualTokenMerger]] = {
 
 def build_merger(v2v_config: V2VConfig) -> VisualTokenMerger:
     """The merger named by ``v2v_config.method`` with its ``k1``/``k2``/``cluster_width``."""
-    if v2v_config.is_fraction:
+    if getattr(v2v_config, "is_fraction", False):
         raise ValueError(
             "V2V budgets as fractions of each image's tokens are for Qwen2.5-VL; LLaVA's tower has a fixed count: "
             "give k1 and k2 as token counts"
