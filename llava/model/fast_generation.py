@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from llava.hf_adapter import STATIC_DECODE_KERNELS, attn_implementation_of
 from llava.model.decoder import StaticDecodeState, decoder_of, run_static_decoder_step
@@ -64,6 +65,29 @@ class _Runner:
     logits: torch.Tensor | None = None  # [B, V], the step's output (allocated by the first step)
     graph: torch.cuda.CUDAGraph | None = None
     capture_failed: bool = False
+
+
+def prefill(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    pixel_values_videos: torch.Tensor | None,
+    cache: Any,
+    visual_inputs: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    """The prompt's forward pass of a left-padded batch (into ``cache`` when given), last-token logits."""
+    return model(
+        input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos,
+        cache=cache,
+        use_cache=cache is not None,
+        left_padding=True,
+        logits_to_keep=1,
+        **(visual_inputs or {}),
+    )
 
 
 class FastDecoder:
@@ -232,17 +256,7 @@ class FastDecoder:
         stage_starts = plan.stage_starts() if plan is not None else (0,)
         cache = self._cache_for(stage_starts)
         cache.begin_prefill(reserve=max_new_tokens - 1)
-        out = model(
-            input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            cache=cache,
-            use_cache=True,
-            left_padding=True,
-            logits_to_keep=1,
-            **(visual_inputs or {}),
-        )
+        out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, cache, visual_inputs)
         batch = input_ids.shape[0]
         eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llava.hf_adapter import new_dynamic_cache
-from llava.model.fast_generation import FastDecoder, static_decode_supported
+from llava.model.fast_generation import FastDecoder, prefill, static_decode_supported
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
@@ -129,17 +129,7 @@ def greedy_or_sample(
     new_tokens: list[torch.Tensor] = []
 
     cache = new_dynamic_cache(model.language_model.config) if use_cache else None
-    out = model(
-        input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        pixel_values_videos=pixel_values_videos,
-        cache=cache,
-        use_cache=use_cache,
-        left_padding=True,
-        logits_to_keep=1,
-        **visual_inputs,
-    )
+    out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, cache, visual_inputs)
     decode_state = out.decode_state
     prompt_length = out.prompt_length
     for step in range(max_new_tokens):

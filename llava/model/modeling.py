@@ -101,6 +101,16 @@ def merged_row_lengths(
     return lengths
 
 
+def decode_step_output(
+    model: nn.Module, input_ids: torch.Tensor, state: DecodeState, cache: Cache, logits_to_keep: int
+) -> DuetLlavaOutput:
+    """New tokens after a (possibly compressed) prefill: the model's embeddings, its decoder's stages with
+    their own caches and positions (``state``, advanced in place), its LM head."""
+    hidden = run_decoder_step(decoder_of(model.language_model), model.get_input_embeddings()(input_ids), state, cache)
+    logits = model.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
+    return DuetLlavaOutput(logits=logits, cache=cache, decode_state=state)
+
+
 class DuetLlavaPreTrainedModel(PreTrainedModel):
     config_class = DuetLlavaConfig
     config: DuetLlavaConfig
@@ -434,9 +444,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         if decode_state is not None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("pixel values can only be given at prefill, not at a decode step")
-            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, cache)
-            logits = self.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
-            return DuetLlavaOutput(logits=logits, cache=cache, decode_state=decode_state)
+            return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("decode steps need the decode_state returned by the prefill call")
 

@@ -28,8 +28,8 @@ from llava.compression.config import load_compression
 from llava.compression.qwen_v2v import select_tokens, token_scores
 from llava.compression.t2v import Sequence, build_query_mask
 from llava.hf_adapter import Cache, qwen_rope_index, qwen_vision_layout, qwen_visual_embeddings
-from llava.model.decoder import DecodeState, decoder_of, run_decoder, run_decoder_step, stage_plan_from_config
-from llava.model.modeling import DuetLlavaOutput
+from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.modeling import DuetLlavaOutput, decode_step_output
 
 QWEN_QUERY_MODES = ("last", "instruction")
 
@@ -102,9 +102,7 @@ class DuetQwenVL(nn.Module):
         decoder = decoder_of(self.language_model)
         lm_head = self.get_output_embeddings()
         if decode_state is not None:
-            hidden = run_decoder_step(decoder, self.get_input_embeddings()(input_ids), decode_state, cache)
-            logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
-            return DuetLlavaOutput(logits=logits, cache=cache, decode_state=decode_state)
+            return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_types = self._token_types(input_ids)
