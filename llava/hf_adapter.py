@@ -74,6 +74,7 @@ __all__ = [
     "load_image_processor",
     "new_dynamic_cache",
     "qwen_rope_index",
+    "qwen_text_model",
     "qwen_vision_layout",
     "qwen_vision_rotary",
     "qwen_visual_embeddings",
@@ -215,6 +216,11 @@ def call_decoder_layer_on_groups(
     averaged = sums / group_sizes.clamp(min=1).unsqueeze(-1).to(sums.dtype)
     hidden = unique + attention.o_proj(averaged)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def qwen_text_model(model: PreTrainedModel) -> nn.Module:
+    """Qwen2.5-VL's text decoder (``model.model.language_model`` since transformers 4.52's layout)."""
+    return model.model.language_model
 
 
 def qwen_visual_embeddings(

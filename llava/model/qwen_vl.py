@@ -1,4 +1,4 @@
-"""Qwen2.5-VL with DUET's text-guided dropping (T2V) in the Qwen2 decoder, by composition.
+"""Qwen2.5-VL with DUET compression (V2V after the patch merger, T2V in the Qwen2 decoder), by composition.
 
 The HF model (``Qwen2_5_VLForConditionalGeneration``) supplies everything but the decoder loop: its
 vision transformer and patch merger give the visual tokens (spliced into the placeholder positions, one
@@ -27,7 +27,7 @@ from torch import nn
 from llava.compression.config import load_compression
 from llava.compression.qwen_v2v import select_tokens, token_scores
 from llava.compression.t2v import Sequence, build_query_mask
-from llava.hf_adapter import Cache, qwen_rope_index, qwen_vision_layout, qwen_visual_embeddings
+from llava.hf_adapter import Cache, qwen_rope_index, qwen_text_model, qwen_vision_layout, qwen_visual_embeddings
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
 from llava.model.modeling import DuetLlavaOutput, decode_step_output
 
@@ -35,7 +35,7 @@ QWEN_QUERY_MODES = ("last", "instruction")
 
 
 class DuetQwenVL(nn.Module):
-    """A ``Qwen2_5_VLForConditionalGeneration`` run with DUET's T2V stages; the same ``forward``/``generate``
+    """A ``Qwen2_5_VLForConditionalGeneration`` run with DUET's V2V and T2V stages; the same ``forward``/``generate``
     contract as :class:`~llava.model.modeling.DuetLlavaForCausalLM` (prefill, decode steps with a
     ``decode_state``, per-stage caches, the fast decode path)."""
 
@@ -50,7 +50,7 @@ class DuetQwenVL(nn.Module):
     @property
     def language_model(self) -> nn.Module:
         """The Qwen2 text decoder (embeddings, layers, norm, M-RoPE rotary embedding)."""
-        return self.hf_model.model.language_model
+        return qwen_text_model(self.hf_model)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf_model.get_input_embeddings()
