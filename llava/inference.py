@@ -118,7 +118,8 @@ def _has_any(path: Path, names: Sequence[str]) -> bool:
     return any((path / name).is_file() for name in names)
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -293,7 +294,7 @@ class LlavaPipeline(GenerationPipeline):
                     "image_processor.save_pretrained() or pass vision_tower= (a CLIP dir that has one)"
                 )
             processor_dir = Path(vision_tower)
-        device = torch.device(device) if device is not None else _default_device()
+        device = torch.device(device) if device is not None else default_device()
         model = load_pretrained_model(model_dir, dtype=dtype, vision_tower=vision_tower)
         model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

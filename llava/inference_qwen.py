@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from llava.constants import IMAGE_TAG
 from llava.data.images import load_image
 from llava.hf_adapter import load_image_processor
-from llava.inference import GenerationPipeline, MissingComponentError, Request, image_paths
+from llava.inference import GenerationPipeline, MissingComponentError, Request, default_device, image_paths
 from llava.model.loading import check_weight_files, read_config_json
 from llava.model.qwen_vl import DuetQwenVL
 
@@ -74,9 +74,7 @@ class QwenVLPipeline(GenerationPipeline):
         """Load a Qwen2.5-VL directory; ``min_pixels``/``max_pixels`` bound each image's resolution."""
         model_dir = Path(path)
         model = load_qwen_vl(model_dir, dtype=dtype, compression=compression)
-        device = (
-            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        device = torch.device(device) if device is not None else default_device()
         model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokenizer.padding_side = "left"

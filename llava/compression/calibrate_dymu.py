@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPVisionModel
 
+from llava.compression.config import DyMUConfig
 from llava.compression.dtome import MergeState, merge_above, merge_top_edges
 from llava.data.dataset import DataError, contained_path, read_samples
 from llava.data.images import load_and_preprocess
@@ -231,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "num_images": int(images), "feature_layer": args.vision_feature_layer,
                                "num_layers": calibrator.num_layers, "tokens_in": calibrator.num_tokens}  # fmt: skip
     if args.measure is not None:
-        data = json.loads(Path(args.measure).read_text(encoding="utf-8"))
-        thresholds = [float(value) for value in data["thresholds"]]
+        # Read and checked as a preset reads it (errors name the file).
+        thresholds = list(DyMUConfig(thresholds_file=args.measure).thresholds)
         if len(thresholds) != calibrator.num_layers:
             raise ValueError(
                 f"{args.measure} has {len(thresholds)} thresholds but the tower runs {calibrator.num_layers} layers"

@@ -99,8 +99,6 @@ class DuetQwenVL(nn.Module):
     ) -> DuetLlavaOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
         ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`."""
-        decoder = decoder_of(self.language_model)
-        lm_head = self.get_output_embeddings()
         if decode_state is not None:
             return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
         if attention_mask is None:
@@ -116,7 +114,8 @@ class DuetQwenVL(nn.Module):
             if self.v2v is None:
                 visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2)
             else:
-                visual, keep, v2v_seconds = self._v2v(pixels, grid, kind == 2)
+                visual, keep, seconds = self._v2v(pixels, grid, kind == 2)
+                v2v_seconds += seconds
                 kept = kept.masked_scatter(slots, keep)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
         positions = qwen_rope_index(
@@ -139,10 +138,10 @@ class DuetQwenVL(nn.Module):
             sequence = sequence.compact(kept, left_align=True, recompute_positions=False)
         segments = sum(0 if grid is None else int(grid.shape[0]) for grid in (image_grid_thw, video_grid_thw))
         left = bool(left_padding) if left_padding is not None else True
-        result = run_decoder(decoder, sequence, plan, cache, use_cache, left, segments)
-        kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
+        result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, left, segments)
+        last = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
         return DuetLlavaOutput(
-            logits=lm_head(kept),
+            logits=self.get_output_embeddings()(last),
             cache=cache if use_cache else None,
             attention_mask=result.sequence.attention_mask,
             position_ids=result.sequence.position_ids,
