@@ -73,6 +73,7 @@ __all__ = [
     "flat_rotary_tables",
     "load_image_processor",
     "new_dynamic_cache",
+    "qwen_merger",
     "qwen_rope_index",
     "qwen_text_model",
     "qwen_vision_layout",
@@ -221,6 +222,11 @@ def call_decoder_layer_on_groups(
 def qwen_text_model(model: PreTrainedModel) -> nn.Module:
     """Qwen2.5-VL's text decoder (``model.model.language_model`` since transformers 4.52's layout)."""
     return model.model.language_model
+
+
+def qwen_merger(model: PreTrainedModel) -> nn.Module:
+    """Qwen2.5-VL's patch merger (vision tokens -> LLM width), the model's projector."""
+    return model.model.visual.merger
 
 
 def qwen_visual_embeddings(

@@ -28,12 +28,12 @@ from llava.model.fast_generation import FastDecoder
 from llava.model.generation import use_fast_path
 from llava.model.loading import load_pretrained_model, read_config_json, read_model_type
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.qwen_vl import QWEN_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
 ImageSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
-_QWEN_MODEL_TYPES = ("qwen2_5_vl",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -266,7 +266,7 @@ class LlavaPipeline(GenerationPipeline):
         :class:`~llava.inference_qwen.QwenVLPipeline` with the same ``generate``.
         """
         model_dir = Path(path)
-        if (model_dir / "config.json").is_file() and read_model_type(model_dir) in _QWEN_MODEL_TYPES:
+        if (model_dir / "config.json").is_file() and read_model_type(model_dir) in QWEN_MODEL_TYPES:
             from llava.inference_qwen import QwenVLPipeline
 
             return QwenVLPipeline.from_pretrained(

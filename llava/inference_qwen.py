@@ -4,7 +4,9 @@ Prompts are built with the checkpoint's own chat template (the tokenizer's) and 
 Qwen's own image processor (dynamic resolution between ``min_pixels`` and ``max_pixels``); each image's
 ``<|image_pad|>`` placeholder is repeated once per merged visual token (``t * h * w / merge^2``), as
 Qwen's processor does. Batches are left-padded and run through :class:`~llava.model.qwen_vl.DuetQwenVL`
-(T2V compression, fast decoding). Videos are not served on this path yet.
+(T2V compression, fast decoding). User content is built as in training
+(:func:`~llava.data.chat_template.chat_content`: images where the ``<image>`` tags are, else first). Videos
+are not served on this path yet.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from llava.constants import IMAGE_TAG
+from llava.data.chat_template import chat_content
 from llava.data.images import load_image
 from llava.hf_adapter import load_image_processor
 from llava.inference import GenerationPipeline, MissingComponentError, Request, default_device, image_paths
@@ -33,17 +36,19 @@ logger = logging.getLogger(__name__)
 def load_qwen_vl(
     path: str | os.PathLike[str], dtype: torch.dtype | None = None, compression: Any = None, attn: str = "sdpa"
 ) -> DuetQwenVL:
-    """A local Qwen2.5-VL checkpoint as :class:`DuetQwenVL` (safetensors weights, no remote code)."""
+    """A Qwen2.5-VL checkpoint (local directory or Hub id) as :class:`DuetQwenVL` (safetensors weights, no
+    remote code); under an active ZeRO-3 config transformers partitions the weights as they load."""
     model_dir = Path(path)
-    read_config_json(model_dir / "config.json")
-    check_weight_files(model_dir)
+    if model_dir.is_dir():
+        read_config_json(model_dir / "config.json")
+        check_weight_files(model_dir)
     hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation=attn, use_safetensors=True
+        str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
     )
     return DuetQwenVL(hf_model, compression)
 
 
-def _chat_template(tokenizer: Any, model_dir: Path) -> None:
+def attach_chat_template(tokenizer: Any, model_dir: Path) -> None:
     """Qwen ships the template as the processor's ``chat_template.json``; give it to the tokenizer."""
     if getattr(tokenizer, "chat_template", None):
         return
@@ -78,7 +83,7 @@ class QwenVLPipeline(GenerationPipeline):
         model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokenizer.padding_side = "left"
-        _chat_template(tokenizer, model_dir)
+        attach_chat_template(tokenizer, model_dir)
         overrides = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
         image_processor = load_image_processor(str(model_dir), **overrides)
         logger.info("Loaded Qwen2.5-VL %s on %s", model_dir, device)
@@ -102,8 +107,12 @@ class QwenVLPipeline(GenerationPipeline):
             if request.get("video"):
                 raise ValueError(f"videos are not served on the Qwen2.5-VL path yet: {request!r}")
             paths = image_paths(request.get("image"))
-            prompt = request["prompt"].replace(IMAGE_TAG + "\n", "").replace(IMAGE_TAG, "").strip()
-            content = [{"type": "image"}] * len(paths) + [{"type": "text", "text": prompt}]
+            content = chat_content(request["prompt"])
+            tags = sum(item["type"] == "image" for item in content)
+            if tags not in (0, len(paths)):
+                raise ValueError(f"{tags} {IMAGE_TAG} tags for {len(paths)} images: {request!r}")
+            if not tags:  # as in training: untagged images go first
+                content = [{"type": "image"}] * len(paths) + content
             texts.append(
                 self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False

@@ -10,6 +10,8 @@ Batch contract:
   sentinel occurs in row-major flattened ``input_ids``; absent when the batch has no image;
 - ``pixel_values_videos`` float ``[N_videos, frames, 3, H, W]``: every video, in the same order
   among video sentinels; absent when the batch has no video (text, image and video samples mix freely);
+- ``image_grid_thw`` / ``video_grid_thw`` LongTensor ``[N, 3]`` (Qwen2.5-VL items): concatenated like the
+  pixels, whose rows are then every image's flattened patches;
 - ``num_skipped_samples`` int, present when skip markers were dropped from the batch.
 """
 
@@ -24,6 +26,9 @@ from transformers import PreTrainedTokenizerBase
 
 from llava.constants import IGNORE_INDEX
 from llava.data.dataset import SkippedSample
+
+CONCATENATED_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+"""Per-image (per-video) tensors: the batch holds every sample's, in order, along the first dimension."""
 
 
 class AllSamplesSkippedError(ValueError):
@@ -55,7 +60,7 @@ class DataCollatorForSupervisedDataset:
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
-        for key in ("pixel_values", "pixel_values_videos"):
+        for key in CONCATENATED_KEYS:
             tensors = [item[key] for item in kept if key in item]
             if tensors:
                 batch[key] = torch.cat(tensors, dim=0)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -64,12 +65,21 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "Root for relative image paths."})
     video_folder: str | None = field(default=None, metadata={"help": "Root for relative video paths."})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'square'."})
-    version: str = field(default="v1", metadata={"help": "Conversation template: plain, v1/vicuna_v1."})
+    version: str = field(
+        default="v1",
+        metadata={"help": "Conversation template: plain, v1/vicuna_v1; chat_template (Qwen2.5-VL: the checkpoint's)."},
+    )
     model_max_length: int = field(default=2048, metadata={"help": "Max tokens, images expanded."})
     tokens_per_image: int = field(default=576, metadata={"help": "Visual tokens one image occupies."})
     num_frames: int = field(default=8, metadata={"help": "Frames sampled uniformly from each video."})
     tokens_per_video: int = field(
         default=8 * 257, metadata={"help": "Visual tokens one video occupies (frames x tokens per frame)."}
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Qwen2.5-VL: fewest pixels an image is resized to (default: the checkpoint's)."}
+    )
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Qwen2.5-VL: most pixels an image is resized to (default: the checkpoint's)."}
     )
     video_backend: str = field(default="pyav", metadata={"help": "Video decoder: pyav | decord | auto."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples."})
@@ -142,9 +152,12 @@ def _place_tags(conversations: list[dict[str, str]], tag: str, count: int, what:
     return conversations
 
 
-def normalise_sample(raw: Any, template: ConversationTemplate) -> dict[str, Any]:
+def normalise_sample(
+    raw: Any, template: ConversationTemplate | None, validate: Callable[[list[dict]], Any] | None = None
+) -> dict[str, Any]:
     """Validate one raw LLaVA sample and return ``{"images", "videos", "conversations"}`` with tags in place.
 
+    ``validate`` checks the conversation instead of ``template`` (a chat-template encoder's own rules).
     Raises :class:`DataError` (or :class:`ConversationError`) describing what is wrong.
     """
     if not isinstance(raw, dict):
@@ -154,9 +167,12 @@ def normalise_sample(raw: Any, template: ConversationTemplate) -> dict[str, Any]
         raise DataError("sample has no 'conversations' list")
     images = _path_list(raw.get("image"), "image")
     videos = _path_list(raw.get("video"), "video")
-    conversation_to_turns(template, conversations)  # validates roles, order and template rules
+    if validate is None:
+        conversation_to_turns(template, conversations)  # validates roles, order and template rules
     conversations = _place_tags(conversations, IMAGE_TAG, len(images), "images")
     conversations = _place_tags(conversations, VIDEO_TAG, len(videos), "videos")
+    if validate is not None:
+        validate(conversations)
     return {"images": images, "videos": videos, "conversations": conversations}
 
 
@@ -232,6 +248,18 @@ def read_samples(path: str, skip_bad: bool = False) -> list[Any]:
         return samples
 
 
+class SampleEncoder(Protocol):
+    """Turns a normalised sample into model inputs (e.g. :class:`~llava.data.chat_template.ChatTemplateEncoder`)."""
+
+    def validate(self, conversation: list[dict]) -> None:
+        """Raise :class:`ConversationError` or :class:`DataError` for a conversation it cannot encode."""
+
+    def encode(
+        self, conversation: list[dict], image_paths: list[str], video_paths: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``labels`` and the pixel tensors of one sample."""
+
+
 class LazySupervisedDataset(Dataset):
     """LLaVA / Video-LLaVA conversations; each item is
     ``{"input_ids", "labels"[, "pixel_values"][, "pixel_values_videos"]}``.
@@ -241,6 +269,9 @@ class LazySupervisedDataset(Dataset):
     ``pixel_values_videos`` ``[num_videos, frames, 3, H', W']``, each in sentinel order and absent
     when the sample has none. Videos are decoded here, in the data-loader workers, frame by frame
     (only the sampled frames are kept). ``video_processor`` defaults to ``image_processor``.
+
+    With an ``encoder`` (a model family's own format, e.g. a chat template) samples are validated and
+    encoded by it instead; file reading, path checks, skipping and error messages stay the same.
     """
 
     def __init__(
@@ -251,6 +282,7 @@ class LazySupervisedDataset(Dataset):
         image_token_id: int = IMAGE_TOKEN_ID,
         video_processor: Any = None,
         video_token_id: int = VIDEO_TOKEN_ID,
+        encoder: SampleEncoder | None = None,
     ) -> None:
         if not data_args.data_path:
             raise ValueError("DataArguments.data_path names no file")
@@ -260,7 +292,8 @@ class LazySupervisedDataset(Dataset):
         self.image_token_id = image_token_id
         self.video_processor = video_processor if video_processor is not None else image_processor
         self.video_token_id = video_token_id
-        self.template = get_template(data_args.version)
+        self.encoder = encoder
+        self.template = None if encoder is not None else get_template(data_args.version)
         self.files: list[str] = list(data_args.data_path)
         self.problems: list[SampleProblem] = []
         self.num_invalid_samples = 0
@@ -282,7 +315,9 @@ class LazySupervisedDataset(Dataset):
                 try:
                     if isinstance(raw, _MalformedLine):
                         raise DataError(raw.message)
-                    sample = normalise_sample(raw, self.template)
+                    sample = normalise_sample(
+                        raw, self.template, None if self.encoder is None else self.encoder.validate
+                    )
                 except (DataError, ConversationError) as error:
                     problem = SampleProblem(path, index, sample_id, str(error))
                     if not skip_bad:
@@ -384,6 +419,8 @@ class LazySupervisedDataset(Dataset):
             return SkippedSample(index=index, sample_id=record["id"], reason=message)
 
     def _build(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.encoder is not None:
+            return self.encoder.encode(record["conversations"], self.image_paths(record), self.video_paths(record))
         args = self.data_args
         turns = conversation_to_turns(self.template, record["conversations"])
         tokenized = tokenize_conversation(

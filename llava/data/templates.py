@@ -87,7 +87,9 @@ def get_template(name: str) -> ConversationTemplate:
     return _TEMPLATES[key]
 
 
-def _normalise(conversation: list[dict], for_generation: bool) -> tuple[str | None, list[tuple[str, str]]]:
+def normalise_conversation(
+    conversation: list[dict], for_generation: bool = False
+) -> tuple[str | None, list[tuple[str, str]]]:
     """Validate roles and order; return (system override, [(role, text)]) with roles 'user'/'assistant'."""
     if not isinstance(conversation, list) or not conversation:
         raise ConversationError("conversations must be a non-empty list of turns")
@@ -137,7 +139,7 @@ def conversation_to_turns(
     With ``for_generation=True`` the conversation ends with a user turn and the last
     :class:`Turn` has ``answer=None``; its prompt ends where the model starts writing.
     """
-    system, turns = _normalise(conversation, for_generation)
+    system, turns = normalise_conversation(conversation, for_generation)
     pairs = [(turns[i][1], turns[i + 1][1] if i + 1 < len(turns) else None) for i in range(0, len(turns), 2)]
 
     if template.style == "plain":

@@ -18,6 +18,7 @@ from llava.constants import IGNORE_INDEX
 from llava.hf_adapter import Cache, ModelOutput
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import (
+    DecoderResult,
     DecodeState,
     TokenGroups,
     decoder_of,
@@ -109,6 +110,73 @@ def decode_step_output(
     hidden = run_decoder_step(decoder_of(model.language_model), model.get_input_embeddings()(input_ids), state, cache)
     logits = model.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
     return DuetLlavaOutput(logits=logits, cache=cache, decode_state=state)
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def require_grads_from(embeddings: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make ``embeddings``' output require grad (checkpointed layers over frozen embeddings, adapters)."""
+    return embeddings.register_forward_hook(_output_requires_grad)
+
+
+def label_loss(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over label positions only (the logits of other positions are never made).
+
+    ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient accumulation: the sum
+    of token losses is divided by it instead of the local count. Returns ``(loss, label token count)``.
+    """
+    targets = labels[:, 1:]
+    predicts = targets != IGNORE_INDEX
+    selected_hidden = hidden[:, :-1][predicts]
+    logits = lm_head(selected_hidden).float()
+    token_loss_sum = F.cross_entropy(logits, targets[predicts], reduction="sum")
+    count = predicts.sum()
+    if num_items_in_batch is not None:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+    else:
+        denominator = count.clamp(min=1).float()
+    return token_loss_sum / denominator, count
+
+
+def prefill_output(
+    model: nn.Module,
+    result: DecoderResult,
+    labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+    logits_to_keep: int,
+    cache: Cache | None,
+    prompt_length: int,
+    extra_seconds: float,
+) -> DuetLlavaOutput:
+    """A prefill's output: the loss over ``labels`` (then no logits), else the logits of the last
+    ``logits_to_keep`` positions (all with 0); the stages' masks, positions and decode state."""
+    loss = logits = num_label_tokens = None
+    lm_head = model.get_output_embeddings()
+    if labels is not None:
+        loss, num_label_tokens = label_loss(lm_head, result.hidden, result.sequence.labels, num_items_in_batch)
+    else:
+        kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
+        with record_function(PROFILE_REGIONS["lm_head"]):
+            logits = lm_head(kept)
+    return DuetLlavaOutput(
+        loss=loss,
+        logits=logits,
+        cache=cache,
+        attention_mask=result.sequence.attention_mask,
+        position_ids=result.sequence.position_ids,
+        num_label_tokens=num_label_tokens,
+        decode_state=result.decode_state,
+        prompt_length=prompt_length,
+        visual_tokens_per_layer=result.visual_tokens_per_layer,
+        compression_time_s=result.compression_time_s + extra_seconds,
+    )
 
 
 class DuetLlavaPreTrainedModel(PreTrainedModel):
@@ -205,11 +273,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         make the frozen CLIP tower's output require grad, so checkpointing would recompute the
         tower and back-propagate through it for nothing.
         """
-
-        def make_inputs_require_grads(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            output.requires_grad_(True)
-
-        hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+        hook = require_grads_from(self.get_input_embeddings())
         self._require_grads_hooks = [hook]
         self._require_grads_hook = hook
 
@@ -477,26 +541,10 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         groups = None if merged.group_starts is None else TokenGroups(merged.group_starts, merged.num_groups)
         result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments, groups)
 
-        loss = logits = num_label_tokens = None
-        lm_head = self.get_output_embeddings()
-        if labels is not None:
-            loss, num_label_tokens = self._loss(lm_head, result.hidden, result.sequence.labels, num_items_in_batch)
-        else:
-            kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
-            with record_function(PROFILE_REGIONS["lm_head"]):
-                logits = lm_head(kept)
-        return DuetLlavaOutput(
-            loss=loss,
-            logits=logits,
-            cache=cache if use_cache else None,
-            attention_mask=result.sequence.attention_mask,
-            position_ids=result.sequence.position_ids,
-            num_label_tokens=num_label_tokens,
-            decode_state=result.decode_state,
-            prompt_length=merged.attention_mask.shape[1],
-            visual_tokens_per_layer=result.visual_tokens_per_layer,
-            compression_time_s=result.compression_time_s + merged.v2v_time_s,
-        )
+        return prefill_output(
+            self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
+            merged.attention_mask.shape[1], merged.v2v_time_s,
+        )  # fmt: skip
 
     def _query_mode(self, mode: str) -> str:
         if mode == "salient" and not self.content_token_table.numel():
@@ -520,26 +568,6 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         blank = torch.zeros(1, 3, size, size, device=device, dtype=tower.dtype)
         visual = self.encode_videos(blank[None])[0] if kind == "video" else self.encode_images(blank)[0]
         return visual[:0]
-
-    @staticmethod
-    def _loss(
-        lm_head: nn.Module,
-        hidden: torch.Tensor,
-        labels: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy over label positions only."""
-        targets = labels[:, 1:]
-        predicts = targets != IGNORE_INDEX
-        selected_hidden = hidden[:, :-1][predicts]
-        logits = lm_head(selected_hidden).float()
-        token_loss_sum = F.cross_entropy(logits, targets[predicts], reduction="sum")
-        count = predicts.sum()
-        if num_items_in_batch is not None:
-            denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
-        else:
-            denominator = count.clamp(min=1).float()
-        return token_loss_sum / denominator, count
 
     # ----- generation -----
     @torch.no_grad()

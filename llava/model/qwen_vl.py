@@ -12,13 +12,17 @@ largest position, as transformers' ``rope_deltas`` do, with one KV cache length 
 
 V2V (DUET's dominant + contextual tokens, :mod:`llava.compression.qwen_v2v`) runs on the merged tokens
 after the patch merger, scored in the vision transformer's last full-attention block; the dropped tokens
-leave the sequence after the positions were laid out, so the survivors keep their (t, h, w). Not here
-yet: finetuning (see the README).
+leave the sequence after the positions were laid out, so the survivors keep their (t, h, w).
+
+Training: ``labels`` aligned with ``input_ids`` give the loss over the label positions that survive; the
+Trainer's activation checkpointing and the stages' ``projector`` (the patch merger) work as for LLaVA.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,11 +31,24 @@ from torch import nn
 from llava.compression.config import load_compression
 from llava.compression.qwen_v2v import select_tokens, token_scores
 from llava.compression.t2v import Sequence, build_query_mask
-from llava.hf_adapter import Cache, qwen_rope_index, qwen_text_model, qwen_vision_layout, qwen_visual_embeddings
+from llava.hf_adapter import (
+    Cache,
+    enable_activation_checkpointing,
+    qwen_merger,
+    qwen_rope_index,
+    qwen_text_model,
+    qwen_vision_layout,
+    qwen_visual_embeddings,
+)
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
-from llava.model.modeling import DuetLlavaOutput, decode_step_output
+from llava.model.merge import detect_left_padding
+from llava.model.modeling import DuetLlavaOutput, decode_step_output, prefill_output, require_grads_from
 
+QWEN_MODEL_TYPES = ("qwen2_5_vl",)
+"""``model_type`` values of the checkpoints this module runs."""
 QWEN_QUERY_MODES = ("last", "instruction")
+HF_PREFIX = "hf_model."
+"""Where the wrapped HF model's parameters sit in this module's state dict."""
 
 
 class DuetQwenVL(nn.Module):
@@ -51,6 +68,42 @@ class DuetQwenVL(nn.Module):
     def language_model(self) -> nn.Module:
         """The Qwen2 text decoder (embeddings, layers, norm, M-RoPE rotary embedding)."""
         return qwen_text_model(self.hf_model)
+
+    def save_pretrained(
+        self, output_dir: str | os.PathLike[str], state_dict: dict[str, torch.Tensor] | None = None, **options: Any
+    ) -> None:
+        """Save as a plain Qwen2.5-VL checkpoint (the Hub's layout: loadable by transformers and the pipeline);
+        ``state_dict`` may be this wrapper's (a gathered ZeRO-3 one) or the HF model's."""
+        if state_dict is not None:
+            state_dict = {key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()}
+        self.hf_model.save_pretrained(output_dir, state_dict=state_dict, **options)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load this wrapper's state dict or a Qwen2.5-VL checkpoint's (what :meth:`save_pretrained` writes)."""
+        if state_dict and not any(key.startswith(HF_PREFIX) for key in state_dict):
+            return self.hf_model.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def projector(self) -> nn.Module:
+        """The patch merger: Qwen's vision-to-language projector (what LLaVA's stages call the projector)."""
+        return qwen_merger(self.hf_model)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """Checkpoint every layer of the wrapped model (the Trainer's ``--gradient_checkpointing``)."""
+        enable_activation_checkpointing(self.hf_model, **(activation_checkpointing_kwargs or {}))
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """The name transformers before 5.23 call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def enable_input_require_grads(self) -> None:
+        """Token embeddings that require grad, so checkpointed layers over frozen embeddings get gradients."""
+        require_grads_from(self.get_input_embeddings())
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf_model.get_input_embeddings()
@@ -95,14 +148,22 @@ class DuetQwenVL(nn.Module):
         logits_to_keep: int = 0,
         decode_state: DecodeState | None = None,
         query_end: int | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **unused: Any,
     ) -> DuetLlavaOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
-        ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`."""
+        ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``labels`` (aligned with
+        ``input_ids``, placeholders included) give the training loss, as there."""
         if decode_state is not None:
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError("pixel values can only be given at prefill, not at a decode step")
             return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("decode steps need the decode_state returned by the prefill call")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        left = detect_left_padding(attention_mask) if left_padding is None else bool(left_padding)
         token_types = self._token_types(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
         kept = attention_mask.bool()
@@ -132,24 +193,17 @@ class DuetQwenVL(nn.Module):
             position_ids=positions.permute(1, 2, 0),
             visual_mask=visual_mask,
             query_mask=query_mask,
+            labels=labels,
         )
         if self.v2v is not None and not bool(kept.all()):
             # V2V drops tokens after the positions were laid out: the survivors keep their (t, h, w).
-            sequence = sequence.compact(kept, left_align=True, recompute_positions=False)
+            sequence = sequence.compact(kept, left_align=left, recompute_positions=False)
         segments = sum(0 if grid is None else int(grid.shape[0]) for grid in (image_grid_thw, video_grid_thw))
-        left = bool(left_padding) if left_padding is not None else True
         result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, left, segments)
-        last = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
-        return DuetLlavaOutput(
-            logits=self.get_output_embeddings()(last),
-            cache=cache if use_cache else None,
-            attention_mask=result.sequence.attention_mask,
-            position_ids=result.sequence.position_ids,
-            decode_state=result.decode_state,
-            prompt_length=input_ids.shape[1],
-            visual_tokens_per_layer=result.visual_tokens_per_layer,
-            compression_time_s=result.compression_time_s + v2v_seconds,
-        )
+        return prefill_output(
+            self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
+            input_ids.shape[1], v2v_seconds,
+        )  # fmt: skip
 
     def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor, video: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Merged visual tokens, which of them V2V keeps, and the host seconds its scoring and merging took."""

@@ -18,11 +18,10 @@ from typing import Any, cast
 from torch import nn
 from transformers import set_seed
 
-from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.qwen_vl import DuetQwenVL
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
-from llava.training.model_setup import build_model
-from llava.training.train import load_processors, load_video_processor
+from llava.training.families import Processors, family_for
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +85,15 @@ def load_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def build_base_model(run_config: dict[str, Any]) -> tuple[DuetLlavaForCausalLM, Any, Any, Any]:
-    """Rebuild the pre-LoRA model, tokenizer, image processor and video processor (``None`` without a
-    video tower) exactly as training did."""
+def build_base_model(run_config: dict[str, Any]) -> tuple[nn.Module, Processors]:
+    """Rebuild the pre-LoRA model and its processors exactly as training did (the run's model family)."""
     model_args, data_args, args = arguments_from_run_config(run_config)
     set_seed(int(run_config.get("seed", 42)))  # train() seeds before building (fresh projector init)
-    model = build_model(model_args, data_args, args)
-    tokenizer, image_processor = load_processors(model_args, data_args)
-    video_processor = load_video_processor(model_args, image_processor, model.config.has_video_tower)
-    model.config.text_config.pad_token_id = tokenizer.pad_token_id  # as train() sets it
-    return model, tokenizer, image_processor, video_processor
+    family = family_for(model_args.model_name_or_path)
+    model = family.build_model(model_args, data_args, args)
+    processors = family.load_processors(model_args, data_args, model)
+    family.prepare(model, processors, data_args)  # e.g. the pad token id, as train() sets it
+    return model, processors
 
 
 def load_lora_model(
@@ -117,14 +115,14 @@ def load_lora_model(
     if not run_config.get("lora_enable", False):
         logger.warning("%s says lora_enable=False; merging the adapter in %s anyway", config_path, checkpoint_dir)
     logger.info("Rebuilding the base model from %s", config_path)
-    base, tokenizer, image_processor, video_processor = build_base_model(run_config)
+    base, processors = build_base_model(run_config)
     lora_config = LoraConfig.from_pretrained(str(checkpoint_dir))
     # The task type only adds generation plumbing to the wrapper; merging does not depend on it, and
     # a plain PeftModel works whether or not the base model is a GenerationMixin.
     lora_config.task_type = None
     model = PeftModel.from_pretrained(base, str(checkpoint_dir), config=lora_config, is_trainable=False)
     model.eval()
-    return model, tokenizer, image_processor, video_processor
+    return model, processors.tokenizer, processors.image_processor, processors.video_processor
 
 
 def merge_lora_checkpoint(
@@ -134,22 +132,19 @@ def merge_lora_checkpoint(
 ) -> Path:
     """Merge the adapter of ``checkpoint_dir`` into its base model and save a plain checkpoint.
 
-    ``out_dir`` receives a DuetLlava checkpoint (config.json + safetensors), the tokenizer and the
-    image processor, loadable with :func:`~llava.model.loading.load_pretrained_model`.
+    ``out_dir`` receives a plain checkpoint of the run's family (a DuetLlava or a Qwen2.5-VL one: config.json +
+    safetensors), the tokenizer and the processors, loadable with :class:`~llava.inference.LlavaPipeline`.
     """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if out.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out must differ from the checkpoint directory ({checkpoint_dir})")
     model, tokenizer, image_processor, video_processor = load_lora_model(checkpoint_dir, run_config_path)
     merged = model.merge_and_unload()
-    if not isinstance(merged, DuetLlavaForCausalLM):
-        raise TypeError(f"merging gave a {type(merged).__name__}, expected DuetLlavaForCausalLM")
+    if not isinstance(merged, (DuetLlavaForCausalLM, DuetQwenVL)):
+        raise TypeError(f"merging gave a {type(merged).__name__}, expected DuetLlavaForCausalLM or DuetQwenVL")
     merged.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))  # safetensors (the only format transformers 5 writes)
-    tokenizer.save_pretrained(str(out))
-    image_processor.save_pretrained(str(out))
-    if video_processor is not None:
-        video_processor.save_pretrained(str(out / VIDEO_PROCESSOR_DIR))
+    Processors(tokenizer, image_processor, video_processor).save(out)
     logger.info("Merged %s into %s", checkpoint_dir, out)
     return out

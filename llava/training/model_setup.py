@@ -108,7 +108,7 @@ def _read_projector_file(path: str) -> dict[str, torch.Tensor]:
     return {key.split("mm_projector.")[-1]: value for key, value in state.items()}
 
 
-def load_projector(model: DuetLlavaForCausalLM, path: str) -> None:
+def load_projector(model: nn.Module, path: str) -> None:
     """Load pretrained projector weights, also into a ZeRO-3 partitioned model.
 
     Partitioned parameters have shape ``[0]``: loading into them directly is LLaVA's
@@ -127,9 +127,9 @@ def load_projector(model: DuetLlavaForCausalLM, path: str) -> None:
     logger.info("Loaded pretrained projector from %s%s", path, " (ZeRO-3 partitioned)" if partitioned else "")
 
 
-def save_projector(model: nn.Module, path: str | Path) -> None:
+def save_projector(model: nn.Module, path: str | Path, projector_name: str = "projector") -> None:
     """Write the projector weights (gathered under ZeRO-3) to a safetensors file on rank 0."""
-    projector = find_projector(model)
+    projector = find_projector(model, projector_name)
     parameters = list(projector.parameters())
     with gathered(parameters):
         if _rank() == 0:
@@ -142,23 +142,28 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def find_projector(model: nn.Module) -> nn.Module:
-    """The projector module of a (possibly peft-wrapped) model."""
+def find_projector(model: nn.Module, projector_name: str = "projector") -> nn.Module:
+    """The projector module (named ``projector_name``: Qwen's is ``merger``) of a (possibly peft-wrapped) model."""
     for name, module in model.named_modules():
-        if name.endswith("projector") and not name.endswith("modules_to_save.projector"):
+        if name.endswith(projector_name) and not name.endswith(f"modules_to_save.{projector_name}"):
             if hasattr(module, "modules_to_save"):  # peft ModulesToSaveWrapper: the trained copy
                 return module.modules_to_save["default"]
             return module
-    raise ValueError("model has no projector module")
+    raise ValueError(f"model has no {projector_name} module")
 
 
 def configure_trainable(
-    model: DuetLlavaForCausalLM, model_args: ModelArguments, args: LlavaTrainingArguments
+    model: nn.Module,
+    model_args: ModelArguments,
+    args: LlavaTrainingArguments,
+    projector_name: str = "projector",
+    lora_targets: str = LORA_TARGETS,
 ) -> nn.Module:
     """Freeze per stage; returns the model to train (peft-wrapped for LoRA).
 
-    pretrain (``--tune_mm_mlp_adapter``): projector only. finetune: LLM + projector.
-    LoRA: adapters on the LLM's linear layers + the full projector. The towers are always frozen.
+    pretrain (``--tune_mm_mlp_adapter``): projector only. finetune: LLM (with its LM head) + projector.
+    LoRA: adapters on the LLM's linear layers (``lora_targets``) + the full projector (the module named
+    ``projector_name``, ``model.projector``). The towers are always frozen.
     """
     model.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:
@@ -172,13 +177,14 @@ def configure_trainable(
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            target_modules=LORA_TARGETS,
-            modules_to_save=["projector"],
+            target_modules=lora_targets,
+            modules_to_save=[projector_name],
             bias="none",
         )
         model = get_peft_model(model, lora_config)
     else:
         model.language_model.requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)  # outside the decoder in Qwen2.5-VL
         model.projector.requires_grad_(True)
     if activation_checkpointing_requested(args):
         model.enable_input_require_grads()

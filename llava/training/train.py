@@ -11,19 +11,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser, set_seed
 
-from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.data.collator import DataCollatorForSupervisedDataset
-from llava.data.dataset import LazySupervisedDataset
-from llava.hf_adapter import current_training_argv, load_image_processor
-from llava.model.loading import read_model_type
+from llava.hf_adapter import current_training_argv
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
+from llava.training.families import Processors, family_for
 from llava.training.metrics import (
     MetricsCallback,
     RunConfigCallback,
@@ -31,13 +28,7 @@ from llava.training.metrics import (
     build_run_config,
     configure_wandb_env,
 )
-from llava.training.model_setup import (
-    LLAVA_CHECKPOINT_TYPES,
-    PROJECTOR_FILENAME,
-    build_model,
-    configure_trainable,
-    save_projector,
-)
+from llava.training.model_setup import PROJECTOR_FILENAME, configure_trainable, save_projector
 from llava.training.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava.training")
@@ -72,34 +63,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=current_training_argv(argv))
 
 
-def load_processors(model_args: ModelArguments, data_args: DataArguments):
-    """Tokenizer (from the LM or checkpoint) and image processor (from the tower or checkpoint)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, model_max_length=data_args.model_max_length, padding_side="right"
-    )
-    if tokenizer.pad_token is None:  # Vicuna/LLaMA ship without one; LLaVA pads with unk
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    is_checkpoint = read_model_type(model_args.model_name_or_path) in LLAVA_CHECKPOINT_TYPES
-    processor_source = model_args.vision_tower or model_args.model_name_or_path
-    if is_checkpoint and not model_args.vision_tower:
-        processor_source = model_args.model_name_or_path
-    image_processor = load_image_processor(processor_source)
-    return tokenizer, image_processor
-
-
-def load_video_processor(model_args: ModelArguments, image_processor: Any, has_video_tower: bool) -> Any:
-    """The video tower's image processor: from ``--video_tower``, else a checkpoint's ``video_processor/``
-    folder, else the image processor (Video-LLaVA's towers share one 224 px preprocessing)."""
-    if not has_video_tower:
-        return None
-    if model_args.video_tower:
-        return load_image_processor(model_args.video_tower)
-    saved = Path(model_args.model_name_or_path) / VIDEO_PROCESSOR_DIR
-    if saved.is_dir():
-        return load_image_processor(str(saved))
-    return image_processor
-
-
 def train(argv: list[str] | None = None) -> Path:
     """Run one training stage; returns the output directory."""
     model_args, data_args, args = parse_args(argv)
@@ -112,24 +75,12 @@ def train(argv: list[str] | None = None) -> Path:
         configure_wandb_env(run_name=args.run_name, group=args.run_group)
 
     set_seed(args.seed)
-    model = build_model(model_args, data_args, args)
-    tokenizer, image_processor = load_processors(model_args, data_args)
-    video_processor = load_video_processor(model_args, image_processor, model.config.has_video_tower)
-    data_args.tokens_per_image = model.config.llm_tokens_per_image
-    if model.config.has_video_tower:
-        data_args.tokens_per_video = model.config.llm_tokens_per_video
-    model.config.text_config.pad_token_id = tokenizer.pad_token_id
-    model.set_query_vocabulary(tokenizer)
-    model = configure_trainable(model, model_args, args)
-
-    dataset = LazySupervisedDataset(
-        data_args,
-        tokenizer,
-        image_processor,
-        model.config.image_token_id,
-        video_processor=video_processor,
-        video_token_id=model.config.video_token_id,
-    )
+    family = family_for(model_args.model_name_or_path)
+    model = family.build_model(model_args, data_args, args)
+    processors = family.load_processors(model_args, data_args, model)
+    family.prepare(model, processors, data_args)
+    model = configure_trainable(model, model_args, args, family.projector_name, family.lora_targets)
+    dataset = family.dataset(data_args, processors, model)
     run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
     # The CRC-32 verification reads every file: one process per node does it (a mismatch stops that rank,
     # and the launcher stops the others), not every rank.
@@ -143,8 +94,8 @@ def train(argv: list[str] | None = None) -> Path:
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSupervisedDataset(tokenizer),
-        processing_class=tokenizer,
+        data_collator=DataCollatorForSupervisedDataset(processors.tokenizer),
+        processing_class=processors.tokenizer,
         callbacks=[CheckpointCompletionCallback(run_config, keep_last), RunConfigCallback(run_config)],
         group_by_modality_length=data_args.group_by_modality_length,
         metrics=metrics,
@@ -152,7 +103,7 @@ def train(argv: list[str] | None = None) -> Path:
     add_metrics_callback(trainer, metrics)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    finish(trainer, model_args, image_processor, video_processor)
+    finish(trainer, model_args, processors, family.projector_name)
     if trainer.num_skipped_samples or dataset.num_invalid_samples:
         logger.warning(
             "Skipped %d bad samples during training and %d invalid samples at load time (--skip_bad_samples)",
@@ -163,21 +114,18 @@ def train(argv: list[str] | None = None) -> Path:
 
 
 def finish(
-    trainer: LlavaTrainer, model_args: ModelArguments, image_processor: Any, video_processor: Any = None
+    trainer: LlavaTrainer, model_args: ModelArguments, processors: Processors, projector_name: str = "projector"
 ) -> None:
     """Save the stage's result: the projector always; the full model (with its processors) unless pretraining."""
     output_dir = Path(trainer.args.output_dir)
-    model = trainer.model
-    save_projector(model, output_dir / PROJECTOR_FILENAME)
+    save_projector(trainer.model, output_dir / PROJECTOR_FILENAME, projector_name)
     if model_args.tune_mm_mlp_adapter:
         if trainer.is_world_process_zero():
             trainer.model.config.save_pretrained(output_dir)
         return
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        image_processor.save_pretrained(output_dir)
-        if video_processor is not None:
-            video_processor.save_pretrained(output_dir / VIDEO_PROCESSOR_DIR)
+        processors.save(output_dir)
 
 
 SHM_DIR = Path("/dev/shm")

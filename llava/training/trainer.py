@@ -1,17 +1,18 @@
 """``LlavaTrainer``: the HF Trainer plus LLaVA's sampler, projector learning rate and batch bookkeeping.
 
 Only public extension points are overridden (``_get_train_sampler`` is the documented hook for
-a custom sampler; ``create_optimizer`` and ``compute_loss`` are public).
+a custom sampler; ``create_optimizer``, ``compute_loss`` and ``save_model`` are public).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.training.metrics import MetricsCallback, batch_counts
@@ -40,7 +41,10 @@ class LlavaTrainer(Trainer):
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
         """Visual tokens the batch adds to the LLM sequence before compression (each image slot becomes
-        ``tokens_per_image`` tokens, each video slot frames x ``tokens_per_frame``)."""
+        ``tokens_per_image`` tokens, each video slot frames x ``tokens_per_frame``). Batches with
+        ``image_grid_thw`` (Qwen2.5-VL) add none: their placeholders are expanded in ``input_ids`` already."""
+        if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
+            return 0
         config = self.accelerator.unwrap_model(self.model).config
         added = 0
         if (images := inputs.get("pixel_values")) is not None:
@@ -48,6 +52,26 @@ class LlavaTrainer(Trainer):
         if (videos := inputs.get("pixel_values_videos")) is not None:
             added += int(videos.shape[0]) * (int(videos.shape[1]) * config.tokens_per_frame - 1)
         return added
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save a model that is not a ``PreTrainedModel`` but has its own ``save_pretrained`` (Qwen2.5-VL's
+        wrapper) in that layout, at the end and in every checkpoint: the Trainer would write its raw state
+        dict, which no loader reads. The state dict is gathered from every rank under ZeRO-3."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if isinstance(unwrapped, PreTrainedModel) or hasattr(unwrapped, "peft_config"):
+            super().save_model(output_dir, _internal_call)
+            return
+        if not hasattr(unwrapped, "save_pretrained"):
+            raise TypeError(f"{type(unwrapped).__name__} has no save_pretrained: the trainer cannot save it")
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # the Trainer's file name
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
