@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import inspect
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,7 +74,9 @@ __all__ = [
     "flat_rotary_tables",
     "load_image_processor",
     "new_dynamic_cache",
+    "qwen_hub_state_dict",
     "qwen_merger",
+    "qwen_module_state_dict",
     "qwen_rope_index",
     "qwen_text_model",
     "qwen_vision_layout",
@@ -224,6 +227,37 @@ def qwen_text_model(model: PreTrainedModel) -> nn.Module:
     return model.model.language_model
 
 
+def qwen_module_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hub-layout Qwen2.5-VL state dict (what ``save_pretrained`` writes: ``visual.*``, ``model.*`` for the
+    decoder, ``lm_head.*``) under the module tree's names (``model.visual.*``, ``model.language_model.*``).
+
+    ``from_pretrained`` renames these itself, but a plain ``load_state_dict`` (the Trainer's resume of a
+    non-DeepSpeed run) does not, and with ``strict=False`` it would silently load nothing.
+    """
+
+    def module_key(key: str) -> str:
+        if key.startswith("visual."):
+            return "model." + key
+        if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+            return "model.language_model." + key.removeprefix("model.")
+        return key
+
+    return {module_key(key): value for key, value in state_dict.items()}
+
+
+def qwen_hub_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`qwen_module_state_dict`: module-tree names to the Hub checkpoint's."""
+
+    def hub_key(key: str) -> str:
+        if key.startswith("model.visual."):
+            return key.removeprefix("model.")
+        if key.startswith("model.language_model."):
+            return "model." + key.removeprefix("model.language_model.")
+        return key
+
+    return {hub_key(key): value for key, value in state_dict.items()}
+
+
 def qwen_merger(model: PreTrainedModel) -> nn.Module:
     """Qwen2.5-VL's patch merger (vision tokens -> LLM width), the model's projector."""
     return model.model.visual.merger
@@ -342,12 +376,13 @@ def enable_activation_checkpointing(model: PreTrainedModel, **checkpoint_kwargs:
     """Activation (gradient) checkpointing of every layer that supports it, as the Trainer enables it.
 
     5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
-    is a deprecated alias there); the Trainer calls the new name when it exists, and so do we.
+    is a deprecated alias there); the Trainer calls the new name when it exists, and so do we. No keyword
+    arguments means transformers' defaults (``None``; an empty dict would drop its ``use_reentrant`` choice).
     """
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
 
 
 _RENAMED_TRAINING_ARGUMENTS = {

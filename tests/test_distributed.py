@@ -279,3 +279,55 @@ def test_zero3_finetune_with_dymu_and_t2v_through_the_scripts(playground, tmp_pa
     assert sorted(losses(out)) == [1, 2]
     model = load_pretrained_model(out)
     assert model.config.compression["dymu"]["thresholds"] == [0.95, 0.5]
+
+
+def qwen_env(qwen_checkpoint: Path, data: Path, output_dir: Path, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(
+        DS_ACCELERATOR="cpu", NUM_GPUS="2", MASTER_PORT=str(free_port()), MODEL=str(qwen_checkpoint),
+        IMAGE_FOLDER=str(qwen_checkpoint), DATA_PATH=str(data), OUTPUT_DIR=str(output_dir), BATCH_SIZE="1",
+        GRAD_ACCUM="1", NUM_WORKERS="1", REPORT_TO="none", OMP_NUM_THREADS="1", SAVE_STEPS="100", **overrides,
+    )  # fmt: skip
+    return env
+
+
+def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_only_rank(qwen_checkpoint, tmp_path):
+    """Qwen2.5-VL through the same scripts (MODEL= a Qwen2.5-VL checkpoint): 2 ZeRO-3 ranks, DUET's V2V + T2V,
+    batch 1 of [text-only, image] so one rank has no image at every step (its collectives must still match the
+    other's), then LoRA on ZeRO-3 and a merge; every result loads as a Qwen2.5-VL checkpoint and answers."""
+    from safetensors.torch import load_file
+
+    from llava.model.qwen_vl import DuetQwenVL
+    from llava.training.lora import merge_lora_checkpoint
+
+    question = {"from": "human", "value": "<image>\nwhat colour is the shape"}
+    samples = [
+        {"id": "text", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hello"}]},
+        {"id": "image", "image": "image_0.png", "conversations": [question, {"from": "gpt", "value": "a red square"}]},
+    ]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(samples))
+    full = tmp_path / "full"
+    env = qwen_env(qwen_checkpoint, data, full, COMPRESSION="qwen_duet_53")
+    result = run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
+    assert "the checkpoint's own merger (projector) is finetuned" in result.stderr
+    assert json.loads((full / "run_config.json").read_text())["version"] == "chat_template"
+    assert sorted(losses(full)) == [1, 2]
+    original, trained = load_file(qwen_checkpoint / "model.safetensors"), load_file(full / "model.safetensors")
+    assert sorted(trained) == sorted(original)
+    assert not torch.equal(original["lm_head.weight"], trained["lm_head.weight"])
+    assert torch.equal(original["visual.blocks.0.attn.qkv.weight"], trained["visual.blocks.0.attn.qkv.weight"])
+    pipeline = LlavaPipeline.from_pretrained(full, compression="qwen_duet_53")
+    requests = [
+        {"image": str(qwen_checkpoint / f"image_{i}.png"), "prompt": "what colour is the shape"} for i in range(3)
+    ]
+    assert pipeline.generate(requests, batch_size=3, max_new_tokens=4) == pipeline.generate(
+        requests, batch_size=1, max_new_tokens=4
+    )
+
+    lora = tmp_path / "lora"
+    env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8")
+    run_script("finetune_lora.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
+    merged = merge_lora_checkpoint(lora, tmp_path / "merged")
+    assert isinstance(LlavaPipeline.from_pretrained(merged).model, DuetQwenVL)

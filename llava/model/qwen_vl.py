@@ -34,13 +34,16 @@ from llava.compression.t2v import Sequence, build_query_mask
 from llava.hf_adapter import (
     Cache,
     enable_activation_checkpointing,
+    qwen_hub_state_dict,
     qwen_merger,
+    qwen_module_state_dict,
     qwen_rope_index,
     qwen_text_model,
     qwen_vision_layout,
     qwen_visual_embeddings,
 )
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.hub_checkpoint import MAX_SHARD_BYTES, write_safetensors
 from llava.model.merge import detect_left_padding
 from llava.model.modeling import DuetLlavaOutput, decode_step_output, prefill_output, require_grads_from
 
@@ -56,6 +59,8 @@ class DuetQwenVL(nn.Module):
     contract as :class:`~llava.model.modeling.DuetLlavaForCausalLM` (prefill, decode steps with a
     ``decode_state``, per-stage caches, the fast decode path)."""
 
+    base_model_prefix = HF_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
+
     def __init__(self, hf_model: nn.Module, compression: Any = None) -> None:
         super().__init__()
         self.hf_model = hf_model
@@ -70,18 +75,28 @@ class DuetQwenVL(nn.Module):
         return qwen_text_model(self.hf_model)
 
     def save_pretrained(
-        self, output_dir: str | os.PathLike[str], state_dict: dict[str, torch.Tensor] | None = None, **options: Any
+        self,
+        output_dir: str | os.PathLike[str],
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
     ) -> None:
-        """Save as a plain Qwen2.5-VL checkpoint (the Hub's layout: loadable by transformers and the pipeline);
-        ``state_dict`` may be this wrapper's (a gathered ZeRO-3 one) or the HF model's."""
-        if state_dict is not None:
-            state_dict = {key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()}
-        self.hf_model.save_pretrained(output_dir, state_dict=state_dict, **options)
+        """Save as a plain Qwen2.5-VL checkpoint (the Hub's layout and names: loadable by transformers and the
+        pipeline): config, generation config, safetensors shards. ``state_dict`` may be this wrapper's (a
+        gathered ZeRO-3 one) or the HF model's; by default the model's own."""
+        if state_dict is None:
+            state_dict = self.hf_model.state_dict()
+        weights = qwen_hub_state_dict({key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()})
+        if getattr(self.config, "tie_word_embeddings", False):
+            weights.pop("lm_head.weight", None)  # the Hub's tied checkpoints (e.g. 3B) store the embeddings once
+        self.config.save_pretrained(output_dir)
+        if self.hf_model.generation_config is not None:
+            self.hf_model.generation_config.save_pretrained(output_dir)
+        write_safetensors(weights, output_dir, max_shard_bytes)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load this wrapper's state dict or a Qwen2.5-VL checkpoint's (what :meth:`save_pretrained` writes)."""
         if state_dict and not any(key.startswith(HF_PREFIX) for key in state_dict):
-            return self.hf_model.load_state_dict(state_dict, strict=strict, assign=assign)
+            return self.hf_model.load_state_dict(qwen_module_state_dict(state_dict), strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
@@ -168,6 +183,14 @@ class DuetQwenVL(nn.Module):
         embeds = self.get_input_embeddings()(input_ids)
         kept = attention_mask.bool()
         v2v_seconds = 0.0
+        if pixel_values is None and self.training and torch.is_grad_enabled():
+            # A batch without images still runs the vision side once, on a blank image whose tokens are then
+            # left out: under ZeRO-3 every rank must gather the same parameters (and under ZeRO-2/DDP reduce
+            # the merger's gradients) whatever its batch holds, or the ranks' collectives stop matching.
+            pixels, grid = self._blank_image(embeds.device, embeds.dtype)
+            visual = self._v2v(pixels, grid, False)[1] if self.v2v is not None else None
+            visual = qwen_visual_embeddings(self.hf_model, pixels, grid)[0] if visual is None else visual
+            embeds = embeds + visual[:0].sum().to(embeds.dtype)  # zero, but part of the graph
         for pixels, grid, kind in ((pixel_values, image_grid_thw, 1), (pixel_values_videos, video_grid_thw, 2)):
             if pixels is None:
                 continue
@@ -175,7 +198,7 @@ class DuetQwenVL(nn.Module):
             if self.v2v is None:
                 visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2)
             else:
-                visual, keep, seconds = self._v2v(pixels, grid, kind == 2)
+                keep, visual, seconds = self._v2v(pixels, grid, kind == 2)
                 v2v_seconds += seconds
                 kept = kept.masked_scatter(slots, keep)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
@@ -205,15 +228,24 @@ class DuetQwenVL(nn.Module):
             input_ids.shape[1], v2v_seconds,
         )  # fmt: skip
 
+    def _blank_image(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest image the vision transformer takes (one merged token), all zeros, and its grid."""
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        return torch.zeros(merge * merge, features, device=device, dtype=dtype), grid
+
     def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor, video: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Merged visual tokens, which of them V2V keeps, and the host seconds its scoring and merging took."""
+        """Which merged visual tokens V2V keeps, the tokens (anchors holding their merged values), and the host
+        seconds its scoring and merging took."""
         window_index, merge_unit, block_index, block = qwen_vision_layout(self.hf_model, grid)
         visual, captured = qwen_visual_embeddings(self.hf_model, pixels, grid, video=video, capture_block=block_index)
         began = time.perf_counter()
         scores, keys = token_scores(block, captured, window_index, merge_unit)
         counts = (grid.prod(dim=-1) // merge_unit).tolist()
         keep, values = select_tokens(visual, scores, keys, counts, self.v2v)
-        return values, keep, time.perf_counter() - began
+        return keep, values, time.perf_counter() - began
 
     @torch.no_grad()
     def generate(

@@ -188,7 +188,11 @@ def configure_trainable(
         model.projector.requires_grad_(True)
     if activation_checkpointing_requested(args):
         model.enable_input_require_grads()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+    def count(parameter: nn.Parameter) -> int:  # a ZeRO-3 partitioned parameter is empty on this rank
+        return parameter.ds_numel if hasattr(parameter, "ds_numel") else parameter.numel()
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     logger.info("Trainable parameters: %d of %d", trainable, total)
     return model

@@ -7,7 +7,7 @@
 #   BATCH_SIZE=4 bash scripts/v1_5/pretrain.sh --max_steps 4 --learning_rate 5e-4
 #
 # Common variables
-#   MODEL          language model              (lmsys/vicuna-7b-v1.5)
+#   MODEL          language model              (lmsys/vicuna-7b-v1.5), or a Qwen2.5-VL checkpoint (below)
 #   VISION_TOWER   vision encoder              (openai/clip-vit-large-patch14-336)
 #   DATA_PATH      LLaVA JSON file(s), space-separated for several
 #   IMAGE_FOLDER   root for the samples' relative image paths
@@ -31,6 +31,11 @@
 #   VIDEO_TOWER    video encoder (a second CLIP feeding the same projector); enables the video path
 #   VIDEO_FOLDER   root for the samples' relative video paths
 #   NUM_FRAMES     frames sampled uniformly per video (8)
+# Qwen2.5-VL (finetune.sh and finetune_lora.sh; e.g. MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53)
+#   MODEL_FAMILY   qwen2_5_vl | llava (default: from MODEL's config.json model_type, or a Hub id naming
+#                  Qwen2.5-VL); Qwen2.5-VL runs use the checkpoint's vision transformer, merger (its
+#                  projector) and chat template: VISION_TOWER and the projector settings do not apply
+#   MAX_PIXELS     most pixels per image (Qwen's dynamic resolution; default: the checkpoint's)
 #
 # Multi-node (DeepSpeed's pdsh launcher; passwordless ssh between nodes, pdsh installed, the repo,
 # the venv and OUTPUT_DIR on storage every node sees at the same path):
@@ -65,6 +70,28 @@ DEEPSPEED="${DEEPSPEED:-deepspeed}"
 
 log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# qwen2_5_vl when MODEL is a Qwen2.5-VL checkpoint (its config.json says so, or a Hub id names it), else llava.
+model_family() {
+    if [[ -n "${MODEL_FAMILY:-}" ]]; then
+        echo "$MODEL_FAMILY"
+    elif [[ -f "$MODEL/config.json" ]]; then
+        if grep -Eq '"model_type"[[:space:]]*:[[:space:]]*"qwen2_5_vl"' "$MODEL/config.json"; then
+            echo qwen2_5_vl
+        else
+            echo llava
+        fi
+    elif [[ "${MODEL,,}" == *qwen2.5-vl* || "${MODEL,,}" == *qwen2_5_vl* ]]; then
+        echo qwen2_5_vl
+    else
+        echo llava
+    fi
+}
+MODEL_FAMILY="$(model_family)"
+case "$MODEL_FAMILY" in
+    llava | qwen2_5_vl) ;;
+    *) die "MODEL_FAMILY must be llava or qwen2_5_vl, got '$MODEL_FAMILY'" ;;
+esac
 
 # Number of GPUs nvidia-smi lists; 0 when it is missing or fails.
 count_gpus() {
@@ -122,7 +149,12 @@ finalize_settings() {
         "global batch $((BATCH_SIZE * world * GRAD_ACCUM)), precision $PRECISION"
 
     RUN_NAME="${RUN_NAME:-$(basename "$OUTPUT_DIR")}"
-    RUN_GROUP="${RUN_GROUP:-llava-v1.5-$COMPRESSION}"
+    if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
+        RUN_GROUP="${RUN_GROUP:-qwen2.5-vl-$COMPRESSION}"
+        TEMPLATE=chat_template # the checkpoint's own
+    else
+        RUN_GROUP="${RUN_GROUP:-llava-v1.5-$COMPRESSION}"
+    fi
     read -r -a DATA_PATHS <<<"${DATA_PATH:?DATA_PATH is not set}"
     [[ ${#DATA_PATHS[@]} -gt 0 ]] || die "DATA_PATH is empty"
 }
@@ -132,12 +164,9 @@ common_train_args() {
     COMMON_ARGS=(
         --deepspeed "$ZERO"
         --model_name_or_path "$MODEL"
-        --vision_tower "$VISION_TOWER"
         --data_path "${DATA_PATHS[@]}"
         --image_folder "$IMAGE_FOLDER"
-        --mm_projector_type mlp2x_gelu
-        --mm_vision_select_layer -2
-        --mm_vision_select_feature patch
+        --version "$TEMPLATE"
         --compression "$COMPRESSION"
         --output_dir "$OUTPUT_DIR"
         "${PRECISION_ARGS[@]}"
@@ -159,6 +188,13 @@ common_train_args() {
         --run_name "$RUN_NAME"
         --run_group "$RUN_GROUP"
     )
+    if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
+        [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to Qwen2.5-VL (its videos are not trained here)"
+        [[ -z "${MAX_PIXELS:-}" ]] || COMMON_ARGS+=(--max_pixels "$MAX_PIXELS")
+    else
+        COMMON_ARGS+=(--vision_tower "$VISION_TOWER" --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
+            --mm_vision_select_feature patch)
+    fi
     if [[ -n "${VIDEO_TOWER:-}" ]]; then
         COMMON_ARGS+=(--video_tower "$VIDEO_TOWER" --video_folder "${VIDEO_FOLDER:?VIDEO_FOLDER is not set}"
             --num_frames "${NUM_FRAMES:-8}" --mm_video_select_feature cls_patch)
@@ -172,6 +208,10 @@ common_train_args() {
 # shellcheck disable=SC2034  # PROJECTOR_ARGS is read by the sourcing script
 projector_args() {
     PROJECTOR_ARGS=()
+    if [[ "$MODEL_FAMILY" == qwen2_5_vl && -z "${PRETRAINED_PROJECTOR:-}" ]]; then
+        log "Qwen2.5-VL: the checkpoint's own merger (projector) is finetuned"
+        return 0
+    fi
     case "${PRETRAINED_PROJECTOR:-none}" in
         none | "") log "warning: no PRETRAINED_PROJECTOR; the projector starts from random weights" ;;
         *)

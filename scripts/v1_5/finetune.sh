@@ -6,6 +6,7 @@
 #   bash scripts/v1_5/finetune.sh
 #   PRETRAIN_DIR=runs/my-pretrain bash scripts/v1_5/finetune.sh
 #   PRETRAINED_PROJECTOR=none bash scripts/v1_5/finetune.sh      # start from a fresh projector
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53 bash scripts/v1_5/finetune.sh   # Qwen2.5-VL
 #   DRY_RUN=1 bash scripts/v1_5/finetune.sh --max_steps 4
 # Settings and multi-node launch: see scripts/v1_5/common.sh.
 set -euo pipefail
@@ -14,9 +15,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DATA_PATH="${DATA_PATH:-playground/data/llava_v1_5_mix665k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-playground/data}"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b}"
+if [[ "$MODEL_FAMILY" == llava ]]; then
+    OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b}"
+else
+    OUTPUT_DIR="${OUTPUT_DIR:-runs/$(basename "$MODEL")-finetune}"
+fi
 PRETRAIN_DIR="${PRETRAIN_DIR:-runs/llava-v1.5-7b-pretrain}"
-PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
+if [[ "$MODEL_FAMILY" == llava ]]; then # a Qwen2.5-VL checkpoint brings its trained merger
+    PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
+fi
+TEMPLATE="${TEMPLATE:-v1}"
 ZERO="${ZERO:-$REPO_ROOT/scripts/zero3.json}"
 BATCH_SIZE="${BATCH_SIZE:-16}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
@@ -29,7 +37,6 @@ finalize_settings
 common_train_args
 projector_args
 launch "${COMMON_ARGS[@]}" \
-    --version v1 \
     "${PROJECTOR_ARGS[@]}" \
     --image_aspect_ratio pad \
     --group_by_modality_length True \

@@ -4,6 +4,7 @@
 #
 #   bash scripts/v1_5/finetune_lora.sh
 #   LORA_R=64 LORA_ALPHA=128 bash scripts/v1_5/finetune_lora.sh
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53 bash scripts/v1_5/finetune_lora.sh   # Qwen2.5-VL
 #   DRY_RUN=1 bash scripts/v1_5/finetune_lora.sh
 # Settings and multi-node launch: see scripts/v1_5/common.sh.
 set -euo pipefail
@@ -12,9 +13,16 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DATA_PATH="${DATA_PATH:-playground/data/llava_v1_5_mix665k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-playground/data}"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b-lora}"
+if [[ "$MODEL_FAMILY" == llava ]]; then
+    OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b-lora}"
+else
+    OUTPUT_DIR="${OUTPUT_DIR:-runs/$(basename "$MODEL")-lora}"
+fi
 PRETRAIN_DIR="${PRETRAIN_DIR:-runs/llava-v1.5-7b-pretrain}"
-PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
+if [[ "$MODEL_FAMILY" == llava ]]; then # a Qwen2.5-VL checkpoint brings its trained merger
+    PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
+fi
+TEMPLATE="${TEMPLATE:-v1}"
 ZERO="${ZERO:-$REPO_ROOT/scripts/zero3.json}"
 BATCH_SIZE="${BATCH_SIZE:-16}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
@@ -30,7 +38,6 @@ finalize_settings
 common_train_args
 projector_args
 launch "${COMMON_ARGS[@]}" \
-    --version v1 \
     "${PROJECTOR_ARGS[@]}" \
     --lora_enable True \
     --lora_r "$LORA_R" \

@@ -11,6 +11,9 @@ set -euo pipefail
 # shellcheck source=scripts/v1_5/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+[[ "$MODEL_FAMILY" == llava ]] || die "Qwen2.5-VL checkpoints bring a trained merger: finetune them" \
+    "with finetune.sh or finetune_lora.sh (pretraining here is LLaVA's projector stage)"
+TEMPLATE="${TEMPLATE:-plain}"
 DATA_PATH="${DATA_PATH:-playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-playground/data/LLaVA-Pretrain/images}"
 OUTPUT_DIR="${OUTPUT_DIR:-runs/llava-v1.5-7b-pretrain}"
@@ -25,6 +28,5 @@ SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
 finalize_settings
 common_train_args
 launch "${COMMON_ARGS[@]}" \
-    --version plain \
     --tune_mm_mlp_adapter True \
     "$@"
