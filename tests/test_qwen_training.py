@@ -289,3 +289,25 @@ def test_saved_checkpoints_use_the_hubs_names_and_shards_and_load_back_exactly(q
         inputs["input_ids"] == START, model.config.vision_start_token_id
     )
     assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_check_data_reads_qwen_data_through_the_chat_template(qwen_checkpoint, tmp_path):
+    from llava.tools.check_data import main
+
+    answer = {"from": "gpt", "value": "x"}
+    broken = [
+        *samples(1, 1),
+        {"id": "gone", "image": "missing.png", "conversations": [QUESTION, answer]},
+        {"id": "video", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat"}, answer]},
+    ]
+    report = tmp_path / "report.json"
+    argv = [
+        "--data_path", training_data(tmp_path, broken), "--image_folder", str(qwen_checkpoint),
+        "--tokenizer", str(qwen_checkpoint), "--version", "chat_template", "--tokens_per_image", "64",
+        "--model_max_length", "60", "--json-report", str(report),
+    ]  # fmt: skip
+    assert main(argv) == 1
+    result = json.loads(report.read_text())
+    assert result["num_missing_images"] == 1 and result["num_structural_errors"] == 1  # the video sample
+    assert result["num_samples"] == 4 and result["num_text_only"] == 1
+    assert result["num_over_max_length"] == 2  # the two image samples: 64 tokens per image > 60

@@ -226,3 +226,26 @@ def test_trainer_accepts_every_script_argument(stage: str, tmp_path: Path) -> No
     assert args.max_steps == 4 and args.gradient_checkpointing
     assert model_args.compression == "none" and len(data_args.data_path) == 1
     assert args.run_group == "llava-v1.5-none"
+
+
+@pytest.mark.parametrize("stage", ["finetune.sh", "finetune_lora.sh"])
+def test_a_qwen_checkpoint_as_model_switches_the_scripts_to_its_own_tower_merger_and_chat_template(stage, tmp_path):
+    checkpoint = tmp_path / "my-qwen"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    _, argv = dry_run(stage, tmp_path, MODEL=str(checkpoint), COMPRESSION="qwen_duet_53", MAX_PIXELS="200704")
+    assert opt(argv, "--version") == "chat_template" and opt(argv, "--max_pixels") == "200704"
+    assert opt(argv, "--vision_tower") is None and opt(argv, "--pretrain_mm_mlp_adapter") is None
+    assert opt(argv, "--mm_projector_type") is None and opt(argv, "--run_group") == "qwen2.5-vl-qwen_duet_53"
+    assert opt(argv, "--output_dir").startswith("runs/my-qwen-")
+    # A Hub id naming Qwen2.5-VL is recognised without a download; an explicit family wins.
+    _, argv = dry_run(stage, tmp_path, MODEL="Qwen/Qwen2.5-VL-7B-Instruct")
+    assert opt(argv, "--version") == "chat_template"
+    _, argv = dry_run(stage, tmp_path, MODEL="Qwen/Qwen2.5-VL-7B-Instruct", MODEL_FAMILY="llava")
+    assert opt(argv, "--version") == "v1" and opt(argv, "--vision_tower") is not None
+
+
+def test_pretraining_refuses_a_qwen_checkpoint(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        dry_run("pretrain.sh", tmp_path, MODEL="Qwen/Qwen2.5-VL-7B-Instruct")
+    assert "bring a trained merger" in failure.value.stderr

@@ -29,6 +29,9 @@ from llava.data.images import load_image
 from llava.data.templates import ConversationError, normalise_conversation
 from llava.data.tokenization import NoLearnableTokensError
 
+CHAT_TEMPLATE_VERSION = "chat_template"
+"""``--version`` naming the tokenizer's own chat template (Qwen2.5-VL) instead of a LLaVA template."""
+
 
 def chat_content(text: str) -> list[dict[str, str]]:
     """A user turn's content list: ``{"type": "image"}`` at each ``<image>`` tag, text pieces stripped (the
@@ -110,12 +113,8 @@ class ChatTemplateEncoder:
         """Raise :class:`ConversationError` for a conversation this encoder cannot train on."""
         chat_messages(conversation)
 
-    def encode(
-        self, conversation: list[dict], image_paths: Sequence[str], video_paths: Sequence[str] = ()
-    ) -> dict[str, torch.Tensor]:
-        """Token ids with expanded image placeholders, assistant-only labels and the kept images' pixels."""
-        if video_paths:
-            raise ConversationError("videos are not supported with chat templates (Qwen2.5-VL) yet")
+    def tokenize(self, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and labels with one placeholder per image (not expanded yet); placeholders are never learned."""
         ids: list[int] = []
         labels: list[int] = []
         for text, learned in template_pieces(self.tokenizer, chat_messages(conversation)):
@@ -123,21 +122,30 @@ class ChatTemplateEncoder:
             ids += piece
             labels += piece if learned else [IGNORE_INDEX] * len(piece)
         ids_array = np.asarray(ids, dtype=np.int64)
+        return ids_array, np.where(ids_array == self.image_token_id, IGNORE_INDEX, np.asarray(labels, dtype=np.int64))
+
+    def encode(
+        self, conversation: list[dict], image_paths: Sequence[str], video_paths: Sequence[str] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Token ids with expanded image placeholders, assistant-only labels and the kept images' pixels."""
+        if video_paths:
+            raise ConversationError("videos are not supported with chat templates (Qwen2.5-VL) yet")
+        ids_array, labels_array = self.tokenize(conversation)
         slots = np.flatnonzero(ids_array == self.image_token_id)
         if len(slots) != len(image_paths):
             raise ConversationError(f"{len(slots)} image placeholders after templating but {len(image_paths)} images")
-        labels_array = np.where(ids_array == self.image_token_id, IGNORE_INDEX, np.asarray(labels, dtype=np.int64))
         pixels = grid = None
         counts = np.zeros(0, dtype=np.int64)
         if image_paths:
             processed = self.image_processor(images=[load_image(path) for path in image_paths], return_tensors="pt")
             pixels, grid = processed["pixel_values"], processed["image_grid_thw"]
             counts = (grid.prod(dim=-1) // self.image_processor.merge_size**2).numpy()
+        num_ids = len(ids_array)
         keep_ids, kept_images = self._truncate(ids_array, slots, counts)
         ids_array, labels_array = ids_array[:keep_ids], labels_array[:keep_ids]
         if not np.any(labels_array != IGNORE_INDEX):
             raise NoLearnableTokensError(
-                f"no learnable label left ({len(ids)} ids, max_length {self.max_length}, images of "
+                f"no learnable label left ({num_ids} ids before expansion, max_length {self.max_length}, images of "
                 f"{counts.tolist()} tokens): answers are empty or truncated away"
             )
         repeats = np.ones(len(ids_array), dtype=np.int64)

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder
 from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
 from llava.data.images import ImageError, inspect_image
 from llava.data.templates import conversation_to_turns
-from llava.data.tokenization import NoLearnableTokensError, tokenize_conversation, truncate
+from llava.data.tokenization import NoLearnableTokensError, TokenizedConversation, tokenize_conversation, truncate
 from llava.data.video import VideoError, read_video_frames
 
 logger = logging.getLogger(__name__)
@@ -92,19 +93,25 @@ def scan(
     check_images: bool = True,
     max_listed: int = 20,
     show_progress: bool = True,
+    image_token: str = "<|image_pad|>",
 ) -> DataReport:
-    """Check every sample of every file in ``data_args.data_path``; never raises on bad data."""
+    """Check every sample of every file in ``data_args.data_path``; never raises on bad data. With
+    ``data_args.version`` ``chat_template`` samples go through the tokenizer's chat template, whose image
+    placeholder is ``image_token``."""
     report = DataReport()
 
     def note(message: str) -> None:
         if len(report.problems) < max_listed:
             report.problems.append(message)
 
+    chat = None
+    if data_args.version == CHAT_TEMPLATE_VERSION:  # Qwen2.5-VL: the tokenizer's template, its image placeholder
+        chat = ChatTemplateEncoder(tokenizer, None, tokenizer.convert_tokens_to_ids(image_token))
     datasets: list[LazySupervisedDataset] = []
     for path in data_args.data_path:
         file_args = DataArguments(**{**asdict(data_args), "data_path": [path], "skip_bad_samples": True})
         try:
-            dataset = LazySupervisedDataset(file_args, tokenizer)
+            dataset = LazySupervisedDataset(file_args, tokenizer, encoder=chat)
         except (DataError, OSError) as error:
             report.num_files_unreadable += 1
             note(f"{path}: unreadable: {error}")
@@ -129,9 +136,8 @@ def scan(
             progress.update(1)
             record = dataset.get_record(index)
             where = dataset.describe(index, record["id"])
-            turns = conversation_to_turns(dataset.template, record["conversations"])
             try:
-                tokenized = tokenize_conversation(tokenizer, dataset.template, turns)
+                tokenized = _tokenize(tokenizer, dataset, chat, record["conversations"])
             except NoLearnableTokensError:
                 report.num_no_learnable_tokens += 1
                 note(f"{where}: no learnable tokens (empty answers)")
@@ -255,13 +261,38 @@ def format_report(report: DataReport) -> str:
     return "\n".join(lines)
 
 
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: LazySupervisedDataset,
+    chat: ChatTemplateEncoder | None,
+    conversation: list[dict],
+) -> TokenizedConversation:
+    """A sample's ids and labels with one ``IMAGE_TOKEN_ID``/``VIDEO_TOKEN_ID`` sentinel per image and video,
+    through the LLaVA template or, with ``chat``, the tokenizer's chat template (its placeholder mapped to the
+    sentinel)."""
+    if chat is None:
+        return tokenize_conversation(tokenizer, dataset.template, conversation_to_turns(dataset.template, conversation))
+    ids, labels = chat.tokenize(conversation)
+    if not np.any(labels != IGNORE_INDEX):
+        raise NoLearnableTokensError("no learnable label: the answers are empty")
+    ids = np.where(ids == chat.image_token_id, IMAGE_TOKEN_ID, ids)
+    return TokenizedConversation(
+        input_ids=ids.tolist(), labels=labels.tolist(), num_dropped_images=0, num_dropped_videos=0
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", nargs="+", required=True, help="LLaVA JSON/JSONL files")
     parser.add_argument("--image_folder", default=None, help="root for relative image paths")
     parser.add_argument("--tokenizer", required=True, help="tokenizer name or path (AutoTokenizer)")
-    parser.add_argument("--version", default="v1", help="conversation template")
+    parser.add_argument(
+        "--version", default="v1", help="conversation template; chat_template: the tokenizer's own (Qwen2.5-VL)"
+    )
+    parser.add_argument(
+        "--image_token", default="<|image_pad|>", help="with --version chat_template: the template's image placeholder"
+    )
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--tokens_per_image", type=int, default=576)
     parser.add_argument("--video_folder", default=None, help="root for relative video paths")
@@ -299,7 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_outside_paths=args.allow_outside_paths,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    report = scan(data_args, tokenizer, check_images=not args.skip_image_check, max_listed=args.max_listed)
+    report = scan(
+        data_args,
+        tokenizer,
+        check_images=not args.skip_image_check,
+        max_listed=args.max_listed,
+        image_token=args.image_token,
+    )
     print(format_report(report))
     if args.json_report:
         payload: dict[str, Any] = {**asdict(report), "num_problems": report.num_problems}

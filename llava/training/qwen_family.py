@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoTokenizer
 
-from llava.data.chat_template import ChatTemplateEncoder
+from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.hf_adapter import load_image_processor
 from llava.inference_qwen import attach_chat_template, load_qwen_vl
@@ -29,9 +29,6 @@ from llava.training.model_setup import LORA_TARGETS, load_projector, training_dt
 from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
-
-CHAT_TEMPLATE_VERSION = "chat_template"
-"""``--version`` for Qwen2.5-VL: the checkpoint's own chat template."""
 
 
 class QwenVLFamily:
