@@ -74,9 +74,10 @@ def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        answer_start = len(render(messages[:index], generation_prompt=True))
+        prompt = render(messages[:index], generation_prompt=True)
         turn = render(messages[: index + 1])
-        if not full.startswith(turn) or not full.startswith(render(messages[:index], generation_prompt=True)):
+        answer_start = len(prompt)
+        if not full.startswith(turn) or not full.startswith(prompt):
             raise ConversationError("the chat template does not render a conversation's prefixes as its prefixes")
         answer = full[answer_start : len(turn)]
         learned = answer.rstrip()

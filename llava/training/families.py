@@ -10,6 +10,7 @@ plus ``--vision_tower``, or a LLaVA checkpoint).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,13 +34,17 @@ class Processors:
     tokenizer: Any
     image_processor: Any
     video_processor: Any = None
+    extra_files: tuple[Path, ...] = ()  # copied as they are (e.g. a checkpoint's processor configs)
 
     def save(self, output_dir: str | Path) -> None:
-        """Write the tokenizer, the image processor and (in ``video_processor/``) the video processor."""
+        """Write the tokenizer, the image processor, (in ``video_processor/``) the video processor and copies of
+        ``extra_files``."""
         self.tokenizer.save_pretrained(str(output_dir))
         self.image_processor.save_pretrained(str(output_dir))
         if self.video_processor is not None:
             self.video_processor.save_pretrained(str(Path(output_dir) / VIDEO_PROCESSOR_DIR))
+        for source in self.extra_files:
+            shutil.copyfile(source, Path(output_dir) / source.name)
 
 
 class ModelFamily(Protocol):

@@ -31,6 +31,10 @@ from llava.utils.attention import default_attn_implementation
 logger = logging.getLogger(__name__)
 
 
+PROCESSOR_FILES = ("chat_template.json", "video_preprocessor_config.json", "processor_config.json")
+"""Files of a local Qwen2.5-VL checkpoint that every save copies, so ``AutoProcessor`` finds them there too."""
+
+
 class QwenVLFamily:
     """Qwen2.5-VL checkpoints (``model_type`` ``qwen2_5_vl``)."""
 
@@ -53,7 +57,6 @@ class QwenVLFamily:
         attn = model_args.attn_implementation or default_attn_implementation()
         logger.info("Starting from Qwen2.5-VL checkpoint %s", source)
         model = load_qwen_vl(source, dtype=training_dtype(args), compression=model_args.compression, attn=attn)
-        model.config.use_cache = False
         if model_args.pretrain_mm_mlp_adapter:
             load_projector(model, model_args.pretrain_mm_mlp_adapter)
         return model
@@ -68,7 +71,8 @@ class QwenVLFamily:
             tokenizer.pad_token = tokenizer.eos_token
         bounds = {"min_pixels": data_args.min_pixels, "max_pixels": data_args.max_pixels}
         image_processor = load_image_processor(source, **{key: value for key, value in bounds.items() if value})
-        return Processors(tokenizer, image_processor)
+        kept = [Path(source) / name for name in PROCESSOR_FILES]  # what the Hub's processor also reads
+        return Processors(tokenizer, image_processor, extra_files=tuple(path for path in kept if path.is_file()))
 
     def prepare(self, model: nn.Module, processors: Processors, data_args: DataArguments) -> None:
         """Nothing to tie: the placeholders are expanded in the data, so lengths are exact token counts."""

@@ -99,6 +99,7 @@ def train(argv: list[str] | None = None) -> Path:
         callbacks=[CheckpointCompletionCallback(run_config, keep_last), RunConfigCallback(run_config)],
         group_by_modality_length=data_args.group_by_modality_length,
         metrics=metrics,
+        processors=processors,
     )
     add_metrics_callback(trainer, metrics)
     trainer.train(resume_from_checkpoint=resume)

@@ -28,9 +28,11 @@ class LlavaTrainer(Trainer):
         *args: Any,
         group_by_modality_length: bool = False,
         metrics: MetricsCallback | None = None,
+        processors: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.processors = processors  # saved with every checkpoint of a model saved in its own layout
         self.group_by_modality_length = group_by_modality_length
         self.metrics = metrics
         self.num_skipped_samples = 0
@@ -55,8 +57,9 @@ class LlavaTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save a model that is not a ``PreTrainedModel`` but has its own ``save_pretrained`` (Qwen2.5-VL's
-        wrapper) in that layout, at the end and in every checkpoint: the Trainer would write its raw state
-        dict, which no loader reads. The state dict is gathered from every rank under ZeRO-3."""
+        wrapper) in that layout, with the processors, at the end and in every checkpoint, so each loads for
+        evaluation: the Trainer would write its raw state dict, which no loader reads. The state dict is
+        gathered from every rank under ZeRO-3."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if isinstance(unwrapped, PreTrainedModel) or hasattr(unwrapped, "peft_config"):
             super().save_model(output_dir, _internal_call)
@@ -69,7 +72,9 @@ class LlavaTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        if self.processing_class is not None:
+        if self.processors is not None:
+            self.processors.save(output_dir)
+        elif self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # the Trainer's file name
 
