@@ -267,13 +267,14 @@ def qwen_visual_embeddings(
     model: PreTrainedModel,
     pixel_values: torch.Tensor,
     grid_thw: torch.Tensor,
-    video: bool = False,
     capture_block: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any] | None]:
-    """Qwen2.5-VL's merged visual tokens (after the patch merger) of all images (videos), concatenated in
-    input order, ``[sum(t * h * w / merge^2), hidden]``; with ``capture_block`` also that vision block's
-    inputs (``hidden_states`` in window order, ``cu_seqlens``, ``position_embeddings``), caught by a
-    pre-hook that lives for this call only."""
+    """Qwen2.5-VL's merged visual tokens (after the patch merger) of all images and videos, concatenated in
+    input order, ``[sum(t * h * w / merge^2), hidden]``: one pass of the vision transformer, whose attention is
+    per segment (image or video) as ``grid_thw`` lays them out (transformers' image and video feature
+    functions differ only in their names). With ``capture_block`` also that vision block's inputs
+    (``hidden_states`` in window order, ``cu_seqlens``, ``position_embeddings``), caught by a pre-hook that
+    lives for this call only."""
     inner = model.model
     captured: dict[str, Any] = {}
     handle = None
@@ -286,8 +287,7 @@ def qwen_visual_embeddings(
 
         handle = inner.visual.blocks[capture_block].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        features = inner.get_video_features if video else inner.get_image_features
-        output = features(pixel_values, grid_thw, return_dict=True)
+        output = inner.get_image_features(pixel_values, grid_thw, return_dict=True)
     finally:
         if handle is not None:
             handle.remove()
@@ -328,14 +328,17 @@ def qwen_rope_index(
     image_grid_thw: torch.Tensor | None,
     video_grid_thw: torch.Tensor | None,
     attention_mask: torch.Tensor,
+    second_per_grid_ts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Qwen2.5-VL's M-RoPE positions ``[3, B, L]`` (temporal, height, width) of a left- or right-padded
-    batch; ``token_types`` marks text 0, image 1, video 2 tokens."""
+    batch; ``token_types`` marks text 0, image 1, video 2 tokens; ``second_per_grid_ts`` (per video) spaces
+    the temporal positions of videos (``tokens_per_second`` per second)."""
     positions, _ = model.model.get_rope_index(
         input_ids,
         mm_token_type_ids=token_types,
         image_grid_thw=image_grid_thw,
         video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
         attention_mask=attention_mask,
     )
     return positions

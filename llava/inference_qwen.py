@@ -5,8 +5,8 @@ Qwen's own image processor (dynamic resolution between ``min_pixels`` and ``max_
 ``<|image_pad|>`` placeholder is repeated once per merged visual token (``t * h * w / merge^2``), as
 Qwen's processor does. Batches are left-padded and run through :class:`~llava.model.qwen_vl.DuetQwenVL`
 (T2V compression, fast decoding). User content is built as in training
-(:func:`~llava.data.chat_template.chat_content`: images where the ``<image>`` tags are, else first). Videos
-are not served on this path yet.
+(:func:`~llava.data.chat_template.placed_content`: images and videos where their tags are, else first).
+Videos: uniformly sampled frames in Qwen's video layout (:mod:`llava.data.qwen_video`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from llava.constants import IMAGE_TAG
-from llava.data.chat_template import chat_content
+from llava.data.chat_template import placed_content
 from llava.data.images import load_image
+from llava.data.qwen_video import (
+    DEFAULT_VIDEO_FRAMES,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    QwenVideo,
+    batch_videos,
+    load_qwen_video,
+)
 from llava.hf_adapter import load_image_processor
 from llava.inference import GenerationPipeline, MissingComponentError, Request, default_device, image_paths
 from llava.model.loading import check_weight_files, read_config_json
@@ -64,6 +70,9 @@ class QwenVLPipeline(GenerationPipeline):
 
     model: DuetQwenVL
     image_processor: Any
+    video_frames: int = DEFAULT_VIDEO_FRAMES
+    video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS
+    video_backend: str = "pyav"
 
     @classmethod
     def from_pretrained(
@@ -75,8 +84,12 @@ class QwenVLPipeline(GenerationPipeline):
         fast_decoding: bool | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        video_frames: int = DEFAULT_VIDEO_FRAMES,
+        video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS,
+        video_backend: str = "pyav",
     ) -> QwenVLPipeline:
-        """Load a Qwen2.5-VL directory; ``min_pixels``/``max_pixels`` bound each image's resolution."""
+        """Load a Qwen2.5-VL directory; ``min_pixels``/``max_pixels`` bound each image's resolution,
+        ``video_max_pixels`` each video frame's; videos are ``video_frames`` uniformly sampled frames."""
         model_dir = Path(path)
         model = load_qwen_vl(model_dir, dtype=dtype, compression=compression)
         device = torch.device(device) if device is not None else default_device()
@@ -87,51 +100,63 @@ class QwenVLPipeline(GenerationPipeline):
         overrides = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
         image_processor = load_image_processor(str(model_dir), **overrides)
         logger.info("Loaded Qwen2.5-VL %s on %s", model_dir, device)
-        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, fast_decoding=fast_decoding)
+        return cls(
+            model=model, tokenizer=tokenizer, image_processor=image_processor, fast_decoding=fast_decoding,
+            video_frames=video_frames, video_max_pixels=video_max_pixels, video_backend=video_backend,
+        )  # fmt: skip
 
     def _eos_ids(self) -> list[int]:
         configured = self.model.hf_model.generation_config.eos_token_id
         ids = [configured] if isinstance(configured, int) else list(configured or [])
         return ids or super()._eos_ids()
 
+    def _load_video(self, path: str) -> QwenVideo:
+        return load_qwen_video(path, self.image_processor, self.video_frames, self.video_max_pixels, self.video_backend)
+
     def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
-        """Chat-templated, left-padded ``input_ids``/``attention_mask`` and, when the batch has images, Qwen's
-        ``pixel_values`` (flattened patches) and ``image_grid_thw``."""
+        """Chat-templated, left-padded ``input_ids``/``attention_mask`` and, when the batch has them, Qwen's
+        image inputs (``pixel_values``, ``image_grid_thw``) and video inputs (``pixel_values_videos``,
+        ``video_grid_thw``, ``second_per_grid_ts``)."""
         config = self.model.config
-        image_pad = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
-        merge = self.image_processor.merge_size
-        texts, images = [], []
+        texts, images, videos = [], [], []
         for request in requests:
             if "prompt" not in request or not isinstance(request["prompt"], str):
                 raise ValueError(f"request needs a string 'prompt': {request!r}")
-            if request.get("video"):
-                raise ValueError(f"videos are not served on the Qwen2.5-VL path yet: {request!r}")
-            paths = image_paths(request.get("image"))
-            content = chat_content(request["prompt"])
-            tags = sum(item["type"] == "image" for item in content)
-            if tags not in (0, len(paths)):
-                raise ValueError(f"{tags} {IMAGE_TAG} tags for {len(paths)} images: {request!r}")
-            if not tags:  # as in training: untagged images go first
-                content = [{"type": "image"}] * len(paths) + content
+            image_files, video_files = image_paths(request.get("image")), image_paths(request.get("video"))
+            content = placed_content(request["prompt"], len(image_files), len(video_files), repr(request))
             texts.append(
                 self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
                 )
             )
-            images.extend(load_image(path) for path in paths)
+            images.extend(load_image(path) for path in image_files)
+            videos.extend(
+                load_qwen_video(
+                    path, self.image_processor, self.video_frames, self.video_max_pixels, self.video_backend
+                )
+                for path in video_files
+            )
         batch: dict[str, torch.Tensor] = {}
+        merge_unit = self.image_processor.merge_size**2
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
             batch["pixel_values"] = processed["pixel_values"]
             batch["image_grid_thw"] = processed["image_grid_thw"]
-            counts = iter((processed["image_grid_thw"].prod(dim=-1) // merge**2).tolist())
-            texts = [_expand_placeholders(text, image_pad, counts) for text in texts]
+        batch.update(batch_videos(videos))
+        for grid_key, token_id in (
+            ("image_grid_thw", config.image_token_id),
+            ("video_grid_thw", config.video_token_id),
+        ):
+            if grid_key in batch:
+                pad = self.tokenizer.convert_ids_to_tokens(token_id)
+                counts = iter((batch[grid_key].prod(dim=-1) // merge_unit).tolist())
+                texts = [_expand_placeholders(text, pad, counts) for text in texts]
         encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **batch}
 
 
 def _expand_placeholders(text: str, image_pad: str, counts: Any) -> str:
-    """Each image's single placeholder repeated once per merged visual token, in order."""
+    """Each image's (video's) single placeholder repeated once per merged visual token, in order."""
     parts = text.split(image_pad)
     expanded = [parts[0]]
     for part in parts[1:]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -96,7 +97,8 @@ def playground(tmp_path_factory):
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
     "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -109,6 +111,7 @@ def qwen_checkpoint(tmp_path_factory):
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
+    from llava.data.video import write_video
     from llava.playground.tokenizer import train_playground_tokenizer
 
     out = tmp_path_factory.mktemp("qwen")
@@ -128,4 +131,6 @@ def qwen_checkpoint(tmp_path_factory):
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2).save_pretrained(out)
     for index, size in enumerate([(90, 70), (60, 60), (120, 80)]):
         Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
+    frames = [np.full((56, 84, 3), 30 * step, dtype=np.uint8) for step in range(6)]
+    write_video(out / "clip.mp4", frames, fps=4)  # 1.5 s
     return out

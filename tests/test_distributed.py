@@ -294,22 +294,24 @@ def qwen_env(qwen_checkpoint: Path, data: Path, output_dir: Path, **overrides: s
 
 def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_only_rank(qwen_checkpoint, tmp_path):
     """Qwen2.5-VL through the same scripts (MODEL= a Qwen2.5-VL checkpoint): 2 ZeRO-3 ranks, DUET's V2V + T2V,
-    batch 1 of [text-only, image] so one rank has no image at every step (its collectives must still match the
-    other's), then LoRA on ZeRO-3 and a merge; every result loads as a Qwen2.5-VL checkpoint and answers."""
+    batch 1 of [text-only, image + video] so one rank has no visual input at every step (its collectives must
+    still match the other's), then LoRA on ZeRO-3 and a merge; every result loads as a Qwen2.5-VL checkpoint."""
     from safetensors.torch import load_file
 
     from llava.model.qwen_vl import DuetQwenVL
     from llava.training.lora import merge_lora_checkpoint
 
-    question = {"from": "human", "value": "<image>\nwhat colour is the shape"}
+    question = {"from": "human", "value": "<video>\n<image>\nwhat colour is the shape"}
     samples = [
         {"id": "text", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hello"}]},
-        {"id": "image", "image": "image_0.png", "conversations": [question, {"from": "gpt", "value": "a red square"}]},
-    ]
+        {"id": "visual", "image": "image_0.png", "video": "clip.mp4",
+         "conversations": [question, {"from": "gpt", "value": "a red square"}]},
+    ]  # fmt: skip
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(samples))
     full = tmp_path / "full"
-    env = qwen_env(qwen_checkpoint, data, full, COMPRESSION="qwen_duet_53")
+    videos = {"VIDEO_FOLDER": str(qwen_checkpoint), "NUM_FRAMES": "4"}
+    env = qwen_env(qwen_checkpoint, data, full, COMPRESSION="qwen_duet_53", **videos)
     result = run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     assert "the checkpoint's own merger (projector) is finetuned" in result.stderr
     assert json.loads((full / "run_config.json").read_text())["version"] == "chat_template"
@@ -327,7 +329,7 @@ def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_o
     )
 
     lora = tmp_path / "lora"
-    env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8")
+    env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8", **videos)
     run_script("finetune_lora.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     merged = merge_lora_checkpoint(lora, tmp_path / "merged")
     assert isinstance(LlavaPipeline.from_pretrained(merged).model, DuetQwenVL)

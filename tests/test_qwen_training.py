@@ -99,7 +99,7 @@ def IMAGE_ID(qwen_checkpoint) -> int:  # noqa: N802 - reads like the constant it
 
 def test_bad_samples_are_refused_with_the_reason(processors, qwen_checkpoint):
     chat = encoder(processors, qwen_checkpoint)
-    with pytest.raises(ConversationError, match="videos are not supported"):
+    with pytest.raises(ConversationError, match="takes no videos"):
         chat.validate([{"from": "human", "value": "<video>\nwhat"}, {"from": "gpt", "value": "x"}])
     with pytest.raises(ConversationError, match="2 image placeholders"):
         chat.encode(conversation("x", image_tags=2), [str(qwen_checkpoint / "image_0.png")])
@@ -312,3 +312,36 @@ def test_check_data_reads_qwen_data_through_the_chat_template(qwen_checkpoint, t
     assert result["num_missing_images"] == 1 and result["num_structural_errors"] == 1  # the video sample
     assert result["num_samples"] == 4 and result["num_text_only"] == 1
     assert result["num_over_max_length"] == 2  # the two image samples: 64 tokens per image > 60
+
+
+def test_video_samples_expand_to_their_patches_and_train(processors, qwen_checkpoint, tmp_path):
+    import functools
+
+    from llava.data.qwen_video import load_qwen_video
+
+    tokenizer, image_processor = processors
+    config = json.loads((qwen_checkpoint / "config.json").read_text())
+    loader = functools.partial(load_qwen_video, image_processor=image_processor, num_frames=4)
+    chat = ChatTemplateEncoder(
+        tokenizer, image_processor, config["image_token_id"], config["vision_start_token_id"],
+        video_token_id=config["video_token_id"], video_loader=loader,
+    )  # fmt: skip
+    turns = [{"from": "human", "value": "<video>\n<image>\nwhat happens"}, {"from": "gpt", "value": "a red square"}]
+    item = chat.encode(turns, [str(qwen_checkpoint / "image_0.png")], [str(qwen_checkpoint / "clip.mp4")])
+    assert item["video_grid_thw"].tolist() == [[2, 4, 6]] and item["pixel_values_videos"].shape[0] == 48
+    assert item["second_per_grid_ts"].tolist() == pytest.approx([0.75])
+    ids = item["input_ids"].tolist()
+    assert ids.count(config["video_token_id"]) == 12 and ids.count(config["image_token_id"]) == 6
+    assert ids.index(config["video_token_id"]) < ids.index(config["image_token_id"])  # tag order
+    # A limit inside the image keeps the video whole and drops the image with its marker: nothing to learn left.
+    chat.max_length = ids.index(config["image_token_id"]) + 2
+    with pytest.raises(NoLearnableTokensError):
+        chat.encode(turns, [str(qwen_checkpoint / "image_0.png")], [str(qwen_checkpoint / "clip.mp4")])
+
+    video_sample = {"id": "v", "video": "clip.mp4", "conversations": [{"from": "human", "value": "what happens"},
+                    {"from": "gpt", "value": "a red square"}]}  # fmt: skip
+    data = training_data(tmp_path, [video_sample, *samples(2, 1)])
+    extra = ("--max_steps", "2", "--video_folder", str(qwen_checkpoint), "--num_frames", "4")
+    out = train(qwen_train_args(qwen_checkpoint, data, tmp_path / "video", *extra))
+    assert sorted(losses(out)) == [1, 2]
+    assert isinstance(LlavaPipeline.from_pretrained(out).model, DuetQwenVL)

@@ -84,6 +84,72 @@ def test_t2v_generation_matches_recomputation_fast_path_and_single_samples():
         assert torch.equal(model.generate(**single, **options)[0], cached[index])
 
 
+VIDEO = 151
+
+
+def video_batch() -> dict[str, torch.Tensor]:
+    """Left-padded: a video of 2 temporal patches (8 tokens); an image and a 1-step video; text only."""
+    segment = lambda token, count: [START] + [token] * count + [END]  # noqa: E731
+    rows = [[1, *segment(VIDEO, 8), 5, 6, 7, 8], [1, *segment(IMAGE, 4), 8, *segment(VIDEO, 4), 9, 10], [1, 11, 12]]
+    length = max(len(row) for row in rows)
+    torch.manual_seed(2)
+    return {
+        "input_ids": torch.tensor([[0] * (length - len(row)) + row for row in rows]),
+        "attention_mask": (torch.arange(length) >= torch.tensor([[length - len(row)] for row in rows])).long(),
+        "pixel_values": torch.randn(16, PATCH_FEATURES),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixel_values_videos": torch.randn(32 + 16, PATCH_FEATURES),
+        "video_grid_thw": torch.tensor([[2, 4, 4], [1, 4, 4]]),
+        "second_per_grid_ts": torch.tensor([0.5, 2.0]),  # temporal positions spaced by real time
+    }
+
+
+def test_videos_equal_transformers_model_uncompressed_and_generate_consistently_compressed():
+    hf = tiny_qwen()
+    inputs = video_batch()
+    types = (inputs["input_ids"] == IMAGE).int() + 2 * (inputs["input_ids"] == VIDEO).int()
+    real = inputs["attention_mask"].bool()
+    assert (DuetQwenVL(hf)(**inputs).logits - hf(**inputs, mm_token_type_ids=types).logits)[real].abs().max() <= 1e-4
+    theirs = hf.generate(**inputs, mm_token_type_ids=types, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ours = DuetQwenVL(hf).generate(**inputs, max_new_tokens=5, eos_token_id=[], fast=False)
+    assert torch.equal(ours, theirs[:, inputs["input_ids"].shape[1] :])
+
+    model = DuetQwenVL(tiny_qwen(), "qwen_duet_53")
+    options = dict(max_new_tokens=5, eos_token_id=[])
+    cached = model.generate(**inputs, fast=False, **options)
+    assert torch.equal(cached, model.generate(**inputs, use_cache=False, **options))
+    assert torch.equal(cached, model.generate(**inputs, fast=True, **options))
+    keep = inputs["attention_mask"][0].bool()
+    alone = {"input_ids": inputs["input_ids"][:1, keep], "pixel_values_videos": inputs["pixel_values_videos"][:32]}
+    alone |= {"video_grid_thw": inputs["video_grid_thw"][:1], "second_per_grid_ts": inputs["second_per_grid_ts"][:1]}
+    assert torch.equal(model.generate(**alone, **options)[0], cached[0])
+
+
+def test_video_frames_take_qwens_patch_layout_with_consecutive_frames_on_the_temporal_axis(qwen_checkpoint):
+    import numpy as np
+    from PIL import Image
+
+    from llava.data.qwen_video import frames_to_patches, load_qwen_video
+    from llava.hf_adapter import load_image_processor
+
+    processor = load_image_processor(str(qwen_checkpoint))
+    rng = np.random.default_rng(0)
+    first, second = (Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)) for _ in range(2))
+    # Two copies of one frame are exactly the image processor's layout of that frame (it repeats images in time).
+    pixels, grid = frames_to_patches([first, first], processor)
+    image = processor(images=[first], return_tensors="pt")
+    assert torch.equal(pixels, image["pixel_values"]) and grid.tolist() == image["image_grid_thw"][0].tolist()
+    pixels, grid = frames_to_patches([first, second, second], processor)  # padded to 4 frames: 2 steps
+    assert grid[0] == 2
+    steps = pixels.view(2, -1, 3, 2, 14, 14)
+    frame = lambda picture: processor(images=[picture], return_tensors="pt")["pixel_values"].view(-1, 3, 2, 14, 14)  # noqa: E731
+    assert torch.equal(steps[0, :, :, 0], frame(first)[:, :, 0]) and torch.equal(
+        steps[0, :, :, 1], frame(second)[:, :, 0]
+    )
+    video = load_qwen_video(qwen_checkpoint / "clip.mp4", processor, num_frames=4)
+    assert video.second_per_grid == pytest.approx(2 * 1.5 / 4)  # 6 frames at 4 fps, 4 sampled, 2 per step
+
+
 def test_unsupported_settings_are_refused():
     model = DuetQwenVL(tiny_qwen())
     with pytest.raises(ValueError, match="not 'visionzip'"):
@@ -121,6 +187,31 @@ def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(qwen_check
     assert compressed.generate(requests, max_new_tokens=5, batch_size=3) == compressed.generate(
         requests, max_new_tokens=5, batch_size=1
     )
+
+
+def test_pipeline_serves_videos_in_place_of_their_tags_and_batches_them(qwen_checkpoint):
+    from llava.inference_qwen import QwenVLPipeline
+
+    pipeline = QwenVLPipeline.from_pretrained(qwen_checkpoint, device="cpu", compression="qwen_duet_53", video_frames=4)
+    clip, picture = str(qwen_checkpoint / "clip.mp4"), str(qwen_checkpoint / "image_0.png")
+    requests = [
+        {"video": clip, "prompt": "what happens"},
+        {"image": picture, "video": clip, "prompt": "compare <image> with <video>"},
+        {"prompt": "hello there"},
+    ]
+    inputs = pipeline.prepare(requests)
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 6], [2, 4, 6]]  # 4 frames of 84x56 -> 2 steps of 4x6
+    assert inputs["second_per_grid_ts"].tolist() == pytest.approx([0.75, 0.75])
+    config = pipeline.model.config
+    tokens = pipeline.tokenizer.convert_ids_to_tokens(inputs["input_ids"][1][inputs["attention_mask"][1].bool()])
+    visual = [token for token in tokens if token in ("<|image_pad|>", "<|video_pad|>")]
+    assert visual == ["<|image_pad|>"] * 6 + ["<|video_pad|>"] * 12  # in the order of the tags
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == 24
+    assert pipeline.generate(requests, max_new_tokens=4, batch_size=3) == pipeline.generate(
+        requests, max_new_tokens=4, batch_size=1
+    )
+    with pytest.raises(ValueError, match="2 <video> tags for 1 videos"):
+        pipeline.prepare([{"video": clip, "prompt": "<video> and <video>"}])
 
 
 def test_generate_cli_answers_with_a_qwen_checkpoint(qwen_checkpoint, capsys):

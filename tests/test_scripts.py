@@ -233,8 +233,11 @@ def test_a_qwen_checkpoint_as_model_switches_the_scripts_to_its_own_tower_merger
     checkpoint = tmp_path / "my-qwen"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
-    _, argv = dry_run(stage, tmp_path, MODEL=str(checkpoint), COMPRESSION="qwen_duet_53", MAX_PIXELS="200704")
+    _, argv = dry_run(
+        stage, tmp_path, MODEL=str(checkpoint), COMPRESSION="qwen_duet_53", MAX_PIXELS="200704", VIDEO_FOLDER="clips"
+    )
     assert opt(argv, "--version") == "chat_template" and opt(argv, "--max_pixels") == "200704"
+    assert opt(argv, "--video_folder") == "clips" and opt(argv, "--num_frames") == "16"
     assert opt(argv, "--vision_tower") is None and opt(argv, "--pretrain_mm_mlp_adapter") is None
     assert opt(argv, "--mm_projector_type") is None and opt(argv, "--run_group") == "qwen2.5-vl-qwen_duet_53"
     assert opt(argv, "--output_dir").startswith("runs/my-qwen-")

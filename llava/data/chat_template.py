@@ -17,8 +17,8 @@ and everything after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,17 +34,32 @@ CHAT_TEMPLATE_VERSION = "chat_template"
 
 
 def chat_content(text: str) -> list[dict[str, str]]:
-    """A user turn's content list: ``{"type": "image"}`` at each ``<image>`` tag, text pieces stripped (the
-    newline LLaVA puts after a tag belongs to the tag), empty pieces dropped."""
+    """A user turn's content list: ``{"type": "image"}`` (``"video"``) at each ``<image>`` (``<video>``) tag,
+    text pieces stripped (the newline LLaVA puts after a tag belongs to the tag), empty pieces dropped."""
     content: list[dict[str, str]] = []
     for chunk in VISUAL_TAG_PATTERN.split(text):
-        if chunk == IMAGE_TAG:
-            content.append({"type": "image"})
-        elif chunk == VIDEO_TAG:
-            raise ConversationError("videos are not supported with chat templates (Qwen2.5-VL) yet")
+        if chunk in (IMAGE_TAG, VIDEO_TAG):
+            content.append({"type": "image" if chunk == IMAGE_TAG else "video"})
         elif chunk.strip():
             content.append({"type": "text", "text": chunk.strip()})
     return content
+
+
+def placed_content(prompt: str, num_images: int, num_videos: int, where: str) -> list[dict[str, str]]:
+    """A generation prompt's content: tagged images and videos where their tags are; without tags, videos
+    then images first (as the training data puts untagged ones). ``ValueError`` naming ``where`` when the
+    tags do not match the files."""
+    content = chat_content(prompt)
+    for kind, count in (("image", num_images), ("video", num_videos)):
+        tags = sum(item["type"] == kind for item in content)
+        if tags not in (0, count):
+            raise ValueError(f"{tags} <{kind}> tags for {count} {kind}s: {where}")
+    untagged = [
+        {"type": kind}
+        for kind, count in (("video", num_videos), ("image", num_images))
+        for _ in range(count if not any(item["type"] == kind for item in content) else 0)
+    ]
+    return untagged + content
 
 
 def chat_messages(conversation: list[dict]) -> list[dict[str, Any]]:
@@ -87,11 +102,22 @@ def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     return [(text, learned) for text, learned in pieces if text]
 
 
-class ChatTemplateEncoder:
-    """Builds ``{"input_ids", "labels"[, "pixel_values", "image_grid_thw"]}`` items for a chat-template model.
+class _Visuals(NamedTuple):
+    """One modality's inputs for a sample: its placeholder positions, merged-token counts and tensors."""
 
-    ``image_token_id`` is the model's placeholder (``<|image_pad|>``); ``vision_start_id`` its opening
-    marker, dropped together with an image that truncation removes.
+    slots: np.ndarray
+    counts: np.ndarray
+    tensors: dict[str, torch.Tensor]  # keyed as the model takes them; per-patch rows first, per-item rows after
+
+
+class ChatTemplateEncoder:
+    """Builds ``{"input_ids", "labels"[, image inputs][, video inputs]}`` items for a chat-template model.
+
+    ``image_token_id`` (``video_token_id``) is the model's image (video) placeholder, ``vision_start_id`` the
+    opening marker dropped together with an image or video that truncation removes. Images go through
+    ``image_processor`` (``pixel_values``, ``image_grid_thw``); videos through ``video_loader``, a path ->
+    :class:`~llava.data.qwen_video.QwenVideo` function (``pixel_values_videos``, ``video_grid_thw``,
+    ``second_per_grid_ts``); without one, samples with videos are refused.
     """
 
     def __init__(
@@ -101,6 +127,8 @@ class ChatTemplateEncoder:
         image_token_id: int,
         vision_start_id: int | None = None,
         max_length: int | None = None,
+        video_token_id: int | None = None,
+        video_loader: Callable[[str], Any] | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
@@ -109,13 +137,22 @@ class ChatTemplateEncoder:
         self.image_token_id = image_token_id
         self.vision_start_id = vision_start_id
         self.max_length = max_length
+        self.video_token_id = video_token_id
+        self.video_loader = video_loader
 
     def validate(self, conversation: list[dict]) -> None:
         """Raise :class:`ConversationError` for a conversation this encoder cannot train on."""
-        chat_messages(conversation)
+        messages = chat_messages(conversation)
+        has_video = any(
+            isinstance(message["content"], list) and any(item["type"] == "video" for item in message["content"])
+            for message in messages
+        )
+        if has_video and (self.video_loader is None or self.video_token_id is None):
+            raise ConversationError("this model's data path takes no videos")
 
     def tokenize(self, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and labels with one placeholder per image (not expanded yet); placeholders are never learned."""
+        """Ids and labels with one placeholder per image and video (not expanded yet); placeholders are never
+        learned."""
         ids: list[int] = []
         labels: list[int] = []
         for text, learned in template_pieces(self.tokenizer, chat_messages(conversation)):
@@ -123,53 +160,77 @@ class ChatTemplateEncoder:
             ids += piece
             labels += piece if learned else [IGNORE_INDEX] * len(piece)
         ids_array = np.asarray(ids, dtype=np.int64)
-        return ids_array, np.where(ids_array == self.image_token_id, IGNORE_INDEX, np.asarray(labels, dtype=np.int64))
+        placeholders = [token for token in (self.image_token_id, self.video_token_id) if token is not None]
+        return ids_array, np.where(np.isin(ids_array, placeholders), IGNORE_INDEX, np.asarray(labels, dtype=np.int64))
 
     def encode(
         self, conversation: list[dict], image_paths: Sequence[str], video_paths: Sequence[str] = ()
     ) -> dict[str, torch.Tensor]:
-        """Token ids with expanded image placeholders, assistant-only labels and the kept images' pixels."""
-        if video_paths:
-            raise ConversationError("videos are not supported with chat templates (Qwen2.5-VL) yet")
-        ids_array, labels_array = self.tokenize(conversation)
-        slots = np.flatnonzero(ids_array == self.image_token_id)
-        if len(slots) != len(image_paths):
-            raise ConversationError(f"{len(slots)} image placeholders after templating but {len(image_paths)} images")
-        pixels = grid = None
-        counts = np.zeros(0, dtype=np.int64)
-        if image_paths:
-            processed = self.image_processor(images=[load_image(path) for path in image_paths], return_tensors="pt")
-            pixels, grid = processed["pixel_values"], processed["image_grid_thw"]
-            counts = (grid.prod(dim=-1) // self.image_processor.merge_size**2).numpy()
-        num_ids = len(ids_array)
-        keep_ids, kept_images = self._truncate(ids_array, slots, counts)
-        ids_array, labels_array = ids_array[:keep_ids], labels_array[:keep_ids]
-        if not np.any(labels_array != IGNORE_INDEX):
+        """Token ids with expanded placeholders, assistant-only labels and the kept images' and videos' inputs."""
+        self.validate(conversation)
+        ids, labels = self.tokenize(conversation)
+        visuals = [self._images(ids, image_paths)]
+        if self.video_token_id is not None:
+            visuals.append(self._videos(ids, video_paths))
+        merge_unit = self.image_processor.merge_size**2
+        lengths = np.ones(len(ids), dtype=np.int64)
+        for visual in visuals:
+            lengths[visual.slots] = visual.counts // merge_unit
+        keep = self._fitting_length(ids, lengths)
+        if not np.any(labels[:keep] != IGNORE_INDEX):
             raise NoLearnableTokensError(
-                f"no learnable label left ({num_ids} ids before expansion, max_length {self.max_length}, images of "
-                f"{counts.tolist()} tokens): answers are empty or truncated away"
+                f"no learnable label left ({len(ids)} ids before expansion, max_length {self.max_length}, "
+                f"{int(lengths.sum())} tokens expanded): answers are empty or truncated away"
             )
-        repeats = np.ones(len(ids_array), dtype=np.int64)
-        repeats[slots[:kept_images]] = counts[:kept_images]
         item = {
-            "input_ids": torch.from_numpy(np.repeat(ids_array, repeats)),
-            "labels": torch.from_numpy(np.repeat(labels_array, repeats)),
+            "input_ids": torch.from_numpy(np.repeat(ids[:keep], lengths[:keep])),
+            "labels": torch.from_numpy(np.repeat(labels[:keep], lengths[:keep])),
         }
-        if kept_images:
-            patches = int(grid[:kept_images].prod(dim=-1).sum())
-            item["pixel_values"] = pixels[:patches]
-            item["image_grid_thw"] = grid[:kept_images]
+        for visual in visuals:
+            kept = int(np.count_nonzero(visual.slots < keep))
+            if kept:
+                patches = int(visual.counts[:kept].sum())
+                for key, tensor in visual.tensors.items():
+                    item[key] = tensor[:patches] if key.startswith("pixel_values") else tensor[:kept]
         return item
 
-    def _truncate(self, ids: np.ndarray, slots: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
-        """How many ids (before expansion) and images fit ``max_length`` once each placeholder is expanded."""
+    def _images(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
+        """The image placeholders and inputs (``counts``: patches per image)."""
+        slots = self._slots(ids, self.image_token_id, len(paths), "image")
+        if not paths:
+            return _Visuals(slots, np.zeros(0, dtype=np.int64), {})
+        processed = self.image_processor(images=[load_image(path) for path in paths], return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        tensors = {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
+        return _Visuals(slots, grid.prod(dim=-1).numpy(), tensors)
+
+    def _videos(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
+        """The video placeholders and inputs (``counts``: patches per video)."""
+        slots = self._slots(ids, self.video_token_id, len(paths), "video")
+        if not paths:
+            return _Visuals(slots, np.zeros(0, dtype=np.int64), {})
+        videos = [self.video_loader(path) for path in paths]
+        grid = torch.stack([video.grid_thw for video in videos])
+        tensors = {
+            "pixel_values_videos": torch.cat([video.pixel_values for video in videos]),
+            "video_grid_thw": grid,
+            "second_per_grid_ts": torch.tensor([video.second_per_grid for video in videos]),
+        }
+        return _Visuals(slots, grid.prod(dim=-1).numpy(), tensors)
+
+    @staticmethod
+    def _slots(ids: np.ndarray, token_id: int | None, expected: int, what: str) -> np.ndarray:
+        slots = np.flatnonzero(ids == token_id) if token_id is not None else np.zeros(0, dtype=np.int64)
+        if len(slots) != expected:
+            raise ConversationError(f"{len(slots)} {what} placeholders after templating but {expected} {what}s")
+        return slots
+
+    def _fitting_length(self, ids: np.ndarray, lengths: np.ndarray) -> int:
+        """How many ids (before expansion) fit ``max_length`` once placeholders are expanded; an image or video
+        that does not fit whole is dropped with its opening marker and everything after it."""
         if self.max_length is None:
-            return len(ids), len(slots)
-        lengths = np.ones(len(ids), dtype=np.int64)
-        lengths[slots] = counts
+            return len(ids)
         keep = int(np.searchsorted(np.cumsum(lengths), self.max_length, side="right"))
-        kept_images = int(np.count_nonzero(slots < keep))
-        # The dropped image's opening marker goes with it.
-        if kept_images < len(slots) and keep > 0 and ids[keep - 1] == self.vision_start_id:
+        if keep < len(ids) and keep > 0 and lengths[keep] > 1 and ids[keep - 1] == self.vision_start_id:
             keep -= 1
-        return keep, kept_images
+        return keep

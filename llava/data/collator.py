@@ -10,8 +10,8 @@ Batch contract:
   sentinel occurs in row-major flattened ``input_ids``; absent when the batch has no image;
 - ``pixel_values_videos`` float ``[N_videos, frames, 3, H, W]``: every video, in the same order
   among video sentinels; absent when the batch has no video (text, image and video samples mix freely);
-- ``image_grid_thw`` / ``video_grid_thw`` LongTensor ``[N, 3]`` (Qwen2.5-VL items): concatenated like the
-  pixels, whose rows are then every image's flattened patches;
+- ``image_grid_thw`` / ``video_grid_thw`` LongTensor ``[N, 3]`` and ``second_per_grid_ts`` ``[N_videos]``
+  (Qwen2.5-VL items): concatenated like the pixels, whose rows are then every image's (video's) patches;
 - ``num_skipped_samples`` int, present when skip markers were dropped from the batch.
 """
 
@@ -27,7 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from llava.constants import IGNORE_INDEX
 from llava.data.dataset import SkippedSample
 
-CONCATENATED_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+CONCATENATED_KEYS = (
+    "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+)  # fmt: skip
 """Per-image (per-video) tensors: the batch holds every sample's, in order, along the first dimension."""
 
 

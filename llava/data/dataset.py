@@ -81,6 +81,9 @@ class DataArguments:
     max_pixels: int | None = field(
         default=None, metadata={"help": "Qwen2.5-VL: most pixels an image is resized to (default: the checkpoint's)."}
     )
+    video_max_pixels: int | None = field(
+        default=None, metadata={"help": "Qwen2.5-VL: most pixels per video frame (default 768 x 28 x 28, Qwen's)."}
+    )
     video_backend: str = field(default="pyav", metadata={"help": "Video decoder: pyav | decord | auto."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples."})
     allow_outside_paths: bool = field(
@@ -101,7 +104,7 @@ class DataArguments:
             raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if min(self.tokens_per_image, self.tokens_per_video, self.model_max_length, self.num_frames) < 1:
             raise ValueError("tokens_per_image, tokens_per_video, num_frames and model_max_length must be positive")
-        for name in ("min_pixels", "max_pixels"):
+        for name in ("min_pixels", "max_pixels", "video_max_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")

@@ -201,6 +201,32 @@ def read_video_frames(path: PathLike, num_frames: int = DEFAULT_NUM_FRAMES, back
     return _read_pyav(path, num_frames)
 
 
+def video_duration_s(path: PathLike, backend: str = "pyav") -> float:
+    """Length of ``path`` in seconds (frame count over the average frame rate), for time-aware positions
+    (Qwen2.5-VL's temporal M-RoPE); :class:`VideoError` naming the path when it cannot be told."""
+    backend = resolve_backend(backend)
+    _check_request(path, 1)
+    try:
+        if backend == "decord":
+            import decord
+
+            reader = decord.VideoReader(os.fspath(path), num_threads=1)
+            frames, rate = len(reader), float(reader.get_avg_fps())
+        else:
+            av = _import_av()
+            frames = _pyav_frame_count(path)
+            with av.open(os.fspath(path)) as container:
+                stream = _open_video_stream(container, path)
+                rate = float(stream.average_rate or stream.guessed_rate or 0)
+    except VideoError:
+        raise
+    except (*_av_errors(), RuntimeError, OSError) as error:
+        raise VideoError(f"cannot read video {path}: {error}") from error
+    if rate <= 0 or frames <= 0:
+        raise VideoError(f"video {path} has no usable frame rate ({rate}) or frame count ({frames})")
+    return frames / rate
+
+
 def preprocess_frames(frames: Sequence[Image.Image], processor: Any) -> torch.Tensor:
     """Run the HF CLIP image processor on one video's frames; returns float ``[F, 3, H, W]``.
 

@@ -165,11 +165,14 @@ class DuetQwenVL(nn.Module):
         query_end: int | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **unused: Any,
     ) -> DuetLlavaOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
         ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``labels`` (aligned with
-        ``input_ids``, placeholders included) give the training loss, as there."""
+        ``input_ids``, placeholders included) give the training loss, as there. Videos: ``pixel_values_videos``
+        and ``video_grid_thw`` as Qwen's processor makes them, ``second_per_grid_ts`` the seconds each temporal
+        patch spans (temporal M-RoPE positions)."""
         if decode_state is not None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("pixel values can only be given at prefill, not at a decode step")
@@ -183,27 +186,11 @@ class DuetQwenVL(nn.Module):
         embeds = self.get_input_embeddings()(input_ids)
         kept = attention_mask.bool()
         v2v_seconds = 0.0
-        if pixel_values is None and self.training and torch.is_grad_enabled():
-            # A batch without images still runs the vision side once, on a blank image whose tokens are then
-            # left out: under ZeRO-3 every rank must gather the same parameters (and under ZeRO-2/DDP reduce
-            # the merger's gradients) whatever its batch holds, or the ranks' collectives stop matching.
-            pixels, grid = self._blank_image(embeds.device, embeds.dtype)
-            visual = self._v2v(pixels, grid, False)[1] if self.v2v is not None else None
-            visual = qwen_visual_embeddings(self.hf_model, pixels, grid)[0] if visual is None else visual
-            embeds = embeds + visual[:0].sum().to(embeds.dtype)  # zero, but part of the graph
-        for pixels, grid, kind in ((pixel_values, image_grid_thw, 1), (pixel_values_videos, video_grid_thw, 2)):
-            if pixels is None:
-                continue
-            slots = token_types == kind
-            if self.v2v is None:
-                visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid, video=kind == 2)
-            else:
-                keep, visual, seconds = self._v2v(pixels, grid, kind == 2)
-                v2v_seconds += seconds
-                kept = kept.masked_scatter(slots, keep)
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
+        embeds, kept, v2v_seconds = self._insert_visual_tokens(
+            embeds, token_types, kept, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
         positions = qwen_rope_index(
-            self.hf_model, input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask
+            self.hf_model, input_ids, token_types, image_grid_thw, video_grid_thw, attention_mask, second_per_grid_ts
         )
         visual_mask = token_types > 0
         plan = self.stage_plan
@@ -228,6 +215,52 @@ class DuetQwenVL(nn.Module):
             input_ids.shape[1], v2v_seconds,
         )  # fmt: skip
 
+    def _insert_visual_tokens(
+        self,
+        embeds: torch.Tensor,
+        token_types: torch.Tensor,
+        kept: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Visual tokens in their placeholder positions (and, with V2V, which of them stay), from ONE pass of the
+        vision transformer over every image and video of the batch (its segments are per image and video).
+
+        One pass whatever the batch holds: under ZeRO-3 every rank must gather the same parameters as often as
+        the others (and under ZeRO-2/DDP reduce the merger's gradients), so a training batch without any image
+        or video runs a blank image whose tokens are then left out.
+        """
+        parts = [
+            (pixels, grid, kind)
+            for pixels, grid, kind in ((pixel_values, image_grid_thw, 1), (pixel_values_videos, video_grid_thw, 2))
+            if pixels is not None
+        ]
+        idle = not parts
+        if idle:
+            if not (self.training and torch.is_grad_enabled()):
+                return embeds, kept, 0.0
+            parts = [(*self._blank_image(embeds.device, embeds.dtype), 0)]
+        pixels = torch.cat([part[0].to(embeds.dtype) for part in parts])
+        grid = torch.cat([part[1] for part in parts])
+        seconds = 0.0
+        if self.v2v is None:
+            visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid)
+        else:
+            keep, visual, seconds = self._v2v(pixels, grid)
+        if idle:
+            return embeds + visual[:0].sum().to(embeds.dtype), kept, seconds  # zero, but part of the graph
+        merge_unit = self.config.vision_config.spatial_merge_size**2
+        tokens = [int(part[1].prod(dim=-1).sum()) // merge_unit for part in parts]
+        flags = keep.split(tokens) if self.v2v is not None else [None] * len(parts)
+        for (_, _, kind), values, part_keep in zip(parts, visual.split(tokens), flags, strict=True):
+            slots = token_types == kind
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), values.to(embeds.dtype))
+            if part_keep is not None:
+                kept = kept.masked_scatter(slots, part_keep)
+        return embeds, kept, seconds
+
     def _blank_image(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The smallest image the vision transformer takes (one merged token), all zeros, and its grid."""
         vision = self.config.vision_config
@@ -236,11 +269,11 @@ class DuetQwenVL(nn.Module):
         grid = torch.tensor([[1, merge, merge]], device=device)
         return torch.zeros(merge * merge, features, device=device, dtype=dtype), grid
 
-    def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor, video: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Which merged visual tokens V2V keeps, the tokens (anchors holding their merged values), and the host
         seconds its scoring and merging took."""
         window_index, merge_unit, block_index, block = qwen_vision_layout(self.hf_model, grid)
-        visual, captured = qwen_visual_embeddings(self.hf_model, pixels, grid, video=video, capture_block=block_index)
+        visual, captured = qwen_visual_embeddings(self.hf_model, pixels, grid, capture_block=block_index)
         began = time.perf_counter()
         scores, keys = token_scores(block, captured, window_index, merge_unit)
         counts = (grid.prod(dim=-1) // merge_unit).tolist()
@@ -255,14 +288,19 @@ class DuetQwenVL(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         max_new_tokens: int = 64,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
-        """Greedy or sampled decoding of left-padded prompts; options as
+        """Greedy or sampled decoding of left-padded prompts with images and videos; options as
         :meth:`DuetLlavaForCausalLM.generate` (``fast``, ``use_cache``, sampling, EOS/pad ids)."""
         from llava.model.generation import greedy_or_sample
 
-        visual_inputs = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+        grids = {"image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw}
+        grids["second_per_grid_ts"] = second_per_grid_ts
+        visual_inputs = {key: value for key, value in grids.items() if value is not None}
         return greedy_or_sample(
-            self, input_ids, attention_mask, pixel_values, None, max_new_tokens, visual_inputs=visual_inputs,
-            **options,
+            self, input_ids, attention_mask, pixel_values, pixel_values_videos, max_new_tokens,
+            visual_inputs=visual_inputs, **options,
         )  # fmt: skip

@@ -7,11 +7,13 @@ Qwen's own image processor (dynamic resolution; ``--min_pixels``/``--max_pixels`
 LLaVA: ``--tune_mm_mlp_adapter`` trains the merger only, finetuning the decoder + merger + LM head, LoRA
 adapters on the decoder's linear layers + the full merger; the vision transformer stays frozen. Every
 full save is a plain Qwen2.5-VL checkpoint (loadable by transformers and :class:`~llava.inference.LlavaPipeline`).
-Videos are not trained on this path.
+Videos (``"video"`` samples, ``--video_folder``): ``--num_frames`` uniformly sampled frames per video in Qwen's
+video layout (:mod:`llava.data.qwen_video`), ``--video_max_pixels`` per frame.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from transformers import AutoTokenizer
 
 from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder
 from llava.data.dataset import DataArguments, LazySupervisedDataset
+from llava.data.qwen_video import DEFAULT_VIDEO_MAX_PIXELS, load_qwen_video
 from llava.hf_adapter import load_image_processor
 from llava.inference_qwen import attach_chat_template, load_qwen_vl
 from llava.model.qwen_vl import DuetQwenVL
@@ -79,12 +82,21 @@ class QwenVLFamily:
 
     def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
         config = model.config
+        video_loader = functools.partial(
+            load_qwen_video,
+            image_processor=processors.image_processor,
+            num_frames=data_args.num_frames,
+            max_pixels=data_args.video_max_pixels or DEFAULT_VIDEO_MAX_PIXELS,
+            backend=data_args.video_backend,
+        )
         encoder = ChatTemplateEncoder(
             processors.tokenizer,
             processors.image_processor,
             image_token_id=config.image_token_id,
             vision_start_id=config.vision_start_token_id,
             max_length=data_args.model_max_length,
+            video_token_id=config.video_token_id,
+            video_loader=video_loader,
         )
         return LazySupervisedDataset(
             data_args,

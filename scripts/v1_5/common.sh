@@ -36,6 +36,7 @@
 #                  Qwen2.5-VL); Qwen2.5-VL runs use the checkpoint's vision transformer, merger (its
 #                  projector) and chat template: VISION_TOWER and the projector settings do not apply
 #   MAX_PIXELS     most pixels per image (Qwen's dynamic resolution; default: the checkpoint's)
+#   VIDEO_FOLDER   root for the samples' relative video paths (videos: NUM_FRAMES frames each, default 16)
 #
 # Multi-node (DeepSpeed's pdsh launcher; passwordless ssh between nodes, pdsh installed, the repo,
 # the venv and OUTPUT_DIR on storage every node sees at the same path):
@@ -189,8 +190,10 @@ common_train_args() {
         --run_group "$RUN_GROUP"
     )
     if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
-        [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to Qwen2.5-VL (its videos are not trained here)"
+        [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to Qwen2.5-VL (its vision transformer" \
+            "encodes videos too): set VIDEO_FOLDER (and NUM_FRAMES) for video data"
         [[ -z "${MAX_PIXELS:-}" ]] || COMMON_ARGS+=(--max_pixels "$MAX_PIXELS")
+        [[ -z "${VIDEO_FOLDER:-}" ]] || COMMON_ARGS+=(--video_folder "$VIDEO_FOLDER" --num_frames "${NUM_FRAMES:-16}")
     else
         COMMON_ARGS+=(--vision_tower "$VISION_TOWER" --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
             --mm_vision_select_feature patch)
