@@ -309,3 +309,45 @@ def test_qwen_benchmark_flop_model_and_a_tiny_timed_run(tmp_path):
         ("none", "eager"), ("qwen_duet_53", "eager"), ("none", "fast"), ("qwen_duet_53", "fast")
     ]  # fmt: skip
     assert all(row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in timed)
+
+
+def reference_select(embeds, scores, keys, counts, v2v):
+    """DUET's selection one image at a time (the straightforward loop the batched version replaces)."""
+    from llava.compression.v2v import merge_into_anchors, split_anchors
+
+    keep = torch.zeros(embeds.shape[0], dtype=torch.bool)
+    values = embeds.clone()
+    start = 0
+    for count in counts:
+        dominant, contextual = v2v.budget(count)
+        ranked = scores[start : start + count].argsort(descending=True, stable=True)
+        keep[start + ranked[:dominant]] = True
+        pool = ranked[dominant : dominant + min(v2v.cluster_width * contextual, count - dominant)]
+        if contextual and pool.numel():
+            anchor_ranks, member_ranks = split_anchors(pool.numel(), contextual, pool.device)
+            anchors, members = pool[anchor_ranks], pool[member_ranks]
+            image = slice(start, start + count)
+            merged = merge_into_anchors(embeds[image][None], keys[image][None], anchors[None], members[None])
+            values[start + anchors] = merged[0]
+            keep[start + anchors] = True
+        start += count
+    return keep, values
+
+
+@pytest.mark.parametrize(
+    "v2v", [V2VConfig("duet", 0.65, 0.05), V2VConfig("duet", 0.3, 0.2, 2), V2VConfig("duet", 3, 2)]
+)
+def test_batched_v2v_selection_equals_selecting_each_image_alone(v2v):
+    from llava.compression.qwen_v2v import select_tokens
+
+    counts = [1, 7, 40, 16, 3, 97]  # one-token images, fractions that floor to 0 contextual, ragged pools
+    torch.manual_seed(5)
+    total = sum(counts)
+    embeds, keys = torch.randn(total, 8), torch.randn(total, 4)
+    scores = torch.randint(0, 5, (total,)).float()  # many ties: the stable order must match too
+    keep, values = select_tokens(embeds, scores, keys, counts, v2v)
+    expected_keep, expected_values = reference_select(embeds, scores, keys, counts, v2v)
+    assert torch.equal(keep, expected_keep)
+    assert torch.allclose(values, expected_values, atol=1e-6)
+    kept_per_image = [int(part.sum()) for part in keep.split(counts)]
+    assert all(kept >= 1 for kept in kept_per_image) and kept_per_image[-1] < counts[-1]

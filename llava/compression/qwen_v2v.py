@@ -15,13 +15,14 @@ Budgets may be fractions of each image's count (:meth:`V2VConfig.budget`).
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from llava.compression.config import V2VConfig
-from llava.compression.v2v import merge_into_anchors, split_anchors
+from llava.compression.v2v import merge_into_anchors
 from llava.hf_adapter import qwen_vision_rotary
 
 QUERY_CHUNK = 1024
@@ -66,22 +67,88 @@ def select_tokens(
     embeds: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, counts: list[int], v2v: V2VConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DUET's dominant + contextual tokens per image. Returns ``(keep [T] bool, values [T, D])``: the merged
-    tokens to keep (in place) and the visual tokens with each anchor replaced by its merged value."""
-    keep = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    tokens to keep (in place) and the visual tokens with each anchor replaced by its merged value.
+
+    Batched over the images: their tokens are laid out in a padded ``[images, longest]`` grid, ranked with one
+    stable sort, and the anchors and members of every image are merged in one call. The budgets and the
+    rank slots of anchors and members follow from the host-side ``counts`` alone, so nothing is read back.
+    """
+    device = embeds.device
+    plan = _SelectionPlan.build(counts, v2v)
+    image_of, offset_of = plan.token_image.to(device), plan.token_offset.to(device)
+    padded_scores = scores.float().new_full((len(counts), plan.longest), float("-inf"))
+    padded_scores[image_of, offset_of] = scores.float()
+    ranked = padded_scores.argsort(dim=1, descending=True, stable=True)  # offsets by rank; padding ranks last
+    rank_slots = torch.arange(plan.longest, device=device).expand(len(counts), -1)
+    dominant = rank_slots < plan.dominant.to(device).unsqueeze(1)
+    keep_padded = torch.zeros_like(dominant).scatter(1, ranked, dominant)
     values = embeds.clone()
-    for start, count in zip(torch.tensor(counts).cumsum(0).sub(torch.tensor(counts)).tolist(), counts, strict=True):
-        dominant, contextual = v2v.budget(count)
-        ranked = scores[start : start + count].argsort(descending=True, stable=True)
-        keep[start + ranked[:dominant]] = True
-        pool = ranked[dominant : dominant + min(v2v.cluster_width * contextual, count - dominant)]
-        if contextual == 0 or pool.numel() == 0:
-            continue
-        anchor_ranks, member_ranks = split_anchors(pool.numel(), contextual, pool.device)
-        anchors, members = pool[anchor_ranks], pool[member_ranks]
-        image = slice(start, start + count)
-        merged = merge_into_anchors(
-            embeds[image].unsqueeze(0), keys[image].unsqueeze(0), anchors.unsqueeze(0), members.unsqueeze(0)
+    if plan.anchor_slots.shape[1] > 0:
+        anchor_valid, member_valid = plan.anchor_valid.to(device), plan.member_valid.to(device)
+        anchors = ranked.gather(1, plan.anchor_slots.to(device))
+        members = ranked.gather(1, plan.member_slots.to(device))
+        padded_embeds = embeds.new_zeros(len(counts), plan.longest, embeds.shape[-1])
+        padded_embeds[image_of, offset_of] = embeds
+        padded_keys = keys.new_zeros(len(counts), plan.longest, keys.shape[-1])
+        padded_keys[image_of, offset_of] = keys
+        merged = merge_into_anchors(padded_embeds, padded_keys, anchors, members, anchor_valid, member_valid)
+        keep_padded = keep_padded.scatter(1, anchors, anchor_valid | keep_padded.gather(1, anchors))
+        real = plan.real_anchors.to(device)  # flat positions of the real anchors in the padded [images, K] grid
+        flat_anchor = (anchors + plan.starts.to(device).unsqueeze(1)).view(-1).index_select(0, real)
+        values = values.index_copy(
+            0, flat_anchor, merged.view(-1, merged.shape[-1]).index_select(0, real).to(values.dtype)
         )
-        values[start + anchors] = merged[0].to(values.dtype)
-        keep[start + anchors] = True
-    return keep, values
+    return keep_padded[image_of, offset_of], values
+
+
+class _SelectionPlan(NamedTuple):
+    """Host-side layout of :func:`select_tokens` for images of ``counts`` tokens (no device work)."""
+
+    longest: int
+    starts: torch.Tensor  # [images] first flat token of each image
+    token_image: torch.Tensor  # [T] image of each flat token
+    token_offset: torch.Tensor  # [T] position of each flat token within its image
+    dominant: torch.Tensor  # [images] k1
+    anchor_slots: torch.Tensor  # [images, K] rank slots of the anchors (padded with 0)
+    anchor_valid: torch.Tensor  # [images, K]
+    member_slots: torch.Tensor  # [images, M] rank slots of the pool's other tokens (padded with 0)
+    member_valid: torch.Tensor  # [images, M]
+    real_anchors: torch.Tensor  # flat indices of the valid entries of [images, K]
+
+    @classmethod
+    def build(cls, counts: list[int], v2v: V2VConfig) -> _SelectionPlan:
+        sizes = np.asarray(counts, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        anchor_rows, member_rows, dominants = [], [], []
+        for count in counts:
+            dominant, contextual = v2v.budget(count)
+            pool = min(v2v.cluster_width * contextual, count - dominant) if contextual else 0
+            step = max(1, pool // contextual) if contextual else 1
+            anchor_ranks = np.arange(0, pool, step)[:contextual]
+            anchor_rows.append(dominant + anchor_ranks)
+            member_rows.append(dominant + np.setdiff1d(np.arange(pool), anchor_ranks))
+            dominants.append(dominant)
+
+        def padded(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max((len(row) for row in rows), default=0)
+            slots = np.zeros((len(rows), width), dtype=np.int64)
+            valid = np.zeros((len(rows), width), dtype=bool)
+            for index, row in enumerate(rows):
+                slots[index, : len(row)], valid[index, : len(row)] = row, True
+            return torch.from_numpy(slots), torch.from_numpy(valid)
+
+        anchor_slots, anchor_valid = padded(anchor_rows)
+        member_slots, member_valid = padded(member_rows)
+        image_of = np.repeat(np.arange(len(counts)), sizes)
+        return cls(
+            longest=int(sizes.max(initial=0)),
+            starts=torch.from_numpy(starts),
+            token_image=torch.from_numpy(image_of),
+            token_offset=torch.from_numpy(np.arange(int(sizes.sum())) - starts[image_of]),
+            dominant=torch.tensor(dominants),
+            anchor_slots=anchor_slots,
+            anchor_valid=anchor_valid,
+            member_slots=member_slots,
+            member_valid=member_valid,
+            real_anchors=torch.from_numpy(np.flatnonzero(anchor_valid.numpy().reshape(-1))),
+        )

@@ -57,12 +57,16 @@ def merge_into_anchors(
     keys: torch.Tensor,
     anchor_idx: torch.Tensor,
     member_idx: torch.Tensor,
+    anchor_valid: torch.Tensor | None = None,
+    member_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contextual tokens: ``anchor_j + mean(members assigned to j)`` (anchor alone when it has none).
 
     Each member joins the anchor whose L2-normalised key has the highest cosine similarity with its own
-    (first anchor on ties). ``anchor_idx`` [N, K2] and ``member_idx`` [N, M] index tokens of ``features``.
-    The sums are accumulated in fp32 so that bf16 towers do not lose precision over large groups.
+    (first anchor on ties). ``anchor_idx`` [N, K2] and ``member_idx`` [N, M] index tokens of ``features``;
+    for images with different numbers of anchors and members, ``anchor_valid``/``member_valid`` mark the
+    real entries of the padded index rows (padding neither attracts nor joins). The sums are accumulated in
+    fp32 so that bf16 towers do not lose precision over large groups.
     """
     anchors = _gather_tokens(features, anchor_idx)
     num_images, num_anchors, width = anchors.shape
@@ -70,12 +74,17 @@ def merge_into_anchors(
         return anchors
     normed = F.normalize(keys.float(), dim=-1)
     similarity = _gather_tokens(normed, member_idx) @ _gather_tokens(normed, anchor_idx).transpose(1, 2)
+    if anchor_valid is not None:
+        similarity = similarity.masked_fill(~anchor_valid.unsqueeze(1), float("-inf"))
     assignment = similarity.argmax(dim=-1)  # [N, M]: which anchor each member joins
     members = _gather_tokens(features, member_idx).float()
+    weights = (
+        torch.ones_like(assignment, dtype=members.dtype) if member_valid is None else member_valid.to(members.dtype)
+    )
     sums = members.new_zeros(num_images, num_anchors, width)
-    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, width), members)
+    sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, width), members * weights.unsqueeze(-1))
     counts = members.new_zeros(num_images, num_anchors)
-    counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=counts.dtype))
+    counts.scatter_add_(1, assignment, weights)
     means = sums / counts.clamp(min=1).unsqueeze(-1)
     return anchors + means.to(anchors.dtype)
 

@@ -67,7 +67,13 @@ class LlavaTrainer(Trainer):
         if not hasattr(unwrapped, "save_pretrained"):
             raise TypeError(f"{type(unwrapped).__name__} has no save_pretrained: the trainer cannot save it")
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        try:
+            state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        except ValueError as error:  # ZeRO-3 without gathering on save: the full weights exist nowhere
+            raise ValueError(
+                f"cannot save {type(unwrapped).__name__} to {output_dir}: under ZeRO-3 the DeepSpeed config needs "
+                '"stage3_gather_16bit_weights_on_model_save": true (scripts/zero3*.json have it)'
+            ) from error
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
