@@ -69,8 +69,9 @@ def select_tokens(
     """DUET's dominant + contextual tokens per image. Returns ``(keep [T] bool, values [T, D])``: the merged
     tokens to keep (in place) and the visual tokens with each anchor replaced by its merged value.
 
-    Batched over the images: their tokens are laid out in a padded ``[images, longest]`` grid, ranked with one
-    stable sort, and the anchors and members of every image are merged in one call. The budgets and the
+    Batched over the images: their scores are laid out in a padded ``[images, longest]`` grid and ranked with
+    one stable sort; the anchors and members of every image are merged in one call that reads the token rows
+    in place (no padded copy of the features). The budgets and the
     rank slots of anchors and members follow from the host-side ``counts`` alone, so nothing is read back.
     """
     device = embeds.device
@@ -85,19 +86,17 @@ def select_tokens(
     values = embeds.clone()
     if plan.anchor_slots.shape[1] > 0:
         anchor_valid, member_valid = plan.anchor_valid.to(device), plan.member_valid.to(device)
+        starts = plan.starts.to(device).unsqueeze(1)
         anchors = ranked.gather(1, plan.anchor_slots.to(device))
         members = ranked.gather(1, plan.member_slots.to(device))
-        padded_embeds = embeds.new_zeros(len(counts), plan.longest, embeds.shape[-1])
-        padded_embeds[image_of, offset_of] = embeds
-        padded_keys = keys.new_zeros(len(counts), plan.longest, keys.shape[-1])
-        padded_keys[image_of, offset_of] = keys
-        merged = merge_into_anchors(padded_embeds, padded_keys, anchors, members, anchor_valid, member_valid)
+        # Every image reads the flat token rows (a broadcast view, no copy) at its own flat indices.
+        views = [tensor.unsqueeze(0).expand(len(counts), -1, -1) for tensor in (embeds, keys)]
+        merged = merge_into_anchors(*views, anchors + starts, members + starts, anchor_valid, member_valid)
         keep_padded = keep_padded.scatter(1, anchors, anchor_valid | keep_padded.gather(1, anchors))
         real = plan.real_anchors.to(device)  # flat positions of the real anchors in the padded [images, K] grid
-        flat_anchor = (anchors + plan.starts.to(device).unsqueeze(1)).view(-1).index_select(0, real)
-        values = values.index_copy(
-            0, flat_anchor, merged.view(-1, merged.shape[-1]).index_select(0, real).to(values.dtype)
-        )
+        flat_anchor = (anchors + starts).view(-1).index_select(0, real)
+        merged = merged.view(-1, merged.shape[-1]).index_select(0, real)
+        values.index_copy_(0, flat_anchor, merged.to(values.dtype))
     return keep_padded[image_of, offset_of], values
 
 
