@@ -78,7 +78,8 @@ class QwenVLFamily:
         return Processors(tokenizer, image_processor, extra_files=tuple(path for path in kept if path.is_file()))
 
     def prepare(self, model: nn.Module, processors: Processors, data_args: DataArguments) -> None:
-        """Nothing to tie: the placeholders are expanded in the data, so lengths are exact token counts."""
+        """Nothing to tie: the placeholders are expanded in the data. Length grouping still estimates each image
+        at ``--tokens_per_image`` (a constant; Qwen's counts depend on each image's size, known only once read)."""
 
     def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
         config = model.config
