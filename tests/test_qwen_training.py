@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from llava.compression.config import CompressionConfig, T2VConfig
 from llava.constants import IGNORE_INDEX
 from llava.data.chat_template import ChatTemplateEncoder, chat_messages, template_pieces
 from llava.data.collator import DataCollatorForSupervisedDataset
@@ -345,3 +346,23 @@ def test_video_samples_expand_to_their_patches_and_train(processors, qwen_checkp
     out = train(qwen_train_args(qwen_checkpoint, data, tmp_path / "video", *extra))
     assert sorted(losses(out)) == [1, 2]
     assert isinstance(LlavaPipeline.from_pretrained(out).model, DuetQwenVL)
+
+
+def test_training_keeps_the_visual_tokens_its_prompt_keeps_at_generation():
+    """Answers never act as T2V queries: with labels, each stage keeps the same visual tokens (by their M-RoPE
+    positions) as the prompt alone, which is what generation sees."""
+    hf = tiny_qwen()
+    with torch.no_grad():  # sharp attention, so which tokens ask decides what is kept (the random init is flat)
+        for layer in hf.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+            layer.self_attn.k_proj.weight.mul_(40)
+    model = DuetQwenVL(hf, CompressionConfig("t2v", t2v=T2VConfig((0.5,), (0.3,), "instruction"))).eval()
+    prompt_ids = [1, START, *[IMAGE] * 16, END, 8, 9]
+    answer = [10, 11, 12, 13, 14, 15]
+    ids = torch.tensor([prompt_ids + answer])
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer])
+    torch.manual_seed(3)
+    visual = {"pixel_values": torch.randn(64, PATCH_FEATURES), "image_grid_thw": torch.tensor([[1, 8, 8]])}
+    trained = model(input_ids=ids, labels=labels, **visual).position_ids[0]
+    generated = model(input_ids=ids[:, : len(prompt_ids)], **visual).position_ids[0]
+    assert torch.equal(trained[: generated.shape[0]], generated)

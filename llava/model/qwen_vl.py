@@ -185,7 +185,6 @@ class DuetQwenVL(nn.Module):
         token_types = self._token_types(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
         kept = attention_mask.bool()
-        v2v_seconds = 0.0
         embeds, kept, v2v_seconds = self._insert_visual_tokens(
             embeds, token_types, kept, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
@@ -196,7 +195,9 @@ class DuetQwenVL(nn.Module):
         plan = self.stage_plan
         query_mask = torch.zeros_like(visual_mask)
         if plan is not None and plan.boundaries:
-            query_mask = build_query_mask(plan.query, attention_mask, visual_mask, None, query_end=query_end)
+            # In training the prompt ends before the first supervised token: answers never act as queries,
+            # so the visual tokens kept are the ones the same prompt keeps at generation.
+            query_mask = build_query_mask(plan.query, attention_mask, visual_mask, labels, query_end=query_end)
         sequence = Sequence(
             hidden=embeds,
             attention_mask=attention_mask,
