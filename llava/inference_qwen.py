@@ -5,7 +5,8 @@ Qwen's own image processor (dynamic resolution between ``min_pixels`` and ``max_
 ``<|image_pad|>`` placeholder is repeated once per merged visual token (``t * h * w / merge^2``), as
 Qwen's processor does. Batches are left-padded and run through :class:`~llava.model.qwen_vl.DuetQwenVL`
 (T2V compression, fast decoding). User content is built as in training
-(:func:`~llava.data.chat_template.placed_content`: images and videos where their tags are, else first).
+(:func:`~llava.inference.build_prompt_text`, as LLaVA prompts: images and videos where their tags are,
+else first).
 Videos: uniformly sampled frames in Qwen's video layout (:mod:`llava.data.qwen_video`).
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from llava.data.chat_template import placed_content
+from llava.data.chat_template import chat_content
 from llava.data.images import load_image
 from llava.data.qwen_video import (
     DEFAULT_VIDEO_FRAMES,
@@ -32,7 +33,14 @@ from llava.data.qwen_video import (
     load_qwen_video,
 )
 from llava.hf_adapter import load_image_processor
-from llava.inference import GenerationPipeline, MissingComponentError, Request, default_device, image_paths
+from llava.inference import (
+    GenerationPipeline,
+    MissingComponentError,
+    Request,
+    build_prompt_text,
+    default_device,
+    image_paths,
+)
 from llava.model.loading import check_weight_files, read_config_json
 from llava.model.qwen_vl import DuetQwenVL
 
@@ -123,19 +131,14 @@ class QwenVLPipeline(GenerationPipeline):
             if "prompt" not in request or not isinstance(request["prompt"], str):
                 raise ValueError(f"request needs a string 'prompt': {request!r}")
             image_files, video_files = image_paths(request.get("image")), image_paths(request.get("video"))
-            content = placed_content(request["prompt"], len(image_files), len(video_files), repr(request))
+            content = chat_content(build_prompt_text(request["prompt"], len(image_files), len(video_files)))
             texts.append(
                 self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
                 )
             )
             images.extend(load_image(path) for path in image_files)
-            videos.extend(
-                load_qwen_video(
-                    path, self.image_processor, self.video_frames, self.video_max_pixels, self.video_backend
-                )
-                for path in video_files
-            )
+            videos.extend(self._load_video(path) for path in video_files)
         batch: dict[str, torch.Tensor] = {}
         merge_unit = self.image_processor.merge_size**2
         if images:

@@ -210,7 +210,7 @@ def test_pipeline_serves_videos_in_place_of_their_tags_and_batches_them(qwen_che
     assert pipeline.generate(requests, max_new_tokens=4, batch_size=3) == pipeline.generate(
         requests, max_new_tokens=4, batch_size=1
     )
-    with pytest.raises(ValueError, match="2 <video> tags for 1 videos"):
+    with pytest.raises(ValueError, match="prompt holds 2 <video> tags but 1 videos"):
         pipeline.prepare([{"video": clip, "prompt": "<video> and <video>"}])
 
 

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llava.constants import IGNORE_INDEX, IMAGE_TAG, VIDEO_TAG, VISUAL_TAG_PATTERN
 from llava.data.images import load_image
+from llava.data.qwen_video import batch_videos
 from llava.data.templates import ConversationError, normalise_conversation
 from llava.data.tokenization import NoLearnableTokensError
 
@@ -43,23 +44,6 @@ def chat_content(text: str) -> list[dict[str, str]]:
         elif chunk.strip():
             content.append({"type": "text", "text": chunk.strip()})
     return content
-
-
-def placed_content(prompt: str, num_images: int, num_videos: int, where: str) -> list[dict[str, str]]:
-    """A generation prompt's content: tagged images and videos where their tags are; without tags, videos
-    then images first (as the training data puts untagged ones). ``ValueError`` naming ``where`` when the
-    tags do not match the files."""
-    content = chat_content(prompt)
-    for kind, count in (("image", num_images), ("video", num_videos)):
-        tags = sum(item["type"] == kind for item in content)
-        if tags not in (0, count):
-            raise ValueError(f"{tags} <{kind}> tags for {count} {kind}s: {where}")
-    untagged = [
-        {"type": kind}
-        for kind, count in (("video", num_videos), ("image", num_images))
-        for _ in range(count if not any(item["type"] == kind for item in content) else 0)
-    ]
-    return untagged + content
 
 
 def chat_messages(conversation: list[dict]) -> list[dict[str, Any]]:
@@ -116,8 +100,9 @@ class ChatTemplateEncoder:
     ``image_token_id`` (``video_token_id``) is the model's image (video) placeholder, ``vision_start_id`` the
     opening marker dropped together with an image or video that truncation removes. Images go through
     ``image_processor`` (``pixel_values``, ``image_grid_thw``); videos through ``video_loader``, a path ->
-    :class:`~llava.data.qwen_video.QwenVideo` function (``pixel_values_videos``, ``video_grid_thw``,
-    ``second_per_grid_ts``); without one, samples with videos are refused.
+    :class:`~llava.data.qwen_video.QwenVideo` function (batched by :func:`~llava.data.qwen_video.batch_videos`).
+    Without ``video_token_id`` samples with videos are refused; without ``video_loader`` they can be checked
+    (:meth:`tokenize`) but not encoded.
     """
 
     def __init__(
@@ -142,20 +127,25 @@ class ChatTemplateEncoder:
 
     def validate(self, conversation: list[dict]) -> None:
         """Raise :class:`ConversationError` for a conversation this encoder cannot train on."""
-        messages = chat_messages(conversation)
+        self._check_videos(chat_messages(conversation))
+
+    def _check_videos(self, messages: list[dict[str, Any]]) -> None:
         has_video = any(
             isinstance(message["content"], list) and any(item["type"] == "video" for item in message["content"])
             for message in messages
         )
-        if has_video and (self.video_loader is None or self.video_token_id is None):
+        if has_video and self.video_token_id is None:
             raise ConversationError("this model's data path takes no videos")
 
     def tokenize(self, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Ids and labels with one placeholder per image and video (not expanded yet); placeholders are never
         learned."""
+        return self._tokenize(chat_messages(conversation))
+
+    def _tokenize(self, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         ids: list[int] = []
         labels: list[int] = []
-        for text, learned in template_pieces(self.tokenizer, chat_messages(conversation)):
+        for text, learned in template_pieces(self.tokenizer, messages):
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if learned else [IGNORE_INDEX] * len(piece)
@@ -167,8 +157,9 @@ class ChatTemplateEncoder:
         self, conversation: list[dict], image_paths: Sequence[str], video_paths: Sequence[str] = ()
     ) -> dict[str, torch.Tensor]:
         """Token ids with expanded placeholders, assistant-only labels and the kept images' and videos' inputs."""
-        self.validate(conversation)
-        ids, labels = self.tokenize(conversation)
+        messages = chat_messages(conversation)  # built once: checked, then templated
+        self._check_videos(messages)
+        ids, labels = self._tokenize(messages)
         visuals = [self._images(ids, image_paths)]
         if self.video_token_id is not None:
             visuals.append(self._videos(ids, video_paths))
@@ -209,14 +200,10 @@ class ChatTemplateEncoder:
         slots = self._slots(ids, self.video_token_id, len(paths), "video")
         if not paths:
             return _Visuals(slots, np.zeros(0, dtype=np.int64), {})
-        videos = [self.video_loader(path) for path in paths]
-        grid = torch.stack([video.grid_thw for video in videos])
-        tensors = {
-            "pixel_values_videos": torch.cat([video.pixel_values for video in videos]),
-            "video_grid_thw": grid,
-            "second_per_grid_ts": torch.tensor([video.second_per_grid for video in videos]),
-        }
-        return _Visuals(slots, grid.prod(dim=-1).numpy(), tensors)
+        if self.video_loader is None:
+            raise ValueError("this encoder was built without a video_loader: it can check video samples, not load them")
+        tensors = batch_videos([self.video_loader(path) for path in paths])
+        return _Visuals(slots, tensors["video_grid_thw"].prod(dim=-1).numpy(), tensors)
 
     @staticmethod
     def _slots(ids: np.ndarray, token_id: int | None, expected: int, what: str) -> np.ndarray:

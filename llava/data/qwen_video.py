@@ -39,12 +39,10 @@ def frames_to_patches(frames: list[Image.Image], image_processor: Any, max_pixel
     """``(pixel_values, grid_thw)`` of one video's frames in Qwen's video layout (see the module docstring)."""
     temporal = image_processor.temporal_patch_size
     frames = list(frames) + [frames[-1]] * (-len(frames) % temporal)
-    size = {
-        "shortest_edge": image_processor.size["shortest_edge"],
-        "longest_edge": image_processor.size["longest_edge"],
-    }
+    shortest, longest = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
     if max_pixels is not None:
-        size = {"shortest_edge": min(size["shortest_edge"], max_pixels), "longest_edge": max_pixels}
+        shortest, longest = min(shortest, max_pixels), max_pixels
+    size = {"shortest_edge": shortest, "longest_edge": longest}
     processed = image_processor(images=frames, return_tensors="pt", size=size)
     grids = processed["image_grid_thw"]
     if not bool((grids == grids[0]).all()):

@@ -103,12 +103,18 @@ def _open_video_stream(container: Any, path: PathLike) -> Any:
 
 def _pyav_frame_count(path: PathLike) -> int:
     """Frame count from the stream header, or by demuxing packets (no decoding) when it is unknown."""
+    return _pyav_frames_and_rate(path)[0]
+
+
+def _pyav_frames_and_rate(path: PathLike) -> tuple[int, float]:
+    """:func:`_pyav_frame_count` and the stream's average frame rate (0 when unknown), from one open."""
     av = _import_av()
     with av.open(os.fspath(path)) as container:
         stream = _open_video_stream(container, path)
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
         if stream.frames > 0:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+            return int(stream.frames), rate
+        return sum(1 for packet in container.demux(stream) if packet.size > 0), rate
 
 
 def _pyav_decode_selected(path: PathLike, indices: np.ndarray) -> tuple[list[Image.Image | None], int]:
@@ -213,11 +219,7 @@ def video_duration_s(path: PathLike, backend: str = "pyav") -> float:
             reader = decord.VideoReader(os.fspath(path), num_threads=1)
             frames, rate = len(reader), float(reader.get_avg_fps())
         else:
-            av = _import_av()
-            frames = _pyav_frame_count(path)
-            with av.open(os.fspath(path)) as container:
-                stream = _open_video_stream(container, path)
-                rate = float(stream.average_rate or stream.guessed_rate or 0)
+            frames, rate = _pyav_frames_and_rate(path)
     except VideoError:
         raise
     except (*_av_errors(), RuntimeError, OSError) as error:

@@ -20,6 +20,7 @@ Trainer's activation checkpointing and the stages' ``projector`` (the patch merg
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Mapping
@@ -245,15 +246,17 @@ class DuetQwenVL(nn.Module):
             parts = [(*self._blank_image(embeds.device, embeds.dtype), 0)]
         pixels = torch.cat([part[0].to(embeds.dtype) for part in parts])
         grid = torch.cat([part[1] for part in parts])
+        # Merged tokens per image and video, read once: they split the vision output and size V2V's budgets.
+        counts = (grid.prod(dim=-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         seconds = 0.0
         if self.v2v is None:
             visual, _ = qwen_visual_embeddings(self.hf_model, pixels, grid)
         else:
-            keep, visual, seconds = self._v2v(pixels, grid)
+            keep, visual, seconds = self._v2v(pixels, grid, counts)
         if idle:
             return embeds + visual[:0].sum().to(embeds.dtype), kept, seconds  # zero, but part of the graph
-        merge_unit = self.config.vision_config.spatial_merge_size**2
-        tokens = [int(part[1].prod(dim=-1).sum()) // merge_unit for part in parts]
+        ends = list(itertools.accumulate(len(part[1]) for part in parts))
+        tokens = [sum(counts[end - len(part[1]) : end]) for part, end in zip(parts, ends, strict=True)]
         flags = keep.split(tokens) if self.v2v is not None else [None] * len(parts)
         for (_, _, kind), values, part_keep in zip(parts, visual.split(tokens), flags, strict=True):
             slots = token_types == kind
@@ -270,14 +273,15 @@ class DuetQwenVL(nn.Module):
         grid = torch.tensor([[1, merge, merge]], device=device)
         return torch.zeros(merge * merge, features, device=device, dtype=dtype), grid
 
-    def _v2v(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _v2v(
+        self, pixels: torch.Tensor, grid: torch.Tensor, counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Which merged visual tokens V2V keeps, the tokens (anchors holding their merged values), and the host
-        seconds its scoring and merging took."""
+        seconds its scoring and merging took; ``counts`` are the merged tokens of each image and video."""
         window_index, merge_unit, block_index, block = qwen_vision_layout(self.hf_model, grid)
         visual, captured = qwen_visual_embeddings(self.hf_model, pixels, grid, capture_block=block_index)
         began = time.perf_counter()
         scores, keys = token_scores(block, captured, window_index, merge_unit)
-        counts = (grid.prod(dim=-1) // merge_unit).tolist()
         keep, values = select_tokens(visual, scores, keys, counts, self.v2v)
         return keep, values, time.perf_counter() - began
 
