@@ -300,19 +300,22 @@ def test_check_data_reads_qwen_data_through_the_chat_template(qwen_checkpoint, t
     broken = [
         *samples(1, 1),
         {"id": "gone", "image": "missing.png", "conversations": [QUESTION, answer]},
-        {"id": "video", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat"}, answer]},
+        {"id": "video", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat"}, answer]},
+        {"id": "lost", "video": "gone.mp4", "conversations": [{"from": "human", "value": "what"}, answer]},
+        {"id": "no question", "conversations": [answer]},
     ]
     report = tmp_path / "report.json"
     argv = [
         "--data_path", training_data(tmp_path, broken), "--image_folder", str(qwen_checkpoint),
-        "--tokenizer", str(qwen_checkpoint), "--version", "chat_template", "--tokens_per_image", "64",
-        "--model_max_length", "60", "--json-report", str(report),
+        "--video_folder", str(qwen_checkpoint), "--tokenizer", str(qwen_checkpoint), "--version", "chat_template",
+        "--tokens_per_image", "64", "--model_max_length", "60", "--num_frames", "4", "--json-report", str(report),
     ]  # fmt: skip
     assert main(argv) == 1
     result = json.loads(report.read_text())
-    assert result["num_missing_images"] == 1 and result["num_structural_errors"] == 1  # the video sample
-    assert result["num_samples"] == 4 and result["num_text_only"] == 1
-    assert result["num_over_max_length"] == 2  # the two image samples: 64 tokens per image > 60
+    assert result["num_missing_images"] == 1 and result["num_missing_videos"] == 1  # videos train: checked too
+    assert result["num_structural_errors"] == 1 and result["num_bad_videos"] == 0  # the sample without a question
+    assert result["num_samples"] == 6 and result["num_text_only"] == 1
+    assert result["num_over_max_length"] == 4  # two image samples (64 tokens > 60), two videos (8 x 257 > 60)
 
 
 def test_video_samples_expand_to_their_patches_and_train(processors, qwen_checkpoint, tmp_path):

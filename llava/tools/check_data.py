@@ -94,10 +94,11 @@ def scan(
     max_listed: int = 20,
     show_progress: bool = True,
     image_token: str = "<|image_pad|>",
+    video_token: str = "<|video_pad|>",
 ) -> DataReport:
     """Check every sample of every file in ``data_args.data_path``; never raises on bad data. With
-    ``data_args.version`` ``chat_template`` samples go through the tokenizer's chat template, whose image
-    placeholder is ``image_token``."""
+    ``data_args.version`` ``chat_template`` samples go through the tokenizer's chat template, whose image and
+    video placeholders are ``image_token`` and ``video_token``."""
     report = DataReport()
 
     def note(message: str) -> None:
@@ -106,7 +107,8 @@ def scan(
 
     chat = None
     if data_args.version == CHAT_TEMPLATE_VERSION:  # Qwen2.5-VL: the tokenizer's template, its image placeholder
-        chat = ChatTemplateEncoder(tokenizer, None, tokenizer.convert_tokens_to_ids(image_token))
+        placeholders = tokenizer.convert_tokens_to_ids([image_token, video_token])
+        chat = ChatTemplateEncoder(tokenizer, None, placeholders[0], video_token_id=placeholders[1])
     datasets: list[LazySupervisedDataset] = []
     for path in data_args.data_path:
         file_args = DataArguments(**{**asdict(data_args), "data_path": [path], "skip_bad_samples": True})
@@ -275,7 +277,9 @@ def _tokenize(
     ids, labels = chat.tokenize(conversation)
     if not np.any(labels != IGNORE_INDEX):
         raise NoLearnableTokensError("no learnable label: the answers are empty")
-    ids = np.where(ids == chat.image_token_id, IMAGE_TOKEN_ID, ids)
+    ids = np.where(
+        ids == chat.image_token_id, IMAGE_TOKEN_ID, np.where(ids == chat.video_token_id, VIDEO_TOKEN_ID, ids)
+    )
     return TokenizedConversation(
         input_ids=ids.tolist(), labels=labels.tolist(), num_dropped_images=0, num_dropped_videos=0
     )
@@ -292,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--image_token", default="<|image_pad|>", help="with --version chat_template: the template's image placeholder"
+    )
+    parser.add_argument(
+        "--video_token", default="<|video_pad|>", help="with --version chat_template: the template's video placeholder"
     )
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--tokens_per_image", type=int, default=576)
@@ -336,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_images=not args.skip_image_check,
         max_listed=args.max_listed,
         image_token=args.image_token,
+        video_token=args.video_token,
     )
     print(format_report(report))
     if args.json_report:
