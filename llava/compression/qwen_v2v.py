@@ -71,14 +71,15 @@ def select_tokens(
 
     Batched over the images: their scores are laid out in a padded ``[images, longest]`` grid and ranked with
     one stable sort; the anchors and members of every image are merged in one call that reads the token rows
-    in place (no padded copy of the features). The budgets and the
-    rank slots of anchors and members follow from the host-side ``counts`` alone, so nothing is read back.
+    in place (no padded copy of the features). The budgets and the rank slots of anchors and members follow
+    from the host-side ``counts`` alone, so nothing is read back.
     """
     device = embeds.device
     plan = _SelectionPlan.build(counts, v2v)
     image_of, offset_of = plan.token_image.to(device), plan.token_offset.to(device)
-    padded_scores = scores.float().new_full((len(counts), plan.longest), float("-inf"))
-    padded_scores[image_of, offset_of] = scores.float()
+    scores = scores.float()
+    padded_scores = scores.new_full((len(counts), plan.longest), float("-inf"))
+    padded_scores[image_of, offset_of] = scores
     ranked = padded_scores.argsort(dim=1, descending=True, stable=True)  # offsets by rank; padding ranks last
     rank_slots = torch.arange(plan.longest, device=device).expand(len(counts), -1)
     dominant = rank_slots < plan.dominant.to(device).unsqueeze(1)

@@ -72,8 +72,9 @@ def merge_into_anchors(
     num_images, num_anchors, width = anchors.shape
     if member_idx.shape[1] == 0:
         return anchors
-    normed = F.normalize(keys.float(), dim=-1)
-    similarity = _gather_tokens(normed, member_idx) @ _gather_tokens(normed, anchor_idx).transpose(1, 2)
+    # Normalised after the gather (row by row, so the same values): only the anchors' and members' keys.
+    member_keys = F.normalize(_gather_tokens(keys, member_idx).float(), dim=-1)
+    similarity = member_keys @ F.normalize(_gather_tokens(keys, anchor_idx).float(), dim=-1).transpose(1, 2)
     if anchor_valid is not None:
         similarity = similarity.masked_fill(~anchor_valid.unsqueeze(1), float("-inf"))
     assignment = similarity.argmax(dim=-1)  # [N, M]: which anchor each member joins
