@@ -125,7 +125,7 @@ def finish(
             trainer.model.config.save_pretrained(output_dir)
         return
     trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and not trainer.saves_own_layout():  # else written with the model already
         processors.save(output_dir)
 
 

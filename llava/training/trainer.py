@@ -55,13 +55,19 @@ class LlavaTrainer(Trainer):
             added += int(videos.shape[0]) * (int(videos.shape[1]) * config.tokens_per_frame - 1)
         return added
 
+    def saves_own_layout(self) -> bool:
+        """Whether :meth:`save_model` writes the model in its own layout, processors included (models that are
+        neither a ``PreTrainedModel`` nor a peft model, e.g. Qwen2.5-VL's wrapper)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return not (isinstance(unwrapped, PreTrainedModel) or hasattr(unwrapped, "peft_config"))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save a model that is not a ``PreTrainedModel`` but has its own ``save_pretrained`` (Qwen2.5-VL's
         wrapper) in that layout, with the processors, at the end and in every checkpoint, so each loads for
         evaluation: the Trainer would write its raw state dict, which no loader reads. The state dict is
         gathered from every rank under ZeRO-3."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if isinstance(unwrapped, PreTrainedModel) or hasattr(unwrapped, "peft_config"):
+        if not self.saves_own_layout():
             super().save_model(output_dir, _internal_call)
             return
         if not hasattr(unwrapped, "save_pretrained"):
