@@ -12,7 +12,7 @@ from llava.compression.t2v import Sequence, compacted_extents
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
-from llava.model.fast_generation import FastDecoder
+from llava.model.fast_generation import CapturedStep, CudaGraphCapture, FastDecoder, is_sticky_cuda_error
 from llava.model.modeling import DuetLlavaForCausalLM
 from llava.model.static_cache import bucketed, stage_of_each_layer
 from tests.conftest import tiny_text_config, tiny_vision_config
@@ -255,3 +255,186 @@ def test_a_decode_step_reads_nothing_back_from_the_device():
     model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, max_new_tokens=3, eos_token_id=[])
     (runner,) = decoder.runners()
     assert host_reads(lambda: decoder.step(runner)) == 0
+
+
+def text_prompt(length: int, batch: int = 1, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` text-only prompts of exactly ``length`` tokens (BOS, then random ids above the specials)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 128, (batch, length), generator=generator)
+    ids[:, 0] = 1
+    return ids, torch.ones_like(ids)
+
+
+@pytest.mark.parametrize("preset", ["none", "duet"])
+@pytest.mark.parametrize(("prompt_length", "max_new_tokens"), [(127, 1), (127, 2), (127, 3), (126, 3), (128, 2)])
+def test_warm_up_never_writes_past_the_cache_at_the_bucket_boundary(preset, prompt_length, max_new_tokens):
+    """Two warm-up steps before a capture with one decode step left: prompt + 1 == the 128 bucket used to
+    write one column past the cache (IndexError on CPU, a device-side assert on CUDA)."""
+    model = build(preset)
+    ids, mask = text_prompt(prompt_length)
+    options = dict(max_new_tokens=max_new_tokens, eos_token_id=[])
+    eager = model.generate(ids, mask, None, fast=False, **options)
+    decoder = FastDecoder(model, warmup_steps=2)
+    fast = model.generate(ids, mask, None, fast=True, fast_decoder=decoder, **options)
+    assert torch.equal(fast, eager) and fast.shape == (1, max_new_tokens)
+    if max_new_tokens > 1:  # the cache was not enlarged for the warm-up: prompt + new tokens - 1, bucketed
+        assert decoder.cache.stage_capacities()[0] == bucketed(prompt_length + max_new_tokens - 1)
+
+
+# ----- capture failures (a capture seam on CPU: ``capture(warm_up, step) -> CapturedStep``) -----
+
+
+class EagerCapture:
+    """Stands in for CUDA graph capture on a CPU: warms up, then "replays" by running the step eagerly;
+    raises ``errors[i]`` at the ``i``-th capture when one is given."""
+
+    def __init__(self, *errors: Exception | None) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self, warm_up, step) -> CapturedStep:
+        error = self.errors[self.calls] if self.calls < len(self.errors) else None
+        self.calls += 1
+        warm_up()
+        if error is not None:
+            raise error
+        return CapturedStep(replay=step, pool_bytes=1000)
+
+
+def test_a_captured_step_replays_to_the_eager_loops_tokens():
+    model = build("duet")
+    ids, mask, pixels = mixed_batch()
+    options = dict(max_new_tokens=6, eos_token_id=[])
+    decoder = FastDecoder(model, use_cuda_graph=True, capture=EagerCapture())
+    fast = model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert torch.equal(fast, model.generate(ids, mask, pixels, fast=False, **options))
+    assert (decoder.captures, decoder.capture_failures, decoder.graph_replays, decoder.eager_steps) == (1, 0, 5, 0)
+    model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert decoder.captures == 1 and decoder.graph_replays == 10  # the shape's graph is reused
+
+
+def test_a_failed_capture_leaves_only_that_shape_on_eager_steps(caplog):
+    model = build("duet")
+    options = dict(max_new_tokens=4, eos_token_id=[])
+    not_permitted = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    decoder = FastDecoder(model, use_cuda_graph=True, bucket=16, capture=EagerCapture(not_permitted))
+    short, long = text_prompt(10), text_prompt(30)
+    with caplog.at_level("WARNING", logger="llava.model.fast_generation"):
+        first = model.generate(*short, None, fast=True, fast_decoder=decoder, **options)
+    assert "capture failed" in caplog.text and "decodes without a graph" in caplog.text
+    assert (decoder.captures, decoder.capture_failures, decoder.eager_steps, decoder.graph_replays) == (0, 1, 3, 0)
+    model.generate(*short, None, fast=True, fast_decoder=decoder, **options)  # not captured again
+    assert (decoder.capture_failures, decoder.eager_steps) == (1, 6)
+    second = model.generate(*long, None, fast=True, fast_decoder=decoder, **options)  # another shape: captured
+    assert (decoder.captures, decoder.graph_replays) == (1, 3)
+    assert torch.equal(first, model.generate(*short, None, fast=False, **options))
+    assert torch.equal(second, model.generate(*long, None, fast=False, **options))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: device-side assert triggered",
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: an illegal instruction was encountered",
+        "CUDA error: unspecified launch failure",
+    ],
+)
+def test_a_sticky_cuda_error_during_capture_is_raised(message):
+    model = build("none")
+    decoder = FastDecoder(model, use_cuda_graph=True, capture=EagerCapture(RuntimeError(message)))
+    with pytest.raises(RuntimeError, match=message.split(": ")[1]):
+        model.generate(*text_prompt(10), None, fast=True, fast_decoder=decoder, max_new_tokens=4, eos_token_id=[])
+    assert is_sticky_cuda_error(RuntimeError(message))
+    assert not is_sticky_cuda_error(RuntimeError("operation not permitted when stream is capturing"))
+
+
+class FakeCuda:
+    """The ``torch.cuda`` calls :class:`CudaGraphCapture` makes, recorded; ``capture_end`` can fail."""
+
+    def __init__(self, fail_capture_end: bool = False, fail_step: bool = False) -> None:
+        self.fail_capture_end = fail_capture_end
+        self.calls: list[tuple] = []
+        outer = self
+
+        class Stream:
+            def __init__(self, name: str = "side stream") -> None:
+                self.name = name
+
+            def __repr__(self) -> str:
+                return self.name
+
+            def wait_stream(self, other) -> None:
+                outer.calls.append(("wait_stream", self, other))
+
+            def synchronize(self) -> None:
+                outer.calls.append(("synchronize", self))
+
+        class CUDAGraph:
+            def capture_begin(self) -> None:
+                outer.calls.append(("capture_begin", outer.current))
+
+            def capture_end(self) -> None:
+                outer.calls.append(("capture_end",))
+                if outer.fail_capture_end:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+            def replay(self) -> None:
+                outer.calls.append(("replay",))
+
+        self.Stream, self.CUDAGraph = Stream, CUDAGraph
+        self.caller = self.current = Stream("caller stream")
+
+    def current_stream(self):
+        return self.current
+
+    def set_stream(self, stream) -> None:
+        self.calls.append(("set_stream", stream))
+        self.current = stream
+
+    def synchronize(self) -> None:
+        self.calls.append(("synchronize",))
+
+    def memory_reserved(self) -> int:
+        return 4096 * sum(call[0] == "capture_end" for call in self.calls)
+
+    def install(self, monkeypatch) -> None:
+        for name in ("Stream", "CUDAGraph", "current_stream", "set_stream", "synchronize", "memory_reserved"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+
+def test_cuda_graph_capture_restores_the_callers_stream_when_the_step_fails(monkeypatch):
+    fake = FakeCuda(fail_capture_end=True)
+    fake.install(monkeypatch)
+
+    def failing_step() -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="operation not permitted"):  # the step's error, not capture_end's
+        CudaGraphCapture()(lambda: None, failing_step)
+    assert fake.current is fake.caller
+    names = [call[0] for call in fake.calls]
+    assert names.index("capture_begin") < names.index("capture_end") < len(names) - 1
+    assert fake.calls[-1] == ("set_stream", fake.caller)
+
+
+def test_cuda_graph_capture_restores_the_callers_stream_when_capture_end_fails(monkeypatch):
+    fake = FakeCuda(fail_capture_end=True)
+    fake.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        CudaGraphCapture()(lambda: None, lambda: None)
+    assert fake.current is fake.caller and fake.calls[-1] == ("set_stream", fake.caller)
+
+
+def test_cuda_graph_capture_warms_up_and_captures_on_its_side_stream(monkeypatch):
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    seen = []
+    captured = CudaGraphCapture()(lambda: seen.append(("warm_up", fake.current)), lambda: seen.append("step"))
+    side = seen[0][1]
+    assert seen == [("warm_up", side), "step"] and side is not fake.caller
+    assert ("capture_begin", side) in fake.calls and fake.current is fake.caller
+    assert ("wait_stream", fake.caller, side) in fake.calls  # the caller's stream waits for the capture stream
+    assert captured.pool_bytes == 4096
+    captured.replay()
+    assert fake.calls[-1] == ("replay",)

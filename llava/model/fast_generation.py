@@ -6,8 +6,9 @@ kernels per token from Python, so at batch 1 the GPU waits for the host. Here th
 before (tower, V2V, LLM with T2V drops) into a :class:`~llava.model.static_cache.StaticStageCache`;
 every decode step then has fixed shapes (one token per row, one preallocated cache per stage) and no
 host synchronisation, so on CUDA it is captured once per shape as a ``torch.cuda.CUDAGraph`` and each
-later token is one graph replay. EOS is checked on the device and read back every
-``eos_check_interval`` steps only.
+later token is one graph replay. EOS is checked on the device and read back after every step at first,
+then at growing intervals up to ``eos_check_interval`` steps (:func:`eos_check_gap`), so a one-word
+answer stops after at most one extra step and a long one pays few host reads.
 
 Why explicit graph capture rather than ``torch.compile(mode="reduce-overhead")``: capture costs a few
 decode steps instead of a compilation of the whole LLM (tens of seconds for a 7B model, repeated for
@@ -19,23 +20,32 @@ what dominates at batch 1.
 A :class:`FastDecoder` owns the buffers and graphs and is held by the caller (the inference pipeline,
 the benchmark), like a KV cache: the model itself keeps no state between calls. Graphs are kept per
 (batch size, per-stage cache lengths), lengths rounded up to
-:data:`~llava.model.static_cache.CAPACITY_BUCKET`; after ``max_shapes`` distinct shapes everything is
-released and captured anew, which bounds memory.
+:data:`~llava.model.static_cache.CAPACITY_BUCKET` and, with graphs, batch sizes to 1, 2, 4, 8, then
+multiples of 8 (:func:`~llava.model.static_cache.bucketed_batch`; padded rows decode along and are
+never read). Shapes are kept least-recently-used first out, within ``max_shapes`` and a memory cap on
+their cache buffers and graph pools, so an evaluation keeps the graphs of the shapes it reuses.
+
+A capture that fails for a recoverable reason (an operation not permitted while capturing) leaves that
+shape on eager steps, with a warning, and is counted (:attr:`FastDecoder.capture_failures`); an error
+after which the CUDA context is unusable (device-side assert, illegal memory access) is raised.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from llava.hf_adapter import STATIC_DECODE_KERNELS, attn_implementation_of
 from llava.model.decoder import StaticDecodeState, decoder_of, run_static_decoder_step
-from llava.model.static_cache import CAPACITY_BUCKET, StaticStageCache, stage_of_each_layer
+from llava.model.static_cache import CAPACITY_BUCKET, StaticStageCache, bucketed_batch, stage_of_each_layer
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
@@ -43,7 +53,42 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EOS_CHECK_INTERVAL = 8
-"""Decode steps between host reads of "has every row finished?" (each read is a synchronisation)."""
+"""Most decode steps between host reads of "has every row finished?" (each read is a synchronisation)."""
+
+MAX_SHAPES = 8
+"""Decode shapes (buffers, state and graph) a :class:`FastDecoder` keeps by default."""
+
+MEMORY_FRACTION = 0.2
+"""Default memory cap of the kept shapes on CUDA: this share of the device's total memory."""
+
+STICKY_CUDA_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal address",
+    "illegal instruction",
+    "unspecified launch failure",
+    "misaligned address",
+    "hardware stack error",
+    "invalid program counter",
+    "launch timed out",
+    "uncorrectable ecc error",
+)
+"""Messages of CUDA errors after which the context is unusable: raised, never answered by an eager fallback."""
+
+
+def is_sticky_cuda_error(error: BaseException) -> bool:
+    """Whether ``error`` leaves the CUDA context unusable (every later call would fail too)."""
+    message = str(error).lower()
+    return any(pattern in message for pattern in STICKY_CUDA_ERRORS)
+
+
+def eos_check_gap(steps_done: int, max_new_tokens: int, max_interval: int = EOS_CHECK_INTERVAL) -> int:
+    """Decode steps until the next host read of "has every row finished?", after ``steps_done`` steps.
+
+    Every step for the first 7 steps and when ``max_new_tokens`` is below 16, then a quarter of the
+    steps done (a stop costs at most 25 % extra steps), at most ``max_interval`` and ``max_new_tokens // 8``.
+    """
+    return max(1, min(max_interval, steps_done // 4, max_new_tokens // 8))
 
 
 def static_decode_supported(model: DuetLlavaForCausalLM) -> str | None:
@@ -57,14 +102,113 @@ def static_decode_supported(model: DuetLlavaForCausalLM) -> str | None:
 
 
 @dataclass
+class CapturedStep:
+    """A captured decode step: ``replay()`` runs it again on the same buffers; ``pool_bytes`` estimates
+    the memory its graph holds (the growth of reserved device memory during the capture)."""
+
+    replay: Callable[[], None]
+    pool_bytes: int = 0
+    graph: Any = None  # keeps the torch.cuda.CUDAGraph (and its memory pool) alive
+
+
+class StepCapture(Protocol):
+    """How a :class:`FastDecoder` captures a decode step: ``warm_up()`` runs (and undoes) eager steps,
+    ``step()`` is the step to capture. Raises ``RuntimeError`` when the capture fails."""
+
+    def __call__(self, warm_up: Callable[[], None], step: Callable[[], None]) -> CapturedStep: ...
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+
+class CudaGraphCapture:
+    """Captures a decode step as a ``torch.cuda.CUDAGraph`` on a side stream of its own.
+
+    Unlike ``with torch.cuda.graph(...)`` (whose exit ends the capture before it restores the stream, so a
+    failed ``capture_end`` leaves the caller on the capture stream), the caller's stream is restored
+    whatever fails, and the step's own error is the one raised. It does not empty the CUDA caching
+    allocator before each capture, which would free every block a long run reuses.
+    """
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+
+    def __call__(self, warm_up: Callable[[], None], step: Callable[[], None]) -> CapturedStep:
+        """Warm up and capture on the side stream; the caller's stream is current again on return or raise."""
+        caller = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        side = self._stream
+        side.wait_stream(caller)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_stream(side)
+        try:
+            warm_up()
+            side.synchronize()
+            reserved_before = torch.cuda.memory_reserved()
+            graph.capture_begin()
+            try:
+                step()
+            except BaseException:
+                _end_failed_capture(graph)
+                raise
+            graph.capture_end()
+        finally:
+            torch.cuda.set_stream(caller)
+        caller.wait_stream(side)
+        torch.cuda.synchronize()
+        pool_bytes = max(0, torch.cuda.memory_reserved() - reserved_before)
+        return CapturedStep(graph.replay, pool_bytes, graph)
+
+
+def _end_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
+    """End a capture whose step raised, so the stream leaves capture mode; ``capture_end`` then reports the
+    invalidated capture, which says less than the step's own error (raised by the caller)."""
+    try:
+        graph.capture_end()
+    except RuntimeError as error:
+        logger.debug("ending the failed capture: %s", error)
+
+
+@dataclass
 class _Runner:
-    """Buffers and the captured graph of one (batch, per-stage cache lengths) shape."""
+    """Buffers, state and the captured step of one (batch capacity, per-stage cache lengths) shape."""
 
     state: StaticDecodeState
     tokens: torch.Tensor  # [B] long, the step's input
+    buffer_keys: frozenset[tuple] = field(default_factory=frozenset)  # the cache buffers the step uses
     logits: torch.Tensor | None = None  # [B, V], the step's output (allocated by the first step)
-    graph: torch.cuda.CUDAGraph | None = None
+    graph: CapturedStep | None = None
     capture_failed: bool = False
+
+    @property
+    def batch_capacity(self) -> int:
+        return self.tokens.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes of the state, the step's input and output, and the graph's pool (cache buffers apart)."""
+        state = self.state
+        own = _tensor_bytes([*state.attendable, state.positions, state.write_columns, self.tokens, self.logits])
+        return own + (self.graph.pool_bytes if self.graph is not None else 0)
+
+    def rows(self, batch: int) -> StaticDecodeState:
+        """The state of the first ``batch`` rows (views: loading them fills the runner's own tensors)."""
+        state = self.state
+        return StaticDecodeState(
+            stage_starts=state.stage_starts,
+            attendable=[attendable[:batch] for attendable in state.attendable],
+            positions=state.positions[:, :batch],
+            write_columns=state.write_columns,
+        )
+
+    def reset_padding(self, batch: int) -> None:
+        """Padded rows (past ``batch``) see only the column they write and start at position 0: they decode
+        finite garbage that no real row reads (rows never mix in a decoder layer)."""
+        if batch < self.batch_capacity:
+            for attendable in self.state.attendable:
+                attendable[batch:].zero_()
+            self.state.positions[:, batch:].zero_()
 
 
 def prefill(
@@ -95,33 +239,51 @@ class FastDecoder:
 
     ``use_cuda_graph``: ``None`` = on CUDA devices. ``warmup_steps``: eager steps run (and undone) before
     a capture, as CUDA graphs require; also run on CPU when set explicitly, which tests the undo.
+    ``bucket_batch``: decode at :func:`~llava.model.static_cache.bucketed_batch` rows (``None``: when
+    graphs are used, where fewer shapes mean fewer captures; on a CPU padded rows are only extra work).
+    ``max_shapes`` and ``memory_cap_bytes`` bound the shapes kept (``None``: :data:`MEMORY_FRACTION` of the
+    device's memory on CUDA, no byte cap elsewhere); the least recently used go first, the current one
+    always stays. ``capture``: how a step is captured (:class:`CudaGraphCapture`; tests pass their own).
     """
 
     def __init__(
         self,
         model: DuetLlavaForCausalLM,
         use_cuda_graph: bool | None = None,
-        max_shapes: int = 4,
+        max_shapes: int = MAX_SHAPES,
         bucket: int = CAPACITY_BUCKET,
         eos_check_interval: int = EOS_CHECK_INTERVAL,
         warmup_steps: int | None = None,
+        bucket_batch: bool | None = None,
+        memory_cap_bytes: int | None = None,
+        capture: StepCapture | None = None,
     ) -> None:
         reason = static_decode_supported(model)
         if reason is not None:
             raise ValueError(f"fast decoding is not available: {reason}; generate with fast=False")
         if max_shapes < 1 or eos_check_interval < 1:
             raise ValueError("max_shapes and eos_check_interval must be >= 1")
+        if memory_cap_bytes is not None and memory_cap_bytes < 0:
+            raise ValueError(f"memory_cap_bytes must be >= 0, got {memory_cap_bytes}")
         self.model = model
         self.use_cuda_graph = use_cuda_graph
         self.max_shapes = max_shapes
         self.bucket = bucket
         self.eos_check_interval = eos_check_interval
         self.warmup_steps = warmup_steps
+        self.bucket_batch = bucket_batch
+        self.memory_cap_bytes = memory_cap_bytes
+        self._capture_step = capture if capture is not None else CudaGraphCapture()
         self.captures = 0
+        self.capture_failures = 0
         self.capture_time_s = 0.0
-        self._runners: dict[tuple, _Runner] = {}
+        self.graph_replays = 0
+        self.eager_steps = 0
+        self.evictions = 0
+        self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self._cache: StaticStageCache | None = None
         self._cache_layout: tuple | None = None
+        self._eos_tensors: dict[tuple, torch.Tensor] = {}
 
     # ----- buffers -----
     def _cache_for(self, stage_starts: tuple[int, ...]) -> StaticStageCache:
@@ -133,26 +295,68 @@ class FastDecoder:
             self._cache_layout = layout
         return self._cache
 
-    def _runner_for(self, cache: StaticStageCache, batch: int, device: torch.device) -> _Runner:
+    def _eos_tensor(self, eos_ids: list[int], device: torch.device) -> torch.Tensor:
+        """The EOS ids on ``device``, copied from the host once per decoder, ids and device."""
+        key = (tuple(eos_ids), device)
+        tensor = self._eos_tensors.get(key)
+        if tensor is None:
+            tensor = self._eos_tensors[key] = torch.tensor(eos_ids, device=device, dtype=torch.long)
+        return tensor
+
+    def _runner_for(self, cache: StaticStageCache, batch_capacity: int, device: torch.device) -> _Runner:
         capacities = cache.stage_capacities()
-        key = (batch, capacities, cache.dtype, device)
+        key = (batch_capacity, capacities, cache.dtype, device)
         runner = self._runners.get(key)
         if runner is not None:
+            self._runners.move_to_end(key)
             return runner
-        if len(self._runners) >= self.max_shapes:
-            logger.info("fast decoding: %d shapes held; releasing their buffers and graphs", len(self._runners))
-            self._runners.clear()
-            cache.release_unused()
         stages = len(capacities)
         state = StaticDecodeState(
             stage_starts=self._cache_layout[0],
-            attendable=[torch.zeros(batch, capacity, dtype=torch.bool, device=device) for capacity in capacities],
-            positions=torch.zeros(stages, batch, dtype=torch.long, device=device),
+            attendable=[
+                torch.zeros(batch_capacity, capacity, dtype=torch.bool, device=device) for capacity in capacities
+            ],
+            positions=torch.zeros(stages, batch_capacity, dtype=torch.long, device=device),
             write_columns=torch.zeros(stages, dtype=torch.long, device=device),
         )
-        runner = _Runner(state=state, tokens=torch.zeros(batch, dtype=torch.long, device=device))
+        runner = _Runner(
+            state=state,
+            tokens=torch.zeros(batch_capacity, dtype=torch.long, device=device),
+            buffer_keys=cache.current_keys(),
+        )
         self._runners[key] = runner
+        self._evict(device)
         return runner
+
+    def held_bytes(self) -> int:
+        """Estimated memory of the shapes kept: their cache buffers (each counted once), states and graph
+        pools."""
+        keys = set().union(*(runner.buffer_keys for runner in self._runners.values()))
+        cache_bytes = self._cache.nbytes(keys) if self._cache is not None else 0
+        return cache_bytes + sum(runner.nbytes() for runner in self._runners.values())
+
+    def _memory_cap(self, device: torch.device) -> float:
+        if self.memory_cap_bytes is not None:
+            return self.memory_cap_bytes
+        if device.type == "cuda":
+            return MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
+        return math.inf
+
+    def _evict(self, device: torch.device) -> None:
+        """Drop the least recently used shapes (graph, state, the cache buffers no kept shape uses) until
+        within ``max_shapes`` and the memory cap; the most recent one always stays."""
+        cap = self._memory_cap(device)
+        while len(self._runners) > 1 and (len(self._runners) > self.max_shapes or self.held_bytes() > cap):
+            key, _ = self._runners.popitem(last=False)
+            self.evictions += 1
+            logger.info("fast decoding: releasing the least recently used decode shape %s", key[:2])
+        if len(self._runners) == 1 and self.held_bytes() > cap:
+            logger.warning(
+                "fast decoding: the current decode shape alone holds about %.0f MiB, above the %.0f MiB cap",
+                self.held_bytes() / 2**20, cap / 2**20,
+            )  # fmt: skip
+        if self._cache is not None:
+            self._cache.retain(set().union(*(runner.buffer_keys for runner in self._runners.values())))
 
     @property
     def cache(self) -> StaticStageCache:
@@ -162,8 +366,12 @@ class FastDecoder:
         return self._cache
 
     def runners(self) -> list[_Runner]:
-        """Buffers and graphs per shape held now."""
+        """Buffers and graphs per shape held now, least recently used first."""
         return list(self._runners.values())
+
+    def shapes(self) -> list[tuple]:
+        """The (batch capacity, per-stage cache lengths) of the shapes held now, least recently used first."""
+        return [key[:2] for key in self._runners]
 
     def release(self) -> None:
         """Free every cache buffer and graph (the next call allocates and captures again)."""
@@ -185,49 +393,47 @@ class FastDecoder:
         runner.logits.copy_(logits)
 
     def _warm_up(self, runner: _Runner, steps: int) -> None:
-        """Run ``steps`` eager steps and undo their effect on positions, masks and write columns (the
-        cache columns they wrote are overwritten before being read)."""
+        """Run ``steps`` eager steps, each undone before the next (positions, masks, write columns).
+
+        Every warm-up step writes the first decode column, which the first real step overwrites before it is
+        read; so warm-up never writes past the cache, however few new tokens were reserved.
+        """
         saved = runner.state.snapshot()
-        tokens = runner.tokens.clone()
         for _ in range(steps):
             self.step(runner)
-        runner.state.restore(saved)
-        runner.tokens.copy_(tokens)
+            runner.state.restore(saved)
 
-    def _capture(self, runner: _Runner) -> None:
-        """Warm up on a side stream, undo the warm-up, capture one step; counts the time it took."""
-        torch.cuda.synchronize()
+    def _capture(self, runner: _Runner, device: torch.device) -> None:
+        """Warm up and capture ``runner``'s step; on a recoverable failure leave this shape on eager steps."""
+        steps = 2 if self.warmup_steps is None else self.warmup_steps
         began = time.perf_counter()
         try:
-            self._warm_up_and_capture(runner)
+            runner.graph = self._capture_step(lambda: self._warm_up(runner, steps), lambda: self.step(runner))
+        except RuntimeError as error:
+            if is_sticky_cuda_error(error):
+                raise
+            runner.capture_failed = True
+            self.capture_failures += 1
+            logger.warning(
+                "fast decoding: CUDA graph capture failed for batch %d, cache lengths %s (%s); this shape decodes "
+                "without a graph",
+                runner.batch_capacity, tuple(mask.shape[1] for mask in runner.state.attendable), error,
+            )  # fmt: skip
+        else:
+            self.captures += 1
+            self._evict(device)  # the graph's pool now counts
         finally:
-            torch.cuda.synchronize()
             self.capture_time_s += time.perf_counter() - began
 
-    def _warm_up_and_capture(self, runner: _Runner) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._warm_up(runner, 2 if self.warmup_steps is None else self.warmup_steps)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.step(runner)
-        except RuntimeError as error:
-            runner.capture_failed = True
-            logger.warning("fast decoding: CUDA graph capture failed (%s); decoding without a graph", error)
-            return
-        runner.graph = graph
-        self.captures += 1
-
-    def _advance(self, runner: _Runner, use_graph: bool) -> None:
+    def _advance(self, runner: _Runner, use_graph: bool, device: torch.device) -> None:
         if runner.graph is None and use_graph and not runner.capture_failed:
-            self._capture(runner)
+            self._capture(runner, device)
         if runner.graph is not None:
             runner.graph.replay()
+            self.graph_replays += 1
         else:
             self.step(runner)
+            self.eager_steps += 1
 
     # ----- generation -----
     @torch.no_grad()
@@ -238,7 +444,7 @@ class FastDecoder:
         pixel_values: torch.Tensor | None,
         pixel_values_videos: torch.Tensor | None,
         max_new_tokens: int,
-        pick_next_token,
+        pick_next_token: Callable[[torch.Tensor], torch.Tensor],
         eos_ids: list[int],
         pad_token_id: int,
         visual_inputs: dict[str, torch.Tensor] | None = None,
@@ -252,25 +458,30 @@ class FastDecoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         model = self.model
         device = input_ids.device
-        plan = model.stage_plan
-        stage_starts = plan.stage_starts() if plan is not None else (0,)
-        cache = self._cache_for(stage_starts)
-        cache.begin_prefill(reserve=max_new_tokens - 1)
-        out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, cache, visual_inputs)
         batch = input_ids.shape[0]
-        eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
+        if max_new_tokens == 1:  # no decode step: the prefill needs no cache
+            out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, None, visual_inputs)
+            return pick_next_token(out.logits[:, -1]).unsqueeze(1)
+        use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
+        bucket_batch = self.bucket_batch if self.bucket_batch is not None else use_graph
+        batch_capacity = bucketed_batch(batch) if bucket_batch and batch else batch
+        plan = model.stage_plan
+        cache = self._cache_for(plan.stage_starts() if plan is not None else (0,))
+        cache.begin_prefill(reserve=max_new_tokens - 1, batch_capacity=batch_capacity or None)
+        out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, cache, visual_inputs)
+        eos_tensor = self._eos_tensor(eos_ids, device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         last_step_needed = torch.zeros(batch, dtype=torch.long, device=device)
         new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         token = pick_next_token(out.logits[:, -1])
-        if max_new_tokens > 1:
-            runner = self._runner_for(cache, batch, device)
-            runner.state.load(out.decode_state)
-            cache.begin_decoding(runner.state.write_columns)
-            use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
-            if not use_graph and self.warmup_steps:
-                self._warm_up(runner, self.warmup_steps)
+        runner = self._runner_for(cache, batch_capacity, device)
+        runner.rows(batch).load(out.decode_state)
+        runner.reset_padding(batch)
+        cache.begin_decoding(runner.state.write_columns)
+        if not use_graph and self.warmup_steps:
+            self._warm_up(runner, self.warmup_steps)
         steps_run = max_new_tokens
+        next_check = 1 if eos_ids else max_new_tokens  # without EOS ids no row can finish early
         for step in range(max_new_tokens):
             token = token.masked_fill(finished, pad_token_id)
             new_tokens[:, step] = token
@@ -279,12 +490,14 @@ class FastDecoder:
             finished |= torch.isin(token, eos_tensor)
             if step == max_new_tokens - 1:
                 break
-            if (step + 1) % self.eos_check_interval == 0 and bool(finished.all()):
-                steps_run = step + 1
-                break
-            runner.tokens.copy_(token)
-            self._advance(runner, use_graph)
-            token = pick_next_token(runner.logits)
+            if step + 1 == next_check:
+                if bool(finished.all()):
+                    steps_run = step + 1
+                    break
+                next_check += eos_check_gap(step + 1, max_new_tokens, self.eos_check_interval)
+            runner.tokens[:batch].copy_(token)
+            self._advance(runner, use_graph, device)
+            token = pick_next_token(runner.logits[:batch])
         # The eager loop stops at the first step after which every row has finished: same length here.
         length = min(steps_run, int(last_step_needed.max()) + 1) if batch else 0
         return new_tokens[:, :length]

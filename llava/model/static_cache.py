@@ -6,13 +6,15 @@ tokens, rounded up to a bucket so that later prompts of similar length reuse the
 CUDA graphs captured on them). A decode step writes every layer's new key and value at its stage's
 *write column*, a device tensor, so the step has no data-dependent shapes and no host synchronisation.
 Unwritten columns are never attended to: the decode mask (:func:`llava.hf_adapter.decode_step_mask`)
-covers only the prompt and the tokens written so far.
+covers only the prompt and the tokens written so far. The batch can be rounded up too
+(``batch_capacity``): the prefill fills the real rows and decode steps run on all of them, so ragged last
+batches of an evaluation reuse the buffers (and graphs) of full ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -25,6 +27,16 @@ def bucketed(length: int, bucket: int = CAPACITY_BUCKET) -> int:
     return max(bucket, math.ceil(length / bucket) * bucket)
 
 
+def bucketed_batch(batch: int) -> int:
+    """``batch`` rounded up to 1, 2, 4, 8, then a multiple of 8: few decode shapes for ragged batches, and at
+    most 8 padded rows (decode steps of a batch up to 8 are bound by reading the weights, not by rows)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    return math.ceil(batch / 8) * 8
+
+
 class StaticStageCache:
     """The KV cache the decoder layers write through ``update`` (the only cache method they call).
 
@@ -34,7 +46,8 @@ class StaticStageCache:
     attends over the whole buffer under the caller's mask.
 
     Buffers are kept per (layer, shape), so every captured decode graph keeps valid addresses until
-    :meth:`clear`; they hold no sample data that outlives the next prefill of that shape.
+    :meth:`retain` or :meth:`clear` drops them; they hold no sample data that outlives the next prefill of
+    that shape. With ``batch_capacity`` above the batch, rows past it are padding the caller decodes along.
     """
 
     def __init__(self, stage_of_layer: Sequence[int], bucket: int = CAPACITY_BUCKET) -> None:
@@ -42,19 +55,26 @@ class StaticStageCache:
         self.bucket = bucket
         self.decoding = False
         self.reserve = 0
+        self.batch_capacity: int | None = None
         self.write_columns: torch.Tensor | None = None
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.stage_of_layer)
+        self._current_keys: list[tuple | None] = [None] * len(self.stage_of_layer)
         self.prefill_lengths = [0] * len(self.stage_of_layer)
 
-    def begin_prefill(self, reserve: int) -> None:
-        """Start a new prompt batch whose layers will each hold ``reserve`` more tokens after the prefill."""
+    def begin_prefill(self, reserve: int, batch_capacity: int | None = None) -> None:
+        """Start a new prompt batch whose layers will each hold ``reserve`` more tokens after the prefill, in
+        buffers of ``batch_capacity`` rows (``None``: the batch's own size)."""
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0, got {reserve}")
+        if batch_capacity is not None and batch_capacity < 1:
+            raise ValueError(f"batch_capacity must be >= 1, got {batch_capacity}")
         self.decoding = False
         self.reserve = reserve
+        self.batch_capacity = batch_capacity
         self.write_columns = None
         self._current = [None] * len(self.stage_of_layer)
+        self._current_keys = [None] * len(self.stage_of_layer)
         self.prefill_lengths = [0] * len(self.stage_of_layer)
 
     def begin_decoding(self, write_columns: torch.Tensor) -> None:
@@ -76,18 +96,22 @@ class StaticStageCache:
             values.index_copy_(2, column, value_states)
             return keys, values
         batch, heads, length, _ = key_states.shape
+        rows = batch if self.batch_capacity is None else self.batch_capacity
+        if rows < batch:
+            raise ValueError(f"a batch of {batch} does not fit the cache's batch capacity {rows}")
         capacity = bucketed(length + self.reserve, self.bucket)
-        key = (layer_idx, batch, heads, capacity, key_states.shape[-1], value_states.shape[-1], key_states.dtype)
+        key = (layer_idx, rows, heads, capacity, key_states.shape[-1], value_states.shape[-1], key_states.dtype)
         buffers = self._buffers.get(key)
         if buffers is None or buffers[0].device != key_states.device:
             buffers = (
-                key_states.new_zeros(batch, heads, capacity, key_states.shape[-1]),
-                value_states.new_zeros(batch, heads, capacity, value_states.shape[-1]),
+                key_states.new_zeros(rows, heads, capacity, key_states.shape[-1]),
+                value_states.new_zeros(rows, heads, capacity, value_states.shape[-1]),
             )
             self._buffers[key] = buffers
-        buffers[0][:, :, :length].copy_(key_states)
-        buffers[1][:, :, :length].copy_(value_states)
+        buffers[0][:batch, :, :length].copy_(key_states)
+        buffers[1][:batch, :, :length].copy_(value_states)
         self._current[layer_idx] = buffers
+        self._current_keys[layer_idx] = key
         self.prefill_lengths[layer_idx] = length
         return key_states, value_states
 
@@ -114,10 +138,21 @@ class StaticStageCache:
         """Distinct buffer sets held (for memory accounting)."""
         return len(self._buffers)
 
-    def release_unused(self) -> None:
-        """Drop every buffer set the current batch does not use (graphs captured on them must go too)."""
-        in_use = {id(buffers[0]) for buffers in self._current if buffers is not None}
-        self._buffers = {key: buffers for key, buffers in self._buffers.items() if id(buffers[0]) in in_use}
+    def current_keys(self) -> frozenset[tuple]:
+        """Keys of the buffer sets the current batch uses (what a decode graph of this batch captures)."""
+        return frozenset(key for key in self._current_keys if key is not None)
+
+    def nbytes(self, keys: Iterable[tuple] | None = None) -> int:
+        """Bytes of the buffer sets ``keys`` (default: all held)."""
+        chosen = self._buffers.keys() if keys is None else keys
+        held = [self._buffers[key] for key in chosen if key in self._buffers]
+        return sum(tensor.numel() * tensor.element_size() for buffers in held for tensor in buffers)
+
+    def retain(self, keys: Iterable[tuple]) -> None:
+        """Drop every buffer set but ``keys`` and the current batch's (graphs captured on dropped sets must go
+        first)."""
+        kept = set(keys) | self.current_keys()
+        self._buffers = {key: buffers for key, buffers in self._buffers.items() if key in kept}
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -129,6 +164,7 @@ class StaticStageCache:
         """Release every buffer (invalidates graphs captured on them)."""
         self._buffers.clear()
         self._current = [None] * len(self.stage_of_layer)
+        self._current_keys = [None] * len(self.stage_of_layer)
         self.decoding = False
 
 
