@@ -3,6 +3,8 @@ cache-free recomputation; host synchronisations of the compressed prefill and of
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -12,9 +14,9 @@ from llava.compression.t2v import Sequence, compacted_extents
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
-from llava.model.fast_generation import CapturedStep, CudaGraphCapture, FastDecoder, is_sticky_cuda_error
+from llava.model.fast_generation import CapturedStep, CudaGraphCapture, FastDecoder, eos_check_gap, is_sticky_cuda_error
 from llava.model.modeling import DuetLlavaForCausalLM
-from llava.model.static_cache import bucketed, stage_of_each_layer
+from llava.model.static_cache import bucketed, bucketed_batch, stage_of_each_layer
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 IMG, VID = IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
@@ -438,3 +440,119 @@ def test_cuda_graph_capture_warms_up_and_captures_on_its_side_stream(monkeypatch
     assert captured.pool_bytes == 4096
     captured.replay()
     assert fake.calls[-1] == ("replay",)
+
+
+# ----- evaluation shape policy: batch buckets, LRU with a memory cap, adaptive EOS checks -----
+
+
+def test_batch_sizes_are_bucketed():
+    assert [bucketed_batch(size) for size in (1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 24, 24, 32,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="batch"):
+        bucketed_batch(0)
+
+
+@pytest.mark.parametrize("preset", ["duet", "pdrop"])
+def test_a_ragged_batch_decodes_at_its_bucket_with_the_unbucketed_tokens(preset):
+    """Batch 3 decodes on 4 rows (the padding row sees only what it writes); batch 4 then reuses the shape and
+    its graph. Tokens equal the unbucketed fast path's and the eager loop's."""
+    model = build(preset)
+    ids, mask, pixels = mixed_batch()
+    options = dict(max_new_tokens=8, eos_token_id=[])
+    eager = model.generate(ids, mask, pixels, fast=False, **options)
+    plain = model.generate(ids, mask, pixels, fast=True, fast_decoder=FastDecoder(model, bucket_batch=False), **options)
+    decoder = FastDecoder(model, use_cuda_graph=True, bucket_batch=True, capture=EagerCapture())
+    bucketed_run = model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert torch.equal(bucketed_run, plain) and torch.equal(bucketed_run, eager)
+    ((batch_capacity, _),) = decoder.shapes()
+    assert batch_capacity == 4 and decoder.cache.layer_buffers(0)[0].shape[0] == 4
+    # A full batch of 4 (one more text prompt) takes the same shape: no new capture.
+    four_ids, four_mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+    four = model.generate(four_ids, four_mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert len(decoder.shapes()) == 1 and decoder.captures == 1
+    assert torch.equal(four, model.generate(four_ids, four_mask, pixels, fast=False, **options))
+    # The ragged batch again, after the full one filled the padding row's cache: still the same tokens.
+    assert torch.equal(model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options), eager)
+
+
+def test_shapes_are_kept_least_recently_used_first_out():
+    model = build("none")
+    options = dict(max_new_tokens=4, eos_token_id=[])
+    prompts = {name: text_prompt(length) for name, length in (("a", 10), ("b", 20), ("c", 40))}
+    capacity = {"a": 16, "b": 32, "c": 48}  # prompt + 3 reserved, bucketed to 16
+    decoder = FastDecoder(model, max_shapes=2, bucket=16, use_cuda_graph=True, capture=EagerCapture())
+    outputs = {}
+    for name in ("a", "b", "a", "c"):
+        outputs[name] = model.generate(*prompts[name], None, fast=True, fast_decoder=decoder, **options)
+    # "a" was used after "b": "b" is the one released when "c" arrives.
+    assert decoder.shapes() == [(1, (capacity["a"],)), (1, (capacity["c"],))]
+    assert decoder.evictions == 1 and decoder.captures == 3
+    layers = len(model.language_model.model.layers)
+    assert decoder.cache.num_buffer_shapes == 2 * layers  # b's buffers went with its graph
+    model.generate(*prompts["a"], None, fast=True, fast_decoder=decoder, **options)
+    assert decoder.captures == 3  # still held: replayed, not captured again
+    for name, tokens in outputs.items():
+        assert torch.equal(tokens, model.generate(*prompts[name], None, fast=False, **options))
+
+
+def test_the_memory_cap_evicts_shapes(caplog):
+    model = build("none")
+    options = dict(max_new_tokens=4, eos_token_id=[])
+    short, long = text_prompt(10), text_prompt(40)
+    alone = FastDecoder(model, bucket=16)
+    model.generate(*long, None, fast=True, fast_decoder=alone, **options)
+    long_bytes = alone.held_bytes()
+    assert long_bytes >= alone.cache.nbytes() > 0
+    decoder = FastDecoder(model, bucket=16, memory_cap_bytes=long_bytes)
+    model.generate(*long, None, fast=True, fast_decoder=decoder, **options)
+    model.generate(*short, None, fast=True, fast_decoder=decoder, **options)
+    assert decoder.shapes() == [(1, (16,))] and decoder.evictions == 1
+    assert decoder.held_bytes() <= long_bytes
+    tiny = FastDecoder(model, bucket=16, memory_cap_bytes=1)
+    with caplog.at_level("WARNING", logger="llava.model.fast_generation"):
+        model.generate(*short, None, fast=True, fast_decoder=tiny, **options)
+    assert len(tiny.shapes()) == 1 and "above the" in caplog.text  # the current shape always stays
+
+
+def test_eos_checks_are_every_step_at_first_then_back_off():
+    checks = [1]
+    while checks[-1] < 128:
+        checks.append(checks[-1] + eos_check_gap(checks[-1], 128))
+    assert checks[:8] == [1, 2, 3, 4, 5, 6, 7, 8] and max(b - a for a, b in itertools.pairwise(checks)) == 8
+    assert all(eos_check_gap(steps, 12) == 1 for steps in range(1, 12))  # few new tokens: every step
+    assert eos_check_gap(40, 16) == 2 and eos_check_gap(100, 128, max_interval=4) == 4
+
+
+def test_a_batch_whose_rows_all_end_at_step_1_stops_after_at_most_one_extra_step():
+    model = build("duet")
+    ids, mask, pixels = mixed_batch()
+    free_run = model.generate(ids, mask, pixels, fast=False, max_new_tokens=4, eos_token_id=[])
+    eos = sorted(set(free_run[:, 1].tolist()))  # every row emits one of these by step 1
+    options = dict(max_new_tokens=64, eos_token_id=eos)
+    eager = model.generate(ids, mask, pixels, fast=False, **options)
+    assert eager.shape[1] <= 2
+    decoder = FastDecoder(model, eos_check_interval=8)
+    fast = model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert torch.equal(fast, eager)
+    assert decoder.eager_steps <= eager.shape[1]  # the steps the answer needed (one fewer) plus at most one
+
+
+def test_generation_setup_copies_nothing_from_the_host_per_call():
+    """After the first call, a fast generate creates no tensor from host data beyond what its prefill does
+    (``torch.tensor(list)`` is ``aten::lift_fresh``: a blocking host-to-device copy on a GPU)."""
+    model = build("duet")
+    ids, mask, pixels = mixed_batch()
+    decoder = FastDecoder(model)
+
+    def generate() -> None:
+        decoder.generate(ids, mask, pixels, None, 6, lambda logits: logits.argmax(-1), [2, 3], 0)
+
+    def copies(function) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            function()
+        return sum(event.name == "aten::lift_fresh" for event in prof.events())
+
+    generate()
+    prefill_copies = copies(lambda: model(ids, mask, pixels, left_padding=True, logits_to_keep=1))
+    assert copies(generate) == prefill_copies
