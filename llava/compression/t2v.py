@@ -95,14 +95,12 @@ class Sequence:
         names = [item.name for item in fields(self) if item.name != "hidden" and getattr(self, item.name) is not None]
         columns = [getattr(self, name).long().reshape(batch, old_length, -1) for name in names]
         widths = [column.shape[-1] for column in columns]
-        fills = torch.tensor(
-            [
-                IGNORE_INDEX if name == "labels" else 0
-                for name, width in zip(names, widths, strict=True)
-                for _ in range(width)
-            ],
-            device=device,
-        )
+        # Padding columns get 0, labels IGNORE_INDEX: filled on the device, not copied from a host list (that
+        # would be a blocking host-to-device copy on a GPU at every boundary).
+        fills = torch.zeros(sum(widths), dtype=torch.long, device=device)
+        if "labels" in names:
+            first = sum(widths[: names.index("labels")])
+            fills[first : first + widths[names.index("labels")]].fill_(IGNORE_INDEX)
         picked = torch.where(filled, gather(torch.cat(columns, dim=-1)), fills).split(widths, dim=-1)
         out = {name: None for name in ("labels",)}
         for name, values in zip(names, picked, strict=True):

@@ -10,6 +10,7 @@ import torch
 
 from llava.hf_adapter import new_dynamic_cache
 from llava.model.fast_generation import FastDecoder, prefill, static_decode_supported
+from llava.model.merge import matches_any
 
 if TYPE_CHECKING:
     from llava.model.modeling import DuetLlavaForCausalLM
@@ -124,7 +125,6 @@ def greedy_or_sample(
             pad_token_id,
             visual_inputs,
         )
-    eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
 
@@ -136,7 +136,7 @@ def greedy_or_sample(
         token = pick_next_token(out.logits[:, -1], do_sample, temperature, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
         new_tokens.append(token)
-        finished |= torch.isin(token, eos_tensor)
+        finished |= matches_any(token, eos_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         if use_cache:

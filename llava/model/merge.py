@@ -30,6 +30,21 @@ def detect_left_padding(attention_mask: torch.Tensor) -> bool:
     return bool(attention_mask[:, -1].all()) and not bool(attention_mask[:, 0].all())
 
 
+def matches_any(values: torch.Tensor, ids: int | Sequence[int]) -> torch.Tensor:
+    """Bool mask of the entries of ``values`` equal to any of ``ids`` (host integers).
+
+    Compares against each id as a kernel argument, so no id tensor is copied from the host to the device
+    (``torch.isin`` with ``torch.tensor(ids, device=...)`` would be a blocking copy on a GPU).
+    """
+    id_list = [ids] if isinstance(ids, int) else list(ids)
+    if not id_list:
+        return torch.zeros_like(values, dtype=torch.bool)
+    matches = values == id_list[0]
+    for other in id_list[1:]:
+        matches |= values == other
+    return matches
+
+
 def slot_positions(is_slot: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and columns of the ``num_slots`` True entries of ``is_slot``, in row-major order.
 
@@ -69,8 +84,7 @@ def merge_visual_tokens(
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    slot_ids = torch.as_tensor(slot_token_ids, dtype=input_ids.dtype, device=device).reshape(-1)
-    is_slot = torch.isin(input_ids, slot_ids)
+    is_slot = matches_any(input_ids, slot_token_ids)
     counts = visual_counts.to(device=device, dtype=torch.long)
     total_visual = visual_embeds.shape[0]
     if num_slots is None:
@@ -115,9 +129,10 @@ def merge_visual_tokens(
         merged = values.new_full((batch, width, *values.shape[2:]), fill)
         merged = merged.index_put((rows, text_dest), values)
         if visual_value is not None:
-            merged = merged.index_put(
-                (visual_rows, visual_dest), torch.as_tensor(visual_value, dtype=merged.dtype, device=device)
-            )
+            # A constant is filled on the device (a tensor from a host scalar would be a blocking copy).
+            if not isinstance(visual_value, torch.Tensor):
+                visual_value = merged.new_full((), visual_value)
+            merged = merged.index_put((visual_rows, visual_dest), visual_value.to(merged.dtype))
         return merged[:, :new_length]
 
     embeds = spread(text_embeds, 0, visual_embeds.to(text_embeds.dtype))
