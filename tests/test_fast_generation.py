@@ -4,6 +4,8 @@ cache-free recomputation; host synchronisations of the compressed prefill and of
 from __future__ import annotations
 
 import itertools
+import json
+import sys
 
 import pytest
 import torch
@@ -556,3 +558,39 @@ def test_generation_setup_copies_nothing_from_the_host_per_call():
     generate()
     prefill_copies = copies(lambda: model(ids, mask, pixels, left_padding=True, logits_to_keep=1))
     assert copies(generate) == prefill_copies
+
+
+# ----- benchmark rows: graph use, captures, capture failures; no matplotlib needed -----
+
+
+def test_infer_speed_rows_report_graph_use_without_matplotlib(tmp_path, monkeypatch, caplog):
+    """The GPU node has no matplotlib: rows and table are written, the chart is skipped with a note."""
+    from llava.bench import infer_speed
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "infer.json"
+    with caplog.at_level("INFO", logger="llava.bench.report"):
+        rows = infer_speed.main(
+            ["--shape", "tiny", "--presets", "none", "--batch-sizes", "1", "--prompt-tokens", "8", "--new-tokens",
+             "3", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
+        )  # fmt: skip
+    assert out.exists() and out.with_suffix(".md").exists() and not out.with_suffix(".png").exists()
+    assert "matplotlib is not installed" in caplog.text
+    by_path = {row["path"]: row for row in json.loads(out.read_text())}
+    assert len(rows) == 2
+    assert (by_path["fast"]["graph"], by_path["fast"]["captures"], by_path["fast"]["capture_failures"]) == ("no", 0, 0)
+    assert (by_path["eager"]["graph"], by_path["eager"]["captures"]) == ("no", None)
+    table = out.with_suffix(".md").read_text()
+    assert "| graph | captures | capture failures |" in table
+
+
+def test_graph_use_of_a_benchmark_case():
+    from llava.bench.infer_speed import CaseRecord, graph_use
+
+    case = CaseRecord("none", CompressionConfig(), 1, {}, path="fast")
+    assert graph_use(case) == "no"
+    case.graph_replays = 10
+    assert graph_use(case) == "yes"
+    case.eager_steps = 2
+    assert graph_use(case) == "partial"

@@ -74,6 +74,9 @@ TABLE_COLUMNS = (
     ("decode_speedup_vs_none", "decode speed-up"),
     ("decode_speedup_vs_eager", "decode vs eager"),
     ("capture_s", "capture s"),
+    ("graph", "graph"),
+    ("captures", "captures"),
+    ("capture_failures", "capture failures"),
     ("compression_share", "compression share"),
     ("peak_mem_mb", "peak mem MiB"),
 )
@@ -133,6 +136,10 @@ class CaseRecord:
     path: str = "eager"
     samples: list[GenerateSample] = field(default_factory=list)
     capture_s: float = 0.0
+    captures: int = 0  # graphs captured for this case (warm-up and timed calls)
+    capture_failures: int = 0
+    graph_replays: int = 0  # decode steps of the timed calls replayed from a graph ...
+    eager_steps: int = 0  # ... and run eagerly (no graph: CPU, or a failed capture)
     peak_mem_mb: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -235,26 +242,34 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     # reused by every timed call, as in a long evaluation run.
     fast_decoders: dict[str, FastDecoder] = {}
 
-    def measure(case: CaseRecord) -> GenerateSample:
+    def measure(case: CaseRecord, timed: bool) -> GenerateSample:
         if case.hf_baseline:
             return run_generate(hf_model, case.prompts, args.new_tokens, pad_token_id, hf_baseline=True)
         model.set_compression(case.config)
         if case.path == "eager":
             return run_generate(model, case.prompts, args.new_tokens, pad_token_id)
         decoder = fast_decoders.setdefault(case.label, FastDecoder(model))
-        captured_before = decoder.capture_time_s
+        before = fast_counters(decoder)
         sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id, fast_decoder=decoder)
-        case.capture_s += decoder.capture_time_s - captured_before
+        capture_s, captures, failures, replays, eager_steps = (
+            after - earlier for after, earlier in zip(fast_counters(decoder), before, strict=True)
+        )
+        case.capture_s += capture_s
+        case.captures += captures
+        case.capture_failures += failures
+        if timed:
+            case.graph_replays += replays
+            case.eager_steps += eager_steps
         return sample
 
     for case in cases:
         # A fast case's first call captures its CUDA graphs: at least one untimed call keeps that out of the rows.
         for _ in range(max(args.warmup, 1 if case.path == "fast" else 0)):
-            measure(case)
+            measure(case, timed=False)
     memory = report.PeakMemory(device)
     for number, case in report.round_robin(cases, args.repeats):
         with memory.measure():
-            sample = measure(case)
+            sample = measure(case, timed=True)
         case.samples.append(sample)
         case.peak_mem_mb = max(case.peak_mem_mb, memory.peak_mb)
         case.peak_rss_mb = max(case.peak_rss_mb, memory.peak_rss_mb)
@@ -264,6 +279,24 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         )  # fmt: skip
     machine = report.machine_info(device, dtype, attn, load_at_start)
     return build_rows(cases, shape, args, machine, memory.kind, memory.exact_window)
+
+
+def fast_counters(decoder: FastDecoder) -> tuple[float, int, int, int, int]:
+    """Capture seconds, captures, capture failures, replayed and eager decode steps of ``decoder`` so far."""
+    return (
+        decoder.capture_time_s,
+        decoder.captures,
+        decoder.capture_failures,
+        decoder.graph_replays,
+        decoder.eager_steps,
+    )
+
+
+def graph_use(case: CaseRecord) -> str:
+    """``yes`` when every timed decode step replayed a CUDA graph, ``no`` when none did, else ``partial``."""
+    if case.graph_replays == 0:
+        return "no"
+    return "yes" if case.eager_steps == 0 else "partial"
 
 
 def build_rows(
@@ -325,6 +358,9 @@ def build_rows(
                 if (case.label, case.batch_size) in eager_tps
                 else None,
                 "capture_s": case.capture_s,
+                "graph": graph_use(case),
+                "captures": case.captures if case.path == "fast" else None,
+                "capture_failures": case.capture_failures if case.path == "fast" else None,
                 "compression_share": report.ratio(compression_s, ttft),
                 "peak_mem_mb": case.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
@@ -347,6 +383,9 @@ NOTES = (
     "vs none compare rows of the same path; decode vs eager = fast tok/s / eager tok/s of the same preset and batch.",
     "capture s = one-time CUDA graph capture (warm-up steps + capture) of the fast path, paid in the untimed "
     "warm-up calls and excluded from the timed rows.",
+    "graph = whether the timed decode steps replayed a CUDA graph (yes: all, partial: some, no: none, e.g. on CPU "
+    "or after a failed capture); captures / capture failures = graph captures of the case (warm-up and timed "
+    "calls) and captures that fell back to eager steps; '-' on the eager and HF rows.",
 )
 
 

@@ -382,13 +382,16 @@ def plot_ratios(
     path: Path,
     title: str,
     ylabel: str,
-) -> None:
-    """Grouped bars: measured vs FLOP-model ratio per preset (1.0 = baseline), written as a PNG."""
-    import matplotlib
+) -> bool:
+    """Grouped bars: measured vs FLOP-model ratio per preset (1.0 = baseline), written as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Returns whether it was written: without matplotlib (GPU nodes often lack it) the chart is skipped with a
+    logged note, so the JSON and Markdown rows never depend on it.
+    """
+    plt = _pyplot()
+    if plt is None:
+        logger.info("matplotlib is not installed: %s not written (the JSON and Markdown rows are)", path)
+        return False
     positions = list(range(len(groups)))
     width = 0.38
     figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 3.8))
@@ -409,6 +412,19 @@ def plot_ratios(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return True
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use; ``None`` when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_report(
@@ -420,7 +436,8 @@ def write_report(
     labels: Sequence[str],
     ylabel: str,
 ) -> str:
-    """``FILE.json`` rows, ``FILE.md`` table (with notes) and ``FILE.png`` measured-vs-FLOP-model chart."""
+    """``FILE.json`` rows, ``FILE.md`` table (with notes) and ``FILE.png`` measured-vs-FLOP-model chart (when
+    matplotlib is installed)."""
     json_path, md_path, png_path = output_paths(out)
     write_json(rows, json_path)
     table = write_markdown(rows, columns, md_path, title, notes)
