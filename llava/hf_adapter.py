@@ -66,6 +66,7 @@ __all__ = [
     "call_clip_mlp",
     "call_decoder_layer",
     "call_decoder_layer_on_groups",
+    "causal_lm_from_parts",
     "causal_mask",
     "clip_image_processor_class",
     "current_training_argv",
@@ -486,6 +487,23 @@ def rotary_embed(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 def new_dynamic_cache(config: PreTrainedConfig) -> Cache:
     """An empty growing KV cache for a decoder with this config."""
     return DynamicCache(config=config)
+
+
+def causal_lm_from_parts(text_config: PreTrainedConfig, decoder: nn.Module, lm_head: nn.Module) -> PreTrainedModel:
+    """The config's causal-LM class (``LlamaForCausalLM``, ...) around an existing decoder and LM head, which it
+    takes as they are: no copy, so a HF port's parts keep their dtype, their float32 RoPE buffers and, under
+    ZeRO-3, their partitioned parameters. The shell is built on the meta device; both of its parts are replaced.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with torch.device("meta"):
+        shell = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)](text_config)
+    setattr(shell, shell.base_model_prefix, decoder)
+    shell.set_output_embeddings(lm_head)
+    left_on_meta = [name for name, tensor in (*shell.named_parameters(), *shell.named_buffers()) if tensor.is_meta]
+    if left_on_meta:
+        raise TypeError(f"{type(shell).__name__} has parts besides its decoder and LM head: {left_on_meta[:3]}")
+    return shell
 
 
 def attn_implementation_of(config: PreTrainedConfig) -> str | None:

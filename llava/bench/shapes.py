@@ -38,6 +38,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 from llava.compression.accounting import average_visual_tokens, initial_visual_tokens, visual_tokens_per_layer
 from llava.compression.config import CompressionConfig
 from llava.hf_adapter import set_attn_implementation
+from llava.model.precision import cast_model
 from llava.model.vision_tower import layers_to_run
 
 if TYPE_CHECKING:
@@ -311,7 +312,7 @@ def instantiate(
             model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(dtype=dtype)
+    return cast_model(model, dtype)  # RoPE frequencies stay float32, as from_pretrained keeps them
 
 
 def build_model(

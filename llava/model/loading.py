@@ -28,9 +28,10 @@ from transformers import (
 )
 
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from llava.hf_adapter import set_attn_implementation
+from llava.hf_adapter import causal_lm_from_parts, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.precision import cast_model
 from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
@@ -119,30 +120,23 @@ def _check_hf_projector(hf_config: Any) -> int:
 def _rehome_hf_modules(
     hf_model: Any, config: DuetLlavaConfig, image_tower: nn.Module, video_tower: nn.Module | None = None
 ) -> DuetLlavaForCausalLM:
-    """Move a HF port's towers, LM and projector weights into our composition (same dtype)."""
+    """Move a HF port's towers, LM and projector layers into our composition.
+
+    The modules themselves move (nothing is copied): they keep the port's dtype, its float32 RoPE buffers and,
+    when transformers loaded them under ZeRO-3, their partitioned parameters, and no second copy of a 7B
+    model is ever held.
+    """
     hf_config = hf_model.config
-    vision_model = CLIPVisionModel(hf_config.vision_config)
-    vision_model.load_state_dict(image_tower.state_dict())
-    video_model = None
-    if video_tower is not None:
-        video_model = CLIPVisionModel(hf_config.vision_config)
-        video_model.load_state_dict(video_tower.state_dict())
-    language_model = AutoModelForCausalLM.from_config(hf_config.text_config)
-    language_model.get_decoder().load_state_dict(hf_model.model.language_model.state_dict())
-    language_model.get_output_embeddings().load_state_dict(hf_model.lm_head.state_dict())
+    language_model = causal_lm_from_parts(
+        hf_config.text_config, hf_model.model.language_model, hf_model.get_output_embeddings()
+    )
     model = DuetLlavaForCausalLM(
-        config, language_model=language_model, vision_model=vision_model, video_model=video_model
+        config, language_model=language_model, vision_model=image_tower, video_model=video_tower
     )
     source = hf_model.model.multi_modal_projector
-    model.projector.load_state_dict(
-        {
-            "0.weight": source.linear_1.weight,
-            "0.bias": source.linear_1.bias,
-            "2.weight": source.linear_2.weight,
-            "2.bias": source.linear_2.bias,
-        }
-    )
-    return model.to(hf_model.dtype)
+    model.projector[0] = source.linear_1
+    model.projector[2] = source.linear_2
+    return cast_model(model, hf_model.dtype)
 
 
 def convert_hf_llava(hf_model: LlavaForConditionalGeneration) -> DuetLlavaForCausalLM:
@@ -264,7 +258,7 @@ def load_original_llava(
         raise ValueError(f"{path}: mm_use_im_start_end / mm_use_im_patch_token checkpoints are not supported")
     model = DuetLlavaForCausalLM(config, language_model=language_model, vision_model=vision_model)
     model.projector.load_state_dict(projector_state)
-    return model.to(dtype)
+    return cast_model(model, dtype)
 
 
 _ORIGINAL_ONLY_KEYS = {

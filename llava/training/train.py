@@ -29,6 +29,7 @@ from llava.training.metrics import (
     configure_wandb_env,
 )
 from llava.training.model_setup import PROJECTOR_FILENAME, configure_trainable, save_projector
+from llava.training.precision_guard import BufferPrecisionCallback
 from llava.training.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava.training")
@@ -96,7 +97,11 @@ def train(argv: list[str] | None = None) -> Path:
         train_dataset=dataset,
         data_collator=DataCollatorForSupervisedDataset(processors.tokenizer),
         processing_class=processors.tokenizer,
-        callbacks=[CheckpointCompletionCallback(run_config, keep_last), RunConfigCallback(run_config)],
+        callbacks=[
+            CheckpointCompletionCallback(run_config, keep_last),
+            RunConfigCallback(run_config),
+            BufferPrecisionCallback(),
+        ],
         group_by_modality_length=data_args.group_by_modality_length,
         metrics=metrics,
         processors=processors,

@@ -125,7 +125,8 @@ finalize_settings() {
         PRECISION="${PRECISION:-bf16}"
         NUM_GPUS="${NUM_GPUS:-$gpus}"
     else
-        # No GPU: DeepSpeed runs CPU ranks; bf16 would need a CPU that supports it, so use fp32.
+        # No GPU: DeepSpeed runs CPU ranks, in fp32 unless PRECISION says otherwise (bf16 runs on CPUs
+        # that support it, with --use_cpu so the Trainer accepts it; it checks the GPU-path numerics).
         # (llava.training.train sets up a gloo process group so the Trainer counts every CPU rank.)
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
         PRECISION="${PRECISION:-fp32}"
@@ -137,6 +138,9 @@ finalize_settings() {
         fp32) PRECISION_ARGS=() ;;
         *) die "PRECISION must be bf16, fp16 or fp32, got '$PRECISION'" ;;
     esac
+    if [[ "$gpus" -eq 0 && "$PRECISION" != fp32 ]]; then
+        PRECISION_ARGS+=(--use_cpu True)
+    fi
 
     local world=$((NUM_GPUS * $(count_nodes)))
     if [[ -z "${GRAD_ACCUM:-}" ]]; then
