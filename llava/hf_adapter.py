@@ -428,21 +428,24 @@ unpadding), so it has fixed shapes and can be captured in a CUDA graph."""
 
 
 def decode_step_mask(config: PreTrainedConfig, attendable: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The 4D mask of a one-token decode step over a preallocated cache, in the format the kernel expects.
+    """The 4D mask of a one-token decode step over a preallocated cache, in the form the kernel uses as is.
 
     ``attendable`` ``[B, capacity]`` bool marks the cache columns the new token may see (its row's real
-    prompt tokens, earlier generated tokens and itself); unwritten columns stay False. SDPA takes the
-    bool mask, eager attention an additive float mask (0 or the dtype's minimum).
+    prompt tokens, earlier generated tokens and itself); unwritten columns stay False. Both kernels get an
+    additive ``[B, 1, 1, capacity]`` mask in the compute ``dtype`` (0 where attendable): SDPA with ``-inf``
+    elsewhere, exactly what it would make of a bool mask itself in every layer (``where`` kernels per
+    call), eager attention with the dtype's minimum, as transformers' eager masks. Built once per stage
+    and step, shared by the stage's layers: two kernels, no host data.
     """
     kernel = attn_implementation_of(config)
+    if kernel not in STATIC_DECODE_KERNELS:
+        raise ValueError(
+            f"static-cache decoding supports the {' and '.join(STATIC_DECODE_KERNELS)} attention kernels, "
+            f"not {kernel!r}"
+        )
+    blocked = float("-inf") if kernel == "sdpa" else torch.finfo(dtype).min
     mask = attendable[:, None, None, :]
-    if kernel == "sdpa":
-        return mask
-    if kernel == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(
-        f"static-cache decoding supports the {' and '.join(STATIC_DECODE_KERNELS)} attention kernels, not {kernel!r}"
-    )
+    return torch.full(mask.shape, blocked, dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
 
 
 def _mrope_section(config: PreTrainedConfig) -> list[int] | None:

@@ -1,4 +1,5 @@
-"""The compressed prefill and the static decode step copy nothing from the host to the device."""
+"""The compressed prefill and the static decode step copy nothing from the host to the device; a decode step
+computes its rotary tables once and hands every layer the mask its attention kernel uses as is."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch.overrides import TorchFunctionMode
 
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from llava.hf_adapter import set_attn_implementation
+from llava.hf_adapter import decode_step_mask, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
+from llava.model.decoder import decoder_of
 from llava.model.fast_generation import FastDecoder
 from llava.model.merge import matches_any
 from llava.model.modeling import DuetLlavaForCausalLM
@@ -181,6 +183,66 @@ def test_static_decode_step_copies_nothing_from_the_host():
     decoder, runner = fast_decoder_after_generation(build(THREE_BOUNDARIES))
     events = host_to_device_copies(lambda: decoder.step(runner))
     assert events == [], describe(events)
+
+
+@pytest.mark.parametrize("position_mode", ["keep", "compact"])
+def test_rotary_embedding_runs_once_per_decode_step(position_mode):
+    t2v = THREE_BOUNDARIES
+    model = build(T2VConfig(t2v.boundaries, t2v.keep_ratios, t2v.query, position_mode))
+    decoder, runner = fast_decoder_after_generation(model)
+    calls = []
+    rotary = decoder_of(model.language_model).rotary_emb
+    handle = rotary.register_forward_hook(lambda module, args, output: calls.append(output[0].shape))
+    try:
+        with torch.no_grad():
+            decoder.step(runner)
+            decoder.step(runner)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # four stages, one call per step
+    assert calls[0][-2] == len(model.stage_plan.stage_starts())  # one column per stage
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_each_stage_builds_one_additive_mask_in_the_compute_dtype(attn):
+    model = build(THREE_BOUNDARIES, attn=attn)
+    decoder, runner = fast_decoder_after_generation(model)
+    masks = []
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+        )
+        for layer in decoder_of(model.language_model).layers
+    ]
+    try:
+        with torch.no_grad():
+            decoder.step(runner)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages = len(model.stage_plan.stage_starts())
+    assert len({id(mask) for mask in masks}) == stages  # one per stage (a layer per stage here)
+    assert all(mask.dtype == torch.float32 and mask.shape[1:3] == (1, 1) for mask in masks)
+    blocked = float("-inf") if attn == "sdpa" else torch.finfo(torch.float32).min
+    for stage, mask in enumerate(masks):
+        attendable = runner.state.attendable[stage]
+        assert torch.equal(mask[:, 0, 0] == 0, attendable) and (mask[:, 0, 0][~attendable] == blocked).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_gives_the_additive_mask_the_result_of_the_bool_mask(dtype):
+    """The decode step used to pass the bool mask, which SDPA turned into this additive one in every layer:
+    the results are identical, in fp32 and bf16."""
+    torch.manual_seed(0)
+    query = torch.randn(3, 4, 1, 16, dtype=dtype)
+    key, value = torch.randn(2, 3, 4, 128, 16, dtype=dtype)
+    attendable = torch.rand(3, 128) < 0.4
+    attendable[:, 0] = True
+    additive = decode_step_mask(tiny_text_config(), attendable, dtype)
+    assert additive.dtype == dtype
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    expected = sdpa(query, key, value, attn_mask=attendable[:, None, None, :], scale=0.25)
+    assert torch.equal(sdpa(query, key, value, attn_mask=additive, scale=0.25), expected)
 
 
 def test_matches_any():

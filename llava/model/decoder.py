@@ -317,15 +317,19 @@ def run_static_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: Sta
 
     Fixed shapes, no host synchronisation and no data-dependent control flow, so a CUDA graph can
     capture it. ``cache`` is the :class:`~llava.model.static_cache.StaticStageCache` in decoding mode,
-    reading ``state.write_columns``.
+    reading ``state.write_columns``. Per step the rotary tables are computed once for every stage's
+    position (one call; in ``keep`` mode the stages share one position, in ``compact`` mode each stage
+    reads its own column) and each stage's mask once, in the form its layers' kernel uses as is.
     """
     num_layers = len(decoder.layers)
+    # [B, stages] positions -> tables [..., B, stages, head_dim]; stage s takes column s (a view).
+    cos, sin = rotary_tables(decoder, hidden, state.positions.t())
     for stage, start in enumerate(state.stage_starts):
         end = state.stage_starts[stage + 1] if stage + 1 < len(state.stage_starts) else num_layers
         attendable = state.attendable[stage]
         attendable.index_fill_(1, state.write_columns[stage : stage + 1], True)
         positions = state.positions[stage].unsqueeze(1)
-        position_embeddings = rotary_tables(decoder, hidden, positions)
+        position_embeddings = (cos[..., stage : stage + 1, :], sin[..., stage : stage + 1, :])
         mask = decode_step_mask(decoder.config, attendable, hidden.dtype)
         hidden = _run_layers(list(decoder.layers[start:end]), hidden, mask, positions, position_embeddings, cache, True)
     state.positions.add_(1)
