@@ -364,6 +364,7 @@ class FakeCuda:
         class Stream:
             def __init__(self, name: str = "side stream") -> None:
                 self.name = name
+                self.device = "cuda:0"
 
             def __repr__(self) -> str:
                 return self.name

@@ -132,14 +132,14 @@ class CudaGraphCapture:
     """
 
     def __init__(self) -> None:
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[Any, torch.cuda.Stream] = {}  # one side stream per device, reused by every capture
 
     def __call__(self, warm_up: Callable[[], None], step: Callable[[], None]) -> CapturedStep:
         """Warm up and capture on the side stream; the caller's stream is current again on return or raise."""
         caller = torch.cuda.current_stream()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        side = self._stream
+        side = self._streams.get(caller.device)
+        if side is None:
+            side = self._streams[caller.device] = torch.cuda.Stream()
         side.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.set_stream(side)
