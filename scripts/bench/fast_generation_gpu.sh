@@ -35,7 +35,7 @@ VIDEO_PRESETS=none,duet_video_53,duet_video_93
 if [[ "$VIDEO_SHAPE" == tiny-video ]]; then
     VIDEO_PRESETS=none
 fi
-count() { local IFS=,; set -- $1; echo $#; }
+count() { local items; IFS=, read -ra items <<< "$1"; echo "${#items[@]}"; }  # entries of a comma list
 printf 'command\tseconds\tgenerate_calls\n' > "$OUT_DIR/timings.tsv"
 STARTED=$SECONDS
 
