@@ -112,3 +112,22 @@ def test_non_lora_dir_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "config.json").write_text("{}")
     assert merge_cli.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_bf16_merge_keeps_rope_in_fp32_and_saves_bf16_weights(lora_run: Path, tmp_path: Path) -> None:
+    """A bf16 run's merge rebuilds its base in bf16: weights in bf16, the RoPE frequencies still float32 (a
+    blanket cast would round them), and the saved checkpoint loads back the same way."""
+    run_config = json.loads((lora_run / "run_config.json").read_text())
+    run_config["bf16"] = True
+    config_path = tmp_path / "run_config.json"
+    config_path.write_text(json.dumps(run_config))
+    model, *_ = load_lora_model(lora_run / "checkpoint-2", run_config_path=config_path)
+    merged = model.merge_and_unload()
+    rope = {name: buffer.dtype for name, buffer in merged.named_buffers() if name.endswith("inv_freq")}
+    assert rope and set(rope.values()) == {torch.float32}
+    assert merged.projector[0].weight.dtype == torch.bfloat16
+    out = merge_lora_checkpoint(lora_run / "checkpoint-2", tmp_path / "merged", run_config_path=config_path)
+    loaded = load_pretrained_model(out, dtype=torch.bfloat16)
+    assert {buffer.dtype for name, buffer in loaded.named_buffers() if name.endswith("inv_freq")} == {torch.float32}
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor("projector.0.weight").dtype == torch.bfloat16
