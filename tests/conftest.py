@@ -52,22 +52,28 @@ IMAGE = 150  # the tiny Qwen2.5-VL's image placeholder id
 PATCH_FEATURES = 3 * 2 * 14 * 14  # Qwen2.5-VL patch: channels x temporal patch x patch x patch
 
 
-def tiny_qwen() -> Qwen2_5_VLForConditionalGeneration:
-    """A random Qwen2.5-VL: 2-block vision transformer (window + full attention), 4-layer Qwen2 decoder."""
+def tiny_qwen_config(text: dict | None = None, vision: dict | None = None) -> Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL config (SDPA everywhere); ``text``/``vision`` override fields of the two parts."""
     config = Qwen2_5_VLConfig(
         text_config=dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=160, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        ),
+        ) | (text or {}),
         vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-        ),
+        ) | (vision or {}),
         image_token_id=IMAGE, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
     )  # fmt: skip
     for part in (config, config.text_config, config.vision_config):
         part._attn_implementation = "sdpa"
+    return config
+
+
+def tiny_qwen() -> Qwen2_5_VLForConditionalGeneration:
+    """A random Qwen2.5-VL: 2-block vision transformer (window + full attention), 4-layer Qwen2 decoder."""
+    config = tiny_qwen_config()
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 

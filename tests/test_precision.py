@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
@@ -27,7 +26,7 @@ from llava.hf_adapter import set_attn_implementation
 from llava.inference_qwen import load_qwen_vl
 from llava.model.loading import load_pretrained_model
 from llava.model.precision import cast_model, check_buffer_precision, reduced_precision_buffers
-from tests.conftest import IMAGE, PATCH_FEATURES, tiny_text_config, tiny_vision_config
+from tests.conftest import IMAGE, PATCH_FEATURES, tiny_qwen_config, tiny_text_config, tiny_vision_config
 
 BF16 = torch.bfloat16
 TEXT_TOKENS = 660  # after one image (16 tokens) and a video: positions up to ~710, like a LLaVA-1.5 prompt
@@ -169,19 +168,8 @@ def test_video_llava_loads_in_bf16_with_fp32_rope_and_matches_transformers_past_
 
 def wide_head_qwen(out):
     """A random Qwen2.5-VL with Qwen2.5-VL-7B's M-RoPE geometry (head size 128, sections 16/24/24), saved."""
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            **WIDE_HEAD, vocab_size=160, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 10000.0},
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=128, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-        ),
-        image_token_id=IMAGE, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
-    )  # fmt: skip
-    for part in (config, config.text_config, config.vision_config):
-        set_attn_implementation(part, "sdpa")
+    mrope = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 10000.0}
+    config = tiny_qwen_config(text={**WIDE_HEAD, "rope_parameters": mrope}, vision={"out_hidden_size": 128})
     torch.manual_seed(0)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(out)
 
