@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from llava.bench.decode_profile import count_step
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llava.hf_adapter import decode_step_mask, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
-from llava.model.decoder import decoder_of
+from llava.model.decoder import CompiledDecodeStep, decoder_of, run_static_decoder_step
 from llava.model.fast_generation import FastDecoder
 from llava.model.merge import matches_any
 from llava.model.modeling import DuetLlavaForCausalLM
@@ -243,6 +244,46 @@ def test_sdpa_gives_the_additive_mask_the_result_of_the_bool_mask(dtype):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     expected = sdpa(query, key, value, attn_mask=attendable[:, None, None, :], scale=0.25)
     assert torch.equal(sdpa(query, key, value, attn_mask=additive, scale=0.25), expected)
+
+
+def test_compiled_decode_step_traces_as_one_graph_and_matches_the_eager_step():
+    """The opt-in compiled step (here with the ``aot_eager`` backend: the same tracing and functionalisation as
+    inductor, without code generation) captures the step as one graph and advances the state as the eager step."""
+    model = build(THREE_BOUNDARIES)
+    decoder, runner = fast_decoder_after_generation(model)
+    language_decoder = decoder_of(model.language_model)
+    compiled = CompiledDecodeStep(language_decoder, backend="aot_eager")
+    saved = runner.state.snapshot()
+    embeds = model.get_input_embeddings()(runner.tokens.unsqueeze(1))
+    runs = {}
+    with torch.no_grad():
+        for name, step in (
+            ("eager", lambda *args: run_static_decoder_step(language_decoder, *args)),
+            ("compiled", compiled),
+        ):
+            runner.state.restore(saved)
+            hidden = [step(embeds, runner.state, decoder.cache) for _ in range(2)]
+            runs[name] = (hidden, runner.state.snapshot())
+    for expected, got in zip(runs["eager"][0], runs["compiled"][0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for expected, got in zip(runs["eager"][1], runs["compiled"][1], strict=True):
+        assert torch.equal(got, expected)
+    assert len(compiled.compiled_shapes) == 1 and compiled.compile_time_s > 0
+
+
+def test_decode_profile_counts_the_launches_of_each_region():
+    """fp32 (no casts): RMSNorm is six kernels per call (two per layer and the final one), the rotary tables
+    are computed once per step, each of the four stages builds its mask with two kernels."""
+    model = build(THREE_BOUNDARIES)
+    decoder, runner = fast_decoder_after_generation(model)
+    saved = runner.state.snapshot()
+    regions = {name: entry["launch_ops"] for name, entry in count_step(decoder, runner, 2, torch.device("cpu")).items()}
+    layers = len(decoder_of(model.language_model).layers)
+    assert regions["rmsnorm"] == 6 * (2 * layers + 1)
+    assert regions["mask"] == 2 * 4
+    assert regions["embed"] == regions["lm_head"] == 1
+    assert set(regions) == {"embed", "rotary", "mask", "rmsnorm", "attention", "mlp", "residual", "lm_head", "other"}
+    assert all(torch.equal(now, before) for now, before in zip(runner.state.snapshot(), saved, strict=True))
 
 
 def test_matches_any():

@@ -166,6 +166,16 @@ def write_outputs(rows: list[dict[str, Any]], out: str) -> str:
     return report.write_markdown(rows, columns, md_path, title, NOTES)
 
 
+def add_runtime_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options the profilers share: output file, dtype, device, attention kernel, threads, seed."""
+    parser.add_argument("--out", default=out, help="FILE.json; FILE.md too")
+    parser.add_argument("--dtype", choices=sorted(report.DTYPES), default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -174,12 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=lambda text: report.parse_list(text, int), default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="runs/bench/prefill_profile.json", help="FILE.json; FILE.md too")
-    parser.add_argument("--dtype", choices=sorted(report.DTYPES), default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--attn-implementation", default=None)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_runtime_options(parser, out="runs/bench/prefill_profile.json")
     args = parser.parse_args(argv)
     if args.repeats < 1 or not args.batch_sizes or any(size < 1 for size in args.batch_sizes):
         parser.error("--repeats and every batch size must be >= 1")
