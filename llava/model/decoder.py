@@ -342,9 +342,10 @@ def run_static_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: Sta
 
 
 class CompiledDecodeStep:
-    """Opt-in: :func:`run_static_decoder_step` for one decoder, compiled with ``torch.compile`` (one graph, no
-    breaks), so elementwise kernels fuse (RMSNorm's eight, RoPE's five per tensor) inside the caller's own CUDA
-    graph capture, which the compiled step leaves to the caller (no ``reduce-overhead`` graphs of its own).
+    """Opt-in: :func:`run_static_decoder_step` for one decoder under ``torch.compile`` (one graph, no breaks), so
+    its elementwise kernels fuse (RMSNorm's eight, RoPE's five per tensor): about 450 launches per LLaVA-7B step
+    instead of about 1,300. It makes no CUDA graphs of its own (no ``reduce-overhead``): the caller captures it in
+    its own graph, as it captures the eager step.
 
     Called like the eager step without the decoder: ``step(hidden, state, cache)``. Each new shape (batch,
     per-stage capacities, dtype) compiles once, at its first call (run that call before a capture, as the
