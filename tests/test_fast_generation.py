@@ -317,6 +317,19 @@ def test_a_captured_step_replays_to_the_eager_loops_tokens():
     assert decoder.captures == 1 and decoder.graph_replays == 10  # the shape's graph is reused
 
 
+def test_a_compiled_decode_step_captured_like_the_eager_one_gives_the_eager_loops_tokens():
+    """The opt-in compiled step (``aot_eager`` here: dynamo's tracing without code generation) is compiled in
+    the warm-up, captured, replayed; tokens equal the eager loop's and its compile time is reported."""
+    model = build("duet")
+    ids, mask, pixels = mixed_batch()
+    options = dict(max_new_tokens=6, eos_token_id=[])
+    decoder = FastDecoder(model, use_cuda_graph=True, capture=EagerCapture(), compile_step={"backend": "aot_eager"})
+    fast = model.generate(ids, mask, pixels, fast=True, fast_decoder=decoder, **options)
+    assert torch.equal(fast, model.generate(ids, mask, pixels, fast=False, **options))
+    assert decoder.captures == 1 and decoder.graph_replays == 5 and decoder.compile_time_s > 0
+    assert FastDecoder(model).compile_time_s == 0.0
+
+
 def test_a_failed_capture_leaves_only_that_shape_on_eager_steps(caplog):
     model = build("duet")
     options = dict(max_new_tokens=4, eos_token_id=[])

@@ -55,9 +55,12 @@ logger = logging.getLogger(__name__)
 NEVER_EMITTED_TOKEN = -1
 """EOS id for the benchmark: argmax never returns a negative id, so every sample runs to ``--new-tokens``."""
 
-DECODE_PATHS = ("eager", "fast")
+DECODE_PATHS = ("eager", "fast", "compiled")
 """``eager``: the reference decode loop (growing cache, one Python pass per token); ``fast``: static
-per-stage caches with a CUDA-graph decode step (:mod:`llava.model.fast_generation`; no graph on CPU)."""
+per-stage caches with a CUDA-graph decode step (:mod:`llava.model.fast_generation`; no graph on CPU);
+``compiled``: ``fast`` with the decode step under ``torch.compile`` (fused kernels inside the same graph;
+opt-in, each shape compiles once in the untimed warm-up)."""
+GRAPH_PATHS = ("fast", "compiled")
 
 TABLE_COLUMNS = (
     ("preset", "preset"),
@@ -74,6 +77,7 @@ TABLE_COLUMNS = (
     ("decode_speedup_vs_none", "decode speed-up"),
     ("decode_speedup_vs_eager", "decode vs eager"),
     ("capture_s", "capture s"),
+    ("compile_s", "compile s"),
     ("graph", "graph"),
     ("captures", "captures"),
     ("capture_failures", "capture failures"),
@@ -136,6 +140,7 @@ class CaseRecord:
     path: str = "eager"
     samples: list[GenerateSample] = field(default_factory=list)
     capture_s: float = 0.0
+    compile_s: float = 0.0  # torch.compile time of the compiled path's decode step (warm-up calls)
     captures: int = 0  # graphs captured for this case (warm-up and timed calls)
     capture_failures: int = 0
     graph_replays: int = 0  # decode steps of the timed calls replayed from a graph ...
@@ -240,7 +245,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
     # One fast decoder per preset: its buffers and CUDA graphs are captured once (in the warm-up) and
     # reused by every timed call, as in a long evaluation run.
-    fast_decoders: dict[str, FastDecoder] = {}
+    fast_decoders: dict[tuple[str, str], FastDecoder] = {}
 
     def measure(case: CaseRecord, timed: bool) -> GenerateSample:
         if case.hf_baseline:
@@ -248,13 +253,16 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         model.set_compression(case.config)
         if case.path == "eager":
             return run_generate(model, case.prompts, args.new_tokens, pad_token_id)
-        decoder = fast_decoders.setdefault(case.label, FastDecoder(model))
+        decoder = fast_decoders.get((case.label, case.path))
+        if decoder is None:
+            decoder = fast_decoders[(case.label, case.path)] = FastDecoder(model, compile_step=case.path == "compiled")
         before = fast_counters(decoder)
         sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id, fast_decoder=decoder)
-        capture_s, captures, failures, replays, eager_steps = (
+        capture_s, compile_s, captures, failures, replays, eager_steps = (
             after - earlier for after, earlier in zip(fast_counters(decoder), before, strict=True)
         )
         case.capture_s += capture_s
+        case.compile_s += compile_s
         case.captures += captures
         case.capture_failures += failures
         if timed:
@@ -264,7 +272,7 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     for case in cases:
         # A fast case's first call captures its CUDA graphs: at least one untimed call keeps that out of the rows.
-        for _ in range(max(args.warmup, 1 if case.path == "fast" else 0)):
+        for _ in range(max(args.warmup, 1 if case.path in GRAPH_PATHS else 0)):
             measure(case, timed=False)
     memory = report.PeakMemory(device)
     for number, case in report.round_robin(cases, args.repeats):
@@ -281,10 +289,12 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     return build_rows(cases, shape, args, machine, memory.kind, memory.exact_window)
 
 
-def fast_counters(decoder: FastDecoder) -> tuple[float, int, int, int, int]:
-    """Capture seconds, captures, capture failures, replayed and eager decode steps of ``decoder`` so far."""
+def fast_counters(decoder: FastDecoder) -> tuple[float, float, int, int, int, int]:
+    """Capture and compile seconds, captures, capture failures, replayed and eager decode steps of ``decoder``
+    so far."""
     return (
         decoder.capture_time_s,
+        decoder.compile_time_s,
         decoder.captures,
         decoder.capture_failures,
         decoder.graph_replays,
@@ -359,8 +369,9 @@ def build_rows(
                 else None,
                 "capture_s": case.capture_s,
                 "graph": graph_use(case),
-                "captures": case.captures if case.path == "fast" else None,
-                "capture_failures": case.capture_failures if case.path == "fast" else None,
+                "compile_s": case.compile_s if case.path == "compiled" else None,
+                "captures": case.captures if case.path in GRAPH_PATHS else None,
+                "capture_failures": case.capture_failures if case.path in GRAPH_PATHS else None,
                 "compression_share": report.ratio(compression_s, ttft),
                 "peak_mem_mb": case.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
@@ -382,7 +393,9 @@ NOTES = (
     "KV caches, a decode step with no host synchronisation, captured as a CUDA graph on CUDA (not on CPU). Ratios "
     "vs none compare rows of the same path; decode vs eager = fast tok/s / eager tok/s of the same preset and batch.",
     "capture s = one-time CUDA graph capture (warm-up steps + capture) of the fast path, paid in the untimed "
-    "warm-up calls and excluded from the timed rows.",
+    "warm-up calls and excluded from the timed rows; compile s = torch.compile time of the compiled path's decode "
+    "step (first call of each shape, in the untimed calls; part of capture s where graphs are captured; '-' on "
+    "other paths).",
     "graph = whether the timed decode steps replayed a CUDA graph (yes: all, partial: some, no: none, e.g. on CPU "
     "or after a failed capture); captures / capture failures = graph captures of the case (warm-up and timed "
     "calls) and captures that fell back to eager steps; '-' on the eager and HF rows.",
@@ -437,9 +450,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decode-paths",
         type=report.parse_list,
-        default=list(DECODE_PATHS),
-        help="comma-separated decode loops to time: eager (reference), fast (static caches + CUDA graphs); "
-        "default both",
+        default=["eager", "fast"],
+        help="comma-separated decode loops to time: eager (reference), fast (static caches + CUDA graphs), "
+        "compiled (fast with a torch.compile'd decode step; opt-in); default eager,fast",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)

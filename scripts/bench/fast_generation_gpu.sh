@@ -14,6 +14,7 @@
 #   bash scripts/bench/fast_generation_gpu.sh                 # OUT_DIR=runs/bench/fast-generation
 #   OUT_DIR=$OUT NEW_TOKENS=128 REPEATS=5 bash scripts/bench/fast_generation_gpu.sh   # the issue-14 setting (~10 min)
 #   SMOKE=1 OUT_DIR=/tmp/fgsmoke bash scripts/bench/fast_generation_gpu.sh   # tiny shapes on CPU: the script runs
+#   DECODE_PATHS=eager,fast,compiled bash ...   # also the torch.compile'd decode step (compiles once per shape)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -48,17 +49,19 @@ run() {  # run NAME CALLS COMMAND...: logs the command, times it, records it in 
     echo "[$name: $((SECONDS - began)) s, $calls generate calls; $((SECONDS - STARTED)) s so far]" >&2
 }
 
-# generate calls = presets x batch sizes x 2 decode paths x (1 untimed + REPEATS timed)
-IMAGE_CALLS=$(( $(count "$IMAGE_PRESETS") * 2 * 2 * (1 + REPEATS) ))
-VIDEO_CALLS=$(( $(count "$VIDEO_PRESETS") * 2 * 2 * (1 + REPEATS) ))
+DECODE_PATHS="${DECODE_PATHS:-eager,fast}"
+# generate calls = presets x batch sizes x decode paths x (1 untimed + REPEATS timed)
+PATH_COUNT=$(count "$DECODE_PATHS")
+IMAGE_CALLS=$(( $(count "$IMAGE_PRESETS") * 2 * PATH_COUNT * (1 + REPEATS) ))
+VIDEO_CALLS=$(( $(count "$VIDEO_PRESETS") * 2 * PATH_COUNT * (1 + REPEATS) ))
 echo "plan: $IMAGE_SHAPE $IMAGE_CALLS calls, $VIDEO_SHAPE $VIDEO_CALLS calls, $NEW_TOKENS new tokens each; out: $OUT_DIR" >&2
 
 run "$IMAGE_SHAPE-infer" "$IMAGE_CALLS" "$PYTHON" -m llava.bench.infer_speed --shape "$IMAGE_SHAPE" \
     --presets "$IMAGE_PRESETS" --batch-sizes 1,8 --prompt-tokens 64 --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" \
-    --decode-paths eager,fast "${COMMON[@]}" --out "$OUT_DIR/$IMAGE_SHAPE-infer.json"
+    --decode-paths "$DECODE_PATHS" "${COMMON[@]}" --out "$OUT_DIR/$IMAGE_SHAPE-infer.json"
 run "$VIDEO_SHAPE-infer" "$VIDEO_CALLS" "$PYTHON" -m llava.bench.infer_speed --shape "$VIDEO_SHAPE" \
     --presets "$VIDEO_PRESETS" --batch-sizes 1,4 --prompt-tokens 64 --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" \
-    --decode-paths eager,fast "${COMMON[@]}" --out "$OUT_DIR/$VIDEO_SHAPE-infer.json"
+    --decode-paths "$DECODE_PATHS" "${COMMON[@]}" --out "$OUT_DIR/$VIDEO_SHAPE-infer.json"
 run "$IMAGE_SHAPE-prefill-profile" 0 "$PYTHON" -m llava.bench.prefill_profile --shape "$IMAGE_SHAPE" \
     --batch-sizes 1,8 --repeats 3 "${COMMON[@]}" --out "$OUT_DIR/$IMAGE_SHAPE-prefill-profile.json"
 echo "done in $((SECONDS - STARTED)) s; results in $OUT_DIR" >&2
