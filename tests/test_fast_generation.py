@@ -608,3 +608,34 @@ def test_graph_use_of_a_benchmark_case():
     assert graph_use(case) == "yes"
     case.eager_steps = 2
     assert graph_use(case) == "partial"
+
+
+def test_a_decode_state_refuses_a_prefill_of_another_batch_size():
+    """A ``[1, L]`` prompt mask would silently broadcast over every row of a bigger state."""
+    from llava.model.decoder import DecodeState, StaticDecodeState
+
+    state = StaticDecodeState(
+        stage_starts=(0,),
+        attendable=[torch.zeros(2, 16, dtype=torch.bool)],
+        positions=torch.zeros(1, 2, dtype=torch.long),
+        write_columns=torch.zeros(1, dtype=torch.long),
+    )
+    prefill_state = DecodeState((0,), [torch.ones(1, 5, dtype=torch.long)], [torch.tensor([5])])
+    with pytest.raises(ValueError, match=r"stage 0: a prefill of 1 rows x 5 tokens does not fit .* 2 rows"):
+        state.load(prefill_state)
+    too_long = DecodeState((0,), [torch.ones(2, 17, dtype=torch.long)], [torch.tensor([17, 17])])
+    with pytest.raises(ValueError, match="2 rows x 17 tokens"):
+        state.load(too_long)
+
+
+def test_a_call_without_a_held_decoder_captures_only_when_the_answer_is_long_enough(monkeypatch):
+    """Its graphs die with the call: a short answer would pay the capture and not win it back."""
+    from llava.model import generation
+
+    model = build("none")
+    made = []
+    monkeypatch.setattr(generation, "FastDecoder", lambda model, **options: made.append(options) or FastDecoder(model))
+    ids, mask, pixels = mixed_batch()
+    for new_tokens in (4, generation.ONE_OFF_GRAPH_MIN_TOKENS):
+        model.generate(ids, mask, pixels, fast=True, max_new_tokens=new_tokens, eos_token_id=[])
+    assert made == [{"use_cuda_graph": False}, {"use_cuda_graph": None}]

@@ -301,6 +301,13 @@ class StaticDecodeState:
     def load(self, state: DecodeState) -> None:
         """Start from a prefill's state: its masks, next positions and lengths (device ops, no sync)."""
         for stage, prompt_mask in enumerate(state.attention_masks):
+            rows, columns = self.attendable[stage].shape
+            if prompt_mask.shape[0] != rows or prompt_mask.shape[1] > columns:
+                raise ValueError(
+                    f"stage {stage}: a prefill of {prompt_mask.shape[0]} rows x {prompt_mask.shape[1]} tokens does "
+                    f"not fit a decode state of {rows} rows x {columns} cache columns (a [1, L] mask would be "
+                    "broadcast over every row)"
+                )
             self.attendable[stage].zero_()
             self.attendable[stage][:, : prompt_mask.shape[1]].copy_(prompt_mask.bool())
             self.write_columns[stage].fill_(prompt_mask.shape[1])

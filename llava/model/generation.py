@@ -81,6 +81,18 @@ def pick_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+ONE_OFF_GRAPH_MIN_TOKENS = 32
+"""New tokens from which a call without a caller-held :class:`FastDecoder` still captures a CUDA graph: capture
+costs about three decode steps, which a shorter answer does not win back within the call."""
+
+
+def _one_off_decoder(model: DuetLlavaForCausalLM, max_new_tokens: int) -> FastDecoder:
+    """A decoder for one call, when the caller holds none (graphs die with it; pipelines and the evaluation
+    runner hold one, so their graphs are captured once per shape)."""
+    logger.debug("fast decoding without a caller-held FastDecoder: buffers and graphs last for this call only")
+    return FastDecoder(model, use_cuda_graph=None if max_new_tokens >= ONE_OFF_GRAPH_MIN_TOKENS else False)
+
+
 def greedy_or_sample(
     model: DuetLlavaForCausalLM,
     input_ids: torch.Tensor,
@@ -113,7 +125,7 @@ def greedy_or_sample(
     batch = input_ids.shape[0]
     device = input_ids.device
     if use_fast_path(model, input_ids.device, use_cache, fast, fast_decoder):
-        decoder = fast_decoder if fast_decoder is not None else FastDecoder(model)
+        decoder = fast_decoder if fast_decoder is not None else _one_off_decoder(model, max_new_tokens)
         return decoder.generate(
             input_ids,
             attention_mask,
