@@ -19,6 +19,11 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
 """LLaVA-1.5's suffix for multiple choice (ScienceQA, MMBench, SEED-Bench)."""
 
+PROTOCOLS = ("official", "strict")
+"""How answers are read when scoring. ``official`` (the default) reproduces the published scoring script of
+each benchmark, quirks included, so numbers compare with published tables; ``strict`` is this project's
+cleaner parsing. Benchmarks whose scoring has a single form accept both and score them alike."""
+
 
 class EvalDataError(ValueError):
     """A benchmark file is missing or malformed; the message names the file (and question id)."""
@@ -81,10 +86,29 @@ class Benchmark(Protocol):
         :class:`EvalDataError` naming the file and question id on bad input; never reads outside ``root``."""
         ...
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Score ``predictions`` (question id -> generated text) with the official metric. Questions
-        without a prediction are not scored (``num_scored`` says how many were)."""
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Score ``predictions`` (question id -> generated text) under ``protocol`` (one of
+        :data:`PROTOCOLS`, ``ValueError`` otherwise; recorded as ``metrics["protocol"]``). Questions
+        without a prediction are not scored (``num_scored`` says how many were).
+
+        A benchmark may also have ``export_official(items, predictions, out_dir) -> list[Path]``, which
+        writes the answers in the format its official scoring script or server reads and returns the files.
+        """
         ...
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` when it is one of :data:`PROTOCOLS`, else ``ValueError`` naming the choices."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown scoring protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def with_protocol(score: Score, protocol: str) -> Score:
+    """``score`` with ``metrics["protocol"]`` set, for benchmarks whose scoring is the same under every
+    protocol (the result file still says which one was asked for)."""
+    score.metrics["protocol"] = check_protocol(protocol)
+    return score
 
 
 def read_json(path: Path) -> Any:
