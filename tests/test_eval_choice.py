@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava.eval.base import OPTION_LETTER, EvalDataError
+from llava.eval.base import OPTION_LETTER, SHORT_ANSWER, EvalDataError
 from llava.eval.benchmarks.choice import parse_option_letter, parse_yes_no_mme, parse_yes_no_pope
 from llava.eval.benchmarks.mmbench import MMBench
-from llava.eval.benchmarks.mme import MME
-from llava.eval.benchmarks.pope import POPE, split_metrics
+from llava.eval.benchmarks.mme import MME, parse_calculation
+from llava.eval.benchmarks.pope import POPE, parse_eval_pope, split_metrics
 from llava.eval.benchmarks.seed import SEEDBench
 from llava.eval.benchmarks.sqa import ScienceQA
 
@@ -79,6 +79,8 @@ def test_pope_yes_no(text: str, expected: str) -> None:
 
 
 def make_mme(root: Path) -> None:
+    """MME in the real layout: LLaVA's questions end with the short-answer suffix; the ground-truth lines
+    with MME's " Please answer yes or no." (one with two spaces, as some real files have)."""
     release = root / "MME" / "MME_Benchmark_release_version"
     questions = []
     # "existence" uses the flat layout, "commonsense_reasoning" the images/ + questions_answers_YN/ one.
@@ -89,12 +91,13 @@ def make_mme(root: Path) -> None:
             truth = folder / "questions_answers_YN" / f"{stem}.txt" if nested else folder / f"{stem}.txt"
             write_image(image)
             truth.parent.mkdir(parents=True, exist_ok=True)
-            lines = [f"Is there a {stem} dog?{YN}\tYes", f"Is there a {stem} cat?{YN}\tNo"]
-            truth.write_text("\n".join(lines) + "\n")
-            for line in lines:
-                question = line.split("\t")[0]
+            asked = [f"Is there a {stem} dog?", f"Is there a {stem} cat?"]
+            spacing = " " if (subtask, stem) != ("existence", "b") else "  "
+            truth.write_text(f"{asked[0]}{YN}\tYes\n{asked[1]}{spacing}{YN.strip()}\tNo\n")
+            for question in asked:
                 name = f"{subtask}/{stem}.jpg"
-                questions.append({"question_id": name, "image": name, "text": question, "category": subtask})
+                text = question + SHORT_ANSWER
+                questions.append({"question_id": name, "image": name, "text": text, "category": subtask})
     write_jsonl(root / "MME" / "llava_mme.jsonl", questions)
 
 
@@ -104,9 +107,11 @@ def test_mme_load_and_score(tmp_path: Path) -> None:
     ids = [item.question_id for item in items]
     assert ids[:2] == ["existence/a.jpg#0", "existence/a.jpg#1"]
     assert len(set(ids)) == 8
-    assert items[0].reference["answer"] == "yes" and items[1].reference["answer"] == "no"
+    assert [item.reference["answer"] for item in items] == ["yes", "no"] * 4
+    # the double-space ground-truth line is found and kept verbatim for the export
+    assert items[3].reference["mme_question"] == "Is there a b cat?  Please answer yes or no."
     assert items[4].image.endswith("commonsense_reasoning/images/a.jpg")
-    assert items[0].prompt.endswith(YN) and items[0].max_new_tokens == 128
+    assert items[0].prompt == "Is there a a dog?" + SHORT_ANSWER and items[0].max_new_tokens == 128
 
     predictions = {
         # existence: a both right; b one wrong -> acc 75, acc+ 50, score 125
@@ -120,23 +125,105 @@ def test_mme_load_and_score(tmp_path: Path) -> None:
         "commonsense_reasoning/b.jpg#0": "Yes, it is",
         "commonsense_reasoning/b.jpg#1": "no, it is not",
     }
-    score = MME().score(items, predictions)
-    assert score.metrics["existence/acc"] == pytest.approx(75.0)
-    assert score.metrics["existence/acc+"] == pytest.approx(50.0)
-    assert score.metrics["existence/score"] == pytest.approx(125.0)
-    assert score.metrics["commonsense_reasoning/score"] == pytest.approx(200.0)
-    assert score.metrics["perception"] == pytest.approx(125.0)
-    assert score.metrics["cognition"] == pytest.approx(200.0)
-    assert score.metrics["total"] == pytest.approx(325.0)
-    assert score.score == pytest.approx(125.0)
-    assert score.complete
+    for protocol in ("official", "strict"):  # these answers read the same under both
+        score = MME().score(items, predictions, protocol=protocol)
+        assert score.metrics["protocol"] == protocol
+        assert score.metrics["existence/acc"] == pytest.approx(75.0)
+        assert score.metrics["existence/acc+"] == pytest.approx(50.0)
+        assert score.metrics["existence/score"] == pytest.approx(125.0)
+        assert score.metrics["commonsense_reasoning/score"] == pytest.approx(200.0)
+        assert score.metrics["perception"] == pytest.approx(125.0)
+        assert score.metrics["cognition"] == pytest.approx(200.0)
+        assert score.metrics["total"] == pytest.approx(325.0)
+        assert score.score == pytest.approx(125.0)
+        assert score.complete
+    assert MME().score(items, predictions).metrics["protocol"] == "official"
 
     # An unanswered question leaves its image out of acc+ and the item unscored.
     del predictions["existence/b.jpg#1"]
-    partial = MME().score(items, predictions)
-    assert partial.num_scored == 7 and not partial.complete
-    assert partial.metrics["existence/acc"] == pytest.approx(100.0)
-    assert partial.metrics["existence/acc+"] == pytest.approx(100.0)
+    for protocol in ("official", "strict"):
+        partial = MME().score(items, predictions, protocol=protocol)
+        assert partial.num_scored == 7 and not partial.complete
+        assert partial.metrics["existence/acc"] == pytest.approx(100.0)
+        assert partial.metrics["existence/acc+"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "official", "strict"),
+    [
+        ("Yes", "yes", "yes"),
+        ("No.", "no", "no"),
+        ("yes, there is", "yes", "yes"),
+        ("Not really", "no", "no"),
+        ("Maybe", "other", "other"),
+        # MME's calculation.py neither strips nor drops periods; lmms-eval (strict) does both
+        ("...No", "other", "no"),
+        ("  Yes", "other", "yes"),
+        ("Y.e.s.", "other", "yes"),
+        ("\nno", "no", "no"),
+    ],
+)
+def test_mme_answer_reading_per_protocol(text: str, official: str, strict: str) -> None:
+    assert parse_calculation(text) == official
+    assert parse_yes_no_mme(text) == strict
+
+
+def test_mme_protocols_differ_by_hand(tmp_path: Path) -> None:
+    make_mme(tmp_path)
+    items = MME().load(tmp_path, tmp_path / "cache")
+    answers = ["Yes", "...No", "  Yes", "No", "Yes", "No", "Yes", "No"]
+    predictions = {item.question_id: text for item, text in zip(items, answers, strict=True)}
+    # official: existence a: right, other -> 1/2; b: other, right -> 1/2; acc 2/4 = 50, acc+ 0 -> 50
+    official = MME().score(items, predictions, protocol="official")
+    assert official.metrics["existence/acc"] == pytest.approx(50.0)
+    assert official.metrics["existence/acc+"] == pytest.approx(0.0)
+    assert official.score == pytest.approx(50.0)
+    # strict reads "...No" as no and "  Yes" as yes: all four right -> 200
+    strict = MME().score(items, predictions, protocol="strict")
+    assert strict.score == pytest.approx(200.0)
+    assert official.metrics["cognition"] == strict.metrics["cognition"] == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="unknown scoring protocol 'lenient'"):
+        MME().score(items, predictions, protocol="lenient")
+
+
+def test_mme_official_acc_plus_pairs_consecutive_lines(tmp_path: Path) -> None:
+    # calculation.py pairs the lines of a subtask two by two in order; with a question file that
+    # interleaves two images, its pairs are (a#0, b#0) and (a#1, b#1), not one image each.
+    make_mme(tmp_path)
+    question_file = tmp_path / "MME" / "llava_mme.jsonl"
+    lines = question_file.read_text().splitlines()
+    question_file.write_text("\n".join([lines[0], lines[2], lines[1], lines[3], *lines[4:]]) + "\n")
+    items = MME().load(tmp_path, tmp_path / "cache")
+    assert [item.question_id for item in items[:4]] == [
+        "existence/a.jpg#0",
+        "existence/b.jpg#0",
+        "existence/a.jpg#1",
+        "existence/b.jpg#1",
+    ]
+    # a#0 right, b#0 right, a#1 wrong, b#1 right
+    answers = ["Yes", "Yes", "Yes", "No", "Yes", "No", "Yes", "No"]
+    predictions = {item.question_id: text for item, text in zip(items, answers, strict=True)}
+    official = MME().score(items, predictions, protocol="official")
+    strict = MME().score(items, predictions, protocol="strict")
+    # official pairs: (a#0, b#0) both right, (a#1, b#1) not -> acc+ 1/2; strict: image b only -> also 1/2
+    assert official.metrics["existence/acc"] == strict.metrics["existence/acc"] == pytest.approx(75.0)
+    assert official.metrics["existence/acc+"] == pytest.approx(50.0)
+    assert strict.metrics["existence/acc+"] == pytest.approx(50.0)
+    # a#1 right, b#1 wrong: official (a#0, b#0) right -> 1/2; strict: image a right, b wrong -> 1/2
+    predictions["existence/a.jpg#1"], predictions["existence/b.jpg#1"] = "No", "Yes"
+    assert MME().score(items, predictions, protocol="official").metrics["existence/acc+"] == pytest.approx(50.0)
+    assert MME().score(items, predictions, protocol="strict").metrics["existence/acc+"] == pytest.approx(50.0)
+    predictions["existence/a.jpg#1"] = "Yes"  # a#1 and b#1 wrong: official 1/2 (first pair), strict 0/2
+    assert MME().score(items, predictions, protocol="official").metrics["existence/acc+"] == pytest.approx(50.0)
+    assert MME().score(items, predictions, protocol="strict").metrics["existence/acc+"] == pytest.approx(0.0)
+
+
+def test_mme_question_without_ground_truth_line(tmp_path: Path) -> None:
+    make_mme(tmp_path)
+    truth = tmp_path / "MME" / "MME_Benchmark_release_version" / "existence" / "b.txt"
+    truth.write_text(f"Is there a b dog?{YN}\tYes\nIs there a b horse?{YN}\tNo\n")
+    with pytest.raises(EvalDataError, match=r"llava_mme\.jsonl:4: question existence/b\.jpg: no line of .*b\.txt"):
+        MME().load(tmp_path, tmp_path / "cache")
 
 
 def test_mme_missing_image_names_file_and_question(tmp_path: Path) -> None:
@@ -148,21 +235,37 @@ def test_mme_missing_image_names_file_and_question(tmp_path: Path) -> None:
 
 # --- POPE -----------------------------------------------------------------------------------------
 
+POPE_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
+"""LLaVA's llava_pope_test.jsonl numbers the splits from these offsets (+1); POPE's label files from 1."""
+
+
+def pope_question(position: int, split: str, label: str) -> tuple[str, str]:
+    """(image, bare question) of a split's question: two per image, the same images in every split (as in
+    POPE), present objects asked in every split, absent ones differing per split."""
+    image = f"COCO_val2014_{310196 + position // 2:012d}.jpg"
+    thing = f"thing{position}" if label == "yes" else f"{split}-thing{position}"
+    return image, f"Is there a {thing} in the image?"
+
 
 def make_pope(root: Path, labels: dict[str, list[str]]) -> dict[str, list[int]]:
-    """Questions for each split (ids numbered across the file) and label files in reverse order."""
-    questions, ids, next_id = [], {}, 1
-    for split, split_labels in labels.items():
+    """POPE in the real layout: llava_pope_test.jsonl with LLaVA's ids (split offsets) and short-answer
+    suffix, label files ``coco_pope_<split>.json`` numbered from 1 with the bare question. Returns LLaVA's
+    ids per split."""
+    questions, ids = [], {}
+    for split in ("adversarial", "random", "popular"):
+        if split not in labels:
+            continue
         label_records = []
-        for position, label in enumerate(split_labels):
-            image = f"COCO_val2014_{next_id:012d}.jpg"
+        for position, label in enumerate(labels[split]):
+            image, text = pope_question(position, split, label)
             write_image(root / "pope" / "val2014" / image)
-            text = f"Is there a thing {position} in the image?"
-            questions.append({"question_id": next_id, "image": image, "text": text, "category": split})
-            label_records.append({"question_id": next_id, "image": image, "text": text, "label": label})
-            ids.setdefault(split, []).append(next_id)
-            next_id += 1
-        write_jsonl(root / "pope" / "coco" / f"coco_pope_{split}.json", label_records[::-1])
+            question_id = POPE_OFFSETS[split] + position + 1
+            questions.append(
+                {"question_id": question_id, "image": image, "text": text + SHORT_ANSWER, "category": split}
+            )
+            label_records.append({"question_id": position + 1, "image": image, "text": text, "label": label})
+            ids.setdefault(split, []).append(question_id)
+        write_jsonl(root / "pope" / "coco" / f"coco_pope_{split}.json", label_records)
     write_jsonl(root / "pope" / "llava_pope_test.jsonl", questions)
     return ids
 
@@ -177,10 +280,13 @@ def test_split_metrics_by_hand() -> None:
     assert measures["yes_ratio"] == pytest.approx(0.6)
 
 
-def test_pope_matches_labels_by_id_and_averages_splits(tmp_path: Path) -> None:
+def test_pope_pairs_real_ids_and_averages_splits(tmp_path: Path) -> None:
     ids = make_pope(tmp_path, {"adversarial": ["yes", "no", "yes", "no"], "random": ["yes", "yes", "no", "no"]})
+    assert ids == {"adversarial": [1, 2, 3, 4], "random": [10000001, 10000002, 10000003, 10000004]}
     items = POPE().load(tmp_path, tmp_path / "cache")
+    assert [item.question_id for item in items] == [str(i) for i in ids["adversarial"] + ids["random"]]
     assert [item.reference["label"] for item in items] == ["yes", "no", "yes", "no", "yes", "yes", "no", "no"]
+    assert items[0].prompt.endswith(SHORT_ANSWER)
     adversarial, random = ids["adversarial"], ids["random"]
     predictions = {
         # adversarial all right: F1 1, yes ratio 0.5
@@ -195,6 +301,7 @@ def test_pope_matches_labels_by_id_and_averages_splits(tmp_path: Path) -> None:
         str(random[3]): "no",
     }
     score = POPE().score(items, predictions)
+    assert score.metrics["protocol"] == "official"
     assert score.metrics["adversarial/f1"] == pytest.approx(1.0)
     assert score.metrics["random/precision"] == pytest.approx(0.5)
     assert score.metrics["random/recall"] == pytest.approx(0.5)
@@ -208,21 +315,52 @@ def test_pope_matches_labels_by_id_and_averages_splits(tmp_path: Path) -> None:
     assert partial.num_scored == 7 and partial.num_questions == 8
 
 
-def test_pope_labels_numbered_per_split(tmp_path: Path) -> None:
-    # Label files number their questions 1..n per split; the question file numbers across splits.
-    make_pope(tmp_path, {"adversarial": ["yes", "no"], "random": ["no", "yes"]})
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes, there is a dog.", "yes"),
+        ("No, there is none.", "no"),
+        ("There is not a dog in the image.", "no"),
+        ("There is a dog. It is not brown.", "yes"),
+        ("Nope", "yes"),
+        ("No.", "no"),
+        ("No\nthere is none", "yes"),  # eval_pope.py splits on single spaces only
+        ("", "yes"),
+    ],
+)
+def test_pope_protocols_read_answers_alike(text: str, expected: str) -> None:
+    assert parse_eval_pope(text) == expected
+    assert parse_yes_no_pope(text) == expected
+
+
+def test_pope_unknown_protocol(tmp_path: Path) -> None:
+    make_pope(tmp_path, {"random": ["yes", "no"]})
+    items = POPE().load(tmp_path, tmp_path / "cache")
+    assert POPE().score(items, {"10000001": "Yes"}, protocol="strict").metrics["protocol"] == "strict"
+    with pytest.raises(ValueError, match="unknown scoring protocol"):
+        POPE().score(items, {}, protocol="OFFICIAL")
+
+
+def test_pope_label_file_in_another_order(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Pairing is by image and question, so a reordered label file gives the same labels; the log says that
+    # LLaVA's eval_pope.py, which pairs by order, would misalign it.
+    make_pope(tmp_path, {"adversarial": ["yes", "no"], "random": ["no", "yes", "yes", "no"]})
     label_file = tmp_path / "pope" / "coco" / "coco_pope_random.json"
     records = [json.loads(line) for line in label_file.read_text().splitlines()]
-    write_jsonl(label_file, [dict(record, question_id=record["question_id"] - 2) for record in records])
-    items = POPE().load(tmp_path, tmp_path / "cache")
-    assert [item.reference["label"] for item in items] == ["yes", "no", "no", "yes"]
+    write_jsonl(label_file, records[::-1])
+    with caplog.at_level("WARNING", logger="llava.eval.benchmarks.pope"):
+        items = POPE().load(tmp_path, tmp_path / "cache")
+    assert [item.reference["label"] for item in items] == ["yes", "no", "no", "yes", "yes", "no"]
+    assert "coco_pope_random.json" in caplog.text and "misalign" in caplog.text
 
 
 def test_pope_label_file_not_matching_questions(tmp_path: Path) -> None:
     make_pope(tmp_path, {"random": ["yes", "no"]})
     label_file = tmp_path / "pope" / "coco" / "coco_pope_random.json"
-    write_jsonl(label_file, [{"question_id": 99, "image": "COCO_val2014_other.jpg", "text": "?", "label": "yes"}])
-    with pytest.raises(EvalDataError, match=r"coco_pope_random\.json: no label for question 1"):
+    write_jsonl(label_file, [{"question_id": 1, "image": "COCO_val2014_other.jpg", "text": "?", "label": "yes"}])
+    with pytest.raises(
+        EvalDataError, match=r"coco_pope_random\.json does not belong to .*llava_pope_test\.jsonl: .*question 10000001"
+    ):
         POPE().load(tmp_path, tmp_path / "cache")
 
 
@@ -374,7 +512,7 @@ def test_seed_accuracy_per_type(tmp_path: Path) -> None:
     make_seed(tmp_path)
     items = SEEDBench().load(tmp_path, tmp_path / "cache")
     assert [item.reference["answer"] for item in items] == ["A", "B", "C"]
-    score = SEEDBench().score(items, {"100": "A", "101": "C", "102": "The answer is C."})
+    score = SEEDBench().score(items, {"100": "A", "101": "C", "102": "The answer is C."}, protocol="strict")
     assert score.score == pytest.approx(50.0)
     assert score.metrics["video"] == pytest.approx(100.0)
     assert score.metrics["all"] == pytest.approx(200 / 3)

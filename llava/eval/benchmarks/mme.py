@@ -1,19 +1,32 @@
 """MME: yes/no questions, two per image, over 14 subtasks; the headline is the perception sum.
 
-Questions come from LLaVA's ``MME/llava_mme.jsonl``; the ground truth from the release folder
-``MME/MME_Benchmark_release_version/<subtask>/``, either images next to same-stem ``.txt`` files or
-``images/`` plus ``questions_answers_YN/``, each ``.txt`` line ``question<TAB>Yes|No``. Answers are
-matched by (subtask, image, question text), as LLaVA's ``convert_answer_to_mme.py`` does.
+Questions come from LLaVA's ``MME/llava_mme.jsonl`` (``question_id`` = ``image`` = ``<subtask>/<file>``,
+``text`` = ``<question>\nAnswer the question using a single word or phrase.``); the ground truth from the
+release folder ``MME/MME_Benchmark_release_version/<subtask>/``, either images next to same-stem ``.txt``
+files or ``images/`` plus ``questions_answers_YN/``, each ``.txt`` line ``<question> Please answer yes or
+no.<TAB>Yes|No`` (some with two spaces before "Please"). As LLaVA's ``convert_answer_to_mme.py`` does, a
+question is joined with its line by (subtask, file, question) after swapping LLaVA's short-answer suffix
+for MME's (either spacing); a question that still has no line is an :class:`EvalDataError` naming it.
+
+Protocols. ``official`` scores as MME's ``eval_tool/calculation.py`` reads the files
+``convert_answer_to_mme.py`` writes: the answer lower-cased and nothing else (no stripping, periods kept),
+"yes"/"no" when it is exactly that, else "yes" when the first four characters contain "yes", "no" when
+they contain "no", otherwise "other" (wrong); acc+ counts consecutive question pairs of a subtask in file
+order (the tool's chunks of two lines, one image each in the real files). ``strict`` is this project's
+earlier reading (:func:`llava.eval.benchmarks.choice.parse_yes_no_mme`: stripped and every "." dropped,
+as lmms-eval does) with acc+ grouped by image. Per subtask the score is acc + acc+ (max 200).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from llava.eval.base import EvalDataError, EvalItem, Score, read_jsonl, require_fields
+from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score, check_protocol, read_jsonl, require_fields
 from llava.eval.benchmarks.choice import existing_image, parse_yes_no_mme, percent
 
 logger = logging.getLogger(__name__)
@@ -33,8 +46,76 @@ PERCEPTION = (
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
+MME_SUFFIX = " Please answer yes or no."
+"""MME's own instruction, appended to the question in the ground-truth files (sometimes after two spaces)."""
+ANSWERS_FILE = "llava_mme_answers.jsonl"
+"""LLaVA's answer JSONL (``convert_answer_to_mme.py``'s input), written by :meth:`MME.export_official`."""
+EVAL_TOOL_FOLDER = "mme_eval_tool"
+"""Where :meth:`MME.export_official` writes the per-subtask ``.txt`` files ``calculation.py`` reads."""
+
+
 def _normalise_question(text: str) -> str:
     return " ".join(text.split())
+
+
+def mme_questions(text: str) -> list[str]:
+    """The ground-truth questions LLaVA's ``text`` may stand for, in the order ``convert_answer_to_mme.py``
+    tries them: LLaVA's short-answer instruction removed, MME's appended with one space, then with two."""
+    question = text
+    if SHORT_ANSWER.strip() in question:
+        question = question.replace(SHORT_ANSWER.strip(), "").strip()
+    if MME_SUFFIX.strip() in question:
+        return [question]
+    return [question + MME_SUFFIX, question + " " + MME_SUFFIX]
+
+
+def parse_calculation(text: str) -> str:
+    """MME ``calculation.py``'s reading of an answer: lower-cased only; exactly "yes"/"no", else "yes" if
+    the first four characters contain "yes", "no" if they contain "no", else "other"."""
+    answer = text.lower()
+    if answer in ("yes", "no"):
+        return answer
+    prefix = answer[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
+class _GroundTruth:
+    """One ground-truth ``.txt`` file: exact and whitespace-normalised question -> (question, answer)."""
+
+    def __init__(self, path: Path, source: Path, question_id: str) -> None:
+        if not path.is_file():
+            raise EvalDataError(f"{source}: question {question_id}: ground-truth file {path} not found")
+        self.path = path
+        self.exact: dict[str, tuple[str, str]] = {}
+        self.normalised: dict[str, tuple[str, str]] = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            question, tab, answer = line.strip().rpartition("\t")
+            if not tab or answer.strip().lower() not in ("yes", "no"):
+                raise EvalDataError(f"{path}:{number}: expected 'question<TAB>Yes|No', got {line!r}")
+            entry = (question, answer.strip())
+            key = _normalise_question(question)
+            previous = self.normalised.get(key)
+            if previous is not None and previous[1].lower() != entry[1].lower():
+                raise EvalDataError(f"{path}:{number}: {question!r} is answered both yes and no")
+            self.exact.setdefault(question, entry)
+            self.normalised.setdefault(key, entry)
+
+    def find(self, text: str) -> tuple[str, str] | None:
+        """``(ground-truth question, answer)`` for LLaVA's question ``text``, or None."""
+        candidates = mme_questions(text)
+        for candidate in candidates:
+            if candidate in self.exact:
+                return self.exact[candidate]
+        for candidate in candidates:
+            if _normalise_question(candidate) in self.normalised:
+                return self.normalised[_normalise_question(candidate)]
+        return None
 
 
 class MME:
@@ -47,29 +128,40 @@ class MME:
         """One item per question; ids are ``<subtask>/<file>#<n>`` since two questions share an image."""
         question_file = root / "MME" / "llava_mme.jsonl"
         release = root / "MME" / "MME_Benchmark_release_version"
-        answer_cache: dict[Path, dict[str, str]] = {}
+        truth_cache: dict[Path, _GroundTruth] = {}
         seen: dict[str, int] = defaultdict(int)
         items = []
         for number, record in read_jsonl(question_file):
             require_fields(record, ("question_id", "image", "text"), f"{question_file}:{number}")
             image_id = str(record["question_id"])
+            where = f"{question_file}:{number}: question {image_id}"
             subtask, _, file_name = str(record["image"]).partition("/")
             if not file_name:
-                raise EvalDataError(f"{question_file}:{number}: question {image_id}: image is not <subtask>/<file>")
+                raise EvalDataError(f"{where}: image is not <subtask>/<file>")
             image = self._image(release, subtask, file_name, question_file, image_id)
             answer_file = self._answer_file(release, subtask, Path(file_name).name)
-            if answer_file not in answer_cache:
-                answer_cache[answer_file] = self._read_answers(answer_file, question_file, image_id)
-            answer = answer_cache[answer_file].get(_normalise_question(record["text"]))
-            if answer is None:
-                raise EvalDataError(f"{answer_file}: no answer for question {image_id} ({record['text']!r})")
+            if answer_file not in truth_cache:
+                truth_cache[answer_file] = _GroundTruth(answer_file, question_file, image_id)
+            found = truth_cache[answer_file].find(str(record["text"]))
+            if found is None:
+                raise EvalDataError(
+                    f"{where}: no line of {answer_file} asks {record['text']!r} "
+                    f"(looked for {' or '.join(repr(q) for q in mme_questions(str(record['text'])))})"
+                )
+            question, answer = found
             items.append(
                 EvalItem(
                     question_id=f"{image_id}#{seen[image_id]}",
                     prompt=record["text"],
                     image=image,
                     max_new_tokens=128,
-                    reference={"subtask": subtask, "image": image_id, "answer": answer},
+                    reference={
+                        "subtask": subtask,
+                        "image": image_id,
+                        "answer": answer.lower(),
+                        "mme_question": question,
+                        "mme_answer": answer,
+                    },
                 )
             )
             seen[image_id] += 1
@@ -90,41 +182,22 @@ class MME:
             folder = folder / "questions_answers_YN"
         return folder / f"{Path(image_name).stem}.txt"
 
-    @staticmethod
-    def _read_answers(path: Path, source: Path, question_id: str) -> dict[str, str]:
-        if not path.is_file():
-            raise EvalDataError(f"{source}: question {question_id}: ground-truth file {path} not found")
-        answers = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            question, tab, answer = line.rstrip("\n").rpartition("\t")
-            answer = answer.strip().lower()
-            if not tab or answer not in ("yes", "no"):
-                raise EvalDataError(f"{path}:{number}: expected 'question<TAB>Yes|No', got {line!r}")
-            answers[_normalise_question(question)] = answer
-        return answers
-
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Per subtask acc + acc+ (max 200); perception, cognition and total sums."""
-        correct: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-        unanswered_images: set[tuple[str, str]] = set()
-        num_scored = 0
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Per subtask acc, acc+ and their sum (max 200); perception, cognition and total sums."""
+        check_protocol(protocol)
+        by_subtask: dict[str, list[EvalItem]] = defaultdict(list)
         for item in items:
-            subtask, image = item.reference["subtask"], item.reference["image"]
-            if item.question_id not in predictions:
-                unanswered_images.add((subtask, image))
-                continue
-            num_scored += 1
-            right = parse_yes_no_mme(predictions[item.question_id]) == item.reference["answer"]
-            correct[subtask][image].append(right)
-        metrics: dict[str, float] = {}
+            by_subtask[item.reference["subtask"]].append(item)
+        metrics: dict[str, Any] = {"protocol": protocol}
         subtask_scores: dict[str, float] = {}
-        for subtask, images in correct.items():
-            answers = [right for flags in images.values() for right in flags]
-            complete = [flags for image, flags in images.items() if (subtask, image) not in unanswered_images]
-            acc = percent(sum(answers), len(answers))
-            acc_plus = percent(sum(all(flags) for flags in complete), len(complete))
+        for subtask, subtask_items in by_subtask.items():
+            answered = [item for item in subtask_items if item.question_id in predictions]
+            if not answered:
+                continue
+            if protocol == "official":
+                acc, acc_plus = self._official(subtask_items, predictions)
+            else:
+                acc, acc_plus = self._strict(subtask_items, predictions)
             metrics[f"{subtask}/acc"] = acc
             metrics[f"{subtask}/acc+"] = acc_plus
             metrics[f"{subtask}/score"] = subtask_scores[subtask] = acc + acc_plus
@@ -133,4 +206,82 @@ class MME:
         perception = sum(subtask_scores.get(subtask, 0.0) for subtask in PERCEPTION)
         cognition = sum(subtask_scores.get(subtask, 0.0) for subtask in COGNITION)
         metrics.update(perception=perception, cognition=cognition, total=perception + cognition)
+        num_scored = sum(item.question_id in predictions for item in items)
         return Score(score=perception, metrics=metrics, num_scored=num_scored, num_questions=len(items))
+
+    @staticmethod
+    def _official(items: Sequence[EvalItem], predictions: Mapping[str, str]) -> tuple[float, float]:
+        """``calculation.py``: acc over the answered questions, acc+ over consecutive pairs (both answered),
+        each a fraction times 100 as the tool computes it."""
+        right = [
+            parse_calculation(predictions[item.question_id]) == item.reference["answer"]
+            for item in items
+            if item.question_id in predictions
+        ]
+        pairs = [items[start : start + 2] for start in range(0, len(items), 2)]
+        for pair in pairs:
+            if len({item.reference["image"] for item in pair}) > 1 or len(pair) != 2:
+                logger.warning(
+                    "MME: questions %s are not a pair about one image, yet calculation.py scores them as one",
+                    ", ".join(item.question_id for item in pair),
+                )
+        complete = [pair for pair in pairs if all(item.question_id in predictions for item in pair)]
+        both_right = sum(
+            all(parse_calculation(predictions[item.question_id]) == item.reference["answer"] for item in pair)
+            for pair in complete
+        )
+        acc = sum(right) / len(right) * 100
+        acc_plus = both_right / len(complete) * 100 if complete else 0.0
+        return acc, acc_plus
+
+    @staticmethod
+    def _strict(items: Sequence[EvalItem], predictions: Mapping[str, str]) -> tuple[float, float]:
+        """This project's earlier scoring: periods dropped, acc+ over the images with every question answered."""
+        correct: dict[str, list[bool]] = defaultdict(list)
+        unanswered: set[str] = set()
+        for item in items:
+            if item.question_id not in predictions:
+                unanswered.add(item.reference["image"])
+                continue
+            correct[item.reference["image"]].append(
+                parse_yes_no_mme(predictions[item.question_id]) == item.reference["answer"]
+            )
+        answers = [right for flags in correct.values() for right in flags]
+        complete = [flags for image, flags in correct.items() if image not in unanswered]
+        return percent(sum(answers), len(answers)), percent(sum(all(flags) for flags in complete), len(complete))
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """LLaVA's answer JSONL (``question_id`` = ``<subtask>/<file>`` as in ``llava_mme.jsonl``, ``prompt``,
+        ``text``) and, in ``mme_eval_tool/``, the ``<subtask>.txt`` files ``convert_answer_to_mme.py`` writes
+        from it (``<file>.txt<TAB>question<TAB>Yes|No<TAB>answer``), which MME's ``calculation.py
+        --results_dir`` reads. Tabs and newlines in an answer become spaces (the tool splits on them); its
+        yes/no reading is unchanged by that."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        answered = [item for item in items if item.question_id in predictions]
+        if len(answered) < len(items):
+            logger.warning(
+                "mme: %d of %d questions unanswered; calculation.py expects both questions of every image",
+                len(items) - len(answered),
+                len(items),
+            )
+        answers_path = out_dir / ANSWERS_FILE
+        lines: dict[str, list[str]] = defaultdict(list)
+        with open(answers_path, "w", encoding="utf-8") as handle:
+            for item in answered:
+                text = predictions[item.question_id]
+                record = {"question_id": item.reference["image"], "prompt": item.prompt, "text": text}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                flat = text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+                if flat != text:
+                    logger.warning("mme: answer to %s has tabs or line breaks, written with spaces", item.question_id)
+                txt_name = item.reference["image"].split("/")[-1].split(".")[0] + ".txt"
+                fields = (txt_name, item.reference["mme_question"], item.reference["mme_answer"], flat)
+                lines[item.reference["subtask"]].append("\t".join(fields) + "\n")
+        tool_dir = out_dir / EVAL_TOOL_FOLDER
+        tool_dir.mkdir(exist_ok=True)
+        written = [answers_path]
+        for subtask, subtask_lines in lines.items():
+            path = tool_dir / f"{subtask}.txt"
+            path.write_text("".join(subtask_lines), encoding="utf-8")
+            written.append(path)
+        return written

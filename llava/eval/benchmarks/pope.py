@@ -1,58 +1,98 @@
 """POPE: object-hallucination yes/no questions on COCO val2014 in three splits (adversarial, popular,
-random); the headline is the F1 averaged over the splits.
+random); the headline is the F1 averaged over the splits, as in LLaVA-1.5's paper.
 
-Labels come from ``pope/coco/coco_pope_<split>.json`` (JSONL despite the name). LLaVA's
-``eval_pope.py`` pairs answers with labels by file order, which silently misaligns once the question
-file is reordered, filtered or sharded. Here a label is matched by ``question_id`` within its split and
-checked against the question's image; where the ids of the two files disagree (they are numbered
-independently) the label with the same image and question text is used instead. A question with no
-matching label is an :class:`EvalDataError`.
+Files under ``<root>/pope``: LLaVA's ``llava_pope_test.jsonl`` (``question_id``, ``image``, ``text`` =
+POPE's question + LLaVA's short-answer suffix, ``category`` = split; the splits are numbered 1-3000
+(adversarial), 10000001+ (random) and 20000001+ (popular)), POPE's label files
+``coco/coco_pope_<split>.json`` (JSON lines ``question_id``, ``image``, ``text`` = the bare question,
+``label``; each split numbered from 1) and the images in ``val2014/``.
+
+Pairing. LLaVA's ``eval_pope.py`` pairs the answers of a split with the label file by line order, so a
+label file that does not belong to the question file gives a silently wrong score. Here each question is
+paired with the label of the same split, image and bare question (LLaVA's suffix removed, whitespace
+normalised), which does not depend on either file's numbering or order; a question without such a label
+means the label file belongs to other questions and is an :class:`EvalDataError` naming both files.
+
+Label version. POPE regenerated its random split in October 2023. LLaVA-1.5's question file and
+published POPE numbers (mean F1 85.9 for LLaVA-1.5-7B) come from the label files of POPE commit
+``e3e39262c85a6a83f26cf5094022a782cb0df58d`` (``output/coco/coco_pope_{adversarial,popular,random}.json``,
+whose random split has 2,910 questions, not 3,000). The newer random split does not hold the same
+(image, question) pairs and is refused here; with it LLaVA's own script silently reports a random-split
+F1 of about 46.
+
+Protocols. ``official`` is ``eval_pope.py``'s reading of an answer (first sentence, commas dropped,
+"no" when a space-separated word is ``No``, ``no`` or ``not``, else "yes") and its per-split accuracy,
+precision, recall, F1 and yes-ratio; ``strict`` is this project's earlier parser
+(:func:`llava.eval.benchmarks.choice.parse_yes_no_pope`), which reads answers the same way, so the two
+protocols give the same numbers. Where ``eval_pope.py`` divides by zero (no predicted or no true "yes"
+in a split) both report 0.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.base import EvalDataError, EvalItem, Score, read_jsonl, require_fields
+from llava.eval.base import (
+    SHORT_ANSWER,
+    EvalDataError,
+    EvalItem,
+    Score,
+    check_protocol,
+    read_jsonl,
+    require_fields,
+)
 from llava.eval.benchmarks.choice import existing_image, parse_yes_no_pope
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("adversarial", "popular", "random")
 MEASURES = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+QUESTION_FILE = "llava_pope_test.jsonl"
+ANSWERS_FILE = "llava_pope_answers.jsonl"
+"""What :meth:`POPE.export_official` writes: LLaVA's answer JSONL, the ``--result-file`` of ``eval_pope.py``."""
 
 
-def _key(image: Any, text: Any) -> tuple[str, str]:
-    return str(image), " ".join(str(text).split())
+def parse_eval_pope(text: str) -> str:
+    """``eval_pope.py``'s reading of an answer: keep the text before the first ".", drop commas, split on
+    single spaces; "no" when a piece is exactly ``No``, ``no`` or ``not``, otherwise "yes" (so "Nope" or an
+    empty answer counts as yes)."""
+    first_sentence = text.split(".", 1)[0]
+    words = first_sentence.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def bare_question(text: str) -> str:
+    """POPE's question from LLaVA's ``text``: the short-answer suffix removed, whitespace normalised."""
+    if text.endswith(SHORT_ANSWER):
+        text = text[: -len(SHORT_ANSWER)]
+    return " ".join(text.split())
 
 
 class _Labels:
-    """One split's label file, indexed by question id and by (image, question text)."""
+    """One split's label file, indexed by (image, bare question), with each label's line position."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.by_id: dict[str, dict[str, Any]] = {}
-        self.by_text: dict[tuple[str, str], dict[str, Any]] = {}
-        for number, record in read_jsonl(path):
-            require_fields(record, ("question_id", "label"), f"{path}:{number}")
-            if str(record["label"]).lower() not in ("yes", "no"):
-                raise EvalDataError(f"{path}:{number}: label {record['label']!r} is not yes/no")
-            self.by_id[str(record["question_id"])] = record
-            if "image" in record and "text" in record:
-                self.by_text[_key(record["image"], record["text"])] = record
+        self.by_key: dict[tuple[str, str], tuple[int, str]] = {}
+        for position, (number, record) in enumerate(read_jsonl(path)):
+            where = f"{path}:{number}"
+            require_fields(record, ("question_id", "image", "text", "label"), where)
+            label = str(record["label"]).lower()
+            if label not in ("yes", "no"):
+                raise EvalDataError(f"{where}: label {record['label']!r} is not yes/no")
+            key = (str(record["image"]), bare_question(str(record["text"])))
+            previous = self.by_key.get(key)
+            if previous is not None and previous[1] != label:
+                raise EvalDataError(f"{where}: {key[0]} / {key[1]!r} is labelled both yes and no")
+            if previous is None:
+                self.by_key[key] = (position, label)
 
-    def label(self, question: Mapping[str, Any]) -> str:
-        record = self.by_id.get(str(question["question_id"]))
-        if record is not None and str(record.get("image", question["image"])) != str(question["image"]):
-            record = None
-        if record is None:
-            record = self.by_text.get(_key(question["image"], question["text"]))
-        if record is None:
-            raise EvalDataError(
-                f"{self.path}: no label for question {question['question_id']} "
-                f"(image {question['image']}); the label file does not match the questions"
-            )
-        return str(record["label"]).lower()
+    def __len__(self) -> int:
+        return len(self.by_key)
 
 
 def split_metrics(labels: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
@@ -82,36 +122,75 @@ class POPE:
     score_name = "F1 (mean of splits)"
 
     def load(self, root: Path, cache_dir: Path) -> list[EvalItem]:
-        """One item per question, its label and split in ``reference``."""
+        """One item per question (id = LLaVA's ``question_id``), its label, split and label position in
+        ``reference``; :class:`EvalDataError` naming both files when a label file does not belong to the
+        question file."""
         folder = root / "pope"
-        question_file = folder / "llava_pope_test.jsonl"
+        question_file = folder / QUESTION_FILE
         labels: dict[str, _Labels] = {}
+        used: dict[str, dict[tuple[str, str], str]] = {}
+        positions: dict[str, list[int]] = {}
         items = []
         seen: set[str] = set()
         for number, record in read_jsonl(question_file):
             require_fields(record, ("question_id", "image", "text", "category"), f"{question_file}:{number}")
             question_id, split = str(record["question_id"]), record["category"]
+            where = f"{question_file}:{number}: question {question_id}"
             if split not in SPLITS:
-                raise EvalDataError(f"{question_file}:{number}: question {question_id}: unknown category {split!r}")
+                raise EvalDataError(f"{where}: unknown category {split!r}")
             if question_id in seen:
-                raise EvalDataError(f"{question_file}:{number}: question {question_id} appears twice")
+                raise EvalDataError(f"{where}: appears twice")
             seen.add(question_id)
             image = existing_image(folder / "val2014", str(record["image"]), question_file, question_id)
             if split not in labels:
                 labels[split] = _Labels(folder / "coco" / f"coco_pope_{split}.json")
+            split_labels = labels[split]
+            key = (str(record["image"]), bare_question(str(record["text"])))
+            found = split_labels.by_key.get(key)
+            if found is None:
+                raise EvalDataError(
+                    f"{split_labels.path} does not belong to {question_file}: no label with the image and question "
+                    f"of {where} ({key[0]}, {key[1]!r}); use POPE's label files of commit "
+                    "e3e39262c85a6a83f26cf5094022a782cb0df58d, the ones LLaVA-1.5's question file was built from"
+                )
+            earlier = used.setdefault(split, {}).get(key)
+            if earlier is not None:
+                raise EvalDataError(f"{where}: asks the same as question {earlier} ({key[0]}, {key[1]!r})")
+            used[split][key] = question_id
+            position, label = found
+            positions.setdefault(split, []).append(position)
             items.append(
                 EvalItem(
                     question_id=question_id,
                     prompt=record["text"],
                     image=image,
                     max_new_tokens=128,
-                    reference={"split": split, "label": labels[split].label(record)},
+                    reference={
+                        "split": split,
+                        "label": label,
+                        "label_position": position,
+                        "llava_id": record["question_id"],
+                    },
                 )
             )
+        for split, order in positions.items():
+            if order != sorted(order) or len(order) != len(labels[split]):
+                logger.warning(
+                    "%s: the %s questions of %s are not the label file's lines in order (%d questions, %d labels): "
+                    "paired here by image and question, but LLaVA's eval_pope.py (which pairs by order) would "
+                    "misalign them",
+                    labels[split].path,
+                    split,
+                    question_file,
+                    len(order),
+                    len(labels[split]),
+                )
         return items
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """Per-split measures (``<split>/<measure>``), their means over splits, and the mean F1 x 100."""
+        check_protocol(protocol)
+        parse = parse_eval_pope if protocol == "official" else parse_yes_no_pope
         by_split: dict[str, tuple[list[str], list[str]]] = {}
         num_scored = 0
         for item in items:
@@ -120,8 +199,8 @@ class POPE:
             num_scored += 1
             labels, predicted = by_split.setdefault(item.reference["split"], ([], []))
             labels.append(item.reference["label"])
-            predicted.append(parse_yes_no_pope(predictions[item.question_id]))
-        metrics: dict[str, float] = {}
+            predicted.append(parse(predictions[item.question_id]))
+        metrics: dict[str, Any] = {"protocol": protocol}
         per_split = {split: split_metrics(*by_split[split]) for split in SPLITS if split in by_split}
         for split, measures in per_split.items():
             metrics.update({f"{split}/{name}": value for name, value in measures.items()})
@@ -129,3 +208,31 @@ class POPE:
             values = [measures[name] for measures in per_split.values()]
             metrics[name] = sum(values) / len(values) if values else 0.0
         return Score(score=100.0 * metrics["f1"], metrics=metrics, num_scored=num_scored, num_questions=len(items))
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """LLaVA's answer JSONL for ``eval_pope.py --result-file`` (with ``--question-file`` the original
+        ``llava_pope_test.jsonl`` and ``--annotation-dir`` the label folder): the original question ids, and
+        each split's answers in its label file's order, since that script pairs them by position."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        answered = [item for item in items if item.question_id in predictions]
+        if len(answered) < len(items):
+            logger.warning(
+                "pope: %d of %d questions unanswered; eval_pope.py pairs answers with labels by position and "
+                "will misalign this file",
+                len(items) - len(answered),
+                len(items),
+            )
+        answered.sort(key=lambda item: (SPLITS.index(item.reference["split"]), item.reference["label_position"]))
+        path = out_dir / ANSWERS_FILE
+        with open(path, "w", encoding="utf-8") as handle:
+            for item in answered:
+                record = {
+                    "question_id": item.reference["llava_id"],
+                    "prompt": item.prompt,
+                    "text": predictions[item.question_id],
+                    "answer_id": item.question_id,
+                    "model_id": "duet-vlm",
+                    "metadata": {},
+                }
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return [path]

@@ -9,10 +9,16 @@ the JSONL's ``question_id`` *is* the image id, so it repeats for every question 
 item's id is therefore ``"<question_id>#<k>"``, k counting that id's occurrences in file order (1, 2,
 ...): unique, stable for a given file (blank lines or edits elsewhere do not shift it) and still
 readable as the image id.
+
+Protocols: ``official`` and ``strict`` are the same here (the VQA accuracy of LLaVA's ``m4c_evaluator.py``,
+which this module's scores already match); ``score`` accepts either and records which. For a cross-check
+with LLaVA's ``eval_textvqa.py``, :meth:`TextVQA.export_official` writes the answers with the original
+question ids and prompts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -28,6 +34,7 @@ from llava.eval.base import (
     read_jsonl,
     require_fields,
     resolve_image,
+    with_protocol,
 )
 from llava.eval.benchmarks.vqa_metric import mean_accuracy, reference_vqa_accuracy
 
@@ -36,6 +43,8 @@ logger = logging.getLogger(__name__)
 QUESTIONS_FILE = "llava_textvqa_val_v051_ocr.jsonl"
 ANNOTATIONS_FILE = "TextVQA_0.5.1_val.json"
 IMAGE_FOLDER = "train_images"
+ANSWERS_FILE = "llava_textvqa_answers.jsonl"
+"""What :meth:`TextVQA.export_official` writes: the ``--result-file`` of LLaVA's ``eval_textvqa.py``."""
 OCR_PREFIX = "Reference OCR token:"
 
 
@@ -83,7 +92,12 @@ class TextVQA:
                     prompt=record["text"] if self.with_ocr else prompt_without_ocr,
                     image=resolve_image(folder / IMAGE_FOLDER, record["image"], where),
                     max_new_tokens=128,
-                    reference={"answers": answers, "image_id": image_id, "question": question},
+                    reference={
+                        "answers": answers,
+                        "image_id": image_id,
+                        "question": question,
+                        "llava_id": record["question_id"],
+                    },
                 )
             )
         logger.info("%s: %d questions from %s", self.name, len(items), questions_path)
@@ -106,6 +120,27 @@ class TextVQA:
             answers[(str(entry["image_id"]), str(entry["question"]).lower())] = [str(a) for a in entry["answers"]]
         return answers
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """Mean VQA accuracy x 100 over the questions with a prediction (``metrics['accuracy']`` too)."""
-        return mean_accuracy(items, predictions, reference_vqa_accuracy)
+        return with_protocol(mean_accuracy(items, predictions, reference_vqa_accuracy), protocol)
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """LLaVA's answer JSONL for ``eval_textvqa.py --result-file``: ``question_id`` as in the question file
+        (the image id, repeated per question), ``prompt`` = the text the model was asked (from which that
+        script recovers the question), ``text`` = the answer; one line per answered question, in order."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / ANSWERS_FILE
+        with open(path, "w", encoding="utf-8") as handle:
+            for item in items:
+                if item.question_id not in predictions:
+                    continue
+                record = {
+                    "question_id": item.reference.get("llava_id", item.reference["image_id"]),
+                    "prompt": item.prompt,
+                    "text": predictions[item.question_id],
+                    "answer_id": item.question_id,
+                    "model_id": "duet-vlm",
+                    "metadata": {},
+                }
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return [path]
