@@ -40,10 +40,12 @@ class ToyBenchmark:
             for index, path in enumerate(images)
         ]
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         scored = [item for item in items if item.question_id in predictions]
         right = sum(predictions[item.question_id] == item.reference["answer"] for item in scored)
-        return Score(100.0 * right / max(len(scored), 1), {"right": right}, len(scored), len(items))
+        return Score(
+            100.0 * right / max(len(scored), 1), {"right": right, "protocol": protocol}, len(scored), len(items)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -311,8 +313,8 @@ def test_video_qa_through_the_cli_with_a_judge(playground, tmp_path, monkeypatch
     (folder / "test_a.json").write_text(json.dumps(answers[::-1]))
     seen = {}
 
-    def fake_judge(items, predictions, config):
-        seen["url"], seen["ids"] = config.url, sorted(predictions)
+    def fake_judge(items, predictions, config, protocol):
+        seen["url"], seen["ids"], seen["protocol"] = config.url, sorted(predictions), protocol
         return {"accuracy": 50.0, "score": 2.5, "num_judged": len(predictions), "judgements": {"v0": {}}}
 
     monkeypatch.setattr(run_cli, "judge_answers", fake_judge)
@@ -325,7 +327,8 @@ def test_video_qa_through_the_cli_with_a_judge(playground, tmp_path, monkeypatch
     assert result["complete"] and result["num_scored"] == 3
     assert result["visual_tokens_per_layer"] == pytest.approx(model.config.llm_tokens_per_video)
     assert result["judge"] == {"accuracy": 50.0, "score": 2.5, "num_judged": 3}
-    assert seen == {"url": "http://judge.invalid/v1", "ids": ["v0", "v1", "v2"]}
+    assert seen == {"url": "http://judge.invalid/v1", "ids": ["v0", "v1", "v2"], "protocol": "official"}
+    assert result["protocol"] == "official"
     assert json.loads((tmp_path / "out" / "none" / "msvd" / "judge.json").read_text())["judgements"] == {"v0": {}}
 
 

@@ -333,7 +333,7 @@ def test_judge_accuracy_score_failures_and_retries(stub_judge: str) -> None:
     }
     config = JudgeConfig(url=stub_judge, model="stub-model", api_key="test-key", max_retries=2, backoff_s=0.001)
 
-    result = judge_answers(items, predictions, config)
+    result = judge_answers(items, predictions, config, protocol="strict")
 
     assert result["num_judged"] == 3 and result["num_yes"] == 2
     assert result["accuracy"] == pytest.approx(100 * 2 / 3)  # yes / (yes + no), unparseable excluded
@@ -361,12 +361,12 @@ def test_judge_accuracy_score_failures_and_retries(stub_judge: str) -> None:
     assert {path for path, _, _ in sent} == {"/v1/chat/completions"}
     assert {auth for _, auth, _ in sent} == {"Bearer test-key"}
     first = next(body for _, _, body in sent if "pred-right" in body["messages"][1]["content"])
-    assert first["model"] == "stub-model"
+    assert first["model"] == "stub-model" and first["temperature"] == 0.0  # strict sends 0 unless asked
     assert "Question: question a?\nCorrect Answer: dog\nPredicted Answer: pred-right" in first["messages"][1]["content"]
 
 
 def test_judge_without_key_sends_no_authorization(stub_judge: str) -> None:
     config = JudgeConfig(url=stub_judge, workers=1)
-    result = judge_answers(make_items([("a", "dog", 0)]), {"a": "pred-right"}, config)
+    result = judge_answers(make_items([("a", "dog", 0)]), {"a": "pred-right"}, config, protocol="strict")
     assert (result["accuracy"], result["score"], result["num_failed"]) == (100.0, 5.0, 0)
     assert [auth for _, auth, _ in StubJudge.requests] == [None]

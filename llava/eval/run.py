@@ -7,6 +7,12 @@ Several GPUs: ``torchrun --nproc_per_node 8 -m llava.eval.run ...`` (each rank a
 merges and scores). Without a launcher, ``--rank``/``--world-size`` run one shard; ``--score-only`` scores
 a folder once all shards are done. A killed run resumes where it stopped when started again with the
 same ``--out``.
+
+``--protocol official`` (the default) reads answers as each benchmark's published scoring script does and
+``--protocol strict`` with this project's stricter rules (see the README's Evaluate section); the result
+file and the printed line say which. ``--export official`` also writes the answers in the official
+script's or server's format under ``<out>/<preset>/<benchmark>/export-official/``. Both work with
+``--score-only``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ from typing import Any
 import torch
 
 from llava.eval.answers import read_answers
-from llava.eval.base import EvalDataError
+from llava.eval.base import PROTOCOLS, EvalDataError
 from llava.eval.benchmarks.videoqa import VideoQA
 from llava.eval.judge import JudgeConfig, judge_answers
 from llava.eval.registry import benchmark_names, get_benchmark
-from llava.eval.runner import generate_answers, score_folder
+from llava.eval.runner import EXPORTS, generate_answers, score_folder
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--judge-url", default=None, help="judge endpoint base URL (default: $DUET_JUDGE_URL)")
     parser.add_argument("--judge-model", default=None, help="judge model (default: $DUET_JUDGE_MODEL or gpt-3.5-turbo)")
+    parser.add_argument(
+        "--judge-temperature",
+        type=float,
+        default=None,
+        help="judge sampling temperature (default: none sent under --protocol official, 0 under strict)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="official",
+        help="answer reading: 'official' = the published scoring scripts (default), 'strict' = this project's",
+    )
+    parser.add_argument(
+        "--export",
+        choices=EXPORTS,
+        default=None,
+        help="also write the answers in the official script's format to <out>/<preset>/<benchmark>/export-official/",
+    )
     args = parser.parse_args(argv)
     args.benchmarks = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     args.presets = [name.strip() for name in args.presets.split(",") if name.strip()]
@@ -120,8 +144,8 @@ def _judge_for(args: argparse.Namespace, benchmark: Any) -> Any:
     """The LLM judge for video QA when ``--judge`` asks for it (other benchmarks have official metrics)."""
     if not args.judge or not isinstance(benchmark, VideoQA):
         return None
-    config = JudgeConfig.from_env(url=args.judge_url, model=args.judge_model)
-    return functools.partial(judge_answers, config=config)
+    config = JudgeConfig.from_env(url=args.judge_url, model=args.judge_model, temperature=args.judge_temperature)
+    return functools.partial(judge_answers, config=config, protocol=args.protocol)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -160,13 +184,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     continue
             run_info = {"model": str(Path(args.model).resolve()), "root": str(Path(args.root).resolve()),
                         "preset": label, "batch_size": args.batch_size, "world_size": world_size}  # fmt: skip
-            result = score_folder(benchmark, items, folder, run_info, _judge_for(args, benchmark))
+            result = score_folder(
+                benchmark, items, folder, run_info, _judge_for(args, benchmark), args.protocol, args.export
+            )
             results.append(result)
             score = "server-scored" if result["score"] is None else f"{result['score']:.2f}"
             print(
-                f"{label}/{name}: {benchmark.score_name} {score} "
+                f"{label}/{name} [{args.protocol}]: {benchmark.score_name} {score} "
                 f"({result['num_scored']}/{result['num_questions']} scored) -> {folder / 'result.json'}"
             )
+            if args.export is not None:
+                files = result.get("export_files")
+                print(f"  export {args.export}: {', '.join(files) if files else 'none for this benchmark'}")
     if launched:
         torch.distributed.destroy_process_group()
     return results

@@ -5,7 +5,9 @@ Layout of a run folder (one per preset and benchmark)::
 
     <out>/<preset>/<benchmark>/answers-<rank>of<world>.jsonl   answers, append-only
     <out>/<preset>/<benchmark>/stats-<rank>of<world>.jsonl     generation time and visual tokens per batch
-    <out>/<preset>/<benchmark>/result.json                     score, sub-scores, n scored / n questions, ...
+    <out>/<preset>/<benchmark>/result.json                     score, protocol, sub-scores, n scored / n questions, ...
+    <out>/<preset>/<benchmark>/export-official/                with ``export="official"``: the answers in the
+                                                               format of the benchmark's official script/server
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from tqdm import tqdm
 from llava.data.images import ImageError
 from llava.data.video import VideoError
 from llava.eval.answers import AnswerWriter, read_answers, shard_file
-from llava.eval.base import Benchmark, EvalDataError, EvalItem
+from llava.eval.base import Benchmark, EvalDataError, EvalItem, check_protocol
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+EXPORT_FOLDER = "export-official"
+EXPORTS = ("official",)
 
 
 @dataclass
@@ -219,14 +223,22 @@ def score_folder(
     folder: Path,
     run_info: dict[str, Any] | None = None,
     judge: Callable[[Sequence[EvalItem], Mapping[str, str]], dict[str, Any]] | None = None,
+    protocol: str = "official",
+    export: str | None = None,
 ) -> dict[str, Any]:
-    """Merge every shard's answers, score them and write ``result.json``; returns the result.
+    """Merge every shard's answers, score them under ``protocol`` and write ``result.json``; returns the result.
 
     Answers whose question id the benchmark does not have are an error (the answer files belong to another
     data set or version). The result says how many questions were scored out of how many, so a partial run
-    is never mistaken for a complete one. ``judge`` (e.g. :func:`llava.eval.judge.judge_answers`) adds an
-    LLM judge's summary under ``judge`` and its per-question verdicts in ``judge.json``.
+    is never mistaken for a complete one, and under which protocol (``protocol``). ``judge`` (e.g.
+    :func:`llava.eval.judge.judge_answers`, already bound to the protocol) adds an LLM judge's summary under
+    ``judge`` and its per-question verdicts in ``judge.json``. ``export="official"`` also writes the answers
+    in the official script's or server's format under ``<folder>/export-official/`` when the benchmark has
+    ``export_official`` (listed in ``export_files``; ``None`` there, and a log line, when it has none).
     """
+    check_protocol(protocol)
+    if export is not None and export not in EXPORTS:
+        raise ValueError(f"unknown export {export!r}; expected one of {', '.join(EXPORTS)}")
     answers = read_answers(folder)
     known = {item.question_id for item in items}
     unknown = sorted(set(answers) - known)
@@ -236,7 +248,7 @@ def score_folder(
             f"(first: {unknown[0]!r}); the answers come from another data set or version"
         )
     predictions = {question_id: record["text"] for question_id, record in answers.items()}
-    score = benchmark.score(items, predictions)
+    score = benchmark.score(items, predictions, protocol=protocol)
     stats = _read_jsonl_rows(folder, "stats-*of*.jsonl")
     skipped = _read_jsonl_rows(folder, "skipped-*of*.jsonl")
     token_rows = [(row["questions"], row["visual_tokens_per_layer"]) for row in stats if row["visual_tokens_per_layer"]]
@@ -245,6 +257,7 @@ def score_folder(
         "benchmark": benchmark.name,
         "score_name": benchmark.score_name,
         "score": None if math.isnan(score.score) else score.score,
+        "protocol": protocol,
         "metrics": score.metrics,
         "num_scored": score.num_scored,
         "num_questions": score.num_questions,
@@ -264,5 +277,12 @@ def score_folder(
     writer = getattr(benchmark, "write_submission", None)
     if writer is not None:
         result["submission_files"] = [str(path) for path in writer(items, predictions, folder)]
+    if export == "official":
+        exporter = getattr(benchmark, "export_official", None)
+        if exporter is None:
+            logger.info("%s has no official export format; nothing written for --export official", benchmark.name)
+            result["export_files"] = None
+        else:
+            result["export_files"] = [str(path) for path in exporter(items, predictions, folder / EXPORT_FOLDER)]
     (folder / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
     return result

@@ -5,6 +5,7 @@
 #   MODEL=runs/llava-v1.5-7b BENCHMARKS=textvqa,gqa,mme,pope,sqa PRESETS=none,duet_192 bash scripts/eval/run.sh
 #   NUM_GPUS=8 MODEL=... bash scripts/eval/run.sh --limit 100     # extra arguments go to llava.eval.run
 #   DRY_RUN=1 MODEL=... bash scripts/eval/run.sh                  # print the command only
+#   PROTOCOL=strict EXPORT=official MODEL=... bash scripts/eval/run.sh   # scoring protocol, official-format export
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -18,9 +19,15 @@ OUT="${OUT:-runs/eval/$(basename "$MODEL")}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 NUM_GPUS="${NUM_GPUS:-1}"
 PYTHON="${PYTHON:-python}"
+PROTOCOL="${PROTOCOL:-official}"  # official: the published scoring scripts; strict: this project's parsing
+EXPORT="${EXPORT:-}"              # official: also write the answers in the official scripts' formats
 
 ARGS=(--model "$MODEL" --root "$EVAL_ROOT" --benchmarks "$BENCHMARKS" --presets "$PRESETS" --out "$OUT"
-    --batch-size "$BATCH_SIZE" "$@")
+    --batch-size "$BATCH_SIZE" --protocol "$PROTOCOL")
+if [[ -n "$EXPORT" ]]; then
+    ARGS+=(--export "$EXPORT")
+fi
+ARGS+=("$@")
 if [[ "$NUM_GPUS" -gt 1 ]]; then
     CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" -m llava.eval.run "${ARGS[@]}")
 else

@@ -9,6 +9,7 @@ prediction loses trailing periods and is lower-cased, then must equal the answer
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,8 +18,10 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    check_protocol,
     llava_questions,
     read_json,
+    with_protocol,
 )
 from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 QUESTIONS_FILE = "llava_gqa_testdev_balanced.jsonl"
 ANNOTATIONS_FILE = "data/testdev_balanced_questions.json"
 IMAGE_FOLDER = "data/images"
+EXPORT_FILE = "testdev_balanced_predictions.json"
 
 
 def gqa_answer(prediction: str) -> str:
@@ -75,7 +79,26 @@ class GQA:
         logger.info("%s: %d questions from %s", self.name, len(items), questions_path)
         return items
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Exact-match accuracy x 100; ``metrics`` adds ``structural/<type>`` and ``semantic/<type>``
-        accuracies when the annotations carry GQA's question types."""
-        return mean_accuracy(items, predictions, exact_match, group_by=("structural", "semantic"))
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Exact-match accuracy x 100 (the same under every protocol: it already is GQA's); ``metrics`` adds
+        ``structural/<type>`` and ``semantic/<type>`` accuracies when the annotations carry GQA's question
+        types, and the protocol."""
+        check_protocol(protocol)
+        score = mean_accuracy(items, predictions, exact_match, group_by=("structural", "semantic"))
+        return with_protocol(score, protocol)
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """Write the predictions file GQA's ``eval.py`` reads, as LLaVA's ``convert_gqa_for_eval.py`` makes
+        it: a JSON list of ``{"questionId", "prediction"}`` (the answer without trailing periods, lower
+        case), answered questions in file order. Returns the file."""
+        entries = [
+            {"questionId": item.question_id, "prediction": predictions[item.question_id].rstrip(".").lower()}
+            for item in items
+            if item.question_id in predictions
+        ]
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / EXPORT_FILE
+        path.write_text(json.dumps(entries), encoding="utf-8")
+        logger.info("%s: wrote %d answers to %s", self.name, len(entries), path)
+        return [path]

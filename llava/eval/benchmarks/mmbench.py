@@ -3,8 +3,17 @@
 Questions come from ``mmbench/mmbench_dev_20230712.tsv`` (columns index, question, hint, A-D, answer,
 category, l2-category, source, split, image as base64). Rows with ``index >= 1_000_000`` are copies of
 ``index % 1_000_000`` with the options shifted; a question counts as right only if every copy is. The
-images are decoded once into the cache folder. LLaVA uploads its answers to OpenCompass, which applies
-the same rule (plus a GPT matcher for free-form answers, not used here: an unparseable answer is wrong).
+images are decoded once into the cache folder.
+
+Reading an answer. LLaVA uploads its answers to the MMBench server, which (like VLMEvalKit) first tries
+exact matching and then asks a GPT model to map a free-form answer to an option. The ``official``
+protocol reproduces the exact-matching stage, VLMEvalKit's ``can_infer`` (as of commit 18fc37a, without
+the later "letter near the end" and answer-length guards): punctuation ``.()[],:;!*#{}`` becomes spaces and
+the answer counts when exactly one option letter appears as a word ("(C)", "Answer: A", "A cat" -> A), else
+when exactly one option text appears in the lower-cased answer. The GPT stage is not run: an answer it
+would have matched scores as wrong, so a model that answers with letters (LLaVA-1.5's suffix asks for
+them) gets the server's number and a chattier one a lower bound. ``strict`` accepts only "B", "B." /
+"B. text" and one "The answer is B." (:func:`~llava.eval.benchmarks.choice.parse_option_letter`).
 """
 
 from __future__ import annotations
@@ -12,17 +21,64 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import logging
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score
+from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score, check_protocol
 from llava.eval.benchmarks.choice import parse_option_letter, percent
+
+logger = logging.getLogger(__name__)
 
 COPY_OFFSET = 1_000_000
 OPTIONS = "ABCD"
 COLUMNS = ("index", "question", "A", "B", "answer", "category", "image")
+UPLOAD_DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
+"""Columns LLaVA's ``convert_mmbench_for_submission.py`` drops from the TSV before adding ``prediction``."""
+UPLOAD_PREDICTION_COLUMN = 6
+"""Where that script inserts the ``prediction`` column (0-based)."""
+UPLOAD_FILE = "mmbench_dev_upload.tsv"
+
+_PUNCTUATION = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+"""Answers VLMEvalKit maps to the non-option "Z" (scored wrong) before any other matching."""
+_API_FAILURE = "Failed to obtain answer via API"
+
+
+def _infer_letter(text: str, options: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's option-letter stage: "Z" for a refusal or a lone "Z", the one option letter that
+    appears as a word, else ``None``."""
+    if _API_FAILURE in text:
+        return None
+    if any(refusal in text for refusal in _REFUSALS):
+        return "Z"
+    words = text.translate(_PUNCTUATION).split()
+    found = [letter for letter in options if letter in words]
+    if len(found) == 1:
+        return found[0]
+    if not found and "Z" in words:
+        return "Z"
+    return None
+
+
+def _infer_text(text: str, options: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's option-text stage: the one option whose lower-cased text is in the lower-cased answer."""
+    lowered = text.lower()
+    found = [letter for letter, option in options.items() if option.lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def parse_mmbench_official(text: str, options: Mapping[str, str]) -> str | None:
+    """The option VLMEvalKit's exact matching reads from ``text`` (``options``: letter -> option text of the
+    row), "Z" for what it treats as a refusal, ``None`` where it would hand over to its GPT matcher."""
+    return _infer_letter(text, options) or _infer_text(text, options)
 
 
 def _cell(row: Mapping[str, str | None], column: str) -> str:
@@ -63,6 +119,7 @@ class MMBench:
             if missing:
                 raise EvalDataError(f"{tsv}: missing column(s) {', '.join(missing)}")
             rows = list(reader)
+            header = list(reader.fieldnames or [])
         cells = {_cell(row, "index"): _cell(row, "image") for row in rows}
         if len(cells) != len(rows):
             raise EvalDataError(f"{tsv}: an index appears more than once")
@@ -76,6 +133,7 @@ class MMBench:
             if answer not in options:
                 raise EvalDataError(f"{where}: answer {answer!r} is not one of the options {sorted(options)}")
             image = self._image(index, cells, images, image_dir, where)
+            upload_row = {column: _cell(row, column) for column in header if column not in UPLOAD_DROPPED}
             hint, question = _cell(row, "hint"), _cell(row, "question")
             lines = [f"{hint}\n{question}" if hint else question]
             lines += [f"{letter}. {text}" for letter, text in options.items()]
@@ -88,6 +146,8 @@ class MMBench:
                     reference={
                         "answer": answer,
                         "options": "".join(options),
+                        "option_text": options,
+                        "upload_row": upload_row,
                         "group": int(index) % COPY_OFFSET,
                         "category": _cell(row, "category"),
                         "l2_category": _cell(row, "l2-category"),
@@ -119,9 +179,12 @@ class MMBench:
         images[index] = str(path.resolve())
         return images[index]
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """CircularEval accuracy x 100; ``metrics`` adds per-row accuracy and per-category circular
-        accuracy (``category/<name>``, ``l2_category/<name>``)."""
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """CircularEval accuracy x 100, answers read by :func:`parse_mmbench_official` (``official``) or
+        :func:`~llava.eval.benchmarks.choice.parse_option_letter` (``strict``); ``metrics`` adds per-row
+        accuracy, per-category circular accuracy (``category/<name>``, ``l2_category/<name>``) and the
+        protocol."""
+        check_protocol(protocol)
         groups: dict[int, list[bool | None]] = defaultdict(list)
         group_items: dict[int, EvalItem] = {}
         right_rows = scored_rows = 0
@@ -131,16 +194,21 @@ class MMBench:
             if item.question_id not in predictions:
                 groups[group].append(None)
                 continue
-            guess = parse_option_letter(predictions[item.question_id], item.reference["options"])
+            text = predictions[item.question_id]
+            if protocol == "official":
+                guess = parse_mmbench_official(text, item.reference["option_text"])
+            else:
+                guess = parse_option_letter(text, item.reference["options"])
             right = guess == item.reference["answer"]
             groups[group].append(right)
             right_rows += right
             scored_rows += 1
         complete = {group: all(flags) for group, flags in groups.items() if None not in flags}
-        metrics: dict[str, float] = {
+        metrics: dict[str, float | str] = {
             "circular_accuracy": percent(sum(complete.values()), len(complete)),
             "plain_accuracy": percent(right_rows, scored_rows),
             "questions_scored": len(complete),
+            "protocol": protocol,
         }
         for key in ("category", "l2_category"):
             totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -151,8 +219,37 @@ class MMBench:
                     totals[name][1] += 1
             metrics.update({f"{key}/{name}": percent(*counts) for name, counts in sorted(totals.items())})
         return Score(
-            score=metrics["circular_accuracy"],
+            score=percent(sum(complete.values()), len(complete)),
             metrics=metrics,
             num_scored=scored_rows,
             num_questions=len(items),
         )
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """Write the MMBench upload table LLaVA's ``convert_mmbench_for_submission.py`` builds: the TSV's
+        columns without hint, category, source, image, comment and l2-category, a ``prediction`` column
+        (the raw answer, empty where there is none) inserted as the 7th, one row per question in file
+        order. LLaVA writes it as .xlsx with pandas/openpyxl, which this project does not depend on, so it
+        is written as TSV (``pandas.read_table(path).to_excel(...)`` converts it). Returns the file."""
+        rows = []
+        for item in items:
+            row = dict(item.reference["upload_row"])
+            columns = list(row)
+            position = min(UPLOAD_PREDICTION_COLUMN, len(columns))
+            columns.insert(position, "prediction")
+            row["prediction"] = predictions.get(item.question_id, "")
+            rows.append((columns, row))
+        missing = sum(item.question_id not in predictions for item in items)
+        if missing:
+            logger.warning("%s: %d of %d questions have no prediction in the upload", self.name, missing, len(items))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / UPLOAD_FILE
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            if rows:
+                writer.writerow(rows[0][0])
+            for columns, row in rows:
+                writer.writerow([row.get(column, "") for column in columns])
+        logger.info("%s: wrote %d rows to %s", self.name, len(rows), path)
+        return [path]

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import EvalDataError, EvalItem, Score, llava_questions
+from llava.eval.base import EvalDataError, EvalItem, Score, check_protocol, llava_questions, with_protocol
 from llava.eval.benchmarks.gqa import exact_match, gqa_answer
 from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
@@ -48,6 +48,7 @@ class PlaygroundScenes:
         logger.info("%s: %d questions from %s", self.name, len(items), folder / QUESTIONS_FILE)
         return items
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Exact-match accuracy x 100, with ``category/<kind>`` accuracies."""
-        return mean_accuracy(items, predictions, exact_match, group_by=("category",))
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Exact-match accuracy x 100, with ``category/<kind>`` accuracies (one rule under every protocol)."""
+        check_protocol(protocol)
+        return with_protocol(mean_accuracy(items, predictions, exact_match, group_by=("category",)), protocol)

@@ -3,19 +3,29 @@ LLaVA-1.5's headline is the image accuracy.
 
 Questions come from ``seed_bench/llava-seed-bench.jsonl`` (text with options and the option-letter
 suffix already in it), the answers from ``seed_bench/SEED-Bench.json``, matched by question id.
+
+Reading an answer: ``official`` (the default) follows LLaVA's ``convert_seed_for_submission.py``, which
+counts an answer only when it is exactly the letter ("B"; "B." or "B. text" are wrong); ``strict`` also
+reads "B.", "C. text" and one "The answer is A." (:func:`~llava.eval.benchmarks.choice.parse_option_letter`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.base import EvalDataError, EvalItem, Score, read_json, read_jsonl, require_fields
-from llava.eval.benchmarks.choice import existing_image, parse_option_letter, percent
+from llava.eval.base import EvalDataError, EvalItem, Score, check_protocol, read_json, read_jsonl, require_fields
+from llava.eval.benchmarks.choice import existing_image, parse_option_letter, parse_seed_official, percent
+
+logger = logging.getLogger(__name__)
 
 OPTIONS = "ABCD"
+ANSWERS_FILE = "llava_answers.jsonl"
+UPLOAD_FILE = "seed_upload.jsonl"
 
 
 class SEEDBench:
@@ -30,6 +40,7 @@ class SEEDBench:
         question_file = folder / "llava-seed-bench.jsonl"
         truth_file = folder / "SEED-Bench.json"
         truth, type_names = self._read_truth(truth_file)
+        positions = {question_id: position for position, question_id in enumerate(truth)}
         items = []
         for number, record in read_jsonl(question_file):
             require_fields(record, ("question_id", "image", "text"), f"{question_file}:{number}")
@@ -48,6 +59,9 @@ class SEEDBench:
                         "answer": str(answer["answer"]),
                         "data_type": str(answer["data_type"]),
                         "question_type": type_names.get(type_id, type_id),
+                        "llava_id": record["question_id"],
+                        "seed_id": answer["question_id"],
+                        "seed_position": positions[question_id],
                     },
                 )
             )
@@ -71,16 +85,51 @@ class SEEDBench:
         type_names = {str(type_id): name for name, type_id in names.items()} if isinstance(names, dict) else {}
         return truth, type_names
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Accuracy per question type (``type/<name>``) and for ``image``, ``video`` and ``all``."""
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Accuracy per question type (``type/<name>``) and for ``image``, ``video`` and ``all``, answers read
+        under ``protocol`` (recorded in ``metrics``)."""
+        check_protocol(protocol)
+        parse = parse_seed_official if protocol == "official" else parse_option_letter
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for item in items:
             if item.question_id not in predictions:
                 continue
-            right = parse_option_letter(predictions[item.question_id], OPTIONS) == item.reference["answer"]
+            right = parse(predictions[item.question_id], OPTIONS) == item.reference["answer"]
             for key in ("all", item.reference["data_type"], f"type/{item.reference['question_type']}"):
                 counts[key][0] += right
                 counts[key][1] += 1
-        metrics = {key: percent(*counts[key]) for key in ("image", "video", "all")}
+        metrics: dict[str, float | str] = {key: percent(*counts[key]) for key in ("image", "video", "all")}
         metrics.update({key: percent(*value) for key, value in sorted(counts.items()) if key.startswith("type/")})
-        return Score(score=metrics["image"], metrics=metrics, num_scored=counts["all"][1], num_questions=len(items))
+        metrics["protocol"] = protocol
+        return Score(
+            score=percent(*counts["image"]), metrics=metrics, num_scored=counts["all"][1], num_questions=len(items)
+        )
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """Write LLaVA's answer file (``question_id`` as in ``llava-seed-bench.jsonl``, ``prompt``, ``text``:
+        the ``--result-file`` of ``convert_seed_for_submission.py``) and the upload file that script writes
+        (``{"question_id": id of SEED-Bench.json, "prediction": text}`` per line, in SEED-Bench.json order).
+        Unanswered questions are left out of both (LLaVA's script stops on them); the count is logged.
+        Returns both files."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        answered = [item for item in items if item.question_id in predictions]
+        if len(answered) < len(items):
+            logger.warning(
+                "%s: %d of %d questions have no answer to export", self.name, len(items) - len(answered), len(items)
+            )
+        answers_path, upload_path = out_dir / ANSWERS_FILE, out_dir / UPLOAD_FILE
+        with open(answers_path, "w", encoding="utf-8") as handle:
+            for item in answered:
+                record = {
+                    "question_id": item.reference["llava_id"],
+                    "prompt": item.prompt,
+                    "text": predictions[item.question_id],
+                }
+                handle.write(json.dumps(record) + "\n")
+        with open(upload_path, "w", encoding="utf-8") as handle:
+            for item in sorted(answered, key=lambda entry: entry.reference["seed_position"]):
+                record = {"question_id": item.reference["seed_id"], "prediction": predictions[item.question_id]}
+                handle.write(json.dumps(record) + "\n")
+        logger.info("%s: wrote %d answers to %s and %s", self.name, len(answered), answers_path, upload_path)
+        return [answers_path, upload_path]

@@ -4,21 +4,28 @@ questions that have an image.
 Questions come from LLaVA's ``scienceqa/llava_test_CQM-A.json`` (a list of conversations: the human
 turn holds context, question and "A. ..." option lines, the gpt turn the answer letter); images are
 ``scienceqa/images/test/<id>/image.png``.
+
+Reading an answer: ``official`` (the default) follows LLaVA's ``eval_science_qa.py``
+(:func:`~llava.eval.benchmarks.choice.parse_sqa_official`: "A", "A. text", "The answer is D," count; a bare
+"A." does not); ``strict`` accepts "A", "A." / "A. text" and exactly one "The answer is A."
+(:func:`~llava.eval.benchmarks.choice.parse_option_letter`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score, read_json, require_fields
-from llava.eval.benchmarks.choice import existing_image, parse_option_letter, percent
+from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score, check_protocol, read_json, require_fields
+from llava.eval.benchmarks.choice import existing_image, parse_option_letter, parse_sqa_official, percent
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
+EXPORT_FILE = "llava_answers.jsonl"
 _OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)
 
 
@@ -70,7 +77,7 @@ class ScienceQA:
                     prompt=text + OPTION_LETTER,
                     image=image,
                     max_new_tokens=1024,
-                    reference={"answer": reference, "options": letters, "has_image": has_image},
+                    reference={"answer": reference, "options": letters, "has_image": has_image, "id": record["id"]},
                 )
             )
         logger.info("ScienceQA: %d questions loaded from %s", len(items), question_file)
@@ -85,8 +92,10 @@ class ScienceQA:
             raise EvalDataError(f"{where}: expected a human and a gpt turn")
         return str(human.get("value", "")), str(gpt.get("value", ""))
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
-        """Accuracy x 100 on image questions; ``metrics`` adds counts and, if loaded, text-only and all."""
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
+        """Accuracy x 100 on image questions under ``protocol``; ``metrics`` adds counts, the protocol and,
+        if loaded, text-only and all."""
+        check_protocol(protocol)
         right = {True: 0, False: 0}
         scored = {True: 0, False: 0}
         for item in items:
@@ -95,14 +104,49 @@ class ScienceQA:
             has_image = bool(item.reference["has_image"])
             scored[has_image] += 1
             letters = item.reference["options"] or "ABCDE"
-            right[has_image] += parse_option_letter(predictions[item.question_id], letters) == item.reference["answer"]
-        metrics = {"image_accuracy": percent(right[True], scored[True]), "image_scored": scored[True]}
+            text = predictions[item.question_id]
+            if protocol == "official":
+                guess = parse_sqa_official(text, len(letters))
+            else:
+                guess = parse_option_letter(text, letters)
+            right[has_image] += guess == item.reference["answer"]
+        metrics: dict[str, float | int | str] = {
+            "image_accuracy": percent(right[True], scored[True]),
+            "image_scored": scored[True],
+            "protocol": protocol,
+        }
         if scored[False]:
             metrics["text_accuracy"] = percent(right[False], scored[False])
             metrics["all_accuracy"] = percent(right[True] + right[False], scored[True] + scored[False])
         return Score(
-            score=metrics["image_accuracy"],
+            score=percent(right[True], scored[True]),
             metrics=metrics,
             num_scored=scored[True] + scored[False],
             num_questions=len(items),
         )
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """Write the answers as LLaVA's ``model_vqa_science.py`` does, the ``--result-file`` of
+        ``eval_science_qa.py``: one JSON line per answered question with the original ``question_id``, the
+        ``prompt`` (``<image>\\n`` first for image questions: the script counts IMG accuracy by it) and the
+        ``text``. Questions without an answer are left out (the script counts them as failed). Returns the
+        file."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / EXPORT_FILE
+        written = 0
+        with open(path, "w", encoding="utf-8") as handle:
+            for item in items:
+                if item.question_id not in predictions:
+                    continue
+                prompt = f"{IMAGE_TAG}\n{item.prompt}" if item.reference["has_image"] else item.prompt
+                record = {
+                    "question_id": item.reference.get("id", item.question_id),
+                    "prompt": prompt,
+                    "text": predictions[item.question_id],
+                    "metadata": {},
+                }
+                handle.write(json.dumps(record) + "\n")
+                written += 1
+        logger.info("%s: wrote %d answers to %s", self.name, written, path)
+        return [path]

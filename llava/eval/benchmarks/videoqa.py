@@ -14,7 +14,9 @@ The published metric is a GPT judge (:mod:`llava.eval.judge`). :meth:`VideoQA.sc
 stand-in: after normalisation (lower case, punctuation and the articles a/an/the removed, whitespace
 collapsed) a prediction is correct when it equals the reference or contains it as a whole word or phrase.
 It gives no credit for synonyms or paraphrases, so it is stricter than the judge and its numbers are lower:
-compare a model only with a baseline scored the same way.
+compare a model only with a baseline scored the same way. It is the same under both protocols; the
+protocol (``--protocol``) changes the judge (:mod:`llava.eval.judge`: Video-ChatGPT's prompts and reading
+under ``official``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava.eval.base import EvalDataError, EvalItem, Score, read_json, require_fields, resolve_inside
+from llava.eval.base import (
+    EvalDataError,
+    EvalItem,
+    Score,
+    check_protocol,
+    read_json,
+    require_fields,
+    resolve_inside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +160,11 @@ class VideoQA:
                 return path
         raise EvalDataError(f"{where}: video {video_name!r} not found in {video_dir} (tried {', '.join(candidates)})")
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """Accuracy x 100 under :func:`answer_matches`, overall (``score``, ``metrics["accuracy"]``) and per
-        answer type (``metrics["accuracy/<type>"]`` with ``metrics["num_scored/<type>"]``). Questions without a
-        prediction are left out."""
+        answer type (``metrics["accuracy/<type>"]`` with ``metrics["num_scored/<type>"]``), the same under
+        every ``protocol`` (recorded in ``metrics``). Questions without a prediction are left out."""
+        check_protocol(protocol)
         scored: Counter[str] = Counter()
         correct: Counter[str] = Counter()
         for item in items:
@@ -164,7 +175,7 @@ class VideoQA:
             correct[answer_type] += answer_matches(str(predictions[item.question_id]), item.reference["answer"])
         num_scored, num_correct = sum(scored.values()), sum(correct.values())
         accuracy = 100.0 * num_correct / num_scored if num_scored else 0.0
-        metrics: dict[str, Any] = {"accuracy": accuracy, "num_correct": num_correct}
+        metrics: dict[str, Any] = {"accuracy": accuracy, "num_correct": num_correct, "protocol": protocol}
         for answer_type in sorted(scored):
             metrics[f"accuracy/{answer_type}"] = 100.0 * correct[answer_type] / scored[answer_type]
             metrics[f"num_scored/{answer_type}"] = scored[answer_type]

@@ -21,11 +21,13 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    check_protocol,
     llava_questions,
     read_json,
     require_fields,
     require_unique,
     resolve_image,
+    with_protocol,
 )
 from llava.eval.benchmarks.vqa_metric import (
     human_answers,
@@ -117,12 +119,14 @@ class VizWiz:
             )
         return items
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """val: mean VQA accuracy x 100, plus ``answer_type/<type>`` accuracies (unanswerable, yes/no,
         number, other). test: NaN with ``num_scored`` 0; upload :meth:`write_submission`'s file."""
+        check_protocol(protocol)
         if self.split == "test":
-            return server_scored("VizWiz test", items, predictions)
-        return mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
+            return with_protocol(server_scored("VizWiz test", items, predictions), protocol)
+        score = mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
+        return with_protocol(score, protocol)
 
     def write_submission(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
         """Write the EvalAI upload, a JSON list of ``{"image": file name, "answer": normalised answer}``
@@ -141,3 +145,7 @@ class VizWiz:
         path.write_text(json.dumps(entries), encoding="utf-8")
         logger.info("%s: wrote %d answers to %s", self.name, len(entries), path)
         return [path]
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """The EvalAI upload of :meth:`write_submission`, written to ``out_dir`` (``--export official``)."""
+        return self.write_submission(items, predictions, out_dir)

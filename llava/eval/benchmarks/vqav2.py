@@ -21,12 +21,14 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    check_protocol,
     llava_questions,
     read_json,
     read_jsonl,
     require_fields,
     require_unique,
     resolve_image,
+    with_protocol,
 )
 from llava.eval.benchmarks.vqa_metric import (
     human_answers,
@@ -116,12 +118,14 @@ class VQAv2:
             )
         return items
 
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str]) -> Score:
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """val: mean VQA accuracy x 100, plus ``answer_type/<type>`` accuracies (yes/no, number, other).
         test-dev: NaN with ``num_scored`` 0; upload :meth:`write_submission`'s file to EvalAI instead."""
+        check_protocol(protocol)
         if self.split == "test-dev":
-            return server_scored("VQAv2 test-dev", items, predictions)
-        return mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
+            return with_protocol(server_scored("VQAv2 test-dev", items, predictions), protocol)
+        score = mean_accuracy(items, predictions, reference_vqa_accuracy, group_by=("answer_type",))
+        return with_protocol(score, protocol)
 
     def write_submission(
         self,
@@ -191,3 +195,7 @@ def _read_val_annotations(path: Path) -> dict[str, dict[str, object]]:
             reference["answer_type"] = entry["answer_type"]
         annotations[str(entry["question_id"])] = reference
     return annotations
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """The EvalAI upload of :meth:`write_submission`, written to ``out_dir`` (``--export official``)."""
+        return self.write_submission(items, predictions, out_dir)
