@@ -14,11 +14,12 @@ normalised), which does not depend on either file's numbering or order; a questi
 means the label file belongs to other questions and is an :class:`EvalDataError` naming both files.
 
 Label version. POPE regenerated its random split in October 2023. LLaVA-1.5's question file and
-published POPE numbers (mean F1 85.9 for LLaVA-1.5-7B) come from the label files of POPE commit
-``e3e39262c85a6a83f26cf5094022a782cb0df58d`` (``output/coco/coco_pope_{adversarial,popular,random}.json``,
-whose random split has 2,910 questions, not 3,000). The newer random split does not hold the same
-(image, question) pairs and is refused here; with it LLaVA's own script silently reports a random-split
-F1 of about 46.
+published POPE numbers (mean F1 over the three splits, 85.9 for LLaVA-1.5-7B) come from the label files of
+POPE commit ``e3e39262c85a6a83f26cf5094022a782cb0df58d`` (``output/coco/coco_pope_{adversarial,popular,
+random}.json``; its random split has 2,910 questions, the regenerated one 3,000). With the regenerated
+random file LLaVA's own script, pairing by position, silently reports a random-split F1 of about 46. Here
+a label file is used only if every question of its split finds a label with the same image and question
+in it; otherwise the run stops naming both files instead of misaligning.
 
 Protocols. ``official`` is ``eval_pope.py``'s reading of an answer (first sentence, commas dropped,
 "no" when a space-separated word is ``No``, ``no`` or ``not``, else "yes") and its per-split accuracy,
