@@ -428,6 +428,29 @@ def test_judge_temperature_only_when_asked(stub_judge: str) -> None:
     assert [body["temperature"] for body in StubJudge.bodies] == [0.2, 0.2]
 
 
+def test_video_export_is_video_chatgpt_prediction_file(tmp_path: Path) -> None:
+    folder = tmp_path / "GPT_Zero_Shot_QA" / "MSVD_Zero_Shot_QA"
+    (folder / "videos").mkdir(parents=True)
+    for name in ("clip1", "clip2"):
+        (folder / "videos" / f"{name}.avi").write_bytes(b"not a video")
+    questions = [
+        {"video_name": "clip1", "question": "what is the man doing?", "question_id": "v_clip1_0"},
+        {"video_name": "clip2", "question": "who is cooking?", "question_id": "v_clip2_1"},
+        {"video_name": "clip1", "question": "how many dogs?", "question_id": "v_clip1_2"},
+    ]
+    answers = [{"answer": "two", "type": 3, "question_id": "v_clip1_2"}, {"answer": "cooking", "type": 0,
+               "question_id": "v_clip1_0"}, {"answer": "woman", "type": 1, "question_id": "v_clip2_1"}]  # fmt: skip
+    (folder / "test_q.json").write_text(json.dumps(questions))
+    (folder / "test_a.json").write_text(json.dumps(answers))
+    benchmark = get_benchmark("msvd")
+    items = benchmark.load(tmp_path, tmp_path / "cache")
+    (path,) = benchmark.export_official(items, {"v_clip1_0": "he cooks", "v_clip1_2": "2"}, tmp_path / "x")
+    assert json.loads(path.read_text()) == [
+        {"video_name": "clip1", "Q": "what is the man doing?", "A": "cooking", "pred": "he cooks"},
+        {"video_name": "clip1", "Q": "how many dogs?", "A": "two", "pred": "2"},
+    ]
+
+
 # --- the CLI: --protocol and --export with --score-only ----------------------------------------------------
 
 

@@ -21,6 +21,7 @@ under ``official``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -41,6 +42,7 @@ from llava.eval.base import (
 
 logger = logging.getLogger(__name__)
 
+EXPORT_FILE = "video_chatgpt_predictions.json"
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm")
 """Containers tried, after the dataset's own, when a ``video_name`` has no extension."""
 
@@ -139,7 +141,7 @@ class VideoQA:
                     prompt=text,
                     video=self._video_path(video_dir, video_name, where),
                     max_new_tokens=self.max_new_tokens,
-                    reference={"answer": str(answer["answer"]), "type": answer.get("type")},
+                    reference={"answer": str(answer["answer"]), "type": answer.get("type"), "video_name": video_name},
                 )
             )
         logger.info("%s: %d questions from %s", self.name, len(items), folder)
@@ -182,6 +184,26 @@ class VideoQA:
         if num_scored < len(items):
             logger.warning("%s: %d of %d questions have no prediction", self.name, len(items) - num_scored, len(items))
         return Score(score=accuracy, metrics=metrics, num_scored=num_scored, num_questions=len(items))
+
+    def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
+        """Write the ``--pred_path`` file of Video-ChatGPT's ``evaluate_*_qa.py`` judge: a JSON list of
+        ``{"video_name", "Q", "A", "pred"}``, answered questions in file order. Returns the file."""
+        entries = [
+            {
+                "video_name": item.reference.get("video_name", item.question_id),
+                "Q": item.prompt,
+                "A": item.reference["answer"],
+                "pred": predictions[item.question_id],
+            }
+            for item in items
+            if item.question_id in predictions
+        ]
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / EXPORT_FILE
+        path.write_text(json.dumps(entries), encoding="utf-8")
+        logger.info("%s: wrote %d predictions to %s", self.name, len(entries), path)
+        return [path]
 
 
 def _records_by_id(path: Path, fields: Sequence[str]) -> dict[str, dict[str, Any]]:
