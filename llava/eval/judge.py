@@ -232,17 +232,23 @@ def _post(config: JudgeConfig, payload: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
 
+def sent_temperature(config: JudgeConfig, protocol: str) -> float | None:
+    """The temperature sent to the judge: the configured one, else none under ``official`` (the server's
+    default, as Video-ChatGPT's script) and 0 under ``strict``."""
+    if config.temperature is not None:
+        return config.temperature
+    return None if check_protocol(protocol) == "official" else 0.0
+
+
 def judge_request(
     question: str, answer: str, prediction: str, config: JudgeConfig, protocol: str = "official"
 ) -> dict[str, Any]:
     """The chat-completions payload sent for one question under ``protocol``."""
-    check_protocol(protocol)
-    if protocol == "official":
+    if check_protocol(protocol) == "official":
         system, user = OFFICIAL_SYSTEM_PROMPT, official_user_prompt(question, answer, prediction)
-        temperature = config.temperature
     else:
         system, user = SYSTEM_PROMPT, USER_PROMPT.format(question=question, answer=answer, prediction=prediction)
-        temperature = 0.0 if config.temperature is None else config.temperature
+    temperature = sent_temperature(config, protocol)
     payload: dict[str, Any] = {
         "model": config.model,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -346,5 +352,5 @@ def judge_answers(
         "failures": failures,
         "model": config.model,
         "protocol": protocol,
-        "temperature": judge_request("", "", "", config, protocol).get("temperature"),
+        "temperature": sent_temperature(config, protocol),
     }
