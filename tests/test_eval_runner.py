@@ -221,6 +221,21 @@ def test_compare_table_arithmetic(tmp_path):
         compare.build_table(results, ["gqa"], ("other", "none"))
 
 
+def test_compare_refuses_results_scored_under_different_protocols_and_names_the_protocol(tmp_path):
+    official = [{**_result(checkpoint, preset, "sqa", 60.0, 576), "protocol": "official"}
+                for checkpoint, preset in (("base", "none"), ("base", "duet_64"))]  # fmt: skip
+    rows = compare.build_table(official, ["sqa"], ("base", "none"))
+    assert "Scoring protocol (llava.eval.run --protocol): sqa official" in compare.render_markdown(
+        rows, ["sqa"], ("base", "none")
+    )
+    mixed = [official[0], {**official[1], "protocol": "strict"}]
+    with pytest.raises(ValueError, match=r"sqa: official \(base/none\), strict \(base/duet_64\)"):
+        compare.build_table(mixed, ["sqa"], ("base", "none"))
+    unrecorded = [official[0], _result("base", "duet_64", "sqa", 60.0, 64)]  # a result from before protocols
+    with pytest.raises(ValueError, match="unrecorded"):
+        compare.build_table(unrecorded, ["sqa"], ("base", "none"))
+
+
 def test_compare_training_time_columns_and_per_model_presets(tmp_path):
     assert compare.parse_models(["a=runs/x", "runs/y@duet_64,none"]) == [
         ("a", "runs/x", None),

@@ -105,6 +105,7 @@ def build_table(
     """
     train_seconds = dict(train_seconds or {})
     base_train = train_seconds.get(baseline[0])
+    check_one_protocol(results)
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for result in results:
         by_key.setdefault((result["checkpoint"], result["preset"]), {})[result["benchmark"]] = result
@@ -119,7 +120,7 @@ def build_table(
             result = per_benchmark.get(name)
             if result is None or result["score"] is None:
                 continue
-            cell = {"score": result["score"], "retained": None}
+            cell = {"score": result["score"], "retained": None, "protocol": result.get("protocol") or "unrecorded"}
             reference = base.get(name)
             if reference is not None and reference["score"]:
                 cell["retained"] = 100.0 * result["score"] / reference["score"]
@@ -140,6 +141,25 @@ def build_table(
         row["prefill_ms_per_question"] = statistics.mean(prefill) if prefill else None
         rows.append(row)
     return rows
+
+
+def check_one_protocol(results: Sequence[dict[str, Any]]) -> None:
+    """ValueError when one benchmark's results were scored under different protocols (``official`` and
+    ``strict``, or results from before protocols were recorded): their percentages would not compare."""
+    seen: dict[str, dict[str, str]] = {}
+    for result in results:
+        protocol = result.get("protocol") or "unrecorded"
+        seen.setdefault(result["benchmark"], {}).setdefault(protocol, f"{result['checkpoint']}/{result['preset']}")
+    mixed = {name: found for name, found in seen.items() if len(found) > 1}
+    if mixed:
+        details = "; ".join(
+            f"{name}: " + ", ".join(f"{protocol} ({where})" for protocol, where in found.items())
+            for name, found in mixed.items()
+        )
+        raise ValueError(
+            f"results scored under different protocols: {details}; rescore them alike with "
+            "python -m llava.eval.run --score-only --protocol official|strict"
+        )
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -167,6 +187,12 @@ def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], b
         f"Cells: score (% of {baseline[0]}/{baseline[1]}). Average retained = mean of the percentages over the "
         "benchmarks (DUET-VLM's Avg%). Visual tokens per layer and prefill time are measured during the run."
     ]
+    protocols = {name: cell["protocol"] for row in rows for name, cell in row["cells"].items()}
+    if protocols:
+        notes.append(
+            "Scoring protocol (llava.eval.run --protocol): "
+            + ", ".join(f"{name} {protocols[name]}" for name in benchmarks if name in protocols)
+        )
     if with_train:
         notes.append(
             "Train time: the trainer's train_runtime summed over the checkpoint's training stages (launch and "
