@@ -171,6 +171,18 @@ def test_compressed_prefill_copies_nothing_from_the_host(t2v):
     assert training == [], describe(training)
 
 
+def test_a_dymu_prefill_copies_nothing_from_the_host():
+    """DyMU's variable token counts (merged in the tower, then T2V) are summed per image on the device."""
+    from llava.compression.config import DyMUConfig
+    from tests.test_dymu import TOWER_LAYERS
+    from tests.test_dymu import build as build_dymu
+
+    model = build_dymu(DyMUConfig((0.2,) * TOWER_LAYERS), T2VConfig((0.5,), (0.5,), query="instruction"))
+    ids, mask, pixels = left_padded_batch()
+    events = host_to_device_copies(lambda: model(ids, mask, pixels, left_padding=True, logits_to_keep=1))
+    assert events == [], describe(events)
+
+
 def fast_decoder_after_generation(model: DuetLlavaForCausalLM) -> tuple[FastDecoder, object]:
     """A FastDecoder that generated for the left-padded batch, and its (only) runner."""
     ids, mask, pixels = left_padded_batch()

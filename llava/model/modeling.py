@@ -335,7 +335,11 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         ]
         if tower.virtual_unmerging:
             return self._unmerged(projected, frame_counts, groups, frames_per_segment, seconds, host_counts)
-        counts = torch.tensor(host_counts, dtype=torch.long).to(projected.device, non_blocking=True)
+        # The same sums on the device (no host-to-device copy of host_counts).
+        segment_of_frame = torch.arange(len(host_frame_counts), device=frame_counts.device) // frames_per_segment
+        counts = frame_counts.new_zeros(len(host_counts), dtype=torch.long).index_add_(
+            0, segment_of_frame, frame_counts.long()
+        )
         return VisualParts(projected, counts, seconds, host_counts)
 
     @staticmethod
