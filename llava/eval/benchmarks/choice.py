@@ -62,10 +62,10 @@ def parse_seed_official(text: str, letters: str = "ABCD") -> str | None:
     return text if len(text) == 1 and text in letters else None
 
 
-def parse_yes_no_mme(text: str) -> str:
-    """MME's reading of an answer: "yes", "no" or "other" (lower-cased, periods dropped; an exact
-    yes/no, else yes/no within the first four characters)."""
-    answer = text.lower().strip().replace(".", "")
+def parse_calculation(text: str) -> str:
+    """MME ``calculation.py``'s reading of an answer: lower-cased only; exactly "yes"/"no", else "yes" if
+    the first four characters contain "yes", "no" if they contain "no", else "other"."""
+    answer = text.lower()
     if answer in ("yes", "no"):
         return answer
     prefix = answer[:4]
@@ -74,6 +74,12 @@ def parse_yes_no_mme(text: str) -> str:
     if "no" in prefix:
         return "no"
     return "other"
+
+
+def parse_yes_no_mme(text: str) -> str:
+    """The ``strict`` reading of an MME answer: :func:`parse_calculation` after stripping and dropping every
+    "." (as lmms-eval does)."""
+    return parse_calculation(text.strip().replace(".", ""))
 
 
 def parse_yes_no_pope(text: str) -> str:

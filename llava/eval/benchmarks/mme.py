@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score, check_protocol, read_jsonl, require_fields
-from llava.eval.benchmarks.choice import existing_image, parse_yes_no_mme, percent
+from llava.eval.benchmarks.choice import existing_image, parse_calculation, parse_yes_no_mme, percent
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ def mme_questions(text: str) -> list[str]:
     if MME_SUFFIX.strip() in question:
         return [question]
     return [question + MME_SUFFIX, question + " " + MME_SUFFIX]
-
-
-def parse_calculation(text: str) -> str:
-    """MME ``calculation.py``'s reading of an answer: lower-cased only; exactly "yes"/"no", else "yes" if
-    the first four characters contain "yes", "no" if they contain "no", else "other"."""
-    answer = text.lower()
-    if answer in ("yes", "no"):
-        return answer
-    prefix = answer[:4]
-    if "yes" in prefix:
-        return "yes"
-    if "no" in prefix:
-        return "no"
-    return "other"
 
 
 class _GroundTruth:
