@@ -9,10 +9,13 @@ its official metric. The runner owns everything else: batching, compression, sha
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 """LLaVA-1.5's suffix for short-answer VQA (TextVQA, GQA, VQAv2, VizWiz)."""
@@ -109,6 +112,42 @@ def with_protocol(score: Score, protocol: str) -> Score:
     protocol (the result file still says which one was asked for)."""
     score.metrics["protocol"] = check_protocol(protocol)
     return score
+
+
+def answered_items(
+    items: Sequence[EvalItem], predictions: Mapping[str, str], name: str, consequence: str | None = None
+) -> list[EvalItem]:
+    """The items that have a prediction, in order (what an export writes). With ``consequence`` (what a gap
+    means to the official script) the unanswered rest is counted in a warning."""
+    answered = [item for item in items if item.question_id in predictions]
+    if consequence is not None and len(answered) < len(items):
+        logger.warning(
+            "%s: %d of %d questions unanswered; %s", name, len(items) - len(answered), len(items), consequence
+        )
+    return answered
+
+
+def llava_answer(question_id: Any, item: EvalItem, text: str, **extra: Any) -> dict[str, Any]:
+    """One line of LLaVA's answer JSONL (what its ``model_vqa*.py`` write and its ``eval_*.py`` read):
+    ``question_id`` as in LLaVA's question file, the ``prompt`` asked, the answer ``text``; ``extra`` fields
+    after them."""
+    return {"question_id": question_id, "prompt": item.prompt, "text": text, **extra}
+
+
+def write_export(out_dir: Path, filename: str, records: Iterable[Any], name: str, json_lines: bool = True) -> Path:
+    """Write ``records`` for an official script under ``out_dir`` (created): one JSON value per line, or
+    with ``json_lines=False`` one JSON list; logs how many. Returns the file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / filename
+    records = list(records)
+    if json_lines:
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False)
+    path.write_text(text, encoding="utf-8")
+    logger.info("%s: wrote %d records to %s", name, len(records), path)
+    return path
 
 
 def read_json(path: Path) -> Any:

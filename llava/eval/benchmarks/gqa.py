@@ -9,7 +9,6 @@ prediction loses trailing periods and is lower-cased, then must equal the answer
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from llava.eval.base import (
     llava_questions,
     read_json,
     with_protocol,
+    write_export,
 )
 from llava.eval.benchmarks.vqa_metric import mean_accuracy
 
@@ -96,9 +96,4 @@ class GQA:
             for item in items
             if item.question_id in predictions
         ]
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / EXPORT_FILE
-        path.write_text(json.dumps(entries), encoding="utf-8")
-        logger.info("%s: wrote %d answers to %s", self.name, len(entries), path)
-        return [path]
+        return [write_export(out_dir, EXPORT_FILE, entries, self.name, json_lines=False)]

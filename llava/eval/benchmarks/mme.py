@@ -19,14 +19,24 @@ as lmms-eval does) with acc+ grouped by image. Per subtask the score is acc + ac
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score, check_protocol, read_jsonl, require_fields
+from llava.eval.base import (
+    SHORT_ANSWER,
+    EvalDataError,
+    EvalItem,
+    Score,
+    answered_items,
+    check_protocol,
+    llava_answer,
+    read_jsonl,
+    require_fields,
+    write_export,
+)
 from llava.eval.benchmarks.choice import existing_image, parse_calculation, parse_yes_no_mme, percent
 
 logger = logging.getLogger(__name__)
@@ -242,27 +252,18 @@ class MME:
         from it (``<file>.txt<TAB>question<TAB>Yes|No<TAB>answer``), which MME's ``calculation.py
         --results_dir`` reads. Tabs and newlines in an answer become spaces (the tool splits on them); its
         yes/no reading is unchanged by that."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        answered = [item for item in items if item.question_id in predictions]
-        if len(answered) < len(items):
-            logger.warning(
-                "mme: %d of %d questions unanswered; calculation.py expects both questions of every image",
-                len(items) - len(answered),
-                len(items),
-            )
-        answers_path = out_dir / ANSWERS_FILE
+        answered = answered_items(items, predictions, self.name, "calculation.py expects both questions of every image")
+        answers = [llava_answer(item.reference["image"], item, predictions[item.question_id]) for item in answered]
+        answers_path = write_export(out_dir, ANSWERS_FILE, answers, self.name)
         lines: dict[str, list[str]] = defaultdict(list)
-        with open(answers_path, "w", encoding="utf-8") as handle:
-            for item in answered:
-                text = predictions[item.question_id]
-                record = {"question_id": item.reference["image"], "prompt": item.prompt, "text": text}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                flat = text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
-                if flat != text:
-                    logger.warning("mme: answer to %s has tabs or line breaks, written with spaces", item.question_id)
-                txt_name = item.reference["image"].split("/")[-1].split(".")[0] + ".txt"
-                fields = (txt_name, item.reference["mme_question"], item.reference["mme_answer"], flat)
-                lines[item.reference["subtask"]].append("\t".join(fields) + "\n")
+        for item in answered:
+            text = predictions[item.question_id]
+            flat = text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+            if flat != text:
+                logger.warning("mme: answer to %s has tabs or line breaks, written with spaces", item.question_id)
+            txt_name = item.reference["image"].split("/")[-1].split(".")[0] + ".txt"
+            fields = (txt_name, item.reference["mme_question"], item.reference["mme_answer"], flat)
+            lines[item.reference["subtask"]].append("\t".join(fields) + "\n")
         tool_dir = out_dir / EVAL_TOOL_FOLDER
         tool_dir.mkdir(exist_ok=True)
         written = [answers_path]

@@ -31,7 +31,6 @@ in a split) both report 0.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,9 +41,12 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    answered_items,
     check_protocol,
+    llava_answer,
     read_jsonl,
     require_fields,
+    write_export,
 )
 from llava.eval.benchmarks.choice import existing_image, parse_yes_no_pope
 
@@ -214,26 +216,20 @@ class POPE:
         """LLaVA's answer JSONL for ``eval_pope.py --result-file`` (with ``--question-file`` the original
         ``llava_pope_test.jsonl`` and ``--annotation-dir`` the label folder): the original question ids, and
         each split's answers in its label file's order, since that script pairs them by position."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        answered = [item for item in items if item.question_id in predictions]
-        if len(answered) < len(items):
-            logger.warning(
-                "pope: %d of %d questions unanswered; eval_pope.py pairs answers with labels by position and "
-                "will misalign this file",
-                len(items) - len(answered),
-                len(items),
-            )
+        answered = answered_items(
+            items, predictions, self.name, "eval_pope.py pairs answers with labels by position and will misalign "
+            "this file",
+        )  # fmt: skip
         answered.sort(key=lambda item: (SPLITS.index(item.reference["split"]), item.reference["label_position"]))
-        path = out_dir / ANSWERS_FILE
-        with open(path, "w", encoding="utf-8") as handle:
-            for item in answered:
-                record = {
-                    "question_id": item.reference["llava_id"],
-                    "prompt": item.prompt,
-                    "text": predictions[item.question_id],
-                    "answer_id": item.question_id,
-                    "model_id": "duet-vlm",
-                    "metadata": {},
-                }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return [path]
+        records = [
+            llava_answer(
+                item.reference["llava_id"],
+                item,
+                predictions[item.question_id],
+                answer_id=item.question_id,
+                model_id="duet-vlm",
+                metadata={},
+            )
+            for item in answered
+        ]
+        return [write_export(out_dir, ANSWERS_FILE, records, self.name)]

@@ -11,14 +11,24 @@ reads "B.", "C. text" and one "The answer is A." (:func:`~llava.eval.benchmarks.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.base import EvalDataError, EvalItem, Score, check_protocol, read_json, read_jsonl, require_fields
+from llava.eval.base import (
+    EvalDataError,
+    EvalItem,
+    Score,
+    answered_items,
+    check_protocol,
+    llava_answer,
+    read_json,
+    read_jsonl,
+    require_fields,
+    write_export,
+)
 from llava.eval.benchmarks.choice import existing_image, parse_option_letter, parse_seed_official, percent
 
 logger = logging.getLogger(__name__)
@@ -111,25 +121,13 @@ class SEEDBench:
         (``{"question_id": id of SEED-Bench.json, "prediction": text}`` per line, in SEED-Bench.json order).
         Unanswered questions are left out of both (LLaVA's script stops on them); the count is logged.
         Returns both files."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        answered = [item for item in items if item.question_id in predictions]
-        if len(answered) < len(items):
-            logger.warning(
-                "%s: %d of %d questions have no answer to export", self.name, len(items) - len(answered), len(items)
-            )
-        answers_path, upload_path = out_dir / ANSWERS_FILE, out_dir / UPLOAD_FILE
-        with open(answers_path, "w", encoding="utf-8") as handle:
-            for item in answered:
-                record = {
-                    "question_id": item.reference["llava_id"],
-                    "prompt": item.prompt,
-                    "text": predictions[item.question_id],
-                }
-                handle.write(json.dumps(record) + "\n")
-        with open(upload_path, "w", encoding="utf-8") as handle:
-            for item in sorted(answered, key=lambda entry: entry.reference["seed_position"]):
-                record = {"question_id": item.reference["seed_id"], "prediction": predictions[item.question_id]}
-                handle.write(json.dumps(record) + "\n")
-        logger.info("%s: wrote %d answers to %s and %s", self.name, len(answered), answers_path, upload_path)
-        return [answers_path, upload_path]
+        answered = answered_items(items, predictions, self.name, "left out of the export")
+        answers = [llava_answer(item.reference["llava_id"], item, predictions[item.question_id]) for item in answered]
+        upload = [
+            {"question_id": item.reference["seed_id"], "prediction": predictions[item.question_id]}
+            for item in sorted(answered, key=lambda entry: entry.reference["seed_position"])
+        ]
+        return [
+            write_export(out_dir, ANSWERS_FILE, answers, self.name),
+            write_export(out_dir, UPLOAD_FILE, upload, self.name),
+        ]

@@ -13,13 +13,23 @@ Reading an answer: ``official`` (the default) follows LLaVA's ``eval_science_qa.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score, check_protocol, read_json, require_fields
+from llava.eval.base import (
+    OPTION_LETTER,
+    EvalDataError,
+    EvalItem,
+    Score,
+    answered_items,
+    check_protocol,
+    llava_answer,
+    read_json,
+    require_fields,
+    write_export,
+)
 from llava.eval.benchmarks.choice import existing_image, parse_option_letter, parse_sqa_official, percent
 
 logger = logging.getLogger(__name__)
@@ -131,22 +141,12 @@ class ScienceQA:
         ``prompt`` (``<image>\\n`` first for image questions: the script counts IMG accuracy by it) and the
         ``text``. Questions without an answer are left out (the script counts them as failed). Returns the
         file."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / EXPORT_FILE
-        written = 0
-        with open(path, "w", encoding="utf-8") as handle:
-            for item in items:
-                if item.question_id not in predictions:
-                    continue
-                prompt = f"{IMAGE_TAG}\n{item.prompt}" if item.reference["has_image"] else item.prompt
-                record = {
-                    "question_id": item.reference.get("id", item.question_id),
-                    "prompt": prompt,
-                    "text": predictions[item.question_id],
-                    "metadata": {},
-                }
-                handle.write(json.dumps(record) + "\n")
-                written += 1
-        logger.info("%s: wrote %d answers to %s", self.name, written, path)
-        return [path]
+        records = [
+            {
+                **llava_answer(item.reference.get("id", item.question_id), item, predictions[item.question_id]),
+                "prompt": f"{IMAGE_TAG}\n{item.prompt}" if item.reference["has_image"] else item.prompt,
+                "metadata": {},
+            }
+            for item in answered_items(items, predictions, self.name)
+        ]
+        return [write_export(out_dir, EXPORT_FILE, records, self.name)]

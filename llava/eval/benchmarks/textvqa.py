@@ -18,7 +18,6 @@ question ids and prompts.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,12 +28,15 @@ from llava.eval.base import (
     EvalDataError,
     EvalItem,
     Score,
+    answered_items,
     check_llava_question,
+    llava_answer,
     read_json,
     read_jsonl,
     require_fields,
     resolve_image,
     with_protocol,
+    write_export,
 )
 from llava.eval.benchmarks.vqa_metric import mean_accuracy, reference_vqa_accuracy
 
@@ -128,19 +130,15 @@ class TextVQA:
         """LLaVA's answer JSONL for ``eval_textvqa.py --result-file``: ``question_id`` as in the question file
         (the image id, repeated per question), ``prompt`` = the text the model was asked (from which that
         script recovers the question), ``text`` = the answer; one line per answered question, in order."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / ANSWERS_FILE
-        with open(path, "w", encoding="utf-8") as handle:
-            for item in items:
-                if item.question_id not in predictions:
-                    continue
-                record = {
-                    "question_id": item.reference.get("llava_id", item.reference["image_id"]),
-                    "prompt": item.prompt,
-                    "text": predictions[item.question_id],
-                    "answer_id": item.question_id,
-                    "model_id": "duet-vlm",
-                    "metadata": {},
-                }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return [path]
+        records = [
+            llava_answer(
+                item.reference.get("llava_id", item.reference["image_id"]),
+                item,
+                predictions[item.question_id],
+                answer_id=item.question_id,
+                model_id="duet-vlm",
+                metadata={},
+            )
+            for item in answered_items(items, predictions, self.name)
+        ]
+        return [write_export(out_dir, ANSWERS_FILE, records, self.name)]

@@ -21,7 +21,6 @@ under ``official``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -38,6 +37,7 @@ from llava.eval.base import (
     read_json,
     require_fields,
     resolve_inside,
+    write_export,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,12 +198,7 @@ class VideoQA:
             for item in items
             if item.question_id in predictions
         ]
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / EXPORT_FILE
-        path.write_text(json.dumps(entries), encoding="utf-8")
-        logger.info("%s: wrote %d predictions to %s", self.name, len(entries), path)
-        return [path]
+        return [write_export(out_dir, EXPORT_FILE, entries, self.name, json_lines=False)]
 
 
 def _records_by_id(path: Path, fields: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,6 @@ scored with the VQA accuracy. Each image has one question, so the image file nam
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from llava.eval.base import (
     require_unique,
     resolve_image,
     with_protocol,
+    write_export,
 )
 from llava.eval.benchmarks.vqa_metric import (
     human_answers,
@@ -139,12 +139,9 @@ class VizWiz:
         missing = sum(item.question_id not in predictions for item in items)
         if missing:
             logger.warning("%s: %d of %d questions have no answer in the submission", self.name, missing, len(items))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.name}_{self.split}_submission.json"
-        path.write_text(json.dumps(entries), encoding="utf-8")
-        logger.info("%s: wrote %d answers to %s", self.name, len(entries), path)
-        return [path]
+        return [
+            write_export(out_dir, f"{self.name}_{self.split}_submission.json", entries, self.name, json_lines=False)
+        ]
 
     def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
         """The EvalAI upload of :meth:`write_submission`, written to ``out_dir`` (``--export official``)."""

@@ -11,7 +11,6 @@ official files), images ``val2014/COCO_val2014_<image id, 12 digits>.jpg``, scor
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from llava.eval.base import (
     require_unique,
     resolve_image,
     with_protocol,
+    write_export,
 )
 from llava.eval.benchmarks.vqa_metric import (
     human_answers,
@@ -160,12 +160,9 @@ class VQAv2:
         missing = sum(entry["answer"] == "" for entry in entries)
         if missing:
             logger.warning("%s: %d of %d questions have no answer in the submission", self.name, missing, len(entries))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.name}_{self.split}_submission.json"
-        path.write_text(json.dumps(entries), encoding="utf-8")
-        logger.info("%s: wrote %d answers to %s", self.name, len(entries), path)
-        return [path]
+        return [
+            write_export(out_dir, f"{self.name}_{self.split}_submission.json", entries, self.name, json_lines=False)
+        ]
 
 
 def _as_int(question_id: object) -> int:
