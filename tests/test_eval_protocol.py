@@ -13,7 +13,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from llava.eval.benchmarks.seed import SEEDBench
 from llava.eval.benchmarks.sqa import ScienceQA
 from llava.eval.judge import JudgeConfig, judge_answers, parse_judgement_official
 from llava.eval.registry import benchmark_names, get_benchmark
+from tests.test_eval_videoqa import local_judge, send_completion
 
 
 def write_image(path: Path) -> None:
@@ -339,12 +340,7 @@ class StubJudge(BaseHTTPRequestHandler):
         with self.lock:
             self.bodies.append(body)
         prediction = body["messages"][1]["content"].split("Predicted Answer: ")[1].split("\n")[0]
-        payload = json.dumps({"choices": [{"index": 0, "message": {"content": self.replies[prediction]}}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload.encode())
+        send_completion(self, self.replies[prediction])
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -352,18 +348,9 @@ class StubJudge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub_judge(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     StubJudge.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with local_judge(StubJudge, monkeypatch) as url:
+        yield url
 
 
 def video_items() -> list[EvalItem]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -283,24 +284,28 @@ class StubJudge(BaseHTTPRequestHandler):
         if prediction == "pred-rejected":
             self.send_error(400)
             return
-        content = self.replies[prediction]
-        payload = json.dumps({"object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload.encode())
+        send_completion(self, self.replies[prediction])
 
     def log_message(self, format: str, *args: Any) -> None:  # keep pytest output quiet
         pass
 
 
-@pytest.fixture
-def stub_judge(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def send_completion(handler: BaseHTTPRequestHandler, content: str) -> None:
+    """Answer a chat-completions request with one choice holding ``content``."""
+    payload = json.dumps({"object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]})
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload.encode())
+
+
+@contextlib.contextmanager
+def local_judge(handler: type[BaseHTTPRequestHandler], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Serve ``handler`` on a free loopback port (no proxy in the way); yields its ``/v1`` base URL."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    StubJudge.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -309,6 +314,13 @@ def stub_judge(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def stub_judge(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    StubJudge.requests = []
+    with local_judge(StubJudge, monkeypatch) as url:
+        yield url
 
 
 def test_judge_accuracy_score_failures_and_retries(stub_judge: str) -> None:
