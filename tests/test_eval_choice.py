@@ -15,7 +15,7 @@ from llava.eval.base import OPTION_LETTER, SHORT_ANSWER, EvalDataError
 from llava.eval.benchmarks.choice import parse_option_letter, parse_yes_no_mme, parse_yes_no_pope
 from llava.eval.benchmarks.mmbench import MMBench
 from llava.eval.benchmarks.mme import MME, parse_calculation
-from llava.eval.benchmarks.pope import POPE, parse_eval_pope, split_metrics
+from llava.eval.benchmarks.pope import POPE, split_metrics
 from llava.eval.benchmarks.seed import SEEDBench
 from llava.eval.benchmarks.sqa import ScienceQA
 
@@ -59,20 +59,6 @@ def test_option_letter_parsing(text: str, expected: str | None) -> None:
 )
 def test_mme_yes_no(text: str, expected: str) -> None:
     assert parse_yes_no_mme(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Yes, there is a dog.", "yes"),
-        ("No, there is none.", "no"),
-        ("There is not a dog in the image.", "no"),
-        ("There is a dog. It is not brown.", "yes"),
-        ("Nope", "yes"),
-    ],
-)
-def test_pope_yes_no(text: str, expected: str) -> None:
-    assert parse_yes_no_pope(text) == expected
 
 
 # --- MME ------------------------------------------------------------------------------------------
@@ -328,8 +314,7 @@ def test_pope_pairs_real_ids_and_averages_splits(tmp_path: Path) -> None:
         ("", "yes"),
     ],
 )
-def test_pope_protocols_read_answers_alike(text: str, expected: str) -> None:
-    assert parse_eval_pope(text) == expected
+def test_pope_yes_no_as_eval_pope_reads_it(text: str, expected: str) -> None:
     assert parse_yes_no_pope(text) == expected
 
 

@@ -83,8 +83,9 @@ def parse_yes_no_mme(text: str) -> str:
 
 
 def parse_yes_no_pope(text: str) -> str:
-    """POPE's reading of an answer: "no" when the first sentence (commas dropped) has the word
-    "No", "no" or "not", else "yes"."""
+    """POPE's reading of an answer, as LLaVA's ``eval_pope.py`` does it: "no" when the first sentence
+    (commas dropped, split on single spaces) has the word "No", "no" or "not", else "yes" (so "Nope" or an
+    empty answer counts as yes)."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if any(word in ("No", "no", "not") for word in words) else "yes"
 

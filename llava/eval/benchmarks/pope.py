@@ -21,11 +21,11 @@ random file LLaVA's own script, pairing by position, silently reports a random-s
 a label file is used only if every question of its split finds a label with the same image and question
 in it; otherwise the run stops naming both files instead of misaligning.
 
-Protocols. ``official`` is ``eval_pope.py``'s reading of an answer (first sentence, commas dropped,
-"no" when a space-separated word is ``No``, ``no`` or ``not``, else "yes") and its per-split accuracy,
-precision, recall, F1 and yes-ratio; ``strict`` is this project's earlier parser
-(:func:`llava.eval.benchmarks.choice.parse_yes_no_pope`), which reads answers the same way, so the two
-protocols give the same numbers. Where ``eval_pope.py`` divides by zero (no predicted or no true "yes"
+Protocols. Answers are read as ``eval_pope.py`` reads them
+(:func:`llava.eval.benchmarks.choice.parse_yes_no_pope`: first sentence, commas dropped, "no" when a
+space-separated word is ``No``, ``no`` or ``not``, else "yes"), scored with its per-split accuracy,
+precision, recall, F1 and yes-ratio; this project's parser always read them that way, so ``official`` and
+``strict`` give the same numbers. Where ``eval_pope.py`` divides by zero (no predicted or no true "yes"
 in a split) both report 0.
 """
 
@@ -57,15 +57,6 @@ MEASURES = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 QUESTION_FILE = "llava_pope_test.jsonl"
 ANSWERS_FILE = "llava_pope_answers.jsonl"
 """What :meth:`POPE.export_official` writes: LLaVA's answer JSONL, the ``--result-file`` of ``eval_pope.py``."""
-
-
-def parse_eval_pope(text: str) -> str:
-    """``eval_pope.py``'s reading of an answer: keep the text before the first ".", drop commas, split on
-    single spaces; "no" when a piece is exactly ``No``, ``no`` or ``not``, otherwise "yes" (so "Nope" or an
-    empty answer counts as yes)."""
-    first_sentence = text.split(".", 1)[0]
-    words = first_sentence.replace(",", "").split(" ")
-    return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
 def bare_question(text: str) -> str:
@@ -193,7 +184,6 @@ class POPE:
     def score(self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official") -> Score:
         """Per-split measures (``<split>/<measure>``), their means over splits, and the mean F1 x 100."""
         check_protocol(protocol)
-        parse = parse_eval_pope if protocol == "official" else parse_yes_no_pope
         by_split: dict[str, tuple[list[str], list[str]]] = {}
         num_scored = 0
         for item in items:
@@ -202,7 +192,7 @@ class POPE:
             num_scored += 1
             labels, predicted = by_split.setdefault(item.reference["split"], ([], []))
             labels.append(item.reference["label"])
-            predicted.append(parse(predictions[item.question_id]))
+            predicted.append(parse_yes_no_pope(predictions[item.question_id]))
         metrics: dict[str, Any] = {"protocol": protocol}
         per_split = {split: split_metrics(*by_split[split]) for split in SPLITS if split in by_split}
         for split, measures in per_split.items():
