@@ -62,7 +62,7 @@ def test_finetune_with_duet_64_then_batched_generation(playground, tmp_path):
 def test_finetune_with_dymu_and_t2v_then_batched_generation(playground, tmp_path):
     """Dynamic merging in the tower (thresholds calibrated on the playground) plus T2V, in training: the
     checkpoint stores the thresholds themselves, and generation batches images of different token counts."""
-    from llava.compression import calibrate_dymu
+    from llava.tools import calibrate_dymu
 
     thresholds = tmp_path / "dymu.json"
     calibrate_dymu.main(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava.inference import LlavaPipeline
+from llava.inference import LlavaPipeline, load_pipeline
 from llava.model.loading import load_pretrained_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +320,7 @@ def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_o
     assert sorted(trained) == sorted(original)
     assert not torch.equal(original["lm_head.weight"], trained["lm_head.weight"])
     assert torch.equal(original["visual.blocks.0.attn.qkv.weight"], trained["visual.blocks.0.attn.qkv.weight"])
-    pipeline = LlavaPipeline.from_pretrained(full, compression="qwen_duet_53")
+    pipeline = load_pipeline(full, compression="qwen_duet_53")
     requests = [
         {"image": str(qwen_checkpoint / f"image_{i}.png"), "prompt": "what colour is the shape"} for i in range(3)
     ]
@@ -332,4 +332,4 @@ def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_o
     env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8", **videos)
     run_script("finetune_lora.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     merged = merge_lora_checkpoint(lora, tmp_path / "merged")
-    assert isinstance(LlavaPipeline.from_pretrained(merged).model, DuetQwenVL)
+    assert isinstance(load_pipeline(merged).model, DuetQwenVL)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from llava.compression import calibrate_dymu
 from llava.compression.config import CompressionConfig, CompressionConfigError, DyMUConfig, T2VConfig, V2VConfig
 from llava.compression.dtome import NO_MERGE, MergeState, apply_merges, best_matches, merge_above
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llava.hf_adapter import call_clip_attention, call_decoder_layer_on_groups
 from llava.model.config import DuetLlavaConfig
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.tools import calibrate_dymu
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 IMG = IMAGE_TOKEN_ID

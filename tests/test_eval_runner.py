@@ -21,7 +21,7 @@ from llava.eval.base import SHORT_ANSWER, EvalDataError, EvalItem, Score
 from llava.hf_adapter import load_image_processor
 from llava.inference import LlavaPipeline
 from llava.model.modeling import DuetLlavaForCausalLM
-from llava.playground.synthetic import build_playground
+from llava.playground.builder import build_playground
 
 
 class ToyBenchmark:
@@ -402,7 +402,7 @@ def test_fast_decoding_answers_equal_the_eager_loop_and_the_flag_reaches_the_pip
     assert answers_of(tmp_path / "fast") == answers_of(tmp_path / "eager")
 
     seen = {}
-    monkeypatch.setattr(LlavaPipeline, "from_pretrained", lambda path, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("llava.inference.load_pipeline", lambda path, **kwargs: seen.update(kwargs))
     for flag, expected in (("--fast-decoding", True), ("--no-fast-decoding", False), (None, None)):
         argv = ["--model", str(checkpoint), "--benchmarks", "playground", "--out", str(tmp_path / "x")]
         run_cli._load_pipeline(run_cli.parse_args([*argv, flag] if flag else argv))

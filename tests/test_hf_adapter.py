@@ -119,7 +119,7 @@ def test_image_processor_falls_back_to_pil_without_torchvision(tmp_path, monkeyp
 def test_checkpointing_flag_parses_without_deprecation_under_either_name(spelling, tmp_path):
     from transformers import HfArgumentParser
 
-    from llava.training.arguments import LlavaTrainingArguments
+    from llava.arguments import LlavaTrainingArguments
 
     argv = ["--output_dir", str(tmp_path), f"--{spelling}", "True", f'--{spelling}_kwargs={{"use_reentrant": false}}']
     renamed = hf_adapter.current_training_argv(argv)

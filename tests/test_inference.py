@@ -14,7 +14,7 @@ from llava.data.images import load_and_preprocess
 from llava.data.templates import conversation_to_turns
 from llava.data.tokenization import tokenize_conversation
 from llava.inference import LlavaPipeline, MissingComponentError, build_prompt_ids, left_pad
-from llava.playground.synthetic import build_playground
+from llava.playground.builder import build_playground
 from llava.tools import generate as generate_cli
 from llava.training.train import train
 from tests.run_args import finetune_args
@@ -208,7 +208,7 @@ def test_requests_are_validated_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded for invalid requests")
 
-    monkeypatch.setattr(generate_cli.LlavaPipeline, "from_pretrained", no_model)
+    monkeypatch.setattr(generate_cli, "load_pipeline", no_model)
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     broken = tmp_path / "broken.png"

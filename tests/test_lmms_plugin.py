@@ -28,7 +28,7 @@ from llava.eval.lmms_plugin import MODEL_ID, DuetLlava, register, truncate_at_st
 from llava.hf_adapter import load_image_processor
 from llava.inference import LlavaPipeline
 from llava.model.modeling import DuetLlavaForCausalLM
-from llava.playground.synthetic import build_playground
+from llava.playground.builder import build_playground
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -285,7 +285,7 @@ def test_lmms_eval_cli_finds_and_runs_duet_llava(checkpoint: Path, task_dir: Pat
 
 def test_a_qwen_checkpoint_answers_and_scores_through_the_plugin(qwen_checkpoint: Path, task_dir: Path) -> None:
     """The plugin loads Qwen2.5-VL through the same pipeline dispatch: generation and loglikelihood."""
-    from llava.inference_qwen import QwenVLPipeline
+    from llava.families.qwen import QwenVLPipeline
 
     model = DuetLlava(pretrained=str(qwen_checkpoint), batch_size=2, device="cpu", max_new_tokens=4)
     assert isinstance(model.pipeline, QwenVLPipeline)

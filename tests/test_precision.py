@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.families.qwen import load_qwen_vl
 from llava.hf_adapter import set_attn_implementation
-from llava.inference_qwen import load_qwen_vl
 from llava.model.loading import load_pretrained_model
 from llava.model.precision import cast_model, check_buffer_precision, reduced_precision_buffers
 from tests.conftest import IMAGE, PATCH_FEATURES, tiny_qwen_config, tiny_text_config, tiny_vision_config

@@ -18,7 +18,7 @@ from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
 from llava.data.templates import ConversationError
 from llava.data.tokenization import NoLearnableTokensError
 from llava.hf_adapter import load_image_processor
-from llava.inference import LlavaPipeline
+from llava.inference import load_pipeline
 from llava.model.qwen_vl import DuetQwenVL
 from llava.training.lora import merge_lora_checkpoint
 from llava.training.train import train
@@ -238,11 +238,11 @@ def test_finetune_saves_qwen_checkpoints_that_load_answer_and_resume(qwen_checkp
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert any("visual_tokens_stage1" in row for row in rows)
 
-    pipeline = LlavaPipeline.from_pretrained(full, compression="qwen_duet_53")
+    pipeline = load_pipeline(full, compression="qwen_duet_53")
     requests = [{"image": str(qwen_checkpoint / "image_1.png"), "prompt": "<image>\nwhat colour is the shape"}]
     assert len(pipeline.generate(requests, max_new_tokens=3)) == 1
     # Intermediate checkpoints load the same way (weights, processors, the chat template).
-    assert len(LlavaPipeline.from_pretrained(full / "checkpoint-2").generate(requests, max_new_tokens=3)) == 1
+    assert len(load_pipeline(full / "checkpoint-2").generate(requests, max_new_tokens=3)) == 1
 
     # Preempted after step 2, resumed: step 3 is the uninterrupted run's step 3.
     cut = tmp_path / "cut"
@@ -262,7 +262,7 @@ def test_lora_finetune_merges_into_a_plain_qwen_checkpoint(qwen_checkpoint, tmp_
     changed = {key for key in original if not torch.equal(original[key], weights[key])}
     assert any("merger" in key for key in changed) and any("q_proj" in key for key in changed)
     assert not any("lm_head" in key or "visual.blocks" in key for key in changed)
-    assert isinstance(LlavaPipeline.from_pretrained(merged).model, DuetQwenVL)
+    assert isinstance(load_pipeline(merged).model, DuetQwenVL)
 
 
 def test_llava_only_settings_are_refused_for_qwen(qwen_checkpoint, tmp_path):
@@ -274,7 +274,7 @@ def test_llava_only_settings_are_refused_for_qwen(qwen_checkpoint, tmp_path):
 
 
 def test_saved_checkpoints_use_the_hubs_names_and_shards_and_load_back_exactly(qwen_checkpoint, tmp_path):
-    from llava.inference_qwen import load_qwen_vl
+    from llava.families.qwen import load_qwen_vl
 
     model = load_qwen_vl(qwen_checkpoint)
     model.save_pretrained(tmp_path / "one")
@@ -348,7 +348,7 @@ def test_video_samples_expand_to_their_patches_and_train(processors, qwen_checkp
     extra = ("--max_steps", "2", "--video_folder", str(qwen_checkpoint), "--num_frames", "4")
     out = train(qwen_train_args(qwen_checkpoint, data, tmp_path / "video", *extra))
     assert sorted(losses(out)) == [1, 2]
-    assert isinstance(LlavaPipeline.from_pretrained(out).model, DuetQwenVL)
+    assert isinstance(load_pipeline(out).model, DuetQwenVL)
 
 
 def test_training_keeps_the_visual_tokens_its_prompt_keeps_at_generation():

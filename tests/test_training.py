@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava.families.llava import build_model
+from llava.model.stages import configure_trainable, find_projector
 from llava.training.checkpoints import CheckpointResumeError
-from llava.training.model_setup import build_model, configure_trainable, find_projector
 from llava.training.train import parse_args, train
 from tests.run_args import finetune_args, pretrain_args
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from llava.bench.shapes import ModelShape, instantiate, text_config, vision_config
+from llava.bench.shapes import ModelShape, text_config, vision_config
 from llava.constants import IMAGE_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
+from llava.model.precision import random_init
 
 BASELINE_LABEL = "hf-llava"
 """The row label of the baseline in benchmark tables."""
@@ -56,7 +57,7 @@ def build_hf_llava(
     )
     set_attn_implementation(config, attn_implementation)
     config.text_config.use_cache = use_cache
-    return instantiate(LlavaForConditionalGeneration, config, dtype, device)
+    return random_init(LlavaForConditionalGeneration, config, dtype, device)
 
 
 def freeze_hf_for_stage(model: LlavaForConditionalGeneration, stage: str) -> list[nn.Parameter]:

@@ -27,16 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.bench import report
 from llava.bench.flops import linear_flops
 from llava.bench.infer_speed import run_generate
 from llava.compression.accounting import visual_tokens_per_layer
 from llava.compression.config import CompressionConfig, load_compression
-from llava.hf_adapter import set_attn_implementation
+from llava.families.registry import family_named
 from llava.model.fast_generation import FastDecoder
-from llava.model.qwen_vl import DuetQwenVL
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +64,12 @@ class QwenShape:
         unit = self.patch * self.merge
         return max(1, round(height / unit)) * self.merge, max(1, round(width / unit)) * self.merge
 
-    def config(self) -> Qwen2_5_VLConfig:
+    def config_fields(self) -> dict[str, Any]:
+        """The random model's config, as the Qwen2.5-VL family's config fields."""
         head_dim = self.hidden // self.heads
         sections = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
         sections[0] += head_dim // 2 - sum(sections)
-        return Qwen2_5_VLConfig(
+        return dict(
             text_config=dict(
                 hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
                 num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, vocab_size=self.vocab,
@@ -135,13 +134,13 @@ def prefill_flops(
 
 def build_prompts(shape: QwenShape, batch: int, prompt_tokens: int, grid: tuple[int, int], seed: int) -> dict:
     """Left-aligned prompts of equal length: BOS, vision start, the image's placeholders, vision end, text."""
-    config = shape.config()
+    fields = shape.config_fields()
     generator = torch.Generator().manual_seed(seed)
     tokens = grid[0] * grid[1] // shape.merge**2
-    text = torch.randint(3, config.image_token_id, (batch, prompt_tokens), generator=generator)
-    image = torch.full((batch, tokens), config.image_token_id)
-    start = torch.full((batch, 1), config.vision_start_token_id)
-    end = torch.full((batch, 1), config.vision_end_token_id)
+    text = torch.randint(3, fields["image_token_id"], (batch, prompt_tokens), generator=generator)
+    image = torch.full((batch, tokens), fields["image_token_id"])
+    start = torch.full((batch, 1), fields["vision_start_token_id"])
+    end = torch.full((batch, 1), fields["vision_end_token_id"])
     ids = torch.cat([text[:, :1], start, image, end, text[:, 1:]], dim=1)
     patches = grid[0] * grid[1]
     return {
@@ -169,11 +168,8 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
                              "prefill_tflops": total / 1e12, "flops_ratio_vs_none": total / base_total})  # fmt: skip
         return rows
     device, dtype, attn = report.resolve_runtime(args.device, args.dtype, args.attn_implementation or "sdpa")
-    config = shape.config()
-    for part in (config, config.text_config, config.vision_config):
-        set_attn_implementation(part, attn)
     torch.manual_seed(args.seed)
-    model = DuetQwenVL(Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval())
+    model = family_named("qwen2_5_vl").random_model(shape.config_fields(), dtype, device, attn).eval()
     machine = report.machine_info(device, dtype, attn, report.load_average())
     decoders: dict[str, FastDecoder] = {}
     for batch in args.batch_sizes:

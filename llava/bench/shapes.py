@@ -25,11 +25,8 @@ tower is built too (Video-LLaVA has both; a video-only training batch still runs
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,12 +34,9 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from llava.compression.accounting import average_visual_tokens, initial_visual_tokens, visual_tokens_per_layer
 from llava.compression.config import CompressionConfig
+from llava.families.registry import family_named
 from llava.hf_adapter import set_attn_implementation
-from llava.model.precision import cast_model
 from llava.model.vision_tower import layers_to_run
-
-if TYPE_CHECKING:
-    from llava.model.modeling import DuetLlavaForCausalLM
 
 __all__ = [
     "IMAGE_PRESETS",
@@ -301,35 +295,18 @@ def text_config(shape: ModelShape, attn_implementation: str = "sdpa") -> LlamaCo
     return config
 
 
-def instantiate(
-    model_class: Callable[[Any], nn.Module], config: Any, dtype: torch.dtype, device: str | torch.device | None
-) -> nn.Module:
-    """``model_class(config)`` with its parameters created directly in ``dtype`` on ``device`` (random weights)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = model_class(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return cast_model(model, dtype)  # RoPE frequencies stay float32, as from_pretrained keeps them
-
-
 def build_model(
     shape: ModelShape | str,
     compression: CompressionConfig | str | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
-) -> DuetLlavaForCausalLM:
-    """A :class:`~llava.model.modeling.DuetLlavaForCausalLM` with random weights and the shape's dimensions.
+) -> nn.Module:
+    """A LLaVA model (the registry's ``llava`` family) with random weights and the shape's dimensions.
 
     The parameters are created directly in ``dtype`` (and on ``device`` when given), so a 7B model never
     exists in fp32 on the host. Benchmarks need speed, not quality: nothing is loaded from disk.
     """
-    from llava.model.config import DuetLlavaConfig
-    from llava.model.modeling import DuetLlavaForCausalLM
-
     shape = get_shape(shape)
     video: dict[str, object] = {}
     if shape.video is not None:
@@ -338,18 +315,16 @@ def build_model(
             "video_feature_select_strategy": "cls_patch",
             "num_frames": shape.num_frames,
         }
-    config = DuetLlavaConfig(
-        vision_config=vision_config(shape, attn_implementation),
-        text_config=text_config(shape, attn_implementation),
-        projector_type=shape.projector,
-        vision_feature_layer=shape.vision.feature_layer,
-        compression=compression,
+    config_fields = {
+        "vision_config": vision_config(shape, attn_implementation),
+        "text_config": text_config(shape, attn_implementation),
+        "projector_type": shape.projector,
+        "vision_feature_layer": shape.vision.feature_layer,
+        "compression": compression,
         **video,
-    )
-    for sub_config in (config.vision_config, config.text_config, config.video_config):
-        if sub_config is not None:
-            set_attn_implementation(sub_config, attn_implementation)
-    model = instantiate(DuetLlavaForCausalLM, config, dtype, device)
+    }
+    model = family_named("llava").random_model(config_fields, dtype, device, attn_implementation)
+    config = model.config
     logger.info(
         "built %s%s (compression %s): %.1fM parameters, %s",
         shape.name,

@@ -47,10 +47,10 @@ from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets,
 from llava.compression.config import CompressionConfig, CompressionConfigError, load_compression
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import enable_activation_checkpointing
+from llava.model.stages import STAGES, freeze_for_stage
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "finetune")
 SYSTEM_PROMPT_TOKENS = 35
 """BOS + Vicuna v1 system prompt + ``USER:`` before the image, in LLaMA tokens (about 35)."""
 FIRST_SPECIAL_IDS = 3
@@ -167,20 +167,6 @@ def build_training_batch(
 
 
 # ----- training setup -----
-def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
-    """Stage freezing as in training: pretrain trains the projector; finetune the projector and LLM.
-
-    The vision tower is always frozen. Returns the trainable parameters.
-    """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if stage == "finetune":
-        model.language_model.requires_grad_(True)
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
 def enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up."""
     enable_activation_checkpointing(model, use_reentrant=False)

@@ -82,7 +82,7 @@ def initial_visual_tokens(
             return measured
         raise ValueError(
             f"compression {config.name!r}: DyMU keeps a different number of tokens per image; measure the mean and "
-            "spread on your data with `python -m llava.compression.calibrate_dymu --measure THRESHOLDS.json ...`"
+            "spread on your data with `python -m llava.tools.calibrate_dymu --measure THRESHOLDS.json ...`"
         )
     if config.v2v is None:
         return num_frames * (num_patches + int(cls_token))
@@ -243,7 +243,7 @@ def _describe(
         thresholds = config.dymu.thresholds
         lines.append(
             f"  DyMU DToMe: {len(thresholds)} tower layers, thresholds {min(thresholds):.3f}-{max(thresholds):.3f}; "
-            "tokens per image follow the image: `python -m llava.compression.calibrate_dymu --measure ...` reports "
+            "tokens per image follow the image: `python -m llava.tools.calibrate_dymu --measure ...` reports "
             "their mean and spread on a data set"
         )
         if config.t2v is not None:

@@ -152,7 +152,7 @@ class DyMUConfig:
 
     ``thresholds`` holds one cosine threshold per encoder layer the tower runs (23 for CLIP-L/14-336 read
     at layer -2); an A token whose best key similarity exceeds it merges, so the token count follows the
-    image. ``thresholds_file`` names a JSON file written by ``python -m llava.compression.calibrate_dymu``
+    image. ``thresholds_file`` names a JSON file written by ``python -m llava.tools.calibrate_dymu``
     (absolute, or relative to the working directory); it is read when the config is loaded and the
     thresholds are stored inline, so a checkpoint's ``config.json`` needs no file.
 
@@ -174,7 +174,7 @@ class DyMUConfig:
         if not isinstance(thresholds, (list, tuple)) or not thresholds:
             raise CompressionConfigError(
                 "dymu needs thresholds: a list with one value per vision-tower layer, or thresholds_file (make one "
-                "with `python -m llava.compression.calibrate_dymu`)"
+                "with `python -m llava.tools.calibrate_dymu`)"
             )
         if not all(_is_number(value) and 0.0 <= value <= 1.0 for value in thresholds):
             raise CompressionConfigError(f"dymu.thresholds are cosine thresholds in [0, 1], got {list(thresholds)}")
@@ -187,7 +187,7 @@ def _read_thresholds(path_text: str) -> list[float]:
     if not path.is_file():
         raise CompressionConfigError(
             f"dymu.thresholds_file {path_text!r} does not exist (looked at {path.resolve()}); calibrate one with "
-            "`python -m llava.compression.calibrate_dymu --vision_tower ... --data_path ... --image_folder ... "
+            "`python -m llava.tools.calibrate_dymu --vision_tower ... --data_path ... --image_folder ... "
             f"--target low|mid|high|TOKENS --out {path_text}`"
         )
     try:

@@ -50,7 +50,7 @@ class EvalItem:
     reference: Mapping[str, Any] = field(default_factory=dict)
 
     def request(self) -> dict[str, Any]:
-        """The :meth:`llava.inference.LlavaPipeline.generate` request of this question."""
+        """The :meth:`llava.pipeline.GenerationPipeline.generate` request of this question."""
         request: dict[str, Any] = {"prompt": self.prompt}
         if self.image is not None:
             request["image"] = self.image

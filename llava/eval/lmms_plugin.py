@@ -1,7 +1,7 @@
 """lmms-eval (0.7.x) model plugin: ``lmms-eval --model duet_llava --model_args pretrained=CKPT,...``.
 
-Requests are answered through :class:`~llava.inference.LlavaPipeline`, so prompts, left padding,
-compression and decoding are exactly those of ``llava.tools.generate``: greedy answers do not
+Requests are answered through the checkpoint's pipeline (:func:`~llava.inference.load_pipeline`), so prompts,
+left padding, compression and decoding are exactly those of ``llava.tools.generate``: greedy answers do not
 depend on ``batch_size``.
 
 lmms-eval hands the plugin PIL images (``doc_to_visual``); the pipeline reads image files. Each
@@ -32,7 +32,7 @@ from PIL import Image
 
 from llava.data.tokenization import tokenize_text_with_images
 from llava.hf_adapter import new_dynamic_cache
-from llava.inference import LlavaPipeline, Request
+from llava.inference import Request, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class DuetLlava(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
-        self.pipeline = LlavaPipeline.from_pretrained(
+        self.pipeline = load_pipeline(
             pretrained,
             dtype=_parse_dtype(dtype),
             device=device,

@@ -129,13 +129,13 @@ def _distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
 
 
 def _load_pipeline(args: argparse.Namespace) -> Any:
-    from llava.inference import LlavaPipeline
+    from llava.inference import load_pipeline
 
     device = args.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    return LlavaPipeline.from_pretrained(
+    return load_pipeline(
         args.model, dtype=dtype, device=device, vision_tower=args.vision_tower, fast_decoding=args.fast_decoding
     )
 

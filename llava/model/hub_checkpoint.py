@@ -1,8 +1,9 @@
-"""Write a state dict as the Hub's checkpoint files: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+"""A checkpoint's files as the Hub lays them out: read a checkpoint's ``config.json`` and check its weight files
+(any family), and write a state dict as ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
 shards plus ``model.safetensors.index.json`` when it is larger than one shard (what ``from_pretrained`` reads).
 
-Used where transformers' own ``save_pretrained`` cannot be trusted to name the weights: it renames keys by the
-conversions recorded at load time, and a model loaded under ZeRO-3 records extra ones whose reversal garbles
+The writer is used where transformers' own ``save_pretrained`` cannot be trusted to name the weights: it renames
+keys by the conversions recorded at load time, and a model loaded under ZeRO-3 records extra ones whose reversal garbles
 Qwen2.5-VL's names (``model.model.embed_tokens``).
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 MAX_SHARD_BYTES = 5 * 1024**3
 INDEX_FILENAME = "model.safetensors.index.json"
@@ -49,3 +53,38 @@ def write_safetensors(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (output / INDEX_FILENAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [output / name for name in names]
+
+
+def read_config_json(config_file: str | Path) -> dict[str, Any]:
+    """A model directory's ``config.json`` as a dict; ValueError naming the file when it is not UTF-8 JSON
+    of an object (instead of a bare decoder traceback)."""
+    try:
+        raw = json.loads(Path(config_file).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{config_file}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_file}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The config of a checkpoint: a local directory's ``config.json``, else the Hub config of ``path``."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        return read_config_json(config_file)
+    return AutoConfig.from_pretrained(str(path)).to_dict()
+
+
+def check_weight_files(directory: Path) -> None:
+    """Open every ``*.safetensors`` header of a local checkpoint (cheap: no tensor is read), so a truncated or
+    damaged file fails with its path instead of a bare safetensors error deep inside a loader."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file}: unreadable safetensors file ({error}); re-download or re-save it") from None

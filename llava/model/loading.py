@@ -9,14 +9,12 @@ model_type ``video_llava``, e.g. LanguageBind/Video-LLaVA-7B-hf). The decision n
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -30,6 +28,7 @@ from transformers import (
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import causal_lm_from_parts, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
+from llava.model.hub_checkpoint import check_weight_files, checkpoint_config, read_config_json
 from llava.model.modeling import DuetLlavaForCausalLM
 from llava.model.precision import cast_model
 from llava.utils.attention import default_attn_implementation
@@ -40,31 +39,12 @@ _HF_STRATEGY = {"default": "patch", "full": "cls_patch"}
 _ORIGINAL_STRATEGY = {"patch": "patch", "cls_patch": "cls_patch"}
 
 
-def read_config_json(config_file: str | Path) -> dict[str, Any]:
-    """A model directory's ``config.json`` as a dict; ValueError naming the file when it is not UTF-8 JSON
-    of an object (instead of a bare decoder traceback)."""
-    try:
-        raw = json.loads(Path(config_file).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{config_file}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{config_file}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def read_model_type(path: str | Path) -> str:
-    """``model_type`` from a local checkpoint's config.json, or from the Hub config."""
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        raw = read_config_json(config_file)
-        if "model_type" not in raw:
-            raise ValueError(f"{config_file} has no 'model_type'")
-        return raw["model_type"]
-    return AutoConfig.from_pretrained(str(path)).model_type
+    """``model_type`` of a local checkpoint's config.json or of a Hub config (which LLaVA layout it is)."""
+    config = checkpoint_config(path)
+    if "model_type" not in config:
+        raise ValueError(f"{Path(path) / 'config.json'} has no 'model_type'")
+    return config["model_type"]
 
 
 def load_pretrained_model(
@@ -180,17 +160,6 @@ def convert_hf_video_llava(hf_model: VideoLlavaForConditionalGeneration, num_fra
         video_token_id=VIDEO_TOKEN_ID,
     )
     return _rehome_hf_modules(hf_model, config, hf_model.model.image_tower, hf_model.model.video_tower)
-
-
-def check_weight_files(directory: Path) -> None:
-    """Open every ``*.safetensors`` header of a local checkpoint (cheap: no tensor is read), so a truncated or
-    damaged file fails with its path instead of a bare safetensors error deep inside a loader."""
-    for file in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{file}: unreadable safetensors file ({error}); re-download or re-save it") from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

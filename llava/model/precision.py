@@ -11,6 +11,10 @@ casts parameters and persistent buffers and keeps non-persistent floating buffer
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -57,3 +61,18 @@ def check_buffer_precision(model: nn.Module, where: str) -> None:
             "rounded frequencies. Something cast the whole model (Module.to/half/bfloat16, or DeepSpeed's "
             "data_types.buffer_dtype); cast with llava.model.precision.cast_model, or load with dtype=."
         )
+
+
+def random_init(
+    model_class: Callable[[Any], nn.Module], config: Any, dtype: torch.dtype, device: str | torch.device | None
+) -> nn.Module:
+    """``model_class(config)`` with random weights created directly in ``dtype`` on ``device`` (a 7B model never
+    exists in fp32 on the host); the RoPE frequencies stay float32, as ``from_pretrained`` keeps them."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return cast_model(model, dtype)

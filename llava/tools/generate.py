@@ -21,7 +21,7 @@ from tqdm import tqdm
 from llava.data.dataset import DataError, contained_path
 from llava.data.images import ImageError, load_image
 from llava.data.video import VideoError
-from llava.inference import LlavaPipeline, image_paths
+from llava.inference import image_paths, load_pipeline
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    pipeline = LlavaPipeline.from_pretrained(
+    pipeline = load_pipeline(
         args.model,
         dtype=_DTYPES[args.dtype],
         device=args.device,

@@ -18,10 +18,9 @@ from typing import Any, cast
 from torch import nn
 from transformers import set_seed
 
-from llava.model.modeling import DuetLlavaForCausalLM
-from llava.model.qwen_vl import DuetQwenVL
-from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
-from llava.training.families import Processors, family_for
+from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
+from llava.families.base import Processors
+from llava.families.registry import family_for, family_of_model
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def build_base_model(run_config: dict[str, Any]) -> tuple[nn.Module, Processors]
     family = family_for(model_args.model_name_or_path)
     model = family.build_model(model_args, data_args, args)
     processors = family.load_processors(model_args, data_args, model)
-    family.prepare(model, processors, data_args)  # e.g. the pad token id, as train() sets it
+    family.prepare(model, processors)  # e.g. the pad token id, as train() sets it
     return model, processors
 
 
@@ -133,15 +132,14 @@ def merge_lora_checkpoint(
     """Merge the adapter of ``checkpoint_dir`` into its base model and save a plain checkpoint.
 
     ``out_dir`` receives a plain checkpoint of the run's family (a DuetLlava or a Qwen2.5-VL one: config.json +
-    safetensors), the tokenizer and the processors, loadable with :class:`~llava.inference.LlavaPipeline`.
+    safetensors), the tokenizer and the processors, loadable with :func:`~llava.inference.load_pipeline`.
     """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if out.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"--out must differ from the checkpoint directory ({checkpoint_dir})")
     model, tokenizer, image_processor, video_processor = load_lora_model(checkpoint_dir, run_config_path)
     merged = model.merge_and_unload()
-    if not isinstance(merged, (DuetLlavaForCausalLM, DuetQwenVL)):
-        raise TypeError(f"merging gave a {type(merged).__name__}, expected DuetLlavaForCausalLM or DuetQwenVL")
+    family_of_model(merged)  # TypeError when merging gave something no family saves
     merged.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))  # safetensors (the only format transformers 5 writes)

@@ -16,11 +16,13 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
+from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
 from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.families.base import Processors
+from llava.families.registry import family_for
 from llava.hf_adapter import current_training_argv
-from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
+from llava.model.stages import PROJECTOR_FILENAME, configure_trainable, save_projector
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
-from llava.training.families import Processors, family_for
 from llava.training.metrics import (
     MetricsCallback,
     RunConfigCallback,
@@ -28,7 +30,6 @@ from llava.training.metrics import (
     build_run_config,
     configure_wandb_env,
 )
-from llava.training.model_setup import PROJECTOR_FILENAME, configure_trainable, save_projector
 from llava.training.precision_guard import BufferPrecisionCallback
 from llava.training.trainer import LlavaTrainer
 
@@ -79,7 +80,8 @@ def train(argv: list[str] | None = None) -> Path:
     family = family_for(model_args.model_name_or_path)
     model = family.build_model(model_args, data_args, args)
     processors = family.load_processors(model_args, data_args, model)
-    family.prepare(model, processors, data_args)
+    family.prepare(model, processors)
+    data_args = family.data_arguments(data_args, model)
     model = configure_trainable(model, model_args, args, family.projector_name, family.lora_targets)
     dataset = family.dataset(data_args, processors, model)
     run_config = build_run_config(model_args, data_args, args, world_size=args.world_size)
@@ -105,6 +107,7 @@ def train(argv: list[str] | None = None) -> Path:
         group_by_modality_length=data_args.group_by_modality_length,
         metrics=metrics,
         processors=processors,
+        family=family,
     )
     add_metrics_callback(trainer, metrics)
     trainer.train(resume_from_checkpoint=resume)

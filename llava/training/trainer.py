@@ -15,9 +15,16 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 
 from llava.data.sampler import ModalityLengthGroupedSampler
+from llava.families.base import ModelFamily
+from llava.families.registry import family_of_model
 from llava.training.metrics import MetricsCallback, batch_counts
 
 logger = logging.getLogger(__name__)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
 class LlavaTrainer(Trainer):
@@ -29,9 +36,11 @@ class LlavaTrainer(Trainer):
         group_by_modality_length: bool = False,
         metrics: MetricsCallback | None = None,
         processors: Any = None,
+        family: ModelFamily | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.family = family  # what a batch adds to the visual tokens; found from the model when not given
         self.processors = processors  # saved with every checkpoint of a model saved in its own layout
         self.group_by_modality_length = group_by_modality_length
         self.metrics = metrics
@@ -42,18 +51,13 @@ class LlavaTrainer(Trainer):
         self._logged_samples = 0
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
-        """Visual tokens the batch adds to the LLM sequence before compression (each image slot becomes
-        ``tokens_per_image`` tokens, each video slot frames x ``tokens_per_frame``). Batches with
-        ``image_grid_thw`` (Qwen2.5-VL) add none: their placeholders are expanded in ``input_ids`` already."""
-        if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
-            return 0
-        config = self.accelerator.unwrap_model(self.model).config
-        added = 0
-        if (images := inputs.get("pixel_values")) is not None:
-            added += int(images.shape[0]) * (config.tokens_per_image - 1)
-        if (videos := inputs.get("pixel_values_videos")) is not None:
-            added += int(videos.shape[0]) * (int(videos.shape[1]) * config.tokens_per_frame - 1)
-        return added
+        """Visual tokens the batch adds to the LLM sequence before compression, as the model's family counts
+        them (LLaVA: each image slot becomes ``tokens_per_image`` tokens, each video slot frames x
+        ``tokens_per_frame``; Qwen2.5-VL: none, its placeholders are expanded in ``input_ids`` already)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.family is None:
+            self.family = family_of_model(_base_model(model))
+        return self.family.visual_tokens_added(inputs, model.config)
 
     def saves_own_layout(self) -> bool:
         """Whether :meth:`save_model` writes the model in its own layout, processors included (models that are

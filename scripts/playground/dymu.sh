@@ -25,7 +25,7 @@ presets=none
 IFS=, read -ra targets <<< "$TARGETS"
 for target in "${targets[@]}"; do
     thresholds="$OUT/thresholds-$target.json"
-    "$PYTHON" -m llava.compression.calibrate_dymu --vision_tower "$PLAYGROUND_DIR/vision_tower" \
+    "$PYTHON" -m llava.tools.calibrate_dymu --vision_tower "$PLAYGROUND_DIR/vision_tower" \
         --data_path "$PLAYGROUND_DIR/pretrain.json" --image_folder "$PLAYGROUND_DIR/images" \
         --target "$target" --max_images 1000 --out "$thresholds" --no_progress
     printf 'name: dymu_%s\ndymu: {thresholds_file: %s}\n' "$target" "$thresholds" > "$OUT/presets/dymu_$target.yaml"

@@ -1,4 +1,5 @@
-"""Build the model for a training stage: load components, load the pretrained projector, freeze, LoRA."""
+"""What trains in each stage, for every model family: the parameter dtype, the projector (loaded, saved and found
+under ZeRO-3 too) and the freezing rules of pretraining, finetuning and LoRA."""
 
 from __future__ import annotations
 
@@ -10,19 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel
 
+from llava.arguments import LlavaTrainingArguments, ModelArguments
 from llava.hf_adapter import activation_checkpointing_requested
-from llava.model.config import DuetLlavaConfig
-from llava.model.loading import load_pretrained_model, read_model_type
-from llava.model.modeling import DuetLlavaForCausalLM
-from llava.training.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILENAME = "mm_projector.safetensors"
-LLAVA_CHECKPOINT_TYPES = {DuetLlavaConfig.model_type, "llava", "llava_llama"}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -33,55 +28,6 @@ def training_dtype(args: LlavaTrainingArguments) -> torch.dtype:
     if args.fp16:
         return torch.float16
     return torch.float32
-
-
-def build_model(
-    model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
-) -> DuetLlavaForCausalLM:
-    """Load or assemble the model. Under ZeRO-3 the HF loaders partition weights as they load."""
-    dtype = training_dtype(args)
-    attn = model_args.attn_implementation or default_attn_implementation()
-    source_type = read_model_type(model_args.model_name_or_path)
-    if source_type in LLAVA_CHECKPOINT_TYPES:
-        logger.info("Starting from LLaVA checkpoint %s (%s)", model_args.model_name_or_path, source_type)
-        model = load_pretrained_model(
-            model_args.model_name_or_path, dtype=dtype, vision_tower=model_args.vision_tower, attn_implementation=attn
-        )
-        if model_args.video_tower and model.video_tower is None:
-            raise ValueError(
-                f"--video_tower was given but the checkpoint {model_args.model_name_or_path} has no video tower; "
-                "start video training from a language model (plus --vision_tower/--video_tower) or a video checkpoint"
-            )
-    else:
-        if not model_args.vision_tower:
-            raise ValueError(
-                f"--vision_tower is required when --model_name_or_path ({model_args.model_name_or_path}) "
-                "is a plain language model"
-            )
-        language_model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, dtype=dtype, attn_implementation=attn
-        )
-        vision_model = CLIPVisionModel.from_pretrained(model_args.vision_tower, dtype=dtype, attn_implementation=attn)
-        video_model = None
-        if model_args.video_tower:
-            video_model = CLIPVisionModel.from_pretrained(model_args.video_tower, dtype=dtype, attn_implementation=attn)
-        model = DuetLlavaForCausalLM.from_components(
-            language_model,
-            vision_model,
-            video_model=video_model,
-            projector_type=model_args.mm_projector_type,
-            vision_feature_layer=model_args.mm_vision_select_layer,
-            vision_feature_select_strategy=model_args.mm_vision_select_feature,
-            video_feature_select_strategy=model_args.mm_video_select_feature,
-        )
-    model.config.image_aspect_ratio = data_args.image_aspect_ratio
-    model.config.template = data_args.version
-    model.config.num_frames = data_args.num_frames
-    model.set_compression(model_args.compression)
-    model.config.use_cache = False
-    if model_args.pretrain_mm_mlp_adapter:
-        load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    return model
 
 
 @contextlib.contextmanager
@@ -152,6 +98,25 @@ def find_projector(model: nn.Module, projector_name: str = "projector") -> nn.Mo
     raise ValueError(f"model has no {projector_name} module")
 
 
+STAGES = ("pretrain", "finetune")
+
+
+def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """Freeze all but what ``stage`` trains; returns the trainable parameters.
+
+    pretrain: the projector. finetune: the projector and the LLM with its LM head (the head sits outside the
+    decoder in Qwen2.5-VL). The vision tower(s) stay frozen. LoRA is :func:`configure_trainable`'s.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "finetune":
+        model.language_model.requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 def configure_trainable(
     model: nn.Module,
     model_args: ModelArguments,
@@ -165,12 +130,12 @@ def configure_trainable(
     LoRA: adapters on the LLM's linear layers (``lora_targets``) + the full projector (the module named
     ``projector_name``, ``model.projector``). The towers are always frozen.
     """
-    model.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:
         if args.lora_enable:
             raise ValueError("--tune_mm_mlp_adapter (pretraining) and --lora_enable cannot be combined")
-        model.projector.requires_grad_(True)
+        freeze_for_stage(model, "pretrain")
     elif args.lora_enable:
+        model.requires_grad_(False)
         from peft import LoraConfig, get_peft_model
 
         lora_config = LoraConfig(
@@ -183,9 +148,7 @@ def configure_trainable(
         )
         model = get_peft_model(model, lora_config)
     else:
-        model.language_model.requires_grad_(True)
-        model.get_output_embeddings().requires_grad_(True)  # outside the decoder in Qwen2.5-VL
-        model.projector.requires_grad_(True)
+        freeze_for_stage(model, "finetune")
     if activation_checkpointing_requested(args):
         model.enable_input_require_grads()
 

@@ -1,4 +1,5 @@
-"""Typed command-line arguments of the trainer, one dataclass per concern (model, data, training)."""
+"""Typed command-line arguments of training, one dataclass per concern (model, data, training): every layer that
+builds a model for a stage reads them, so they sit below the model code."""
 
 from __future__ import annotations
 

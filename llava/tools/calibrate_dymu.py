@@ -12,11 +12,11 @@ per image (mean and standard deviation) are written next to them.
 (DyMU's r = 21/16/8 over 23 layers; the same fractions of any other tower), a number keeps about that
 many tokens (CLS included): ``r = round((T0 - target) / layers)``.
 
-    python -m llava.compression.calibrate_dymu --vision_tower openai/clip-vit-large-patch14-336 \\
+    python -m llava.tools.calibrate_dymu --vision_tower openai/clip-vit-large-patch14-336 \\
         --data_path playground/data/llava_v1_5_mix665k.json --image_folder playground/data \\
         --target low --max_images 20000 --out runs/dymu/clip-l-336-low.json
-    torchrun --nproc_per_node 8 -m llava.compression.calibrate_dymu ...        # data-parallel
-    python -m llava.compression.calibrate_dymu --measure runs/dymu/clip-l-336-low.json \\
+    torchrun --nproc_per_node 8 -m llava.tools.calibrate_dymu ...        # data-parallel
+    python -m llava.tools.calibrate_dymu --measure runs/dymu/clip-l-336-low.json \\
         --vision_tower ... --data_path ... --image_folder ...                   # tokens per image, mean +- std
 """
 

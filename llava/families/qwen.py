@@ -1,0 +1,292 @@
+"""The Qwen2.5-VL family (``Qwen/Qwen2.5-VL-7B-Instruct`` layout): the checkpoint's own vision transformer, patch
+merger (the projector) and Qwen2 decoder, with DUET compression, for training and inference.
+
+Inference: prompts are built with the checkpoint's own chat template (the tokenizer's) and images are processed
+by Qwen's own image processor (dynamic resolution between ``min_pixels`` and ``max_pixels``); each image's
+``<|image_pad|>`` placeholder is repeated once per merged visual token (``t * h * w / merge^2``), as Qwen's
+processor does. Batches are left-padded and run through :class:`~llava.model.qwen_vl.DuetQwenVL` (T2V
+compression, fast decoding). User content is built as in training (:func:`~llava.pipeline.build_prompt_text`,
+as LLaVA prompts: images and videos where their tags are, else first).
+
+Training: samples are LLaVA-format conversations rendered with the checkpoint's chat template, with labels on
+the assistant answers only (:class:`~llava.data.chat_template.ChatTemplateEncoder`), and images processed by
+Qwen's own image processor (``--min_pixels``/``--max_pixels`` bound it). Stages as for LLaVA:
+``--tune_mm_mlp_adapter`` trains the merger only, finetuning the decoder + merger + LM head, LoRA adapters on the
+decoder's linear layers + the full merger; the vision transformer stays frozen. Every full save is a plain
+Qwen2.5-VL checkpoint (loadable by transformers and :func:`llava.inference.load_pipeline`).
+
+Videos (``"video"`` samples, ``--video_folder``; ``"video"`` requests): uniformly sampled frames in Qwen's video
+layout (:mod:`llava.data.qwen_video`), ``--video_max_pixels`` per frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from llava.arguments import LlavaTrainingArguments, ModelArguments
+from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder, chat_content
+from llava.data.dataset import DataArguments, LazySupervisedDataset
+from llava.data.images import load_image
+from llava.data.qwen_video import (
+    DEFAULT_VIDEO_FRAMES,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    QwenVideo,
+    batch_videos,
+    load_qwen_video,
+)
+from llava.families.base import PipelineOptions, Processors
+from llava.hf_adapter import load_image_processor, set_attn_implementation
+from llava.model.hub_checkpoint import check_weight_files, read_config_json
+from llava.model.precision import random_init
+from llava.model.qwen_vl import QWEN_MODEL_TYPES, DuetQwenVL
+from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
+from llava.pipeline import (
+    GenerationPipeline,
+    MissingComponentError,
+    Request,
+    build_prompt_text,
+    default_device,
+    image_paths,
+)
+from llava.utils.attention import default_attn_implementation
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_FILES = ("chat_template.json", "video_preprocessor_config.json", "processor_config.json")
+"""Files of a local Qwen2.5-VL checkpoint that every save copies, so ``AutoProcessor`` finds them there too."""
+
+
+def load_qwen_vl(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None, compression: Any = None, attn: str = "sdpa"
+) -> DuetQwenVL:
+    """A Qwen2.5-VL checkpoint (local directory or Hub id) as :class:`DuetQwenVL` (safetensors weights, no
+    remote code); under an active ZeRO-3 config transformers partitions the weights as they load."""
+    model_dir = Path(path)
+    if model_dir.is_dir():
+        read_config_json(model_dir / "config.json")
+        check_weight_files(model_dir)
+    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
+    )
+    return DuetQwenVL(hf_model, compression)
+
+
+def attach_chat_template(tokenizer: Any, model_dir: Path) -> None:
+    """Qwen ships the template as the processor's ``chat_template.json``; give it to the tokenizer."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    path = model_dir / "chat_template.json"
+    if not path.is_file():
+        raise MissingComponentError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.json)")
+    tokenizer.chat_template = json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+
+
+@dataclass(kw_only=True)
+class QwenVLPipeline(GenerationPipeline):
+    """Qwen2.5-VL model + tokenizer (with its chat template) + Qwen's image processor."""
+
+    model: DuetQwenVL
+    image_processor: Any
+    video_frames: int = DEFAULT_VIDEO_FRAMES
+    video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS
+    video_backend: str = "pyav"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        compression: Any = None,
+        fast_decoding: bool | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        video_frames: int = DEFAULT_VIDEO_FRAMES,
+        video_max_pixels: int | None = DEFAULT_VIDEO_MAX_PIXELS,
+        video_backend: str = "pyav",
+    ) -> QwenVLPipeline:
+        """Load a Qwen2.5-VL directory; ``min_pixels``/``max_pixels`` bound each image's resolution,
+        ``video_max_pixels`` each video frame's; videos are ``video_frames`` uniformly sampled frames."""
+        model_dir = Path(path)
+        model = load_qwen_vl(model_dir, dtype=dtype, compression=compression)
+        device = torch.device(device) if device is not None else default_device()
+        model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer.padding_side = "left"
+        attach_chat_template(tokenizer, model_dir)
+        overrides = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+        image_processor = load_image_processor(str(model_dir), **overrides)
+        logger.info("Loaded Qwen2.5-VL %s on %s", model_dir, device)
+        return cls(
+            model=model, tokenizer=tokenizer, image_processor=image_processor, fast_decoding=fast_decoding,
+            video_frames=video_frames, video_max_pixels=video_max_pixels, video_backend=video_backend,
+        )  # fmt: skip
+
+    def _eos_ids(self) -> list[int]:
+        configured = self.model.hf_model.generation_config.eos_token_id
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        return ids or super()._eos_ids()
+
+    def _load_video(self, path: str) -> QwenVideo:
+        return load_qwen_video(path, self.image_processor, self.video_frames, self.video_max_pixels, self.video_backend)
+
+    def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Chat-templated, left-padded ``input_ids``/``attention_mask`` and, when the batch has them, Qwen's
+        image inputs (``pixel_values``, ``image_grid_thw``) and video inputs (``pixel_values_videos``,
+        ``video_grid_thw``, ``second_per_grid_ts``)."""
+        config = self.model.config
+        texts, images, videos = [], [], []
+        for request in requests:
+            if "prompt" not in request or not isinstance(request["prompt"], str):
+                raise ValueError(f"request needs a string 'prompt': {request!r}")
+            image_files, video_files = image_paths(request.get("image")), image_paths(request.get("video"))
+            content = chat_content(build_prompt_text(request["prompt"], len(image_files), len(video_files)))
+            texts.append(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            )
+            images.extend(load_image(path) for path in image_files)
+            videos.extend(self._load_video(path) for path in video_files)
+        batch: dict[str, torch.Tensor] = {}
+        merge_unit = self.image_processor.merge_size**2
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            batch["pixel_values"] = processed["pixel_values"]
+            batch["image_grid_thw"] = processed["image_grid_thw"]
+        batch.update(batch_videos(videos))
+        for grid_key, token_id in (
+            ("image_grid_thw", config.image_token_id),
+            ("video_grid_thw", config.video_token_id),
+        ):
+            if grid_key in batch:
+                pad = self.tokenizer.convert_ids_to_tokens(token_id)
+                counts = iter((batch[grid_key].prod(dim=-1) // merge_unit).tolist())
+                texts = [_expand_placeholders(text, pad, counts) for text in texts]
+        encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **batch}
+
+
+def _expand_placeholders(text: str, image_pad: str, counts: Any) -> str:
+    """Each image's (video's) single placeholder repeated once per merged visual token, in order."""
+    parts = text.split(image_pad)
+    expanded = [parts[0]]
+    for part in parts[1:]:
+        expanded.append(image_pad * next(counts) + part)
+    return "".join(expanded)
+
+
+class QwenVLFamily:
+    """Qwen2.5-VL checkpoints (``model_type`` ``qwen2_5_vl``)."""
+
+    name = "qwen2_5_vl"
+    model_types = QWEN_MODEL_TYPES
+    model_class = DuetQwenVL
+    modules = ("llava.families.qwen", "llava.model.qwen_vl")
+    projector_name = "merger"
+    lora_targets = LORA_TARGETS  # the decoder's linear layers (its modules sit under ``language_model``)
+
+    def build_model(
+        self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
+    ) -> DuetQwenVL:
+        source = model_args.model_name_or_path
+        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
+            if value:
+                raise ValueError(f"{source} is a Qwen2.5-VL checkpoint with its own vision transformer: drop {flag}")
+        if data_args.version != CHAT_TEMPLATE_VERSION:
+            raise ValueError(
+                f"{source} is a Qwen2.5-VL checkpoint: it trains with its own chat template, pass "
+                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
+            )
+        attn = model_args.attn_implementation or default_attn_implementation()
+        logger.info("Starting from Qwen2.5-VL checkpoint %s", source)
+        model = load_qwen_vl(source, dtype=training_dtype(args), compression=model_args.compression, attn=attn)
+        if model_args.pretrain_mm_mlp_adapter:
+            load_projector(model, model_args.pretrain_mm_mlp_adapter)
+        return model
+
+    def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
+        source = model_args.model_name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, model_max_length=data_args.model_max_length, padding_side="right"
+        )
+        attach_chat_template(tokenizer, Path(source))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        bounds = {"min_pixels": data_args.min_pixels, "max_pixels": data_args.max_pixels}
+        image_processor = load_image_processor(source, **{key: value for key, value in bounds.items() if value})
+        kept = [Path(source) / name for name in PROCESSOR_FILES]  # what the Hub's processor also reads
+        return Processors(tokenizer, image_processor, extra_files=tuple(path for path in kept if path.is_file()))
+
+    def prepare(self, model: nn.Module, processors: Processors) -> None:
+        """Nothing to tie: the placeholders are expanded in the data."""
+
+    def data_arguments(self, data_args: DataArguments, model: nn.Module) -> DataArguments:
+        """As given: length grouping estimates each image at ``--tokens_per_image`` (a constant; Qwen's counts
+        depend on each image's size, known only once read)."""
+        return data_args
+
+    def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
+        config = model.config
+        video_loader = functools.partial(
+            load_qwen_video,
+            image_processor=processors.image_processor,
+            num_frames=data_args.num_frames,
+            max_pixels=data_args.video_max_pixels or DEFAULT_VIDEO_MAX_PIXELS,
+            backend=data_args.video_backend,
+        )
+        encoder = ChatTemplateEncoder(
+            processors.tokenizer,
+            processors.image_processor,
+            image_token_id=config.image_token_id,
+            vision_start_id=config.vision_start_token_id,
+            max_length=data_args.model_max_length,
+            video_token_id=config.video_token_id,
+            video_loader=video_loader,
+        )
+        return LazySupervisedDataset(
+            data_args,
+            processors.tokenizer,
+            processors.image_processor,
+            config.image_token_id,
+            video_token_id=config.video_token_id,
+            encoder=encoder,
+        )
+
+    def visual_tokens_added(self, batch: dict[str, Any], config: Any) -> int:
+        """None: each image's (video's) placeholders are expanded in ``input_ids`` already."""
+        return 0
+
+    def load_pipeline(self, path: str | os.PathLike[str], options: PipelineOptions) -> GenerationPipeline:
+        """See :meth:`QwenVLPipeline.from_pretrained` (``options.vision_tower`` does not apply: the checkpoint
+        holds its vision transformer)."""
+        if options.vision_tower:
+            logger.warning("%s is a Qwen2.5-VL checkpoint with its own vision transformer: ignoring vision_tower", path)
+        return QwenVLPipeline.from_pretrained(
+            path,
+            dtype=options.dtype,
+            device=options.device,
+            compression=options.compression,
+            fast_decoding=options.fast_decoding,
+        )
+
+    def random_model(
+        self, config_fields: dict[str, Any], dtype: torch.dtype, device: str | torch.device | None, attn: str
+    ) -> nn.Module:
+        """A :class:`DuetQwenVL` around ``Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_fields))``
+        with random weights."""
+        config = Qwen2_5_VLConfig(**config_fields)
+        for part in (config, config.text_config, config.vision_config):
+            set_attn_implementation(part, attn)
+        return DuetQwenVL(random_init(Qwen2_5_VLForConditionalGeneration, config, dtype, device))

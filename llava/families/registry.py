@@ -1,0 +1,71 @@
+"""The one place that decides a checkpoint's model family: from ``config.json``'s ``model_type`` (a local
+directory, or the Hub config of an id), unless ``MODEL_FAMILY`` (or an explicit ``family=``) names one.
+
+Adding a family: write its module (one class with the :class:`~llava.families.base.ModelFamily` members) and add
+an instance to :data:`FAMILIES`. Training, LoRA merging, ``llava.tools.generate``, ``llava.eval.run``, the
+lmms-eval plugin and the benchmarks all ask here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from llava.families.base import ModelFamily
+from llava.families.llava import LlavaFamily
+from llava.families.qwen import QwenVLFamily
+from llava.model.hub_checkpoint import checkpoint_config
+
+FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily())
+DEFAULT_FAMILY = "llava"
+"""The family of anything no family claims: a plain language model that training pairs with a CLIP tower."""
+FAMILY_ENV = "MODEL_FAMILY"
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family called ``name``; ValueError listing the known ones otherwise."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(family.name for family in FAMILIES)}")
+
+
+def read_model_type(model_name_or_path: str | os.PathLike[str]) -> str | None:
+    """``model_type`` of a local checkpoint's config.json or of a Hub id's config; ``None`` for a local directory
+    without config.json (a LoRA adapter, an incomplete copy: the default family's loader says what is missing)."""
+    path = Path(model_name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        return None
+    config: dict[str, Any] = checkpoint_config(path)
+    if "model_type" not in config:
+        raise ValueError(f"{path / 'config.json'} has no 'model_type'")
+    return config["model_type"]
+
+
+def family_for(model_name_or_path: str | os.PathLike[str], family: str | None = None) -> ModelFamily:
+    """The family of a checkpoint or language model (local directory or Hub id).
+
+    ``family`` (else the ``MODEL_FAMILY`` environment variable) overrides what ``model_type`` says.
+    """
+    name = family or os.environ.get(FAMILY_ENV)
+    if name:
+        return family_named(name)
+    model_type = read_model_type(model_name_or_path)
+    for candidate in FAMILIES:
+        if model_type in candidate.model_types:
+            return candidate
+    return family_named(DEFAULT_FAMILY)
+
+
+def family_of_model(model: nn.Module) -> ModelFamily:
+    """The family whose builders make ``model`` (an unwrapped model: not a peft or DeepSpeed wrapper)."""
+    for family in FAMILIES:
+        if isinstance(model, family.model_class):
+            return family
+    raise TypeError(
+        f"{type(model).__name__} belongs to no model family; known: "
+        + ", ".join(f"{family.name} ({family.model_class.__name__})" for family in FAMILIES)
+    )

@@ -1,0 +1,220 @@
+"""What every model family's inference pipeline shares: requests, prompt text and ids, left padding and the
+batched decode loop (:class:`GenerationPipeline`).
+
+Prompts are built by the same code as training (:func:`~llava.data.templates.generation_turns` +
+:func:`~llava.data.tokenization.tokenize_prompt`) so the model sees the prompt format it was trained
+on. Batches are LEFT-padded: right padding puts pad tokens between the prompt and the generated
+text and makes answers depend on the batch size (LLaVA #1928). Load a pipeline with
+:func:`llava.inference.load_pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llava.constants import IMAGE_TAG, VIDEO_TAG
+from llava.data.templates import ConversationTemplate, generation_turns
+from llava.data.tokenization import tokenize_prompt
+from llava.model.fast_generation import FastDecoder
+from llava.model.generation import use_fast_path
+
+logger = logging.getLogger(__name__)
+
+ImageSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+
+
+class Request(TypedDict, total=False):
+    """One generation request: ``image`` and ``video`` (each a path, a list of paths or ``None``) and
+    ``prompt``."""
+
+    image: ImageSpec
+    video: ImageSpec
+    prompt: str
+
+
+class MissingComponentError(FileNotFoundError):
+    """A model directory lacks the tokenizer or image processor needed for inference."""
+
+
+def image_paths(image: ImageSpec, key: str = "image") -> list[str]:
+    """Normalise a request's ``image`` (or ``video``) field to a list of path strings (empty if none)."""
+    if image is None:
+        return []
+    if isinstance(image, str | os.PathLike):
+        return [os.fspath(image)]
+    if isinstance(image, Sequence):
+        for index, path in enumerate(image):
+            if not isinstance(path, str | os.PathLike):
+                raise TypeError(f"'{key}'[{index}] must be a path, got {type(path).__name__} {path!r}")
+        return [os.fspath(path) for path in image]
+    raise TypeError(f"'{key}' must be a path, a list of paths or None, got {type(image).__name__}")
+
+
+def _with_tags(prompt: str, tag: str, count: int, what: str) -> str:
+    num_tags = prompt.count(tag)
+    if num_tags == 0:
+        return f"{tag}\n" * count + prompt
+    if num_tags != count:
+        raise ValueError(f"prompt holds {num_tags} {tag} tags but {count} {what} were given")
+    return prompt
+
+
+def build_prompt_text(prompt: str, num_images: int, num_videos: int = 0) -> str:
+    """The user turn: ``prompt`` with one ``<image>\\n`` per image prepended when it has no image tag,
+    and one ``<video>\\n`` per video before that when it has no video tag (as training data does).
+
+    A prompt that already holds tags must hold exactly one per image (video): the tag decides where
+    it goes, otherwise files and sentinels could not be matched.
+    """
+    prompt = _with_tags(prompt, IMAGE_TAG, num_images, "images")
+    return _with_tags(prompt, VIDEO_TAG, num_videos, "videos")
+
+
+def build_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    template: ConversationTemplate,
+    prompt: str,
+    num_images: int,
+    image_token_id: int,
+    num_videos: int = 0,
+    video_token_id: int | None = None,
+) -> list[int]:
+    """Token ids of a single-turn generation prompt, built exactly as training builds prompts."""
+    conversation = [{"from": "human", "value": build_prompt_text(prompt, num_images, num_videos)}]
+    turns = generation_turns(template, conversation)
+    if video_token_id is None:
+        return tokenize_prompt(tokenizer, template, turns, image_token_id)
+    return tokenize_prompt(tokenizer, template, turns, image_token_id, video_token_id)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(input_ids, attention_mask)`` of shape ``[B, max_len]`` (vectorised)."""
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
+    if bool((lengths == 0).any()):
+        raise ValueError("cannot pad an empty prompt")
+    max_len = int(lengths.max())
+    mask = torch.arange(max_len).unsqueeze(0) >= (max_len - lengths).unsqueeze(1)
+    input_ids = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
+    input_ids[mask] = torch.tensor([token for seq in sequences for token in seq], dtype=torch.long)
+    return input_ids, mask.long()
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(kw_only=True)
+class GenerationPipeline:
+    """What every model family's pipeline shares: batching, device placement, the decode loop (eager or
+    fast, with one :class:`FastDecoder` kept across batches) and turning tokens into text. A family
+    supplies :meth:`prepare` (requests to model inputs) and its loader."""
+
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    fast_decoding: bool | None = None
+    """Decode with static per-stage caches and CUDA graphs (``None``: on CUDA when the attention kernel
+    allows it; ``False``: the eager loop). See :mod:`llava.model.fast_generation`."""
+    _fast_decoder: FastDecoder | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of requests (left-padded)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def fast_decoder(self) -> FastDecoder | None:
+        """The decoder whose buffers and CUDA graphs are reused across batches, when fast decoding is on."""
+        if not use_fast_path(self.model, self.device, True, self.fast_decoding, None):
+            return None
+        if self._fast_decoder is None or self._fast_decoder.model is not self.model:
+            self._fast_decoder = FastDecoder(self.model)
+        return self._fast_decoder
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):
+            if candidate is not None:
+                return candidate
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+
+    def _eos_ids(self) -> list[int]:
+        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype pixel inputs are cast to (the vision side's)."""
+        return next(self.model.parameters()).dtype
+
+    def to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model inputs on the model's device, pixels in :meth:`pixel_dtype`."""
+        device = self.device
+        return {
+            key: value.to(device=device, dtype=self.pixel_dtype())
+            if key.startswith("pixel_values")
+            else value.to(device)
+            for key, value in inputs.items()
+        }
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        progress: Any = None,
+    ) -> list[str]:
+        """Answer ``requests`` (``{"image": path | [paths] | None, "video": ..., "prompt": str}``) in order.
+
+        Greedy answers do not depend on ``batch_size``. ``seed`` seeds the sampling generator
+        (one per call). ``progress`` (optional) is called with the number of requests done per batch,
+        e.g. a tqdm bar's ``update``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.device
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        eos_ids = self._eos_ids()
+        fast_decoder = self.fast_decoder()
+        answers: list[str] = []
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start : start + batch_size]
+            inputs = self.to_device(self.prepare(batch))
+            new_tokens = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=eos_ids,
+                pad_token_id=self._pad_id(),
+                generator=generator,
+                fast=self.fast_decoding if fast_decoder is None else True,
+                fast_decoder=fast_decoder,
+            )
+            answers.extend(self._decode(new_tokens.cpu(), eos_ids))
+            if progress is not None:
+                progress(len(batch))
+        return answers
+
+    def _decode(self, new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[str]:
+        """Text of each row up to (excluding) its first EOS, special tokens skipped."""
+        stops = set(eos_ids)
+        rows = []
+        for row in new_tokens.tolist():
+            cut = next((index for index, token in enumerate(row) if token in stops), len(row))
+            rows.append(row[:cut])
+        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
