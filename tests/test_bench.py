@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava.bench import infer_speed, report, train_speed
+from llava.bench import infer_speed, report, train_speed, workload
 from llava.bench.hf_baseline import BASELINE_LABEL, build_hf_llava, hf_image_token_id, to_hf_batch
 from llava.bench.shapes import VIDEO_PRESETS, get_shape
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
@@ -120,7 +120,7 @@ def test_hf_llava_baseline_sees_the_same_batch_as_our_model() -> None:
     torch.manual_seed(0)
     hf_model = build_hf_llava(shape, torch.float32, "sdpa", None).eval()
     ours = convert_hf_llava(hf_model).eval()
-    batch = train_speed.build_training_batch(shape, "finetune", 3, seed=1)
+    batch = workload.build_training_batch(shape, "finetune", 3, seed=1)
     batch["input_ids"][0, -1] = hf_image_token_id(shape)  # a text token that collides with HF's image id
     hf_batch = to_hf_batch(batch, shape)
     assert hf_batch["input_ids"].shape[1] == batch["input_ids"].shape[1] + shape.vision.num_patches - 1
@@ -263,7 +263,7 @@ def test_video_training_batch_and_prompts_carry_one_video_per_sample() -> None:
     shape = get_shape("tiny-video")
     size = shape.video.image_size
     for stage in ("finetune", "pretrain"):
-        batch = train_speed.build_training_batch(shape, stage, batch_size=3, seed=1)
+        batch = workload.build_training_batch(shape, stage, batch_size=3, seed=1)
         assert "pixel_values" not in batch
         assert batch["pixel_values_videos"].shape == (3, VIDEO_FRAMES, 3, size, size)
         assert ((batch["input_ids"] == VIDEO_TOKEN_ID).sum(dim=1) == 1).all()
@@ -271,13 +271,13 @@ def test_video_training_batch_and_prompts_carry_one_video_per_sample() -> None:
     prompts = infer_speed.build_prompts(shape, batch_size=2, prompt_tokens=10, seed=2)
     assert prompts["pixel_values_videos"].shape == (2, VIDEO_FRAMES, 3, size, size) and "pixel_values" not in prompts
     assert ((prompts["input_ids"] == VIDEO_TOKEN_ID).sum(dim=1) == 1).all()
-    moved = train_speed.move_batch(prompts, torch.device("cpu"), torch.bfloat16)
+    moved = workload.move_batch(prompts, torch.device("cpu"), torch.bfloat16)
     assert moved["pixel_values_videos"].dtype == torch.bfloat16 and moved["input_ids"].dtype == torch.long
 
 
 def test_training_batch_looks_like_the_collator() -> None:
     shape = get_shape("tiny")
-    batch = train_speed.build_training_batch(shape, "finetune", batch_size=4, seed=1)
+    batch = workload.build_training_batch(shape, "finetune", batch_size=4, seed=1)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape[1] == shape.text_tokens + 1  # sample 0 is full length: text + one image slot
     assert batch["pixel_values"].shape == (4, 3, shape.vision.image_size, shape.vision.image_size)
@@ -287,7 +287,7 @@ def test_training_batch_looks_like_the_collator() -> None:
     supervised = labels != IGNORE_INDEX
     assert (labels[supervised] == ids[supervised]).all()
 
-    pretrain = train_speed.build_training_batch(shape, "pretrain", batch_size=2)
+    pretrain = workload.build_training_batch(shape, "pretrain", batch_size=2)
     assert pretrain["input_ids"].shape[1] == shape.pretrain_text_tokens + 1
     assert (pretrain["input_ids"][:, 1] == IMAGE_TOKEN_ID).all()
     assert (pretrain["labels"][0] != IGNORE_INDEX).sum() == shape.pretrain_text_tokens - 1
