@@ -31,7 +31,9 @@ def dry_run(stage: str, tmp_path: Path, *args: str, gpus: int = 0, **env: str) -
     bin_dir = tmp_path / f"bin{gpus}"
     fake_nvidia_smi(bin_dir, gpus)
     full_env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PRECISION")}
-    full_env.update({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1", **env})
+    full_env.update(
+        {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1", "PYTHON": sys.executable, **env}
+    )
     proc = subprocess.run(
         ["bash", str(SCRIPTS / stage), *args], env=full_env, capture_output=True, text=True, check=True
     )
@@ -188,7 +190,7 @@ def test_global_batch_counts_nodes_from_hostfile(tmp_path: Path) -> None:
 
 
 def test_finetune_without_projector_fails_clearly(tmp_path: Path) -> None:
-    env = {**os.environ, "PRETRAIN_DIR": str(tmp_path / "missing"), "DRY_RUN": "0"}
+    env = {**os.environ, "PRETRAIN_DIR": str(tmp_path / "missing"), "DRY_RUN": "0", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(SCRIPTS / "finetune.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "PRETRAINED_PROJECTOR" in proc.stderr and "pretrain.sh" in proc.stderr

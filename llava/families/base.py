@@ -63,6 +63,7 @@ class ModelFamily(Protocol):
 
     name: str  # what ``MODEL_FAMILY`` / ``--model_family`` call it
     model_types: tuple[str, ...]  # the ``model_type`` values of config.json this family loads
+    hub_names: tuple[str, ...]  # lowercase parts of a Hub id that name this family (offline guesses only)
     model_class: type[nn.Module]  # what its builders return (what LoRA merging must give back)
     modules: tuple[str, ...]  # the modules that belong to this family (only they and the registry name it)
     projector_name: str  # the module trained in pretraining, saved as mm_projector.safetensors

@@ -169,6 +169,12 @@ class LlavaPipeline(GenerationPipeline):
             if (model_dir / "adapter_config.json").is_file():
                 hint = " It holds a LoRA adapter: merge it first with `python -m llava.tools.merge_lora`."
             raise MissingComponentError(f"{model_dir} has no config.json, so it is not a model checkpoint.{hint}")
+        checkpoint_type = read_model_type(model_dir)
+        if checkpoint_type not in LLAVA_MODEL_TYPES:
+            raise ValueError(
+                f"{model_dir} is a {checkpoint_type!r} checkpoint, not a LLaVA one: load it with "
+                "llava.inference.load_pipeline, which picks its model family"
+            )
         if not _has_any(model_dir, _TOKENIZER_FILES):
             raise MissingComponentError(
                 f"{model_dir} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
@@ -176,7 +182,7 @@ class LlavaPipeline(GenerationPipeline):
             )
         processor_dir = model_dir
         if not _has_any(model_dir, _PROCESSOR_FILES):
-            if vision_tower is None and read_model_type(model_dir) == "llava_llama":
+            if vision_tower is None and checkpoint_type == "llava_llama":
                 vision_tower = _original_tower(model_dir)
             if vision_tower is None:
                 raise MissingComponentError(
@@ -276,6 +282,7 @@ class LlavaFamily:
 
     name = "llava"
     model_types = LLAVA_MODEL_TYPES
+    hub_names: tuple[str, ...] = ()  # the default family: anything no other family names
     model_class = DuetLlavaForCausalLM
     modules = ("llava.families.llava", "llava.model.modeling", "llava.model.config", "llava.model.loading")
     projector_name = "projector"

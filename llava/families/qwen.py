@@ -192,6 +192,7 @@ class QwenVLFamily:
 
     name = "qwen2_5_vl"
     model_types = QWEN_MODEL_TYPES
+    hub_names = ("qwen2.5-vl", "qwen2_5_vl")
     model_class = DuetQwenVL
     modules = ("llava.families.qwen", "llava.model.qwen_vl")
     projector_name = "merger"

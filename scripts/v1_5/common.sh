@@ -72,27 +72,11 @@ DEEPSPEED="${DEEPSPEED:-deepspeed}"
 log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# qwen2_5_vl when MODEL is a Qwen2.5-VL checkpoint (its config.json says so, or a Hub id names it), else llava.
-model_family() {
-    if [[ -n "${MODEL_FAMILY:-}" ]]; then
-        echo "$MODEL_FAMILY"
-    elif [[ -f "$MODEL/config.json" ]]; then
-        if grep -Eq '"model_type"[[:space:]]*:[[:space:]]*"qwen2_5_vl"' "$MODEL/config.json"; then
-            echo qwen2_5_vl
-        else
-            echo llava
-        fi
-    elif [[ "${MODEL,,}" == *qwen2.5-vl* || "${MODEL,,}" == *qwen2_5_vl* ]]; then
-        echo qwen2_5_vl
-    else
-        echo llava
-    fi
-}
-MODEL_FAMILY="$(model_family)"
-case "$MODEL_FAMILY" in
-    llava | qwen2_5_vl) ;;
-    *) die "MODEL_FAMILY must be llava or qwen2_5_vl, got '$MODEL_FAMILY'" ;;
-esac
+# The model family of MODEL, from the project's registry (llava.families.registry: MODEL_FAMILY if set, else
+# MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl or llava.
+PYTHON="${PYTHON:-python}"
+MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
+    die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl)"
 
 # Number of GPUs nvidia-smi lists; 0 when it is missing or fails.
 count_gpus() {
