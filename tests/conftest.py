@@ -93,7 +93,7 @@ def tiny_model():
 def playground(tmp_path_factory):
     """A small playground (tiny CLIP-L/14-336-geometry tower, tiny LLaMA, 48+48 samples, 16+24 video
     samples with a 224 px video tower), built once."""
-    from llava.playground.synthetic import build_playground
+    from llava.playground.builder import build_playground
 
     out = tmp_path_factory.mktemp("playground")
     build_playground(out, num_pretrain=48, num_finetune=48, seed=0, num_video_pretrain=16, num_video_finetune=24)

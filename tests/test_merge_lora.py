@@ -14,7 +14,7 @@ from safetensors import safe_open
 from llava.inference import LlavaPipeline
 from llava.model.loading import load_pretrained_model
 from llava.model.modeling import DuetLlavaForCausalLM
-from llava.playground.synthetic import build_playground
+from llava.playground.builder import build_playground
 from llava.tools import merge_lora as merge_cli
 from llava.training.lora import LoraCheckpointError, load_lora_model, merge_lora_checkpoint
 from llava.training.train import train

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from llava.constants import IMAGE_TAG
-from llava.playground.synthetic import build_playground
+from llava.playground.builder import build_playground
 from llava.tools.make_playground import main
 
 NUM_PRETRAIN = 24
@@ -86,7 +86,7 @@ def test_captions_match_metadata(playground: Path) -> None:
 
 def test_drawn_pixels_match_metadata(playground: Path) -> None:
     """The shape's colour is really at the centre of its box (so answers depend on the image)."""
-    from llava.playground.synthetic import COLORS
+    from llava.playground.drawing import COLORS
 
     meta = _load(playground / "image_metadata.json")
     for file, spec in list(meta.items())[:15]:

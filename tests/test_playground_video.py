@@ -12,7 +12,8 @@ import torch
 
 from llava.constants import IMAGE_TAG, VIDEO_TAG
 from llava.data.video import load_and_preprocess_videos, read_video_frames
-from llava.playground.synthetic import COLORS, GENERATED_ENTRIES, build_playground
+from llava.playground.builder import GENERATED_ENTRIES, build_playground
+from llava.playground.drawing import COLORS
 from llava.playground.synthetic_video import (
     DIRECTIONS,
     VideoSpec,
@@ -35,7 +36,7 @@ def _load(path: Path) -> object:
 
 
 def _spec(meta: dict) -> VideoSpec:
-    from llava.playground.synthetic import ShapeSpec
+    from llava.playground.drawing import ShapeSpec
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
     if fields["still"] is not None:

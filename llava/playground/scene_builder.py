@@ -25,9 +25,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llava.playground.conversations import SHORT_ANSWER_SUFFIX
+from llava.playground.llm_pretraining import pretrain_llm
+from llava.playground.output import prepare_out_dir, write_json, write_jsonl
 from llava.playground.scenes import (
     QUESTION_KINDS,
-    SHORT_ANSWER_SUFFIX,
     Scene,
     benchmark_questions,
     benchmark_scenes,
@@ -36,7 +38,15 @@ from llava.playground.scenes import (
     vqa_sample,
     write_scenes,
 )
-from llava.playground.synthetic import prepare_out_dir, write_json, write_jsonl
+from llava.playground.tiny_models import (
+    VISION_DEFAULTS,
+    build_clip_image_processor,
+    build_tiny_llama,
+    build_tiny_vision_tower,
+    ensure_bos,
+)
+from llava.playground.tokenizer import train_playground_tokenizer
+from llava.playground.tower_training import pretrain_tower
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +101,6 @@ def build_scene_playground(
     the tower / the LLM random (fast, for tests of the plumbing). Deterministic for a given ``seed``;
     refuses a non-empty ``out_dir`` unless ``force``.
     """
-    from llava.playground.llm_pretraining import pretrain_llm
-    from llava.playground.tiny_models import (
-        VISION_DEFAULTS,
-        build_clip_image_processor,
-        build_tiny_llama,
-        build_tiny_vision_tower,
-        ensure_bos,
-    )
-    from llava.playground.tokenizer import train_playground_tokenizer
-    from llava.playground.tower_training import pretrain_tower
-
     out = Path(out_dir)
     prepare_out_dir(out, force, GENERATED_ENTRIES)
     rng = random.Random(f"scenes-{seed}")

@@ -28,26 +28,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llava.constants import IMAGE_TAG
-from llava.playground.synthetic import draw_shape
+from llava.playground.conversations import SHORT_ANSWER_SUFFIX
+from llava.playground.drawing import COLORS, draw_shape, random_background
 
 CANVAS = 336
 """Image side in pixels: CLIP-L/14-336's input, so no resizing happens in preprocessing."""
 GRID = 2
 CELL = CANVAS // GRID
-SCENE_COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (235, 200, 0),
-    "purple": (130, 40, 170),
-    "orange": (245, 130, 0),
-}
+SCENE_COLORS: dict[str, tuple[int, int, int]] = {name: rgb for name, rgb in COLORS.items() if name != "black"}
+"""The playground's colours but black."""
 SCENE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 CELL_NAMES: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
 """Quadrant names in raster order (row-major), index = row * 2 + column."""
 COUNT_WORDS: tuple[str, ...] = ("Zero", "One", "Two", "Three")
 QUESTION_KINDS: tuple[str, ...] = ("color_at", "where", "count", "exists", "dot", "dot_where")
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 LARGE_RADIUS = (40, 56)
 DOT_RADIUS = (11, 15)
 _JITTER = 16
@@ -109,9 +103,8 @@ def random_scene(rng: random.Random, file: str, with_dot: bool | None = None) ->
         dot_cell = cells[-1]
         dot = SceneObject("circle", rng.choice(sorted(SCENE_COLORS)), dot_cell,
                           _jittered_center(rng, dot_cell, CELL // 2 - radius - 4), radius)  # fmt: skip
-    gray = rng.randint(222, 244)
-    background = tuple(gray + rng.randint(-8, 8) for _ in range(3))
-    return Scene(file, background, objects, dot, rng.randrange(2**31))  # type: ignore[arg-type]
+    background = random_background(rng, low=222, high=244, spread=8)
+    return Scene(file, background, objects, dot, rng.randrange(2**31))
 
 
 def _jittered_center(rng: random.Random, cell: int, jitter: int) -> tuple[int, int]:

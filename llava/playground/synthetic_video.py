@@ -4,8 +4,9 @@ Each video shows one coloured shape sliding left, right, up or down across a lig
 background; some videos add a second shape that stays still, and some make the moving shape change
 colour halfway. Captions and answers come from each video's :class:`VideoSpec`, so a model can only
 answer direction or colour-change questions by looking at several frames. Frames are drawn with the
-image playground's helpers, so shapes, colours and wording match the image data. All randomness
-flows from one seed (image data are untouched: videos use their own random stream).
+same helpers as the images (:mod:`llava.playground.drawing`, :mod:`llava.playground.conversations`),
+so shapes, colours and wording match the image data. All randomness flows from one seed (image data are
+untouched: videos use their own random stream).
 """
 
 from __future__ import annotations
@@ -21,22 +22,29 @@ from PIL import Image
 from tqdm import tqdm
 
 from llava.constants import IMAGE_TAG, VIDEO_TAG
-from llava.playground.synthetic import (
-    COLORS,
+from llava.data.video import write_video
+from llava.playground.conversations import (
     DETAIL_PROMPTS,
     NUMBER_WORDS,
+    Conversation,
+    article,
+    cap,
+    caption_request,
+    demo_request,
+    image_conversation,
+    phrase,
+    text_conversation,
+    vqa_conversation,
+    where,
+)
+from llava.playground.drawing import (
+    COLORS,
     SHAPES,
-    SHORT_ANSWER_SUFFIX,
     ImageSpec,
     ShapeSpec,
-    _article,
-    _cap,
-    _phrase,
-    _where,
     draw_background,
     draw_shapes,
-    image_conversation,
-    text_conversation,
+    random_background,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,8 +206,7 @@ def random_video_spec(
         still = ShapeSpec(shapes[1], colors[2], position, (cx - r, cy - r, cx + r, cy + r))
     new_color = colors[1] if with_change else None
     change_frame = rng.randint(num_frames // 3, (2 * num_frames) // 3) if with_change else None
-    gray = rng.randint(226, 246)
-    background = (gray + rng.randint(-6, 6), gray + rng.randint(-6, 6), gray + rng.randint(-6, 6))
+    background = random_background(rng)
     return VideoSpec(
         file=file,
         width=width,
@@ -233,8 +240,6 @@ def draw_video_frames(spec: VideoSpec) -> list[Image.Image]:
 
 def write_videos(specs: Iterable[VideoSpec], video_dir: Path, desc: str = "videos") -> int:
     """Draw and encode every spec under ``video_dir``; returns the number written."""
-    from llava.data.video import write_video
-
     video_dir.mkdir(parents=True, exist_ok=True)
     specs = list(specs)
     for spec in tqdm(specs, desc=desc, unit="video", leave=False):
@@ -247,21 +252,21 @@ def write_videos(specs: Iterable[VideoSpec], video_dir: Path, desc: str = "video
 # --------------------------------------------------------------------------------------------
 
 
-def _moving_phrase(spec: VideoSpec) -> str:
-    return f"{_article(spec.color)} {spec.color} {spec.shape}"
+def _movingphrase(spec: VideoSpec) -> str:
+    return f"{article(spec.color)} {spec.color} {spec.shape}"
 
 
 def describe_video_caption(spec: VideoSpec, rng: random.Random) -> str:
     """Short caption: the moving shape, its direction, any colour change and any still shape."""
-    body = f"{_moving_phrase(spec)} moves {_DIRECTION_PHRASE[spec.direction]}"
+    body = f"{_movingphrase(spec)} moves {_DIRECTION_PHRASE[spec.direction]}"
     if spec.new_color is not None:
         body += f" and turns {spec.new_color}"
     template = rng.choice(
         ("{body}.", "a simple animation: {body}.", "in the video, {body}.", "{body} on a light background.")
     )
-    text = _cap(template.format(body=body))
+    text = cap(template.format(body=body))
     if spec.still is not None:
-        text += f" {_cap(_phrase(spec.still))} stays still {_where(spec.still.position)}."
+        text += f" {cap(phrase(spec.still))} stays still {where(spec.still.position)}."
     return text
 
 
@@ -270,13 +275,13 @@ def describe_video_detail(spec: VideoSpec) -> str:
     n = spec.num_shapes
     noun = "shape" if n == 1 else "shapes"
     sentences = [f"The video shows {NUMBER_WORDS[n]} {noun} on a light background."]
-    sentences.append(f"{_cap(_moving_phrase(spec))} moves {_DIRECTION_PHRASE[spec.direction]}.")
+    sentences.append(f"{cap(_movingphrase(spec))} moves {_DIRECTION_PHRASE[spec.direction]}.")
     if spec.new_color is not None:
         sentences.append(f"Partway through, the {spec.shape} changes color from {spec.color} to {spec.new_color}.")
     else:
         sentences.append(f"The {spec.shape} stays {spec.color} the whole time.")
     if spec.still is not None:
-        sentences.append(f"{_cap(_phrase(spec.still))} does not move; it stays {_where(spec.still.position)}.")
+        sentences.append(f"{cap(phrase(spec.still))} does not move; it stays {where(spec.still.position)}.")
     sentences.append(f"At the end, the {spec.shape} is {_END_PHRASE[spec.direction]} of the frame.")
     return " ".join(sentences)
 
@@ -285,8 +290,8 @@ def _video_vqa_pool(spec: VideoSpec, rng: random.Random) -> list[tuple[str, str,
     """All candidate (question, short answer, sentence answer) triples for one video."""
     s, d = spec.shape, spec.direction
     qa: list[tuple[str, str, str]] = [
-        (f"In which direction does the {s} move?", _cap(d), f"The {s} moves {_DIRECTION_PHRASE[d]}."),
-        ("What shape is moving in the video?", _cap(s), f"{_cap(_article(s))} {s} is moving."),
+        (f"In which direction does the {s} move?", cap(d), f"The {s} moves {_DIRECTION_PHRASE[d]}."),
+        ("What shape is moving in the video?", cap(s), f"{cap(article(s))} {s} is moving."),
         (f"Where is the {s} at the end of the video?", _END_SIDE[d], f"It ends up {_END_PHRASE[d]} of the frame."),
     ]
     other = rng.choice([x for x in DIRECTIONS if x != d])
@@ -300,59 +305,41 @@ def _video_vqa_pool(spec: VideoSpec, rng: random.Random) -> list[tuple[str, str,
         )
     )
     if spec.new_color is None:
-        qa.append((f"What color is the {s}?", _cap(spec.color), f"The {s} is {spec.color}."))
+        qa.append((f"What color is the {s}?", cap(spec.color), f"The {s} is {spec.color}."))
         qa.append((f"Does the {s} change color?", "No", f"No, it stays {spec.color}."))
     else:
         new = spec.new_color
-        qa.append((f"What color does the {s} turn?", _cap(new), f"It turns {new}."))
-        qa.append((f"What color is the {s} at the start of the video?", _cap(spec.color), f"It starts {spec.color}."))
-        qa.append((f"What color is the {s} at the end of the video?", _cap(new), f"It is {new} at the end."))
+        qa.append((f"What color does the {s} turn?", cap(new), f"It turns {new}."))
+        qa.append((f"What color is the {s} at the start of the video?", cap(spec.color), f"It starts {spec.color}."))
+        qa.append((f"What color is the {s} at the end of the video?", cap(new), f"It is {new} at the end."))
         qa.append((f"Does the {s} change color?", "Yes", f"Yes, it changes from {spec.color} to {new}."))
     n = spec.num_shapes
     qa.append(
         (
             "How many shapes are in the video?",
-            _cap(NUMBER_WORDS[n]),
+            cap(NUMBER_WORDS[n]),
             f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}.",
         )
     )
     if spec.still is not None:
         t = spec.still
-        qa.append(("Which shape does not move?", _cap(t.shape), f"The {t.color} {t.shape} does not move."))
-        qa.append((f"What color is the {t.shape}?", _cap(t.color), f"The {t.shape} is {t.color}."))
-        qa.append((f"Where is the {t.shape}?", _cap(t.position), f"It stays {_where(t.position)}."))
+        qa.append(("Which shape does not move?", cap(t.shape), f"The {t.color} {t.shape} does not move."))
+        qa.append((f"What color is the {t.shape}?", cap(t.color), f"The {t.shape} is {t.color}."))
+        qa.append((f"Where is the {t.shape}?", cap(t.position), f"It stays {where(t.position)}."))
     return qa
 
 
-def video_conversation(spec: VideoSpec, rng: random.Random) -> list[dict[str, str]]:
+def video_conversation(spec: VideoSpec, rng: random.Random) -> Conversation:
     """Multi-turn (1-3 rounds) QA about one video; the ``<video>`` tag goes in round one.
 
-    As in the image data, 60% of conversations ask for one-word answers (with the short-answer
-    suffix) and the rest answer in sentences; ~20% open with a detailed description.
+    As in the image data (:func:`llava.playground.conversations.vqa_conversation`), 60% of conversations
+    ask for one-word answers and the rest answer in sentences; ~20% open with a detailed description.
     """
     pool = _video_vqa_pool(spec, rng)
-    rng.shuffle(pool)
-    rounds = rng.choice((1, 2, 2, 3))
-    turns: list[tuple[str, str]] = []
-    if rng.random() < 0.2:
-        turns.append((rng.choice(VIDEO_DETAIL_PROMPTS), describe_video_detail(spec)))
-    short_suffix = rng.random() < 0.6
-    for question, short, sentence in pool[: rounds - len(turns)]:
-        turns.append((f"{question}\n{SHORT_ANSWER_SUFFIX}", short) if short_suffix else (question, sentence))
-    return _with_tag(turns, VIDEO_TAG, rng)
+    return vqa_conversation(pool, VIDEO_DETAIL_PROMPTS, describe_video_detail(spec), VIDEO_TAG, rng)
 
 
-def _with_tag(turns: list[tuple[str, str]], tag: str, rng: random.Random) -> list[dict[str, str]]:
-    conv: list[dict[str, str]] = []
-    for i, (question, answer) in enumerate(turns):
-        if i == 0:
-            question = f"{tag}\n{question}" if rng.random() < 0.8 else f"{question}\n{tag}"
-        conv.append({"from": "human", "value": question})
-        conv.append({"from": "gpt", "value": answer})
-    return conv
-
-
-def image_video_conversation(video: VideoSpec, image: ImageSpec, rng: random.Random) -> list[dict[str, str]]:
+def image_video_conversation(video: VideoSpec, image: ImageSpec, rng: random.Random) -> Conversation:
     """One question about a video and an image together; ``<video>`` comes first, then ``<image>``."""
     head = f"{VIDEO_TAG}\n{IMAGE_TAG}\n"
     if rng.random() < 0.6:
@@ -367,14 +354,13 @@ def image_video_conversation(video: VideoSpec, image: ImageSpec, rng: random.Ran
     else:
         total = video.num_shapes + len(image.shapes)
         question = "How many shapes are there in the video and the image together?"
-        answer = f"{_cap(NUMBER_WORDS[total])}."
+        answer = f"{cap(NUMBER_WORDS[total])}."
     return [{"from": "human", "value": head + question}, {"from": "gpt", "value": answer}]
 
 
-def video_caption_conversation(spec: VideoSpec, rng: random.Random) -> list[dict[str, str]]:
+def video_caption_conversation(spec: VideoSpec, rng: random.Random) -> Conversation:
     """Single-turn caption request (the pretrain ``plain`` layout keeps only tag + caption)."""
-    prompt = rng.choice(VIDEO_CAPTION_PROMPTS)
-    value = f"{VIDEO_TAG}\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n{VIDEO_TAG}"
+    value = caption_request(VIDEO_CAPTION_PROMPTS, VIDEO_TAG, rng)
     return [{"from": "human", "value": value}, {"from": "gpt", "value": describe_video_caption(spec, rng)}]
 
 
@@ -455,21 +441,14 @@ def video_demo_requests(seed: int, count: int = 8) -> tuple[list[VideoSpec], lis
     requests = []
     for i, spec in enumerate(specs):
         if i % 3 == 0:
-            question, answer = f"In which direction does the {spec.shape} move?", _cap(spec.direction)
+            question, answer = f"In which direction does the {spec.shape} move?", cap(spec.direction)
         elif i % 3 == 1:
-            question, answer = "What shape is moving in the video?", _cap(spec.shape)
+            question, answer = "What shape is moving in the video?", cap(spec.shape)
         elif spec.new_color is not None:
-            question, answer = f"What color does the {spec.shape} turn?", _cap(spec.new_color)
+            question, answer = f"What color does the {spec.shape} turn?", cap(spec.new_color)
         else:
-            question, answer = f"What color is the {spec.shape}?", _cap(spec.color)
-        requests.append(
-            {
-                "id": f"video_demo_{i:03d}",
-                "video": spec.file,
-                "prompt": f"{question}\n{SHORT_ANSWER_SUFFIX}",
-                "expected": answer,
-            }
-        )
+            question, answer = f"What color is the {spec.shape}?", cap(spec.color)
+        requests.append(demo_request(f"video_demo_{i:03d}", "video", spec.file, question, answer))
     return specs, requests
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import CLIPVisionModel
 
 from llava.hf_adapter import call_clip_layer
-from llava.model.vision_tower import layers_to_run
+from llava.model.vision_tower import cls_attention_and_keys, layers_to_run
 from llava.playground.scenes import (
     CELL,
     GRID,
@@ -195,8 +195,6 @@ def pretrain_tower(
 def _evaluate(
     tower: CLIPVisionModel, heads: _Heads, num_layers: int, rng: random.Random, patch_size: int
 ) -> TowerTrainingResult:
-    from llava.model.vision_tower import cls_attention_and_keys
-
     scenes = [random_scene(rng, f"tower_eval_{i}.png") for i in range(32)]
     pixels, targets = scene_batch(scenes, patch_size)
     layer_input, features = _feature_layer_states(tower, pixels, num_layers)

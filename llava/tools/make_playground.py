@@ -8,8 +8,8 @@ import logging
 import sys
 import time
 
+from llava.playground.builder import build_playground
 from llava.playground.scene_builder import build_scene_playground
-from llava.playground.synthetic import build_playground
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
