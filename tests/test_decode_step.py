@@ -18,8 +18,8 @@ from llava.hf_adapter import decode_step_mask, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.decoder import CompiledDecodeStep, decoder_of, run_static_decoder_step
 from llava.model.fast_generation import FastDecoder
-from llava.model.merge import matches_any
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.splice import matches_any
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 IMG = IMAGE_TOKEN_ID

@@ -12,12 +12,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
-from llava.compression.t2v import Sequence, compacted_extents
+from llava.compression.t2v import SequenceState, compacted_extents
 from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.fast_generation import CapturedStep, CudaGraphCapture, FastDecoder, eos_check_gap, is_sticky_cuda_error
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.sampling import SamplingOptions
 from llava.model.static_cache import bucketed, bucketed_batch, stage_of_each_layer
 from tests.conftest import tiny_text_config, tiny_vision_config
 
@@ -196,7 +197,7 @@ def test_compact_with_known_length_equals_compact_that_measures_it():
     torch.manual_seed(0)
     visual = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0]]).bool()
     attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]])
-    sequence = Sequence(
+    sequence = SequenceState(
         hidden=torch.randn(3, 7, 4),
         attention_mask=attention,
         position_ids=(attention.cumsum(1) - 1).clamp(min=0),
@@ -562,7 +563,7 @@ def test_generation_setup_copies_nothing_from_the_host_per_call():
     decoder = FastDecoder(model)
 
     def generate() -> None:
-        decoder.generate(ids, mask, pixels, None, 6, lambda logits: logits.argmax(-1), [2, 3], 0)
+        decoder.generate(ids, mask, {"pixel_values": pixels}, SamplingOptions(6, eos_token_id=[2, 3], pad_token_id=0))
 
     def copies(function) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:

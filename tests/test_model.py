@@ -1,7 +1,8 @@
-"""The composite model: merging, loss, save/load, checkpoint import, batched generation."""
+"""The composite model: splicing, loss, save/load, checkpoint import, batched generation."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -11,9 +12,12 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
+from llava.model.contract import FORWARD_KEYWORDS, DuetOutput, VisionLanguageModel
 from llava.model.loading import convert_hf_llava, load_pretrained_model
-from llava.model.merge import merge_visual_tokens
+from llava.model.modeling import DuetLlavaOutput
 from llava.model.projector import build_projector
+from llava.model.sampling import SamplingOptions
+from llava.model.splice import VisualSegments, splice_visual_tokens
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 IMG = IMAGE_TOKEN_ID
@@ -87,7 +91,7 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
         load_pretrained_model(tmp_path)
 
 
-def test_merge_handles_varied_counts_several_images_and_text_only_rows():
+def test_splice_handles_varied_counts_several_images_and_text_only_rows():
     hidden = 4
     ids = torch.tensor([[1, IMG, 3, IMG, 5], [1, 2, 3, 0, 0], [1, IMG, 2, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
@@ -95,7 +99,7 @@ def test_merge_handles_varied_counts_several_images_and_text_only_rows():
     counts = torch.tensor([2, 3, 1])
     visual = -torch.arange(1, 7, dtype=torch.float).view(6, 1).expand(6, hidden)
     labels = ids.clone()
-    merged = merge_visual_tokens(ids, text, visual, counts, IMG, mask, labels, left_padding=False)
+    merged = splice_visual_tokens(ids, text, VisualSegments(visual, counts), IMG, mask, labels, left_padding=False)
     assert merged.inputs_embeds.shape == (3, 8, hidden)
     first = merged.inputs_embeds[0, :, 0].tolist()
     assert first == [0, -1, -2, 2, -3, -4, -5, 4]
@@ -106,12 +110,13 @@ def test_merge_handles_varied_counts_several_images_and_text_only_rows():
     assert merged.labels[0, 3].item() == 3
 
 
-def test_merge_left_padding_aligns_last_tokens():
+def test_splice_left_padding_aligns_last_tokens():
     ids = torch.tensor([[0, 1, IMG, 7], [1, 5, IMG, 8]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     text = torch.randn(2, 4, 3)
     visual = torch.randn(5, 3)
-    merged = merge_visual_tokens(ids, text, visual, torch.tensor([2, 3]), IMG, mask, left_padding=True)
+    segments = VisualSegments(visual, torch.tensor([2, 3]))
+    merged = splice_visual_tokens(ids, text, segments, IMG, mask, left_padding=True)
     assert merged.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
     assert merged.position_ids[0, -1].item() == 3 and merged.position_ids[1, -1].item() == 5
     assert torch.equal(merged.inputs_embeds[0, -1], text[0, -1])
@@ -176,6 +181,33 @@ def test_sampling_is_reproducible_with_a_generator(tiny_model):
         for _ in range(2)
     ]
     assert torch.equal(draws[0], draws[1])
+
+
+def test_sampling_options_give_what_the_keywords_give(tiny_model):
+    ids = torch.tensor([[1, IMG, 4, 5]])
+    pixels = torch.randn(1, 3, 56, 56)
+    keywords = {"max_new_tokens": 6, "do_sample": True, "top_p": 0.9, "temperature": 0.8}
+    by_keywords = tiny_model.generate(ids, None, pixels, generator=torch.Generator().manual_seed(3), **keywords)
+    options = SamplingOptions(**keywords, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tiny_model.generate(ids, None, pixels, sampling=options), by_keywords)
+    # A keyword replaces the same field of ``sampling``.
+    options = SamplingOptions(**keywords, generator=torch.Generator().manual_seed(3))
+    shorter = tiny_model.generate(ids, None, pixels, sampling=options, max_new_tokens=3)
+    assert torch.equal(shorter, by_keywords[:, :3])
+
+
+def test_unknown_generate_keywords_are_a_clear_error(tiny_model):
+    ids = torch.tensor([[1, 4, 5]])
+    with pytest.raises(TypeError, match="max_new_token"):
+        tiny_model.generate(ids, max_new_token=4)
+    with pytest.raises(TypeError, match="must be a SamplingOptions"):
+        tiny_model.generate(ids, sampling={"max_new_tokens": 4})
+
+
+def test_the_model_meets_the_shared_contract(tiny_model):
+    assert isinstance(tiny_model, VisionLanguageModel)
+    assert set(FORWARD_KEYWORDS) <= set(inspect.signature(tiny_model.forward).parameters)
+    assert DuetLlavaOutput is DuetOutput
 
 
 @pytest.mark.parametrize(("kind", "n_linear"), [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3), ("identity", 0)])

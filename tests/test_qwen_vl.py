@@ -3,11 +3,15 @@ M-RoPE positions kept, exact keep counts, batched cached generation."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
+from llava.model.contract import FORWARD_KEYWORDS, VisionLanguageModel
 from llava.model.qwen_vl import DuetQwenVL
+from llava.model.sampling import SamplingOptions
 from tests.conftest import IMAGE, PATCH_FEATURES, tiny_qwen
 
 START, END = 152, 153
@@ -53,6 +57,18 @@ def test_greedy_generation_equals_transformers_generate_when_uncompressed():
         do_sample=False,
     )  # fmt: skip
     assert torch.equal(ours, theirs[:, inputs["input_ids"].shape[1] :])
+
+
+def test_sampling_options_and_the_shared_contract():
+    model = DuetQwenVL(tiny_qwen(), T2V)
+    assert isinstance(model, VisionLanguageModel)
+    assert set(FORWARD_KEYWORDS) <= set(inspect.signature(model.forward).parameters)
+    inputs = batch()
+    by_keywords = model.generate(**inputs, max_new_tokens=4, eos_token_id=[], fast=False)
+    sampling = SamplingOptions(max_new_tokens=4, eos_token_id=[], fast=False)
+    assert torch.equal(model.generate(**inputs, sampling=sampling), by_keywords)
+    with pytest.raises(TypeError, match="max_new_token"):
+        model.generate(**inputs, max_new_token=4)
 
 
 def test_keep_counts_are_relative_to_n0_and_do_not_compound():
@@ -164,10 +180,10 @@ def test_unsupported_settings_are_refused():
 
 
 def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(qwen_checkpoint):
-    from llava.inference import LlavaPipeline
-    from llava.inference_qwen import QwenVLPipeline
+    from llava.families.qwen import QwenVLPipeline
+    from llava.inference import load_pipeline
 
-    pipeline = LlavaPipeline.from_pretrained(qwen_checkpoint, device="cpu")
+    pipeline = load_pipeline(qwen_checkpoint, device="cpu")
     assert isinstance(pipeline, QwenVLPipeline)
     requests = [
         {"image": str(qwen_checkpoint / "image_0.png"), "prompt": "what colour is the shape"},
@@ -190,7 +206,7 @@ def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(qwen_check
 
 
 def test_pipeline_serves_videos_in_place_of_their_tags_and_batches_them(qwen_checkpoint):
-    from llava.inference_qwen import QwenVLPipeline
+    from llava.families.qwen import QwenVLPipeline
 
     pipeline = QwenVLPipeline.from_pretrained(qwen_checkpoint, device="cpu", compression="qwen_duet_53", video_frames=4)
     clip, picture = str(qwen_checkpoint / "clip.mp4"), str(qwen_checkpoint / "image_0.png")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
-from llava.compression.t2v import Sequence, build_query_mask, keep_top_visual, score_visual_tokens
+from llava.compression.t2v import SequenceState, build_query_mask, keep_top_visual, score_visual_tokens
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llava.hf_adapter import causal_mask, enable_activation_checkpointing, new_dynamic_cache, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
@@ -62,7 +62,9 @@ def test_scores_match_eager_attention_rows():
     ids, mask, _, pixels = batch()
     merged = model.embed_inputs(ids, pixels, mask)
     query = build_query_mask("instruction", merged.attention_mask, merged.visual_mask, None)
-    sequence = Sequence(merged.inputs_embeds, merged.attention_mask, merged.position_ids, merged.visual_mask, query)
+    sequence = SequenceState(
+        merged.inputs_embeds, merged.attention_mask, merged.position_ids, merged.visual_mask, query
+    )
     rope = decoder.rotary_emb(sequence.hidden, position_ids=sequence.position_ids)
     layer = decoder.layers[2]
     scores = score_visual_tokens(layer, sequence, rope)
@@ -109,7 +111,7 @@ def test_salient_keeps_content_words_and_last_token():
 def test_keep_top_visual_keeps_text_and_best_visual_in_order():
     visual = torch.tensor([[False, True, True, True, True, False, False]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
-    sequence = Sequence(torch.zeros(1, 7, 2), mask, torch.arange(7)[None], visual, torch.zeros_like(visual))
+    sequence = SequenceState(torch.zeros(1, 7, 2), mask, torch.arange(7)[None], visual, torch.zeros_like(visual))
     scores = torch.tensor([[9.0, 0.1, 0.7, 0.2, 0.9, 5.0, 9.0]])
     keep = keep_top_visual(scores, sequence, torch.tensor([2]))
     assert keep.tolist() == [[True, False, True, False, True, True, False]]

@@ -12,8 +12,8 @@ from llava.constants import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.loading import convert_hf_video_llava
-from llava.model.merge import order_visual_segments
 from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.splice import order_visual_segments
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 IMG, VID = IMAGE_TOKEN_ID, VIDEO_TOKEN_ID

@@ -51,8 +51,9 @@ def content_token_table(tokenizer) -> torch.Tensor:
 
 
 @dataclass
-class Sequence:
-    """The per-sample tensors of the sequence the LLM is processing, kept aligned through drops."""
+class SequenceState:
+    """The decoder's state of every token of a batch, kept aligned through drops: hidden states, padding mask,
+    RoPE positions, which tokens are visual, which act as T2V queries, and the labels."""
 
     hidden: torch.Tensor  # [B, L, D]
     attention_mask: torch.Tensor  # [B, L] long
@@ -63,7 +64,7 @@ class Sequence:
 
     def compact(
         self, keep: torch.Tensor, left_align: bool, recompute_positions: bool, length: int | None = None
-    ) -> Sequence:
+    ) -> SequenceState:
         """Keep the ``keep`` positions of every tensor, in order; pad rows to ``length``.
 
         ``length`` must be the largest number of kept positions of any row; when the caller knows it
@@ -107,7 +108,7 @@ class Sequence:
             original = getattr(self, name)
             out[name] = values.reshape(batch, length, *original.shape[2:]).to(original.dtype)
         out["hidden"] = torch.where(filled, gather(self.hidden), 0).view(batch, length, *self.hidden.shape[2:])
-        compacted = Sequence(**out)
+        compacted = SequenceState(**out)
         if recompute_positions:
             if self.position_ids.dim() == 3:
                 raise ValueError("M-RoPE positions are kept through drops; position_mode 'compact' does not apply")
@@ -121,7 +122,7 @@ def keep_counts_for(initial_visual: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.floor(initial_visual.double() * ratio + 1e-9).long().clamp(max=initial_visual)
 
 
-def compacted_extents(sequence: Sequence, keep_ratios: tuple[float, ...]) -> torch.Tensor:
+def compacted_extents(sequence: SequenceState, keep_ratios: tuple[float, ...]) -> torch.Tensor:
     """Shortest and longest row after each boundary, ``[len(keep_ratios), 2]`` on the device.
 
     Every real text token is kept and each row keeps ``keep_counts_for(N0, ratio)`` visual tokens, so
@@ -192,7 +193,7 @@ def build_query_mask(
 
 @torch.no_grad()
 def score_visual_tokens(
-    layer: nn.Module, sequence: Sequence, position_embeddings: tuple, max_queries: int | None = None
+    layer: nn.Module, sequence: SequenceState, position_embeddings: tuple, max_queries: int | None = None
 ) -> torch.Tensor:
     """Mean attention each position receives from the query rows at ``layer``, ``[B, L]`` fp32.
 
@@ -233,7 +234,7 @@ def score_visual_tokens(
     return probs.sum(dim=(1, 2)) / (query_count.clamp(min=1).float() * probs.shape[1]).unsqueeze(1)
 
 
-def keep_top_visual(scores: torch.Tensor, sequence: Sequence, keep_counts: torch.Tensor) -> torch.Tensor:
+def keep_top_visual(scores: torch.Tensor, sequence: SequenceState, keep_counts: torch.Tensor) -> torch.Tensor:
     """Positions to keep: every real text token plus each row's ``keep_counts`` best visual tokens."""
     visual = sequence.visual_mask
     masked = scores.masked_fill(~visual, float("-inf"))

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from llava.compression.config import T2VConfig
 from llava.compression.t2v import (
-    Sequence,
+    SequenceState,
     compacted_extents,
     keep_counts_for,
     keep_top_visual,
@@ -32,6 +33,7 @@ from llava.hf_adapter import (
     decode_step_mask,
     rotary_tables,
 )
+from llava.model.static_cache import StaticStageCache
 from llava.utils.profiling import PROFILE_REGIONS
 
 logger = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ class TokenGroups:
 @dataclass
 class DecoderResult:
     hidden: torch.Tensor
-    sequence: Sequence
+    sequence: SequenceState
     decode_state: DecodeState
     visual_tokens_per_layer: list[float] = field(default_factory=list)
     compression_time_s: float = 0.0
@@ -150,7 +152,7 @@ def _run_layers(
     return hidden
 
 
-def _next_positions(sequence: Sequence) -> torch.Tensor:
+def _next_positions(sequence: SequenceState) -> torch.Tensor:
     """Each row's next RoPE position: one past its largest (over M-RoPE's components too, where text after
     an image continues from the image's largest position, as transformers' ``rope_deltas`` do)."""
     positions = sequence.position_ids
@@ -167,7 +169,7 @@ def rotary_positions(position_ids: torch.Tensor) -> torch.Tensor:
 
 def run_decoder(
     decoder: nn.Module,
-    sequence: Sequence,
+    sequence: SequenceState,
     plan: StagePlan | None = None,
     cache: Cache | None = None,
     use_cache: bool = False,
@@ -323,7 +325,9 @@ class StaticDecodeState:
             tensor.copy_(copy)
 
 
-def run_static_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: StaticDecodeState, cache) -> torch.Tensor:
+def run_static_decoder_step(
+    decoder: nn.Module, hidden: torch.Tensor, state: StaticDecodeState, cache: StaticStageCache
+) -> torch.Tensor:
     """One new token per row over static per-stage caches; advances ``state`` in place.
 
     Fixed shapes, no host synchronisation and no data-dependent control flow, so a CUDA graph can
@@ -365,12 +369,12 @@ class CompiledDecodeStep:
         self.compile_time_s = 0.0
         self.compiled_shapes: set[tuple] = set()
 
-        def step(hidden: torch.Tensor, state: StaticDecodeState, cache: Any) -> torch.Tensor:
+        def step(hidden: torch.Tensor, state: StaticDecodeState, cache: StaticStageCache) -> torch.Tensor:
             return run_static_decoder_step(decoder, hidden, state, cache)
 
         self._step = torch.compile(step, fullgraph=True, **options)
 
-    def __call__(self, hidden: torch.Tensor, state: StaticDecodeState, cache: Any) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, state: StaticDecodeState, cache: StaticStageCache) -> torch.Tensor:
         """One decode step (see :func:`run_static_decoder_step`); the first call of a shape compiles it."""
         shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(mask.shape for mask in state.attendable))
         if shape in self.compiled_shapes:
@@ -383,7 +387,7 @@ class CompiledDecodeStep:
         return hidden
 
 
-def stage_plan_from_config(t2v_config, num_layers: int) -> StagePlan | None:
+def stage_plan_from_config(t2v_config: T2VConfig | None, num_layers: int) -> StagePlan | None:
     """Turn a :class:`~llava.compression.config.T2VConfig` into layer indices for this model's depth.
 
     A boundary at or past the last layer drops nothing any layer sees and is left out.

@@ -36,19 +36,17 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
-from torch import nn
 
-from llava.hf_adapter import STATIC_DECODE_KERNELS, attn_implementation_of
+from llava.hf_adapter import STATIC_DECODE_KERNELS, Cache, attn_implementation_of
+from llava.model.contract import DuetOutput, VisionLanguageModel
 from llava.model.decoder import CompiledDecodeStep, StaticDecodeState, decoder_of, run_static_decoder_step
+from llava.model.sampling import SamplingOptions
 from llava.model.static_cache import CAPACITY_BUCKET, StaticStageCache, bucketed_batch, stage_of_each_layer
-
-if TYPE_CHECKING:
-    from llava.model.modeling import DuetLlavaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ def eos_check_gap(steps_done: int, max_new_tokens: int, max_interval: int = EOS_
     return max(1, min(max_interval, steps_done // 4, max_new_tokens // 8))
 
 
-def static_decode_supported(model: DuetLlavaForCausalLM) -> str | None:
+def static_decode_supported(model: VisionLanguageModel) -> str | None:
     """``None`` when the fast path can run this model, else the reason it cannot."""
     kernel = attn_implementation_of(model.language_model.config)
     if kernel not in STATIC_DECODE_KERNELS:
@@ -212,20 +210,17 @@ class _Runner:
 
 
 def prefill(
-    model: nn.Module,
+    model: VisionLanguageModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    pixel_values: torch.Tensor | None,
-    pixel_values_videos: torch.Tensor | None,
-    cache: Any,
-    visual_inputs: dict[str, torch.Tensor] | None = None,
-) -> Any:
-    """The prompt's forward pass of a left-padded batch (into ``cache`` when given), last-token logits."""
+    visual_inputs: Mapping[str, torch.Tensor | None] | None,
+    cache: Cache | StaticStageCache | None,
+) -> DuetOutput:
+    """The prompt's forward pass of a left-padded batch (into ``cache`` when given), last-token logits;
+    ``visual_inputs`` are the prefill's visual keywords (``pixel_values``, ``pixel_values_videos``, grids)."""
     return model(
         input_ids,
         attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        pixel_values_videos=pixel_values_videos,
         cache=cache,
         use_cache=cache is not None,
         left_padding=True,
@@ -252,7 +247,7 @@ class FastDecoder:
 
     def __init__(
         self,
-        model: DuetLlavaForCausalLM,
+        model: VisionLanguageModel,
         use_cuda_graph: bool | None = None,
         max_shapes: int = MAX_SHAPES,
         bucket: int = CAPACITY_BUCKET,
@@ -460,26 +455,27 @@ class FastDecoder:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        pixel_values_videos: torch.Tensor | None,
-        max_new_tokens: int,
-        pick_next_token: Callable[[torch.Tensor], torch.Tensor],
-        eos_ids: list[int],
-        pad_token_id: int,
-        visual_inputs: dict[str, torch.Tensor] | None = None,
+        visual_inputs: Mapping[str, torch.Tensor | None] | None = None,
+        sampling: SamplingOptions | None = None,
     ) -> torch.Tensor:
-        """New tokens ``[B, <= max_new_tokens]``, identical to the eager loop's for the same picks.
+        """New tokens ``[B, <= max_new_tokens]``, identical to the eager loop's for the same ``sampling``.
 
-        ``pick_next_token(logits [B, V]) -> [B]`` chooses each token (greedy or sampled);
-        ``visual_inputs`` are further prefill keywords (Qwen2.5-VL's ``image_grid_thw``).
+        ``visual_inputs`` are the prefill's visual keywords (``pixel_values``, ``pixel_values_videos``,
+        Qwen2.5-VL's ``image_grid_thw``); ``sampling``'s EOS and pad ids default to the model's config's.
         """
+        sampling = sampling if sampling is not None else SamplingOptions()
+        max_new_tokens = sampling.max_new_tokens
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         model = self.model
+        text_config = model.config.text_config
+        eos_ids = sampling.stop_ids(text_config)
+        pad_token_id = sampling.padding_id(text_config, eos_ids)
+        pick_next_token = sampling.pick
         device = input_ids.device
         batch = input_ids.shape[0]
         if max_new_tokens == 1:  # no decode step: the prefill needs no cache
-            out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, None, visual_inputs)
+            out = prefill(model, input_ids, attention_mask, visual_inputs, None)
             return pick_next_token(out.logits[:, -1]).unsqueeze(1)
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         bucket_batch = self.bucket_batch if self.bucket_batch is not None else use_graph
@@ -487,7 +483,7 @@ class FastDecoder:
         plan = model.stage_plan
         cache = self._cache_for(plan.stage_starts() if plan is not None else (0,))
         cache.begin_prefill(reserve=max_new_tokens - 1, batch_capacity=batch_capacity or None)
-        out = prefill(model, input_ids, attention_mask, pixel_values, pixel_values_videos, cache, visual_inputs)
+        out = prefill(model, input_ids, attention_mask, visual_inputs, cache)
         eos_tensor = self._eos_tensor(eos_ids, device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         last_step_needed = torch.zeros(batch, dtype=torch.long, device=device)

@@ -4,57 +4,39 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, PreTrainedModel
 
-from llava.compression.t2v import Sequence, build_query_mask, content_token_table
-from llava.constants import IGNORE_INDEX
-from llava.hf_adapter import Cache, ModelOutput
+from llava.compression.config import load_compression
+from llava.compression.t2v import SequenceState, build_query_mask, content_token_table
+from llava.hf_adapter import Cache
 from llava.model.config import DuetLlavaConfig
-from llava.model.decoder import (
-    DecoderResult,
-    DecodeState,
-    TokenGroups,
-    decoder_of,
-    run_decoder,
-    run_decoder_step,
-    stage_plan_from_config,
-)
-from llava.model.merge import (
-    MergedInputs,
+from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
+from llava.model.decoder import DecodeState, TokenGroups, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.fast_generation import FastDecoder
+from llava.model.generation import greedy_or_sample
+from llava.model.projector import build_projector
+from llava.model.sampling import SamplingOptions
+from llava.model.splice import (
+    SplicedInputs,
+    VisualSegments,
     detect_left_padding,
-    merge_visual_tokens,
     order_visual_segments,
     slot_positions,
+    splice_visual_tokens,
 )
-from llava.model.projector import build_projector
 from llava.model.vision_tower import VisionTower
 from llava.utils.profiling import PROFILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DuetLlavaOutput(ModelOutput):
-    """Forward output. ``attention_mask``/``position_ids`` describe the merged sequence so that
-    generation can continue after the visual tokens were spliced in."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: Cache | None = None
-    attention_mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    num_label_tokens: torch.Tensor | None = None
-    decode_state: DecodeState | None = None
-    prompt_length: int | None = None
-    visual_tokens_per_layer: list[float] | None = None
-    compression_time_s: float | None = None
+DuetLlavaOutput = DuetOutput
+"""The forward output, under the name users of this model know (:class:`~llava.model.contract.DuetOutput`)."""
 
 
 @functools.cache
@@ -64,7 +46,7 @@ def _warn_salient_fallback() -> None:
 
 class VisualParts(NamedTuple):
     """Visual tokens of several images or videos: concatenated ``[sum(counts), D]``, their ``counts`` on the
-    device and on the host (so the merge needs no read-back), and the host seconds V2V/DToMe took.
+    device and on the host (so the splice needs no read-back), and the host seconds V2V/DToMe took.
 
     With DyMU's VTU the tokens are copied back to every position they cover (``counts`` are the full
     counts); ``group_starts`` ``[sum(counts)]`` marks each token's first position and ``unique_counts`` the
@@ -79,7 +61,7 @@ class VisualParts(NamedTuple):
     unique_counts: list[int] | None = None
 
 
-def merged_row_lengths(
+def spliced_row_lengths(
     length: int,
     images_per_row: list[int],
     videos_per_row: list[int],
@@ -100,83 +82,6 @@ def merged_row_lengths(
         next_video += videos
         lengths.append(length - images - videos + image_tokens + video_tokens)
     return lengths
-
-
-def decode_step_output(
-    model: nn.Module, input_ids: torch.Tensor, state: DecodeState, cache: Cache, logits_to_keep: int
-) -> DuetLlavaOutput:
-    """New tokens after a (possibly compressed) prefill: the model's embeddings, its decoder's stages with
-    their own caches and positions (``state``, advanced in place), its LM head."""
-    hidden = run_decoder_step(decoder_of(model.language_model), model.get_input_embeddings()(input_ids), state, cache)
-    logits = model.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
-    return DuetLlavaOutput(logits=logits, cache=cache, decode_state=state)
-
-
-def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-    output.requires_grad_(True)
-
-
-def require_grads_from(embeddings: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make ``embeddings``' output require grad (checkpointed layers over frozen embeddings, adapters)."""
-    return embeddings.register_forward_hook(_output_requires_grad)
-
-
-def label_loss(
-    lm_head: nn.Module,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy over label positions only (the logits of other positions are never made).
-
-    ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient accumulation: the sum
-    of token losses is divided by it instead of the local count. Returns ``(loss, label token count)``.
-    """
-    targets = labels[:, 1:]
-    predicts = targets != IGNORE_INDEX
-    selected_hidden = hidden[:, :-1][predicts]
-    logits = lm_head(selected_hidden).float()
-    token_loss_sum = F.cross_entropy(logits, targets[predicts], reduction="sum")
-    count = predicts.sum()
-    if num_items_in_batch is not None:
-        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
-    else:
-        denominator = count.clamp(min=1).float()
-    return token_loss_sum / denominator, count
-
-
-def prefill_output(
-    model: nn.Module,
-    result: DecoderResult,
-    labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | None,
-    logits_to_keep: int,
-    cache: Cache | None,
-    prompt_length: int,
-    extra_seconds: float,
-) -> DuetLlavaOutput:
-    """A prefill's output: the loss over ``labels`` (then no logits), else the logits of the last
-    ``logits_to_keep`` positions (all with 0); the stages' masks, positions and decode state."""
-    loss = logits = num_label_tokens = None
-    lm_head = model.get_output_embeddings()
-    if labels is not None:
-        loss, num_label_tokens = label_loss(lm_head, result.hidden, result.sequence.labels, num_items_in_batch)
-    else:
-        kept = result.hidden[:, -logits_to_keep:] if logits_to_keep > 0 else result.hidden
-        with record_function(PROFILE_REGIONS["lm_head"]):
-            logits = lm_head(kept)
-    return DuetLlavaOutput(
-        loss=loss,
-        logits=logits,
-        cache=cache,
-        attention_mask=result.sequence.attention_mask,
-        position_ids=result.sequence.position_ids,
-        num_label_tokens=num_label_tokens,
-        decode_state=result.decode_state,
-        prompt_length=prompt_length,
-        visual_tokens_per_layer=result.visual_tokens_per_layer,
-        compression_time_s=result.compression_time_s + extra_seconds,
-    )
 
 
 class DuetLlavaPreTrainedModel(PreTrainedModel):
@@ -228,8 +133,6 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
 
     def set_compression(self, spec: Any) -> None:
         """Switch the compression preset (name, YAML path, dict or config); recorded in the config."""
-        from llava.compression.config import load_compression
-
         compression = load_compression(spec)
         self.config.compression = compression.to_dict() if compression.enabled else None
         self.vision_tower = VisionTower(self.config, self.vision_tower.vision_model)
@@ -377,13 +280,13 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         labels: torch.Tensor | None = None,
         left_padding: bool | None = None,
         pixel_values_videos: torch.Tensor | None = None,
-    ) -> MergedInputs:
+    ) -> SplicedInputs:
         """Embed text and splice in the visual tokens of the images and videos (one slot each)."""
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
         image_slots = input_ids == image_id
         video_slots = input_ids == video_id
         is_slot = image_slots | video_slots
-        # The one read-back of the merge, before the towers run (the device is idle then): slots per row.
+        # The one read-back of the splice, before the towers run (the device is idle then): slots per row.
         images_per_row, videos_per_row = torch.stack([image_slots.sum(dim=1), video_slots.sum(dim=1)]).tolist()
         num_images, num_videos = sum(images_per_row), sum(videos_per_row)
         text_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_slot, 0))
@@ -397,36 +300,34 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         new_length = None
         row_lengths: list[int] = []
         if len(images.host_counts) == num_images and len(videos.host_counts) == num_videos:
-            # The merged length follows on the host from the slots per row and the tokens per segment.
-            row_lengths = merged_row_lengths(
+            # The spliced length follows on the host from the slots per row and the tokens per segment.
+            row_lengths = spliced_row_lengths(
                 input_ids.shape[1], images_per_row, videos_per_row, images.host_counts, videos.host_counts
             )
             new_length = max(row_lengths, default=0)
         with record_function(PROFILE_REGIONS["merge"]):
-            merged = merge_visual_tokens(
+            segments = VisualSegments(visual_embeds, counts, num_slots if new_length is not None else None, new_length)
+            spliced = splice_visual_tokens(
                 input_ids,
                 text_embeds,
-                visual_embeds,
-                counts,
+                segments,
                 (image_id, video_id),
                 attention_mask=attention_mask,
                 labels=labels,
                 left_padding=left_padding,
-                num_slots=num_slots if new_length is not None else None,
-                new_length=new_length,
             )
-        merged.v2v_time_s = images.seconds + videos.seconds
+        spliced.v2v_time_s = images.seconds + videos.seconds
         if images.group_starts is not None or videos.group_starts is not None:
-            unique_row_lengths = merged_row_lengths(
+            unique_row_lengths = spliced_row_lengths(
                 input_ids.shape[1], images_per_row, videos_per_row, images.unique_counts or images.host_counts,
                 videos.unique_counts or videos.host_counts,
             )  # fmt: skip
-            self._mark_groups(merged, images, videos, slot_is_video, row_lengths, unique_row_lengths)
-        return merged
+            self._mark_groups(spliced, images, videos, slot_is_video, row_lengths, unique_row_lengths)
+        return spliced
 
     @staticmethod
     def _mark_groups(
-        merged: MergedInputs,
+        spliced: SplicedInputs,
         images: VisualParts,
         videos: VisualParts,
         slot_is_video: torch.Tensor,
@@ -449,11 +350,11 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             videos.counts,
             num_videos=len(videos.host_counts),
         )
-        # The merge places visual tokens in row-major order, so the k-th visual position takes the k-th flag.
-        visual = merged.visual_mask
-        merged.group_starts = (~visual).masked_scatter(visual, ordered.squeeze(1).bool())
+        # The splice places visual tokens in row-major order, so the k-th visual position takes the k-th flag.
+        visual = spliced.visual_mask
+        spliced.group_starts = (~visual).masked_scatter(visual, ordered.squeeze(1).bool())
         width = visual.shape[1]
-        merged.num_groups = max(
+        spliced.num_groups = max(
             (width - full + unique for full, unique in zip(row_lengths, unique_row_lengths, strict=True)), default=0
         )
 
@@ -492,7 +393,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         query_end: int | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> DuetLlavaOutput:
+    ) -> DuetOutput:
         """Run the model.
 
         Prefill (no cache or an empty one): ``input_ids`` may hold image and video slots
@@ -509,45 +410,44 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         accumulation: the sum of token losses is divided by it instead of the local count.
         """
         decoder = decoder_of(self.language_model)
-        if decode_state is not None:
-            if pixel_values is not None or pixel_values_videos is not None:
-                raise ValueError("pixel values can only be given at prefill, not at a decode step")
-            return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("decode steps need the decode_state returned by the prefill call")
+        step = decode_step_if_given(
+            self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
+        )
+        if step is not None:
+            return step
 
         if left_padding is None:
             left_padding = attention_mask is not None and detect_left_padding(attention_mask)
-        merged = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding, pixel_values_videos)
+        spliced = self.embed_inputs(input_ids, pixel_values, attention_mask, labels, left_padding, pixel_values_videos)
         plan = self.stage_plan
-        query_mask = torch.zeros_like(merged.visual_mask)
+        query_mask = torch.zeros_like(spliced.visual_mask)
         if plan is not None and plan.boundaries:
             query_mask = build_query_mask(
                 self._query_mode(plan.query),
-                merged.attention_mask,
-                merged.visual_mask,
-                merged.labels,
-                merged.token_ids,
+                spliced.attention_mask,
+                spliced.visual_mask,
+                spliced.labels,
+                spliced.token_ids,
                 self.content_token_table if self.content_token_table.numel() else None,
                 query_end=query_end,
             )
-        sequence = Sequence(
-            hidden=merged.inputs_embeds,
-            attention_mask=merged.attention_mask,
-            position_ids=merged.position_ids if position_ids is None else position_ids,
-            visual_mask=merged.visual_mask,
+        sequence = SequenceState(
+            hidden=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids if position_ids is None else position_ids,
+            visual_mask=spliced.visual_mask,
             query_mask=query_mask,
-            labels=merged.labels,
+            labels=spliced.labels,
         )
         num_segments = sum(
             0 if pixels is None else int(pixels.shape[0]) for pixels in (pixel_values, pixel_values_videos)
         )
-        groups = None if merged.group_starts is None else TokenGroups(merged.group_starts, merged.num_groups)
+        groups = None if spliced.group_starts is None else TokenGroups(spliced.group_starts, spliced.num_groups)
         result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments, groups)
 
         return prefill_output(
             self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
-            merged.attention_mask.shape[1], merged.v2v_time_s,
+            spliced.attention_mask.shape[1], spliced.v2v_time_s,
         )  # fmt: skip
 
     def _query_mode(self, mode: str) -> str:
@@ -581,47 +481,26 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        fast: bool | None = None,
-        fast_decoder: Any = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        fast_decoder: FastDecoder | None = None,
+        **sampling_kwargs: Any,
     ) -> torch.Tensor:
         """Greedy or sampled decoding for a batch of left-padded prompts.
 
-        Returns the new tokens ``[B, <= max_new_tokens]``, padded with ``pad_token_id`` after
-        each sample's EOS. ``use_cache=False`` recomputes the whole sequence at every step
-        (slow; a reference for testing the cached path).
-
-        ``fast`` chooses the decode loop: static per-stage caches with a CUDA-graph decode step
-        (:mod:`llava.model.fast_generation`; the default on CUDA) or the eager loop (``False``; the
+        Returns the new tokens ``[B, <= max_new_tokens]``, padded with ``pad_token_id`` after each sample's
+        EOS. The options are a :class:`~llava.model.sampling.SamplingOptions` (``sampling``) and/or its
+        fields as keywords, which replace ``sampling``'s: ``max_new_tokens`` (64), ``do_sample``,
+        ``temperature``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``generator``, ``use_cache``
+        (``False`` recomputes the whole sequence at every step: slow, a reference for testing the cached
+        path) and ``fast``, which chooses the decode loop: static per-stage caches with a CUDA-graph decode
+        step (:mod:`llava.model.fast_generation`; the default on CUDA) or the eager loop (``False``; the
         default on CPU). Pass a :class:`~llava.model.fast_generation.FastDecoder` as ``fast_decoder`` to
         reuse its buffers and captured graphs across calls; without one each call captures anew.
         """
-        from llava.model.generation import greedy_or_sample
-
-        return greedy_or_sample(
-            self,
-            input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=use_cache,
-            generator=generator,
-            fast=fast,
-            fast_decoder=fast_decoder,
-        )
+        visual_inputs = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos}
+        options = SamplingOptions.from_keywords(sampling, **sampling_kwargs)
+        return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, options, fast_decoder)
 
 
 AutoConfig.register(DuetLlavaConfig.model_type, DuetLlavaConfig)

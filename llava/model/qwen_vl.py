@@ -31,7 +31,7 @@ from torch import nn
 
 from llava.compression.config import load_compression
 from llava.compression.qwen_v2v import select_tokens, token_scores
-from llava.compression.t2v import Sequence, build_query_mask
+from llava.compression.t2v import SequenceState, build_query_mask
 from llava.hf_adapter import (
     Cache,
     enable_activation_checkpointing,
@@ -43,10 +43,12 @@ from llava.hf_adapter import (
     qwen_vision_layout,
     qwen_visual_embeddings,
 )
+from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.generation import greedy_or_sample
 from llava.model.hub_checkpoint import MAX_SHARD_BYTES, write_safetensors
-from llava.model.merge import detect_left_padding
-from llava.model.modeling import DuetLlavaOutput, decode_step_output, prefill_output, require_grads_from
+from llava.model.sampling import SamplingOptions
+from llava.model.splice import detect_left_padding
 
 QWEN_MODEL_TYPES = ("qwen2_5_vl",)
 """``model_type`` values of the checkpoints this module runs."""
@@ -57,8 +59,9 @@ HF_PREFIX = "hf_model."
 
 class DuetQwenVL(nn.Module):
     """A ``Qwen2_5_VLForConditionalGeneration`` run with DUET's V2V and T2V stages; the same ``forward``/``generate``
-    contract as :class:`~llava.model.modeling.DuetLlavaForCausalLM` (prefill, decode steps with a
-    ``decode_state``, per-stage caches, the fast decode path)."""
+    contract as :class:`~llava.model.modeling.DuetLlavaForCausalLM`, the
+    :class:`~llava.model.contract.VisionLanguageModel` (prefill, decode steps with a ``decode_state``, per-stage
+    caches, the fast decode path)."""
 
     base_model_prefix = HF_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
 
@@ -146,6 +149,10 @@ class DuetQwenVL(nn.Module):
                 )
         self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
 
+    def set_query_vocabulary(self, tokenizer: Any) -> None:
+        """Nothing to mark: Qwen2.5-VL's T2V queries (``last``, ``instruction``) need no content-word table
+        (the :class:`~llava.model.contract.VisionLanguageModel` contract every family meets)."""
+
     def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = (input_ids == self.config.image_token_id).int()
         return types + 2 * (input_ids == self.config.video_token_id).int()
@@ -168,18 +175,17 @@ class DuetQwenVL(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         **unused: Any,
-    ) -> DuetLlavaOutput:
+    ) -> DuetOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
         ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``labels`` (aligned with
         ``input_ids``, placeholders included) give the training loss, as there. Videos: ``pixel_values_videos``
         and ``video_grid_thw`` as Qwen's processor makes them, ``second_per_grid_ts`` the seconds each temporal
         patch spans (temporal M-RoPE positions)."""
-        if decode_state is not None:
-            if pixel_values is not None or pixel_values_videos is not None:
-                raise ValueError("pixel values can only be given at prefill, not at a decode step")
-            return decode_step_output(self, input_ids, decode_state, cache, logits_to_keep)
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("decode steps need the decode_state returned by the prefill call")
+        step = decode_step_if_given(
+            self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
+        )
+        if step is not None:
+            return step
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         left = detect_left_padding(attention_mask) if left_padding is None else bool(left_padding)
@@ -199,7 +205,7 @@ class DuetQwenVL(nn.Module):
             # In training the prompt ends before the first supervised token: answers never act as queries,
             # so the visual tokens kept are the ones the same prompt keeps at generation.
             query_mask = build_query_mask(plan.query, attention_mask, visual_mask, labels, query_end=query_end)
-        sequence = Sequence(
+        sequence = SequenceState(
             hidden=embeds,
             attention_mask=attention_mask,
             position_ids=positions.permute(1, 2, 0),
@@ -292,20 +298,25 @@ class DuetQwenVL(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """Greedy or sampled decoding of left-padded prompts with images and videos; options as
-        :meth:`DuetLlavaForCausalLM.generate` (``fast``, ``use_cache``, sampling, EOS/pad ids)."""
-        from llava.model.generation import greedy_or_sample
-
-        grids = {"image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw}
-        grids["second_per_grid_ts"] = second_per_grid_ts
-        visual_inputs = {key: value for key, value in grids.items() if value is not None}
-        return greedy_or_sample(
-            self, input_ids, attention_mask, pixel_values, pixel_values_videos, max_new_tokens,
-            visual_inputs=visual_inputs, **options,
-        )  # fmt: skip
+        :meth:`DuetLlavaForCausalLM.generate`: ``sampling`` (a :class:`~llava.model.sampling.SamplingOptions`),
+        its fields as keywords (``max_new_tokens``, 64 when neither gives it; ``fast``, ``use_cache``, sampling,
+        EOS/pad ids), ``fast_decoder``."""
+        fast_decoder = options.pop("fast_decoder", None)
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        sampling = SamplingOptions.from_keywords(options.pop("sampling", None), **options)
+        visual_inputs = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "image_grid_thw": image_grid_thw,
+            "video_grid_thw": video_grid_thw,
+            "second_per_grid_ts": second_per_grid_ts,
+        }
+        return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, sampling, fast_decoder)

@@ -11,8 +11,8 @@ from llava.constants import IGNORE_INDEX
 
 
 @dataclass
-class MergedInputs:
-    """The LLM's input sequence after every image slot was replaced by its visual tokens."""
+class SplicedInputs:
+    """The LLM's input sequence after every image or video slot was replaced by its visual tokens."""
 
     inputs_embeds: torch.Tensor  # [B, L', D]
     attention_mask: torch.Tensor  # [B, L'] long, 1 = real token
@@ -23,6 +23,23 @@ class MergedInputs:
     v2v_time_s: float = 0.0  # host seconds spent on V2V scoring and merging
     group_starts: torch.Tensor | None = None  # [B, L'] bool, VTU only: first position of each token's group
     num_groups: int | None = None  # VTU only: groups in the row that has most
+
+
+@dataclass(frozen=True)
+class VisualSegments:
+    """The visual tokens to splice into a batch: every segment's (image's or video's), in slot order.
+
+    ``embeds`` ``[sum(counts), D]``: the segments' tokens concatenated in the row-major order of their slots
+    (see :func:`order_visual_segments`); ``counts`` ``[num_segments]``: tokens per segment (may differ per
+    segment). ``num_slots`` and ``new_length`` (the spliced length): when the caller knows them on the host;
+    then nothing is read back from the device (no synchronisation on a GPU) and the counts are trusted.
+    Otherwise they are read and checked.
+    """
+
+    embeds: torch.Tensor
+    counts: torch.Tensor
+    num_slots: int | None = None
+    new_length: int | None = None
 
 
 def detect_left_padding(attention_mask: torch.Tensor) -> bool:
@@ -55,42 +72,36 @@ def slot_positions(is_slot: torch.Tensor, num_slots: int) -> tuple[torch.Tensor,
     return flat // length, flat % length
 
 
-def merge_visual_tokens(
+def splice_visual_tokens(
     input_ids: torch.Tensor,
     text_embeds: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_counts: torch.Tensor,
+    segments: VisualSegments,
     slot_token_ids: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     left_padding: bool | None = None,
-    num_slots: int | None = None,
-    new_length: int | None = None,
-) -> MergedInputs:
+) -> SplicedInputs:
     """Replace each visual slot (an image or a video sentinel) by that segment's visual tokens.
 
     Args:
         input_ids: ``[B, L]`` ids with one sentinel per image or video.
         text_embeds: ``[B, L, D]`` embeddings of ``input_ids`` (sentinel rows are ignored).
-        visual_embeds: ``[sum(visual_counts), D]``: the visual tokens of all segments, concatenated in
-            the row-major order of their slots in ``input_ids`` (see :func:`order_visual_segments`).
-        visual_counts: ``[num_segments]`` tokens per segment; may differ per segment.
+        segments: the visual tokens of every segment in slot order, their counts and what the caller knows
+            of the sizes on the host (:class:`VisualSegments`).
         slot_token_ids: the sentinel id(s) that mark a slot (image and video ids).
         left_padding: align the expanded rows to the right (generation). ``None`` infers it from
             ``attention_mask``.
-        num_slots, new_length: the number of slots and the merged length, when the caller knows them on
-            the host; then nothing is read back from the device (no synchronisation on a GPU) and the
-            counts are trusted. Otherwise they are read and checked.
     """
     batch, length = input_ids.shape
     device = input_ids.device
     is_slot = matches_any(input_ids, slot_token_ids)
-    counts = visual_counts.to(device=device, dtype=torch.long)
+    visual_embeds, num_slots, new_length = segments.embeds, segments.num_slots, segments.new_length
+    counts = segments.counts.to(device=device, dtype=torch.long)
     total_visual = visual_embeds.shape[0]
     if num_slots is None:
         num_slots = int(is_slot.sum())
         if num_slots == counts.numel() and int(counts.sum()) != total_visual:
-            raise ValueError(f"visual_counts sum to {int(counts.sum())} but visual_embeds has {total_visual} rows")
+            raise ValueError(f"segment counts sum to {int(counts.sum())} but the segments hold {total_visual} tokens")
     if num_slots != counts.numel():
         per_sample = is_slot.sum(dim=1).tolist()
         raise ValueError(
@@ -126,14 +137,14 @@ def merge_visual_tokens(
     visual_dest = start[slot_rows, slot_cols].repeat_interleave(counts, output_size=total_visual) + offset_in_segment
 
     def spread(values: torch.Tensor, fill: int | float, visual_value: torch.Tensor | int | None) -> torch.Tensor:
-        merged = values.new_full((batch, width, *values.shape[2:]), fill)
-        merged = merged.index_put((rows, text_dest), values)
+        spliced = values.new_full((batch, width, *values.shape[2:]), fill)
+        spliced = spliced.index_put((rows, text_dest), values)
         if visual_value is not None:
             # A constant is filled on the device (a tensor from a host scalar would be a blocking copy).
             if not isinstance(visual_value, torch.Tensor):
-                visual_value = merged.new_full((), visual_value)
-            merged = merged.index_put((visual_rows, visual_dest), visual_value.to(merged.dtype))
-        return merged[:, :new_length]
+                visual_value = spliced.new_full((), visual_value)
+            spliced = spliced.index_put((visual_rows, visual_dest), visual_value.to(spliced.dtype))
+        return spliced[:, :new_length]
 
     embeds = spread(text_embeds, 0, visual_embeds.to(text_embeds.dtype))
     new_mask = spread(attention_mask, 0, 1)
@@ -142,7 +153,7 @@ def merge_visual_tokens(
     token_ids = spread(input_ids, -1, None)
 
     position_ids = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return MergedInputs(embeds, new_mask, position_ids, visual_mask, new_labels, token_ids)
+    return SplicedInputs(embeds, new_mask, position_ids, visual_mask, new_labels, token_ids)
 
 
 def order_visual_segments(
@@ -158,7 +169,7 @@ def order_visual_segments(
     ``slot_is_video`` ``[num_slots]`` tells, in row-major slot order, which slots are videos; the
     k-th image slot takes the k-th image of ``image_embeds`` (``[sum(image_counts), D]``, images
     concatenated), the j-th video slot the j-th video. Returns ``(embeds, counts)`` in slot order,
-    ready for :func:`merge_visual_tokens`. ``num_videos`` (the number of video slots, when known on the
+    ready for :func:`splice_visual_tokens`. ``num_videos`` (the number of video slots, when known on the
     host) avoids reading it back from the device.
     """
     if num_videos is None:
