@@ -36,7 +36,7 @@ from llava.bench import report
 from llava.bench.infer_speed import build_prompts
 from llava.bench.prefill_profile import add_runtime_options
 from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, build_model, get_shape
-from llava.bench.train_speed import move_batch, resolve_presets
+from llava.bench.workload import move_batch, resolve_presets
 from llava.model.decoder import decoder_of
 from llava.model.fast_generation import FastDecoder
 

@@ -36,7 +36,7 @@ from llava.bench import report
 from llava.bench.flops import prefill_flops
 from llava.bench.hf_baseline import BASELINE_LABEL, build_hf_llava, check_baseline_shape, to_hf_batch
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
-from llava.bench.train_speed import (
+from llava.bench.workload import (
     FIRST_SPECIAL_IDS,
     SYSTEM_PROMPT_TOKENS,
     measured_initial_tokens,

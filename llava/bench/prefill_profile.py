@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from llava.bench import report
 from llava.bench.infer_speed import build_prompts
 from llava.bench.shapes import SHAPES, build_model, default_presets, get_shape
-from llava.bench.train_speed import move_batch, resolve_presets
+from llava.bench.workload import move_batch, resolve_presets
 from llava.hf_adapter import new_dynamic_cache
 from llava.utils.profiling import PROFILE_REGIONS
 

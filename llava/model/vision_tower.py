@@ -129,7 +129,7 @@ class VisionTower(nn.Module):
                 raise ValueError(
                     f"DyMU needs one threshold per vision-tower layer run: this tower runs {self.num_layers} layers "
                     f"but the preset has {len(self.dymu_thresholds)} thresholds (calibrate them for this tower with "
-                    "`python -m llava.compression.calibrate_dymu`)"
+                    "`python -m llava.tools.calibrate_dymu`)"
                 )
             kernel = attn_implementation_of(vision_config)
             if kernel not in ("sdpa", "eager", None):
