@@ -24,6 +24,7 @@ from llava.data.templates import ConversationTemplate, generation_turns
 from llava.data.tokenization import tokenize_prompt
 from llava.model.fast_generation import FastDecoder
 from llava.model.generation import use_fast_path
+from llava.model.sampling import SamplingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -189,22 +190,21 @@ class GenerationPipeline:
             generator = torch.Generator(device=device).manual_seed(seed)
         eos_ids = self._eos_ids()
         fast_decoder = self.fast_decoder()
+        sampling = SamplingOptions(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_ids,
+            pad_token_id=self._pad_id(),
+            generator=generator,
+            fast=self.fast_decoding if fast_decoder is None else True,
+        )
         answers: list[str] = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
             inputs = self.to_device(self.prepare(batch))
-            new_tokens = self.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                eos_token_id=eos_ids,
-                pad_token_id=self._pad_id(),
-                generator=generator,
-                fast=self.fast_decoding if fast_decoder is None else True,
-                fast_decoder=fast_decoder,
-            )
+            new_tokens = self.model.generate(**inputs, sampling=sampling, fast_decoder=fast_decoder)
             answers.extend(self._decode(new_tokens.cpu(), eos_ids))
             if progress is not None:
                 progress(len(batch))
