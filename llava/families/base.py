@@ -57,6 +57,15 @@ class PipelineOptions:
     fast_decoding: bool | None = None
     vision_tower: str | None = None
 
+    def loading_keywords(self) -> dict[str, Any]:
+        """The options every family's ``from_pretrained`` takes, as keywords (not ``vision_tower``)."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "compression": self.compression,
+            "fast_decoding": self.fast_decoding,
+        }
+
 
 class ModelFamily(Protocol):
     """Everything that differs between model families."""

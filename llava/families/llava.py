@@ -330,14 +330,7 @@ class LlavaFamily:
 
     def load_pipeline(self, path: str | os.PathLike[str], options: PipelineOptions) -> GenerationPipeline:
         """See :meth:`LlavaPipeline.from_pretrained`."""
-        return LlavaPipeline.from_pretrained(
-            path,
-            dtype=options.dtype,
-            device=options.device,
-            vision_tower=options.vision_tower,
-            compression=options.compression,
-            fast_decoding=options.fast_decoding,
-        )
+        return LlavaPipeline.from_pretrained(path, vision_tower=options.vision_tower, **options.loading_keywords())
 
     def random_model(
         self, config_fields: dict[str, Any], dtype: torch.dtype, device: str | torch.device | None, attn: str

@@ -274,13 +274,7 @@ class QwenVLFamily:
         holds its vision transformer)."""
         if options.vision_tower:
             logger.warning("%s is a Qwen2.5-VL checkpoint with its own vision transformer: ignoring vision_tower", path)
-        return QwenVLPipeline.from_pretrained(
-            path,
-            dtype=options.dtype,
-            device=options.device,
-            compression=options.compression,
-            fast_decoding=options.fast_decoding,
-        )
+        return QwenVLPipeline.from_pretrained(path, **options.loading_keywords())
 
     def random_model(
         self, config_fields: dict[str, Any], dtype: torch.dtype, device: str | torch.device | None, attn: str
