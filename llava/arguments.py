@@ -64,6 +64,23 @@ class LlavaTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "LLaVA-style warmup fraction; transformers 5 takes it as a float --warmup_steps."},
     )
+    nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A non-finite loss or gradient norm: stop (exit 65, naming the step, ranks and sample ids; that "
+            "step is not saved) | skip (drop that update, as DeepSpeed's ZeRO optimizers do; needs --deepspeed)."
+        },
+    )
+    max_nonfinite_skips: int = field(
+        default=3, metadata={"help": "--nonfinite skip: most consecutive skipped steps; one more stops the run."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: the collator picks the model inputs itself, and each sample's 'sample_id' (not a "
+            "model input) must reach it so a non-finite loss can name its samples."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.warmup_ratio is not None:
@@ -71,3 +88,12 @@ class LlavaTrainingArguments(TrainingArguments):
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"--nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if self.max_nonfinite_skips < 0:
+            raise ValueError(f"--max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+        if self.nonfinite == "skip" and not self.deepspeed:
+            raise ValueError(
+                "--nonfinite skip needs --deepspeed: its ZeRO optimizers drop a non-finite update whole (optimizer "
+                "and LR scheduler); without DeepSpeed nothing can. Use --nonfinite stop, or train with DeepSpeed."
+            )

@@ -52,9 +52,11 @@ def script_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str
     return env
 
 
-def run_script(script: str, env: dict[str, str], *args: str, folder: str = "v1_5") -> subprocess.CompletedProcess:
-    """Run a launch script; on timeout kill its whole process group (the DeepSpeed ranks too), so a
-    hung run cannot outlive the test and hold CPU or ports."""
+def run_script_to_exit(
+    script: str, env: dict[str, str], *args: str, folder: str = "v1_5"
+) -> subprocess.CompletedProcess:
+    """Run a launch script to its exit, whatever its exit code; on timeout kill its whole process group (the
+    DeepSpeed ranks too), so a hung run cannot outlive the test and hold CPU or ports."""
     command = ["bash", str(REPO / "scripts" / folder / script), *args]
     process = subprocess.Popen(
         command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -65,7 +67,12 @@ def run_script(script: str, env: dict[str, str], *args: str, folder: str = "v1_5
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"{script} did not finish in {STEP_LIMIT_S} s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_script(script: str, env: dict[str, str], *args: str, folder: str = "v1_5") -> subprocess.CompletedProcess:
+    """:func:`run_script_to_exit`, which must succeed and leave no shared-memory buffers behind."""
+    result = run_script_to_exit(script, env, *args, folder=folder)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     port = env.get("MASTER_PORT")
     if port and Path("/dev/shm").is_dir():  # every rank removed its DeepSpeed shared-memory buffer at exit

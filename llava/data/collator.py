@@ -12,7 +12,9 @@ Batch contract:
   among video sentinels; absent when the batch has no video (text, image and video samples mix freely);
 - ``image_grid_thw`` / ``video_grid_thw`` LongTensor ``[N, 3]`` and ``second_per_grid_ts`` ``[N_videos]``
   (Qwen2.5-VL items): concatenated like the pixels, whose rows are then every image's (video's) patches;
-- ``num_skipped_samples`` int, present when skip markers were dropped from the batch.
+- ``num_skipped_samples`` int, present when skip markers were dropped from the batch;
+- ``sample_ids`` list of str, the items' ``sample_id`` (the data file's ``"id"``, or the index in the file),
+  present when every item has one: the trainer pops it (and the above) before the model sees the batch.
 """
 
 from __future__ import annotations
@@ -68,4 +70,7 @@ class DataCollatorForSupervisedDataset:
                 batch[key] = torch.cat(tensors, dim=0)
         if num_skipped:
             batch["num_skipped_samples"] = num_skipped
+        sample_ids = [item.get("sample_id") for item in kept]
+        if all(sample_id is not None for sample_id in sample_ids):
+            batch["sample_ids"] = sample_ids
         return batch

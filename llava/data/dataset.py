@@ -273,6 +273,7 @@ class LazySupervisedDataset(Dataset):
     """LLaVA / Video-LLaVA conversations; each item is
     ``{"input_ids", "labels"[, "pixel_values"][, "pixel_values_videos"]}``.
 
+    ``sample_id`` is the sample's ``"id"`` (its index in the file when it has none).
     ``input_ids``/``labels`` are 1-D LongTensors with one ``image_token_id`` per image and one
     ``video_token_id`` per video; ``pixel_values`` is ``[num_images, 3, H, W]`` and
     ``pixel_values_videos`` ``[num_videos, frames, 3, H', W']``, each in sentinel order and absent
@@ -416,16 +417,18 @@ class LazySupervisedDataset(Dataset):
             return path
         return contained_path(folder or os.getcwd(), name, what)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | SkippedSample:
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         record = self.get_record(index)
         try:
-            return self._build(record)
+            item: dict[str, Any] = self._build(record)
         except (DataError, ConversationError, NoLearnableTokensError, ImageError, VideoError) as error:
             message = f"{self.describe(index, record['id'])}: {error}"
             if not self.data_args.skip_bad_samples:
                 raise DataError(message) from error
             logger.warning("skipping sample: %s", message)
             return SkippedSample(index=index, sample_id=record["id"], reason=message)
+        item["sample_id"] = record["id"]  # travels with the batch, so a non-finite loss names its samples
+        return item
 
     def _build(self, record: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.encoder is not None:

@@ -23,6 +23,7 @@ from llava.families.registry import family_for
 from llava.hf_adapter import current_training_argv
 from llava.model.stages import PROJECTOR_FILENAME, configure_trainable, save_projector
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
+from llava.training.exit_codes import TrainingStoppedError
 from llava.training.metrics import (
     MetricsCallback,
     RunConfigCallback,
@@ -31,6 +32,7 @@ from llava.training.metrics import (
     configure_wandb_env,
 )
 from llava.training.precision_guard import BufferPrecisionCallback
+from llava.training.save_failure import SaveWatch
 from llava.training.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava.training")
@@ -93,6 +95,7 @@ def train(argv: list[str] | None = None) -> Path:
 
     keep_last, args.save_total_limit = args.save_total_limit, None  # rotated after completion instead
     metrics = MetricsCallback(args.metrics_file)
+    save_watch = SaveWatch()  # a failed write during a save ends the run with exit code 74, naming what is valid
     trainer = LlavaTrainer(
         model=model,
         args=args,
@@ -101,6 +104,7 @@ def train(argv: list[str] | None = None) -> Path:
         processing_class=processors.tokenizer,
         callbacks=[
             CheckpointCompletionCallback(run_config, keep_last),
+            save_watch,
             RunConfigCallback(run_config),
             BufferPrecisionCallback(),
         ],
@@ -110,9 +114,10 @@ def train(argv: list[str] | None = None) -> Path:
         family=family,
     )
     add_metrics_callback(trainer, metrics)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-    finish(trainer, model_args, processors, family.projector_name)
+    with save_watch.failures_end_the_run(args.output_dir, args.process_index):
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_state()
+        finish(trainer, model_args, processors, family.projector_name)
     if trainer.num_skipped_samples or dataset.num_invalid_samples:
         logger.warning(
             "Skipped %d bad samples during training and %d invalid samples at load time (--skip_bad_samples)",
@@ -169,6 +174,10 @@ def main() -> None:
             # All ranks leave together (after a successful run only: a failed peer would never arrive); a rank
             # tearing down while another was still saving has aborted at exit.
             torch.distributed.barrier()
+    except TrainingStoppedError as stopped:  # non-finite step (65), failed save (74): a peer may never arrive
+        if stopped.report:
+            logger.error("%s", stopped)
+        raise SystemExit(stopped.exit_code) from None
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

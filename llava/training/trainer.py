@@ -17,7 +17,9 @@ from transformers import PreTrainedModel, Trainer
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.families.base import ModelFamily
 from llava.families.registry import family_of_model
+from llava.training.fault_injection import armed_faults, corrupt_loss, fail_save
 from llava.training.metrics import MetricsCallback, batch_counts
+from llava.training.nonfinite import SKIPPED_STEPS_KEY, STOP, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 class LlavaTrainer(Trainer):
-    """Trainer with modality/length-grouped batches, a separate projector LR and skip accounting."""
+    """Trainer with modality/length-grouped batches, a separate projector LR, skip accounting and the
+    non-finite guard (``--nonfinite``, :mod:`llava.training.nonfinite`)."""
 
     def __init__(
         self,
@@ -39,7 +42,14 @@ class LlavaTrainer(Trainer):
         family: ModelFamily | None = None,
         **kwargs: Any,
     ) -> None:
+        # First of the run's callbacks: a non-finite step stops before another callback acts on it (a save).
+        self.nonfinite = NonFiniteGuard(engine=lambda: self.deepspeed)
+        kwargs["callbacks"] = [self.nonfinite, *(kwargs.get("callbacks") or ())]
         super().__init__(*args, **kwargs)
+        self.nonfinite.policy = getattr(self.args, "nonfinite", STOP)
+        self.nonfinite.max_skips = getattr(self.args, "max_nonfinite_skips", self.nonfinite.max_skips)
+        self.nonfinite.data_files = tuple(getattr(self.train_dataset, "files", ()))
+        self.faults = armed_faults()  # test-only (DUET_INJECT_FAULT); empty in real runs
         self.family = family  # what a batch adds to the visual tokens; found from the model when not given
         self.processors = processors  # saved with every checkpoint of a model saved in its own layout
         self.group_by_modality_length = group_by_modality_length
@@ -70,6 +80,13 @@ class LlavaTrainer(Trainer):
         wrapper) in that layout, with the processors, at the end and in every checkpoint, so each loads for
         evaluation: the Trainer would write its raw state dict, which no loader reads. The state dict is
         gathered from every rank under ZeRO-3."""
+        self._save_model(output_dir, _internal_call)
+        if self.faults:  # test-only: a full disk after the model files are written
+            target = output_dir if output_dir is not None else self.args.output_dir
+            fail_save(target, self.faults, self.state.global_step, self.args.process_index)
+
+    def _save_model(self, output_dir: str | None, _internal_call: bool) -> None:
+        """The save itself, as :meth:`save_model` describes it (which adds the test-only fault hook)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not self.saves_own_layout():
             super().save_model(output_dir, _internal_call)
@@ -136,6 +153,7 @@ class LlavaTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         skipped = inputs.pop("num_skipped_samples", 0)
+        sample_ids = inputs.pop("sample_ids", None)  # for the non-finite guard's message, not for the model
         if skipped:
             self.num_skipped_samples += int(skipped)
         if self.metrics is not None and model.training:
@@ -144,6 +162,10 @@ class LlavaTrainer(Trainer):
             self._count_text_only(inputs, num_samples)
         has_visual = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if model.training:
+            if self.faults:  # test-only: a NaN loss (and so NaN gradients) at one step
+                loss = corrupt_loss(loss, self.faults, self.state.global_step + 1, self.args.process_index)
+            self.nonfinite.record(loss, sample_ids)
         if model.training and has_visual:  # text-only batches say nothing about visual tokens
             self._record_compression(outputs)
         return (loss, outputs) if return_outputs else loss
@@ -171,7 +193,13 @@ class LlavaTrainer(Trainer):
         self._compression_batches += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the averaged compression statistics of the logging interval to the Trainer's logs."""
+        """Add the averaged compression statistics of the logging interval to the Trainer's logs, and the
+        non-finite guard's count; a non-finite loss is logged as such (the Trainer's filter replaced it)."""
+        if "loss" in logs:
+            nonfinite_loss = self.nonfinite.take_logged_loss()
+            if nonfinite_loss is not None:
+                logs["loss"] = nonfinite_loss
+            logs[SKIPPED_STEPS_KEY] = self.nonfinite.skipped_steps
         if self._logged_samples and "loss" in logs:
             logs["text_only_fraction"] = self._text_only_samples / self._logged_samples
             self._text_only_samples = self._logged_samples = 0
