@@ -3,13 +3,37 @@ builds a model for a stage reads them, so they sit below the model code."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from llava.data.dataset import DataArguments
 
-__all__ = ["DataArguments", "LlavaTrainingArguments", "ModelArguments"]
+__all__ = ["DataArguments", "LlavaTrainingArguments", "ModelArguments", "parse_signal_names"]
+
+UNCATCHABLE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGSTOP})
+
+
+def parse_signal_names(spec: str | None) -> tuple[signal.Signals, ...]:
+    """``--save_on_signal``'s comma list (``TERM,USR1``; the ``SIG`` prefix and case are optional) as signals, in
+    order and without repeats; ``none`` or an empty value gives none. An unknown name, or one no process can catch
+    (KILL, STOP), is a ``ValueError``: a typo must not leave a run that ignores its preemption signal."""
+    text = (spec or "").strip()
+    if text.lower() in ("", "none"):
+        return ()
+    found: list[signal.Signals] = []
+    for word in text.split(","):
+        name = word.strip().upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if name not in signal.Signals.__members__:
+            raise ValueError(f"--save_on_signal: unknown signal {word.strip()!r} in {spec!r} (e.g. TERM,USR1 or none)")
+        number = signal.Signals[name]
+        if number in UNCATCHABLE_SIGNALS:
+            raise ValueError(f"--save_on_signal: {name} cannot be caught; use TERM, USR1 or another catchable one")
+        if number not in found:
+            found.append(number)
+    return tuple(found)
 
 
 @dataclass
@@ -82,7 +106,16 @@ class LlavaTrainingArguments(TrainingArguments):
         },
     )
 
+    save_on_signal: str = field(
+        default="TERM,USR1",
+        metadata={
+            "help": "Signals that mean preemption (comma list, e.g. TERM,USR1; none: off): on one reaching any rank, "
+            "all ranks save a checkpoint at the next optimizer-step boundary and exit with code 75 for a requeue."
+        },
+    )
+
     def __post_init__(self) -> None:
+        parse_signal_names(self.save_on_signal)  # an unknown name fails at start-up, not at the first preemption
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
+from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments, parse_signal_names
 from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.families.base import Processors
 from llava.families.registry import family_for
@@ -32,6 +32,7 @@ from llava.training.metrics import (
     configure_wandb_env,
 )
 from llava.training.precision_guard import BufferPrecisionCallback
+from llava.training.preemption import SaveOnSignalCallback, SignalFlag, TrainingPreempted
 from llava.training.save_failure import SaveWatch
 from llava.training.trainer import LlavaTrainer
 
@@ -68,8 +69,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 
 def train(argv: list[str] | None = None) -> Path:
-    """Run one training stage; returns the output directory."""
+    """Run one training stage; returns the output directory. A ``--save_on_signal`` signal stops it after saving a
+    checkpoint, without the final save: :class:`~llava.training.preemption.TrainingPreempted` is raised then."""
     model_args, data_args, args = parse_args(argv)
+    # Installed before the model loads: a signal during start-up stops the run after its first step.
+    with SignalFlag(parse_signal_names(args.save_on_signal)) as signals:
+        return run_stage(model_args, data_args, args, signals)
+
+
+def run_stage(
+    model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments, signals: SignalFlag
+) -> Path:
+    """:func:`train` after the arguments are parsed and the preemption signals are caught into ``signals``."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
@@ -96,6 +107,7 @@ def train(argv: list[str] | None = None) -> Path:
     keep_last, args.save_total_limit = args.save_total_limit, None  # rotated after completion instead
     metrics = MetricsCallback(args.metrics_file)
     save_watch = SaveWatch()  # a failed write during a save ends the run with exit code 74, naming what is valid
+    preemption = SaveOnSignalCallback(signals)
     trainer = LlavaTrainer(
         model=model,
         args=args,
@@ -103,6 +115,7 @@ def train(argv: list[str] | None = None) -> Path:
         data_collator=DataCollatorForSupervisedDataset(processors.tokenizer),
         processing_class=processors.tokenizer,
         callbacks=[
+            preemption,  # before CheckpointCompletionCallback: that one must see the save this one asks for
             CheckpointCompletionCallback(run_config, keep_last),
             save_watch,
             RunConfigCallback(run_config),
@@ -117,6 +130,7 @@ def train(argv: list[str] | None = None) -> Path:
     with save_watch.failures_end_the_run(args.output_dir, args.process_index):
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
+        preemption.raise_if_stopped(args)  # the checkpoint holds the state: no final save, exit for the requeue
         finish(trainer, model_args, processors, family.projector_name)
     if trainer.num_skipped_samples or dataset.num_invalid_samples:
         logger.warning(
@@ -165,23 +179,30 @@ def remove_shared_memory_buffers(environ: dict[str, str] | None = None) -> list[
 
 def main() -> None:
     """Console entry point; tears the process group down before exit (no communication threads left to
-    be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers."""
+    be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers. Exits with
+    ``PREEMPTED_EXIT_CODE`` (75) after a preemption signal stopped the run (a complete checkpoint is saved)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     distributed = torch.distributed.is_available()
+    exit_code = 0
     try:
-        train(sys.argv[1:])
+        try:
+            train(sys.argv[1:])
+        except TrainingPreempted as stopped:  # every rank agreed to stop and saved: leave together, for a requeue
+            exit_code = stopped.exit_code
+        except TrainingStoppedError as stopped:  # non-finite step (65), failed save (74): a peer may never arrive
+            if stopped.report:
+                logger.error("%s", stopped)
+            raise SystemExit(stopped.exit_code) from None
         if distributed and torch.distributed.is_initialized():
-            # All ranks leave together (after a successful run only: a failed peer would never arrive); a rank
-            # tearing down while another was still saving has aborted at exit.
+            # All ranks leave together (after a successful or preempted run only: a failed peer would never
+            # arrive); a rank tearing down while another was still saving has aborted at exit.
             torch.distributed.barrier()
-    except TrainingStoppedError as stopped:  # non-finite step (65), failed save (74): a peer may never arrive
-        if stopped.report:
-            logger.error("%s", stopped)
-        raise SystemExit(stopped.exit_code) from None
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         remove_shared_memory_buffers()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":
