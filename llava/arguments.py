@@ -105,7 +105,6 @@ class LlavaTrainingArguments(TrainingArguments):
             "model input) must reach it so a non-finite loss can name its samples."
         },
     )
-
     save_on_signal: str = field(
         default="TERM,USR1",
         metadata={
