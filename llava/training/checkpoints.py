@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import zlib
 from collections.abc import Mapping
@@ -96,7 +97,8 @@ def mark_checkpoint_complete(
     """Write the completion marker into ``checkpoint_dir`` and return its path.
 
     Call only after every file of the checkpoint has been written (by all ranks). The marker lists
-    the files with their sizes and CRC-32 so a later deletion, truncation or overwrite is detected, and is written
+    the files with their sizes and CRC-32 so a later deletion, truncation or overwrite is detected, names its writer
+    (global rank and host: one process per checkpoint, see :class:`CheckpointCompletionCallback`), and is written
     atomically (temporary file, fsync, rename) so a crash never leaves a partial marker behind.
     ``run_config`` (optional, JSON-serialisable) is stored so a resume can warn about config changes.
     """
@@ -107,6 +109,7 @@ def mark_checkpoint_complete(
         "step": int(step),
         "completed_at": time.time(),
         "files": _list_files(checkpoint_dir),
+        "writer": {"rank": int(os.environ.get("RANK", "0")), "host": socket.gethostname()},
     }
     if run_config is not None:
         marker["run_config"] = dict(run_config)
@@ -297,7 +300,7 @@ def _warn_on_config_change(checkpoint: Path, run_config: Mapping[str, Any]) -> N
         )
 
 
-_VOLATILE_CONFIG_KEYS = frozenset({"resume_from_checkpoint", "logging_dir", "run_name"})
+_VOLATILE_CONFIG_KEYS = frozenset({"resume_from_checkpoint", "logging_dir", "run_name", "local_rank"})
 
 
 class CheckpointCompletionCallback(TrainerCallback):

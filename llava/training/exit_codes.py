@@ -18,6 +18,12 @@ EXIT_NONFINITE = 65
 EXIT_SAVE_FAILED = 74
 """EX_IOERR: writing a checkpoint (or the final model) failed, e.g. ``No space left on device``."""
 
+EXIT_LOST_PEER = 69
+"""EX_UNAVAILABLE: a collective failed because another rank of the job died or stalled."""
+
+EXIT_PREEMPTED = 75
+"""EX_TEMPFAIL: a preemption signal stopped the run after a complete checkpoint; requeue it with ``auto``."""
+
 
 class TrainingStoppedError(RuntimeError):
     """The run stops on purpose; ``main`` logs the message once and exits with :attr:`exit_code`."""

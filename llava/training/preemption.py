@@ -29,12 +29,12 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llava.training.checkpoints import CHECKPOINT_PREFIX, is_checkpoint_complete
+from llava.training.exit_codes import EXIT_PREEMPTED
 
 logger = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit code of a run stopped by a preemption signal after saving a complete checkpoint: ``EX_TEMPFAIL`` of
-``sysexits.h`` ("temporary failure, try again"); ``scripts/slurm/train.sbatch`` requeues the job on it."""
+PREEMPTED_EXIT_CODE = EXIT_PREEMPTED
+"""75, ``EX_TEMPFAIL`` ("temporary failure, try again"): ``scripts/slurm/train.sbatch`` requeues the job on it."""
 
 Handler = Any  # what signal.signal returns: a callable, SIG_DFL, SIG_IGN or None
 

@@ -23,6 +23,7 @@ from llava.families.registry import family_for
 from llava.hf_adapter import current_training_argv
 from llava.model.stages import PROJECTOR_FILENAME, configure_trainable, save_projector
 from llava.training.checkpoints import CheckpointCompletionCallback, resolve_resume_checkpoint
+from llava.training.cluster import collective_timeout, lost_peers_end_the_run
 from llava.training.exit_codes import TrainingStoppedError
 from llava.training.metrics import (
     MetricsCallback,
@@ -44,8 +45,9 @@ def configure_cpu_deepspeed(argv: list[str]) -> list[str]:
 
     ``TrainingArguments`` passes no communication backend to accelerate when DeepSpeed is on;
     without CUDA accelerate then finds none and counts a single process, so the batch-size check
-    of a 2-rank run fails. Here the distributed state is set up with ``gloo`` before the arguments
-    are parsed, and the Trainer is told to use that configured state.
+    of a 2-rank run fails. Here the distributed state is set up with ``gloo`` (and ``--ddp_timeout``, which
+    transformers gives the GPU path itself) before the arguments are parsed, and the Trainer is told to use that
+    configured state.
     """
     launched = "LOCAL_RANK" in os.environ
     wants_deepspeed = any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv)
@@ -55,7 +57,7 @@ def configure_cpu_deepspeed(argv: list[str]) -> list[str]:
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        PartialState(backend="gloo")
+        PartialState(backend="gloo", timeout=collective_timeout(argv))
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
     return [*argv, "--accelerator_config", json.dumps({"use_configured_state": True})]
@@ -127,7 +129,10 @@ def run_stage(
         family=family,
     )
     add_metrics_callback(trainer, metrics)
-    with save_watch.failures_end_the_run(args.output_dir, args.process_index):
+    with (
+        save_watch.failures_end_the_run(args.output_dir, args.process_index),
+        lost_peers_end_the_run(args.output_dir, args.process_index),
+    ):
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
         preemption.raise_if_stopped(args)  # the checkpoint holds the state: no final save, exit for the requeue

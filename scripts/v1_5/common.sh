@@ -44,6 +44,12 @@
 #   HOSTFILE      MPI-style host list ("node-0 slots=8", see scripts/hostfile.example)
 #   NUM_NODES     use the first N hosts of HOSTFILE (default: all of them)
 #   MASTER_ADDR   address of node 0 (default: inferred by DeepSpeed)
+# Without ssh (one launcher per node, started by SLURM's srun, Kubernetes or by hand): the same HOSTFILE and
+# MASTER_ADDR on every node, plus NODE_RANK (0 .. nodes-1) of the node it runs on:
+#   HOSTFILE=scripts/hostfile MASTER_ADDR=node-0 NODE_RANK=1 bash scripts/v1_5/finetune.sh
+#   NODE_RANK     this node's rank: launch with DeepSpeed's --no_ssh (no pdsh/ssh needed)
+# Collectives: a rank waits COLLECTIVE_TIMEOUT seconds (1800, --ddp_timeout) for its peers, then fails instead of
+# hanging; a killed peer usually fails the collective at once.
 # Only PYTHON*-prefixed variables travel to the other nodes; put anything else they need
 # (e.g. WANDB_API_KEY=..., NCCL_* settings) into ./.deepspeed_env or ~/.deepspeed_env as KEY=VALUE lines.
 # wandb naming travels as trainer arguments (--run_name/--run_group), so it reaches every node.
@@ -65,6 +71,8 @@ NUM_WORKERS="${NUM_WORKERS:-4}"
 HOSTFILE="${HOSTFILE:-}"
 NUM_NODES="${NUM_NODES:-}"
 MASTER_ADDR="${MASTER_ADDR:-}"
+NODE_RANK="${NODE_RANK:-}"
+COLLECTIVE_TIMEOUT="${COLLECTIVE_TIMEOUT:-1800}"
 RESUME="${RESUME:-}"
 DRY_RUN="${DRY_RUN:-0}"
 DEEPSPEED="${DEEPSPEED:-deepspeed}"
@@ -176,6 +184,7 @@ common_train_args() {
         --report_to "$REPORT_TO"
         --run_name "$RUN_NAME"
         --run_group "$RUN_GROUP"
+        --ddp_timeout "$COLLECTIVE_TIMEOUT"
     )
     if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
         [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to Qwen2.5-VL (its vision transformer" \
@@ -221,6 +230,10 @@ launch() {
     if [[ -n "$HOSTFILE" ]]; then
         cmd+=(--hostfile "$HOSTFILE")
         [[ -z "$NUM_NODES" ]] || cmd+=(--num_nodes "$NUM_NODES")
+    fi
+    if [[ -n "$NODE_RANK" ]]; then
+        [[ -n "$HOSTFILE" && -n "$MASTER_ADDR" ]] || die "NODE_RANK needs HOSTFILE and MASTER_ADDR (the same on every node)"
+        cmd+=(--no_ssh --node_rank "$NODE_RANK")
     fi
     [[ -z "$MASTER_ADDR" ]] || cmd+=(--master_addr "$MASTER_ADDR")
     cmd+=(--num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module llava.training.train "$@")
