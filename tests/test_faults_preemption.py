@@ -2,9 +2,10 @@
 
 Fault cases on 2 DeepSpeed CPU ranks through ``scripts/v1_5/finetune.sh`` (ZeRO-3, ``GRAD_ACCUM=2``), one chain
 sharing one uninterrupted reference run: (b) SIGUSR1 to both ranks mid-run, then (a) SIGTERM to rank 1 only in
-the resumed run; each time exit code 75 reaches the shell, and the last ``RESUME=auto`` rerun ends with every
-step's loss equal to the reference's. Then ``scripts/slurm/train.sbatch`` with a fake ``scontrol`` and a fake
-stage script, and unit tests of the argument, the signal flag and the callback's decision.
+the resumed run; each time exit code 75 reaches the shell, and the last ``RESUME=auto`` rerun skips a checkpoint a
+kill left half-written and ends with every step's loss equal to the reference's. Then
+``scripts/slurm/train.sbatch`` with a fake ``scontrol`` and a fake stage script, and unit tests of the argument,
+the signal flag and the callback's decision.
 """
 
 from __future__ import annotations
@@ -151,9 +152,14 @@ def test_signals_save_at_a_step_boundary_exit_75_and_resume_matches_uninterrupte
     second_stop = assert_preempted(run_dir, code, log, first_stop)
     assert "Rank 1 received SIGTERM" in log and "Rank 0 received" not in log
 
+    # A checkpoint a kill left half-written (no completion marker) must be skipped, not resumed from.
+    half_written = run_dir / f"checkpoint-{second_stop + 1}"
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text("{")
     env = {**finetune_env(playground, run_dir, **settings), "RESUME": "auto"}
     code, log = finish(start_finetune(env, tmp_path / "rest.log"), tmp_path / "rest.log", env["MASTER_PORT"])
     assert code == 0, log[-6000:]
+    assert f"Skipping incomplete checkpoint {half_written}" in log
     assert f"Resuming from checkpoint {run_dir / f'checkpoint-{second_stop}'}" in log
     assert (run_dir / "mm_projector.safetensors").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
