@@ -48,6 +48,8 @@ def script_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str
         OMP_NUM_THREADS="1",
     )
     env.update(overrides)
+    if "MODEL" not in overrides:  # the playground's LLaVA; runs that pass MODEL ask the scripts' family registry
+        env.setdefault("MODEL_FAMILY", "llava")
     return env
 
 

@@ -80,11 +80,13 @@ DEEPSPEED="${DEEPSPEED:-deepspeed}"
 log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# The model family of MODEL, from the project's registry (llava.families.registry: MODEL_FAMILY if set, else
-# MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl or llava.
+# The model family of MODEL: MODEL_FAMILY if set (the trainer's registry checks the name), else the project's
+# registry (llava.families.registry: MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl or llava.
 PYTHON="${PYTHON:-python}"
-MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
-    die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl)"
+if [[ -z "${MODEL_FAMILY:-}" ]]; then
+    MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
+        die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl)"
+fi
 
 # Number of GPUs nvidia-smi lists; 0 when it is missing or fails.
 count_gpus() {
