@@ -29,13 +29,13 @@ from transformers import HfArgumentParser, TrainerControl, TrainerState
 
 from llava.arguments import LlavaTrainingArguments, parse_signal_names
 from llava.training.checkpoints import checkpoint_problem
+from llava.training.cluster import collective_device
 from llava.training.preemption import (
     PREEMPTED_EXIT_CODE,
     SaveOnSignalCallback,
     SignalFlag,
     TrainingPreempted,
     any_rank,
-    collective_device,
 )
 from tests.test_distributed import REPO, STEP_LIMIT_S, finetune_env, losses
 

@@ -14,14 +14,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from llava.families.base import ModelFamily
 from llava.families.llava import LlavaFamily
 from llava.families.qwen import QwenVLFamily
-from llava.model.hub_checkpoint import checkpoint_config
+from llava.model.loading import read_model_type
 
 FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily())
 DEFAULT_FAMILY = "llava"
@@ -37,16 +36,13 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; known: {', '.join(family.name for family in FAMILIES)}")
 
 
-def read_model_type(model_name_or_path: str | os.PathLike[str]) -> str | None:
+def model_type_of(model_name_or_path: str | os.PathLike[str]) -> str | None:
     """``model_type`` of a local checkpoint's config.json or of a Hub id's config; ``None`` for a local directory
     without config.json (a LoRA adapter, an incomplete copy: the default family's loader says what is missing)."""
     path = Path(model_name_or_path)
     if path.is_dir() and not (path / "config.json").is_file():
         return None
-    config: dict[str, Any] = checkpoint_config(path)
-    if "model_type" not in config:
-        raise ValueError(f"{path / 'config.json'} has no 'model_type'")
-    return config["model_type"]
+    return read_model_type(path)
 
 
 def family_for(
@@ -64,7 +60,7 @@ def family_for(
         hub_id = os.fspath(model_name_or_path).lower()
         named = [candidate for candidate in FAMILIES if any(part in hub_id for part in candidate.hub_names)]
         return named[0] if named else family_named(DEFAULT_FAMILY)
-    model_type = read_model_type(model_name_or_path)
+    model_type = model_type_of(model_name_or_path)
     for candidate in FAMILIES:
         if model_type in candidate.model_types:
             return candidate

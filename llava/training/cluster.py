@@ -54,6 +54,14 @@ def collective_timeout(argv: list[str]) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor for a collective of ``backend`` must live: the current CUDA device for NCCL, else the CPU
+    (gloo, and DeepSpeed's CPU ranks)."""
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_lost_peer(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because a peer died or stalled."""
     if isinstance(error, torch.distributed.DistError):

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from llava.training.cluster import collective_device
 from llava.training.exit_codes import EXIT_NONFINITE, TrainingStoppedError, resume_hint
 
 logger = logging.getLogger(__name__)
@@ -108,12 +109,6 @@ def describe_step(step: int, reports: Sequence[RankReport], data_files: Sequence
     if data_files:
         text += f"; sample ids are the 'id' fields (or indices) in {', '.join(data_files)}"
     return text
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _distributed() -> bool:
@@ -212,7 +207,7 @@ class NonFiniteGuard(TrainerCallback):
     def _agreed_flags(self, losses: list[torch.Tensor], grad_norm: Any) -> list[float]:
         """Per rank: 1 when its loss or the gradient norm was non-finite; one all_reduce, one host sync."""
         distributed = _distributed()
-        device = _collective_device() if distributed else torch.device("cpu")
+        device = collective_device(str(dist.get_backend())) if distributed else torch.device("cpu")
         bad = torch.zeros((), dtype=torch.bool, device=device)
         if losses:
             bad = bad | ~torch.isfinite(torch.cat(losses).float()).all().to(device)

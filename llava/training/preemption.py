@@ -29,6 +29,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llava.training.checkpoints import CHECKPOINT_PREFIX, is_checkpoint_complete
+from llava.training.cluster import collective_device
 from llava.training.exit_codes import EXIT_PREEMPTED
 
 logger = logging.getLogger(__name__)
@@ -102,14 +103,6 @@ class TrainingPreempted(Exception):  # noqa: N818 (a requested stop, not an erro
         super().__init__(f"stopped by a preemption signal after step {step}; resume from {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
-
-
-def collective_device(backend: str) -> torch.device:
-    """Where a tensor for a collective of ``backend`` must live: the current CUDA device for NCCL, else the CPU
-    (gloo, and DeepSpeed's CPU ranks)."""
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def any_rank(flag: bool) -> bool:
