@@ -28,6 +28,12 @@ their cache buffers and graph pools, so an evaluation keeps the graphs of the sh
 A capture that fails for a recoverable reason (an operation not permitted while capturing) leaves that
 shape on eager steps, with a warning, and is counted (:attr:`FastDecoder.capture_failures`); an error
 after which the CUDA context is unusable (device-side assert, illegal memory access) is raised.
+
+The first replay of every captured graph is checked against the eager step on the same state
+(:meth:`FastDecoder._verify_first_replay`): same greedy next tokens and logits within
+:func:`replay_tolerance` of the logit scale. A graph that fails the check is dropped and its shape decodes
+on eager steps for the rest of the decoder's life, with a warning naming the shape; the check costs one
+eager step and one host read per captured shape, and nothing on later replays.
 """
 
 from __future__ import annotations
@@ -74,6 +80,57 @@ STICKY_CUDA_ERRORS = (
 """Messages of CUDA errors after which the context is unusable: raised, never answered by an eager fallback."""
 
 
+REPLAY_TOLERANCE_ULPS = 4
+"""Units in the last place (of the logit dtype, at the logit scale) a first replay may differ from the eager step."""
+
+
+def replay_tolerance(dtype: torch.dtype) -> float:
+    """Largest accepted ``max |replayed - eager| / logit scale`` of a graph's first replay, for logits of ``dtype``.
+
+    The replay runs the eager step's own kernels on the same inputs, so it is normally bit-identical; what may
+    differ is the summation order of a kernel that picks another algorithm under capture (cuBLAS split-K or
+    workspace), which moves a logit by a few units in the last place of the largest logit's magnitude
+    (``eps * scale``). Four of them pass: 0.031 of the scale for bf16 (eps 2**-7: about 0.6 at a scale of 20),
+    0.0039 for fp16; at least 1e-4 (fp32: TF32 or reduction order). A real fault (a stale buffer, a wrong
+    cache column or stage, a missed operation) moves logits by about the scale itself.
+    """
+    return max(REPLAY_TOLERANCE_ULPS * torch.finfo(dtype).eps, 1e-4)
+
+
+@dataclass(frozen=True)
+class ReplayComparison:
+    """A graph's first replay against the eager step: the largest logit difference over the logit scale (the
+    largest eager logit magnitude, at least 1), and whether every row's greedy token is the same."""
+
+    relative_diff: float
+    tolerance: float
+    scale: float
+    same_tokens: bool
+
+    @property
+    def matches(self) -> bool:
+        """Same next tokens and logits within the tolerance (a NaN difference never matches)."""
+        return self.same_tokens and self.relative_diff <= self.tolerance
+
+
+def compare_logits(replayed: torch.Tensor, eager: torch.Tensor, tolerance: float | None = None) -> ReplayComparison:
+    """Compare ``[B, V]`` logits of a replay with the eager step's (one host read); ``tolerance`` defaults to
+    :func:`replay_tolerance` of ``eager``'s dtype. Positions non-finite in both count as equal; non-finite in
+    one only as a NaN difference (a mismatch)."""
+    tolerance = replay_tolerance(eager.dtype) if tolerance is None else tolerance
+    if eager.numel() == 0:
+        return ReplayComparison(0.0, tolerance, 1.0, True)
+    replayed_f, eager_f = replayed.float(), eager.float()
+    both_nonfinite = ~torch.isfinite(replayed_f) & ~torch.isfinite(eager_f)
+    same_pattern = torch.isfinite(replayed_f) == torch.isfinite(eager_f)
+    diff = (replayed_f - eager_f).abs().masked_fill(both_nonfinite, 0.0)
+    diff = torch.where(same_pattern, diff, torch.full_like(diff, math.nan))
+    scale = eager_f.masked_fill(~torch.isfinite(eager_f), 0.0).abs().amax().clamp_min(1.0)
+    same_tokens = (replayed_f.argmax(dim=-1) == eager_f.argmax(dim=-1)).all()
+    relative, scale_value, same = torch.stack([diff.amax() / scale, scale, same_tokens.float()]).tolist()  # one read
+    return ReplayComparison(relative, tolerance, scale_value, same == 1.0)
+
+
 def is_sticky_cuda_error(error: BaseException) -> bool:
     """Whether ``error`` leaves the CUDA context unusable (every later call would fail too)."""
     message = str(error).lower()
@@ -111,9 +168,11 @@ class CapturedStep:
 
 class StepCapture(Protocol):
     """How a :class:`FastDecoder` captures a decode step: ``warm_up()`` runs (and undoes) eager steps,
-    ``step()`` is the step to capture. Raises ``RuntimeError`` when the capture fails."""
+    ``step()`` is the step to capture (it returns the logits buffer it fills). Raises ``RuntimeError`` when the
+    capture fails. Also the seam tests use to stand in for CUDA graphs on a CPU (a ``replay`` that runs
+    ``step`` eagerly, or one that corrupts the logits to exercise the first-replay check)."""
 
-    def __call__(self, warm_up: Callable[[], None], step: Callable[[], None]) -> CapturedStep: ...
+    def __call__(self, warm_up: Callable[[], None], step: Callable[[], object]) -> CapturedStep: ...
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -132,7 +191,7 @@ class CudaGraphCapture:
     def __init__(self) -> None:
         self._streams: dict[Any, torch.cuda.Stream] = {}  # one side stream per device, reused by every capture
 
-    def __call__(self, warm_up: Callable[[], None], step: Callable[[], None]) -> CapturedStep:
+    def __call__(self, warm_up: Callable[[], None], step: Callable[[], object]) -> CapturedStep:
         """Warm up and capture on the side stream; the caller's stream is current again on return or raise."""
         caller = torch.cuda.current_stream()
         side = self._streams.get(caller.device)
@@ -179,6 +238,8 @@ class _Runner:
     logits: torch.Tensor | None = None  # [B, V], the step's output (allocated by the first step)
     graph: CapturedStep | None = None
     capture_failed: bool = False
+    replay_verified: bool = False  # the graph's first replay matched the eager step: replay without checks
+    graph_rejected: bool = False  # the first replay did not match: this shape never uses a graph again
 
     @property
     def batch_capacity(self) -> int:
@@ -239,6 +300,10 @@ class FastDecoder:
     ``max_shapes`` and ``memory_cap_bytes`` bound the shapes kept (``None``: :data:`MEMORY_FRACTION` of the
     device's memory on CUDA, no byte cap elsewhere); the least recently used go first, the current one
     always stays. ``capture``: how a step is captured (:class:`CudaGraphCapture`; tests pass their own).
+    ``verify_replay``: check each captured graph's first replay against the eager step (same greedy tokens,
+    logits within ``replay_tolerance`` of the logit scale, default :func:`replay_tolerance` of the logits'
+    dtype); a graph that fails is dropped and its shape decodes eagerly from then on (counted in
+    :attr:`replay_mismatches`, a warning names the shape).
     ``compile_step``: opt-in, run the decode step under ``torch.compile``
     (:class:`~llava.model.decoder.CompiledDecodeStep`: about 450 instead of about 1,300 kernels per LLaVA-7B
     step, fused inside the same graph capture; each new shape compiles once, tens of seconds, counted in
@@ -257,6 +322,8 @@ class FastDecoder:
         memory_cap_bytes: int | None = None,
         capture: StepCapture | None = None,
         compile_step: bool | dict[str, Any] = False,
+        verify_replay: bool = True,
+        replay_tolerance: float | None = None,
     ) -> None:
         reason = static_decode_supported(model)
         if reason is not None:
@@ -265,6 +332,8 @@ class FastDecoder:
             raise ValueError("max_shapes and eos_check_interval must be >= 1")
         if memory_cap_bytes is not None and memory_cap_bytes < 0:
             raise ValueError(f"memory_cap_bytes must be >= 0, got {memory_cap_bytes}")
+        if replay_tolerance is not None and not replay_tolerance >= 0:
+            raise ValueError(f"replay_tolerance must be >= 0, got {replay_tolerance}")
         self.model = model
         self.use_cuda_graph = use_cuda_graph
         self.max_shapes = max_shapes
@@ -274,6 +343,11 @@ class FastDecoder:
         self.bucket_batch = bucket_batch
         self.memory_cap_bytes = memory_cap_bytes
         self._capture_step = capture if capture is not None else CudaGraphCapture()
+        self.verify_replay = verify_replay
+        self.replay_tolerance = replay_tolerance
+        self.replay_checks = 0  # first replays compared with the eager step
+        self.replay_mismatches = 0  # ... that differed (their shapes decode eagerly from then on)
+        self._rejected_shapes: set[tuple] = set()  # runner keys whose graph failed the check, kept past eviction
         self.captures = 0
         self.capture_failures = 0
         self.capture_time_s = 0.0
@@ -334,6 +408,7 @@ class FastDecoder:
             state=state,
             tokens=torch.zeros(batch_capacity, dtype=torch.long, device=device),
             buffer_keys=cache.current_keys(),
+            graph_rejected=key in self._rejected_shapes,
         )
         self._runners[key] = runner
         self._evict(device)
@@ -393,8 +468,9 @@ class FastDecoder:
         self._cache_layout = None
 
     # ----- one decode step -----
-    def step(self, runner: _Runner) -> None:
-        """One decode step on ``runner``'s buffers (what the graph captures)."""
+    def step(self, runner: _Runner) -> torch.Tensor:
+        """One decode step on ``runner``'s buffers (what the graph captures); returns ``runner.logits``, the
+        output buffer it fills."""
         model = self.model
         embeds = model.get_input_embeddings()(runner.tokens.unsqueeze(1))
         if self._compiled_step is not None:
@@ -405,6 +481,7 @@ class FastDecoder:
         if runner.logits is None:
             runner.logits = torch.empty_like(logits)
         runner.logits.copy_(logits)
+        return runner.logits
 
     def _warm_up(self, runner: _Runner, steps: int) -> None:
         """Run ``steps`` eager steps, each undone before the next (positions, masks, write columns).
@@ -439,15 +516,60 @@ class FastDecoder:
         finally:
             self.capture_time_s += time.perf_counter() - began
 
-    def _advance(self, runner: _Runner, use_graph: bool, device: torch.device) -> None:
-        if runner.graph is None and use_graph and not runner.capture_failed:
+    def _advance(self, runner: _Runner, use_graph: bool, device: torch.device, batch: int) -> None:
+        """One decode step of ``runner``: a graph replay where there is a verified graph, else eager."""
+        if runner.graph is None and use_graph and not runner.capture_failed and not runner.graph_rejected:
             self._capture(runner, device)
         if runner.graph is not None:
+            if runner.replay_verified:  # the hot path: no check, no host read
+                runner.graph.replay()
+                self.graph_replays += 1
+                return
+            if self._verify_first_replay(runner, batch):
+                self.graph_replays += 1  # the graph's output was checked and accepted
+                return
+            self.eager_steps += 1  # the eager step of the failed check is this step's result
+            return
+        self.step(runner)
+        self.eager_steps += 1
+
+    def _verify_first_replay(self, runner: _Runner, batch: int) -> bool:
+        """Replay ``runner``'s new graph once and run the eager step on the same state; ``True`` when they match.
+
+        Either way the eager step runs second, from the state restored to before the replay, so the step's
+        result (logits, advanced state, cache) is the eager loop's. The cache needs no snapshot of its own: a
+        step writes only column ``write_columns[stage]`` of each layer's buffers, which the eager step, from the
+        restored write columns, overwrites. Only the real rows (``batch``) are compared: padded rows decode
+        garbage no row reads. On a mismatch the graph is dropped and its shape never captured again here.
+        """
+        if not self.verify_replay:
+            runner.replay_verified = True
             runner.graph.replay()
-            self.graph_replays += 1
-        else:
-            self.step(runner)
-            self.eager_steps += 1
+            return True
+        saved = runner.state.snapshot()
+        runner.graph.replay()
+        replayed = runner.logits[:batch].clone()
+        runner.state.restore(saved)
+        eager = self.step(runner)[:batch]
+        comparison = compare_logits(replayed, eager, self.replay_tolerance)
+        self.replay_checks += 1
+        if comparison.matches:
+            runner.replay_verified = True
+            return True
+        self.replay_mismatches += 1
+        runner.graph = None  # frees its pool; the shape's buffers and state stay for eager steps
+        runner.graph_rejected = True
+        key = next(key for key, held in self._runners.items() if held is runner)
+        self._rejected_shapes.add(key)
+        capacities = tuple(mask.shape[1] for mask in runner.state.attendable)
+        logger.warning(
+            "fast decoding: the CUDA graph's first replay differs from the eager step for batch %d, cache capacity "
+            "%s, stages %d, dtype %s (max |logit difference| %.3g of the logit scale %.3g, tolerance %.3g; same "
+            "next tokens: %s); this shape decodes without a graph from now on",
+            runner.batch_capacity, capacities, len(capacities), str(key[2]).removeprefix("torch."),
+            comparison.relative_diff, comparison.scale, comparison.tolerance, comparison.same_tokens,
+        )  # fmt: skip
+        return False
 
     # ----- generation -----
     @torch.no_grad()
@@ -511,7 +633,7 @@ class FastDecoder:
                     break
                 next_check += eos_check_gap(step + 1, max_new_tokens, self.eos_check_interval)
             runner.tokens[:batch].copy_(token)
-            self._advance(runner, use_graph, device)
+            self._advance(runner, use_graph, device, batch)
             token = pick_next_token(runner.logits[:batch])
         # The eager loop stops at the first step after which every row has finished: same length here.
         length = min(steps_run, int(last_step_needed.max()) + 1) if batch else 0
