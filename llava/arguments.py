@@ -98,6 +98,14 @@ class LlavaTrainingArguments(TrainingArguments):
     max_nonfinite_skips: int = field(
         default=3, metadata={"help": "--nonfinite skip: most consecutive skipped steps; one more stops the run."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free batches: the LLM layers run on the real tokens of each micro-batch only, packed "
+            "into one row with each sample's attention isolated (FlashAttention's variable-length path, else a "
+            "block-diagonal mask); T2V still drops per sample. Same loss and gradients as padded batches."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={

@@ -75,6 +75,7 @@ __all__ = [
     "flat_rotary_tables",
     "load_image_processor",
     "new_dynamic_cache",
+    "packed_attention",
     "qwen_hub_state_dict",
     "qwen_merger",
     "qwen_module_state_dict",
@@ -153,6 +154,44 @@ def _takes_argument(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
+def packed_attention(
+    config: PreTrainedConfig,
+    segment_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    longest: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The attention inputs of one packed row ``[1, T]`` holding several samples back to back.
+
+    FlashAttention kernels (``flash_attention_2``/``_3`` and hub kernels named ``*flash*``) get no mask and
+    the variable-length keywords transformers' flash path reads (``cu_seq_lens_q/k``, ``max_length_q/k``):
+    each sample attends only to itself, with no ``T x T`` mask. Other kernels get a block-diagonal causal
+    mask ``[1, 1, T, T]`` built from ``segment_ids`` ``[T]`` (sample of each token): boolean (True = attend)
+    for SDPA, additive float for eager. ``longest`` is the longest sample (known on the host).
+    """
+    implementation = attn_implementation_of(config) or "sdpa"
+    if "flash" in implementation:
+        boundaries = cu_seqlens.to(torch.int32)
+        return None, {
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+            "max_length_q": int(longest),
+            "max_length_k": int(longest),
+        }
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"packed sequences need an attention kernel that takes a mask or variable lengths (sdpa, eager, "
+            f"flash_attention_2/3); {implementation!r} is not supported"
+        )
+    total = segment_ids.shape[0]
+    causal = torch.ones(total, total, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (causal & (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)))[None, None]
+    if implementation == "sdpa":
+        return allowed, {}
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min), {}
+
+
 def call_decoder_layer(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -162,8 +201,12 @@ def call_decoder_layer(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     cache: Cache | None,
     use_cache: bool,
+    attention_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """One decoder layer (its own attention kernel, checkpointing and ZeRO hooks apply); the new hidden states."""
+    """One decoder layer (its own attention kernel, checkpointing and ZeRO hooks apply); the new hidden states.
+
+    ``attention_kwargs`` go through the layer to its attention function (the variable-length keywords of
+    :func:`packed_attention`)."""
     output = layer(
         hidden,
         attention_mask=attention_mask,
@@ -171,6 +214,7 @@ def call_decoder_layer(
         use_cache=use_cache,
         position_embeddings=position_embeddings,
         **{cache_kwarg_of(type(layer).forward): cache},
+        **(attention_kwargs or {}),
     )
     return output[0] if isinstance(output, tuple) else output
 
@@ -184,6 +228,7 @@ def call_decoder_layer_on_groups(
     attention_mask: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     cache: Cache | None,
+    attention_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """A LLaMA-style decoder layer with DyMU's virtual token unmerging (VTU).
 
@@ -214,7 +259,9 @@ def call_decoder_layer_on_groups(
     if cache is not None:
         key, value = cache.update(key, value, attention.layer_idx)
     kernel = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation_of(attention.config), eager_attention_forward)
-    attended, _ = kernel(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
+    attended, _ = kernel(
+        attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling, **(attention_kwargs or {})
+    )
     attended = attended.reshape(batch, positions, -1)
     sums = attended.new_zeros(batch, unique.shape[1], attended.shape[-1])
     sums = sums.scatter_add(1, groups[:, :, None].expand_as(attended), attended)

@@ -364,3 +364,28 @@ def test_scripts_defaults_and_overrides(tmp_path: Path, script: str, module: str
     else:
         assert video[video.index("--batch-sizes") + 1] == "1,4"
         assert video[video.index("--out") + 1] == "runs/bench/small-video-infer.json"
+
+
+def test_train_speed_ragged_padded_and_packed_on_the_same_samples(tmp_path: Path, tiny_preset: str) -> None:
+    out = tmp_path / "ragged.json"
+    rows = train_speed.main(
+        ["--shape", "tiny", "--presets", f"none,{tiny_preset}", "--length-mix", "llava665k", "--packing", "both",
+         "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    by_preset = {row["preset"]: row for row in _check_outputs(out, rows, TRAIN_KEYS)}
+    assert set(by_preset) == {"none", "none packed", "duet_tiny", "duet_tiny packed"}
+    for name in ("none", "duet_tiny"):
+        padded, packed = by_preset[name], by_preset[f"{name} packed"]
+        assert padded["packed"] is False and packed["packed"] is True and packed["padding_fraction"] == 0.0
+        assert 0.0 < padded["padding_fraction"] < 1.0  # a ragged batch pads
+        assert packed["flops_ratio_vs_none"] == pytest.approx(padded["flops_ratio_vs_none"])
+        assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-3)  # the same samples, the same loss
+    assert by_preset["duet_tiny"]["padding_fraction"] > by_preset["none"]["padding_fraction"]  # compression pads more
+    assert by_preset["duet_tiny"]["flops_ratio_vs_none"] < 1.0
+    assert all(row["length_mix"] == "llava665k" and row["tokens_per_s"] > 0 for row in rows)
+    assert "| none packed |" in out.with_suffix(".md").read_text()
+
+
+def test_train_speed_length_mix_needs_finetune() -> None:
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--shape", "tiny", "--stage", "pretrain", "--length-mix", "llava665k"])

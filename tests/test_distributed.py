@@ -235,16 +235,16 @@ def test_two_rank_video_scripts_pretrain_then_finetune_zero3_with_duet_and_gener
 
 def test_zero3_finetune_with_dymu_and_t2v_through_the_scripts(playground, tmp_path):
     """DyMU's tower merging (the CLIP blocks driven submodule by submodule, partitioned by ZeRO-3) and
-    T2V in a 2-rank finetune; ranks see different token counts per image."""
+    T2V in a 2-rank finetune with padding-free (packed) batches; ranks see different token counts per image."""
     preset = tmp_path / "dymu_t2v.yaml"
     preset.write_text(
         "name: dymu_t2v\ndymu: {thresholds: [0.95, 0.5]}\n"
         "t2v: {boundaries: [0.5], keep_ratios: [0.5], query: instruction}\n"
     )
     out = tmp_path / "finetune"
-    run_script(
-        "finetune.sh", finetune_env(playground, out, SAVE_STEPS="100", COMPRESSION=str(preset)), "--max_steps", "2"
-    )
+    env = finetune_env(playground, out, SAVE_STEPS="100", COMPRESSION=str(preset), PACKING="1")
+    result = run_script("finetune.sh", env, "--max_steps", "2")
+    assert "Padding-free batches (--packing)" in result.stdout + result.stderr  # and packed == padded in test_packing
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     counts = [row["visual_tokens_stage0"] for row in rows if "visual_tokens_stage0" in row]
     assert counts and all(0 < count < 576 for count in counts)

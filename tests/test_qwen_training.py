@@ -369,3 +369,22 @@ def test_training_keeps_the_visual_tokens_its_prompt_keeps_at_generation():
     trained = model(input_ids=ids, labels=labels, **visual).position_ids[0]
     generated = model(input_ids=ids[:, : len(prompt_ids)], **visual).position_ids[0]
     assert torch.equal(trained[: generated.shape[0]], generated)
+
+
+@pytest.mark.parametrize("compression", [None, "qwen_duet_53"])
+def test_packed_loss_and_gradients_equal_the_padded_batch(compression):
+    """Padding-free batches with M-RoPE positions ([B, L, 3], restarting per sample) and Qwen's V2V/T2V."""
+    model = DuetQwenVL(tiny_qwen(), compression).train()
+    inputs = right_padded_batch()
+    results = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        output = model(**inputs, pack_sequences=packed)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.loss.detach(), grads, output.visual_tokens_per_layer))
+    (padded_loss, padded_grads, padded_tokens), (packed_loss, packed_grads, packed_tokens) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert packed_tokens == padded_tokens and packed_grads.keys() == padded_grads.keys()
+    for name, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], gradient, atol=1e-5, rtol=1e-5, msg=name)

@@ -230,6 +230,9 @@ def test_trainer_accepts_every_script_argument(stage: str, tmp_path: Path) -> No
     assert args.max_steps == 4 and args.gradient_checkpointing
     assert model_args.compression == "none" and len(data_args.data_path) == 1
     assert args.run_group == "llava-v1.5-none"
+    assert args.packing is False  # padded batches unless PACKING=1
+    _, argv = dry_run(stage, tmp_path, OUTPUT_DIR=str(tmp_path / "out"), REPORT_TO="none", PACKING="1")
+    assert train.parse_args(argv[argv.index("llava.training.train") + 1 :])[2].packing is True
 
 
 @pytest.mark.parametrize("stage", ["finetune.sh", "finetune_lora.sh"])

@@ -62,7 +62,8 @@ import argparse
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, default_presets, get_shape
 from llava.compression.config import CompressionConfig, load_compression
@@ -344,6 +345,44 @@ def training_step_flops(
     return _step(
         shape, config, batch_size, text, head_tokens, queries, stage, gradient_checkpointing, lora_r, dymu_tokens
     )
+
+
+class RaggedSample(Protocol):
+    """What :func:`ragged_step_flops` reads of a sample (``llava.bench.length_mix.SampleLength``)."""
+
+    text_tokens: int
+    answer_tokens: int
+    has_visual: bool
+
+
+def ragged_step_flops(
+    shape: ModelShape | str,
+    compression: CompressionConfig | str | None,
+    samples: Sequence[RaggedSample],
+    gradient_checkpointing: bool = True,
+    dymu_tokens: float | None = None,
+) -> float:
+    """FLOPs of one finetuning step over a ragged batch, each sample at its own length: what a padding-free
+    (packed) step computes, so a padded step's measured/ideal shows what its padding costs.
+
+    A sample with a visual input costs :func:`training_step_flops` at its text length; a text-only sample
+    its decoder layers and lm_head only.
+    """
+    shape = get_shape(shape)
+    config = load_compression(compression)
+    linear_x, attention_x, _, head_x = _BACKWARD["finetune"]
+    total = 0.0
+    for sample in samples:
+        sized = replace(shape, text_tokens=sample.text_tokens, answer_tokens=sample.answer_tokens)
+        if sample.has_visual:
+            total += training_step_flops(sized, config, "finetune", 1, gradient_checkpointing, 0, dymu_tokens).total
+            continue
+        linears, attention, _ = _llm_layer(shape.llm, sample.text_tokens, 0)
+        layers = shape.llm.num_layers * (linears + attention)
+        backward = shape.llm.num_layers * (linear_x * linears + attention_x * attention)
+        head = linear_flops(sample.answer_tokens, shape.llm.hidden, shape.llm.vocab)
+        total += layers + backward + (layers if gradient_checkpointing else 0.0) + head * (1 + head_x)
+    return total
 
 
 def prefill_flops(

@@ -19,6 +19,15 @@ are per video (all frames), and the default presets are the video ones.
     python -m llava.bench.train_speed --shape small-video --stage finetune \
         --presets none,duet_video_53,duet_video_93 --batch-size 2 --steps 5 --warmup 1 \
         --out runs/bench/small-video-finetune.json
+
+``--length-mix llava665k`` draws a ragged batch from LLaVA-1.5's instruction mix (:mod:`llava.bench.length_mix`:
+text-only ShareGPT chats, short VQA turns, long conversations) instead of equal-length samples, and
+``--packing both`` times every preset padded and packed (padding-free) on those same samples; the rows then
+report the padding share of the LLM's input and the FLOP model of the real tokens
+(:func:`llava.bench.flops.ragged_step_flops`, what a padding-free step computes):
+
+    python -m llava.bench.train_speed --shape small --length-mix llava665k --packing both --batch-size 8 \
+        --out runs/bench/small-ragged.json
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch
 from torch import nn
 
 from llava.bench import report
-from llava.bench.flops import predicted_step_ratio, training_step_flops
+from llava.bench.flops import predicted_step_ratio, ragged_step_flops, training_step_flops
 from llava.bench.hf_baseline import (
     BASELINE_LABEL,
     build_hf_llava,
@@ -43,6 +52,7 @@ from llava.bench.hf_baseline import (
     freeze_hf_for_stage,
     to_hf_batch,
 )
+from llava.bench.length_mix import MIXES, SampleLength, build_ragged_batch, draw_lengths, padding_fraction
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.bench.workload import (
     build_training_batch,
@@ -53,6 +63,7 @@ from llava.bench.workload import (
     visual_input_fields,
 )
 from llava.compression.config import CompressionConfig
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import enable_activation_checkpointing
 from llava.model.stages import STAGES, freeze_for_stage
 
@@ -61,6 +72,7 @@ logger = logging.getLogger(__name__)
 TABLE_COLUMNS = (
     ("preset", "preset"),
     ("avg_visual_tokens", "visual tok/layer"),
+    ("padding_fraction", "padding"),
     ("step_time_s", "step s (median)"),
     ("step_time_iqr_s", "IQR s"),
     ("ratio_vs_none", "ratio vs none"),
@@ -70,6 +82,7 @@ TABLE_COLUMNS = (
     ("optimizer_share", "optimizer share"),
     ("compression_share", "compression share"),
     ("peak_mem_mb", "peak mem MiB"),
+    ("tokens_per_s", "LLM tok/s"),
     ("tflops_per_s", "TFLOP/s"),
 )
 
@@ -106,6 +119,7 @@ class PresetRecord:
 
     label: str
     config: CompressionConfig
+    packed: bool = False
     samples: list[StepSample] = field(default_factory=list)
     peak_mem_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -156,7 +170,12 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     device, dtype, attn = report.resolve_runtime(args.device, args.dtype, args.attn_implementation)
     load_at_start = report.load_average()
     shape = get_shape(args.shape)
-    presets = [PresetRecord(label, config) for label, config in resolve_presets(args.presets, shape)]
+    layouts = {"off": (False,), "on": (True,), "both": (False, True)}[args.packing]
+    presets = [
+        PresetRecord(f"{label} packed" if packed else label, config, packed)
+        for label, config in resolve_presets(args.presets, shape)
+        for packed in layouts
+    ]
     torch.manual_seed(args.seed)
 
     model = build_model(shape, compression=None, dtype=dtype, attn_implementation=attn, device=device)
@@ -166,7 +185,11 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         enable_checkpointing(model)
     model.train()
     optimizer = build_optimizer(trainable, device, args.lr)
-    batch = move_batch(build_training_batch(shape, args.stage, args.batch_size, seed=args.seed), device, dtype)
+    if args.length_mix:
+        drawn = draw_lengths(args.length_mix, args.batch_size, args.seed, shape.uncompressed_visual_tokens)
+        batch = move_batch(build_ragged_batch(shape, drawn, seed=args.seed), device, dtype)
+    else:
+        batch = move_batch(build_training_batch(shape, args.stage, args.batch_size, seed=args.seed), device, dtype)
     logger.info(
         "%s %s: batch %d x %d text tokens + %s, %d trainable / %d parameters, %s on %s (%s)",
         shape.name, args.stage, args.batch_size, batch["input_ids"].shape[1], shape.describe_visual_input(),
@@ -174,16 +197,17 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         device, attn,
     )  # fmt: skip
 
+    packed_batch = {**batch, "pack_sequences": True}
     for record in presets:
         model.set_compression(record.config)
         for _ in range(args.warmup):
-            run_step(model, batch, optimizer, device, dtype)
+            run_step(model, packed_batch if record.packed else batch, optimizer, device, dtype)
         logger.info("warmed up %s", record.label)
     memory = report.PeakMemory(device)
     for number, record in report.round_robin(presets, args.steps):
         model.set_compression(record.config)
         with memory.measure():
-            sample = run_step(model, batch, optimizer, device, dtype)
+            sample = run_step(model, packed_batch if record.packed else batch, optimizer, device, dtype)
         record.samples.append(sample)
         record.peak_mem_mb = max(record.peak_mem_mb, memory.peak_mb)
         record.peak_rss_mb = max(record.peak_rss_mb, memory.peak_rss_mb)
@@ -196,7 +220,19 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         report.release_memory(device)
         presets.append(_measure_hf_baseline(args, shape, device, dtype, attn, memory))
     machine = report.machine_info(device, dtype, attn, load_at_start)
-    return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window)
+    return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window, batch_lengths(batch))
+
+
+def batch_lengths(batch: dict[str, torch.Tensor]) -> list[SampleLength]:
+    """Each row's text tokens, supervised tokens and whether it has a visual slot (read from the batch)."""
+    input_ids = batch["input_ids"].cpu()
+    slots = (input_ids == IMAGE_TOKEN_ID) | (input_ids == VIDEO_TOKEN_ID)
+    real = batch["attention_mask"].cpu().sum(dim=1) - slots.sum(dim=1)
+    answers = (batch["labels"].cpu() != IGNORE_INDEX).sum(dim=1)
+    return [
+        SampleLength("batch", int(text), int(answer), bool(visual))
+        for text, answer, visual in zip(real.tolist(), answers.tolist(), slots.any(dim=1).tolist(), strict=True)
+    ]
 
 
 def _measure_hf_baseline(
@@ -239,8 +275,12 @@ def build_rows(
     machine: dict[str, Any],
     memory_kind: str,
     memory_exact: bool,
+    lengths: list[SampleLength],
 ) -> list[dict[str, Any]]:
-    """Summaries per preset, ratios against the first (``none``) preset and the FLOP model."""
+    """Summaries per preset, ratios against the first (``none``) preset and the FLOP model.
+
+    ``lengths`` (each row of the batch) give the padding share and the LLM tokens per second; with a ragged
+    batch (``--length-mix``) the FLOP model is the per-sample one of the real tokens."""
     rows: list[dict[str, Any]] = []
     baseline_step: float | None = None
     baseline_fwd_bwd = 0.0
@@ -253,8 +293,14 @@ def build_rows(
         compression_s = statistics.median(sample.compression_s for sample in record.samples)
         measured = measured_initial_tokens(record.config, record.samples)
         options = {"gradient_checkpointing": args.gradient_checkpointing, "dymu_tokens": measured}
-        flops = training_step_flops(shape, record.config, args.stage, args.batch_size, **options)
-        flops_ratio = float(predicted_step_ratio(shape, record.config, args.stage, args.batch_size, **options))
+        if args.length_mix:
+            step_flops = ragged_step_flops(shape, record.config, lengths, args.gradient_checkpointing, measured)
+            flops_ratio = step_flops / ragged_step_flops(shape, None, lengths, args.gradient_checkpointing)
+        else:
+            step_flops = training_step_flops(shape, record.config, args.stage, args.batch_size, **options).total
+            flops_ratio = float(predicted_step_ratio(shape, record.config, args.stage, args.batch_size, **options))
+        per_layer = shape.visual_tokens_per_layer(record.config, measured=measured)
+        llm_tokens = sum(sample.text_tokens + (per_layer[0] if sample.has_visual else 0) for sample in lengths)
         ratio = report.ratio(step_s, baseline_step)
         fwd_bwd_ratio = report.ratio(fwd_bwd_s, baseline_fwd_bwd)
         rows.append(
@@ -264,6 +310,10 @@ def build_rows(
                 "stage": args.stage,
                 "batch_size": args.batch_size,
                 "gradient_checkpointing": bool(args.gradient_checkpointing),
+                "length_mix": args.length_mix or "fixed",
+                "packed": record.packed,
+                "padding_fraction": 0.0 if record.packed else padding_fraction(lengths, per_layer),
+                "tokens_per_s": report.ratio(llm_tokens, step_s),
                 **visual_input_fields(shape, record.config, measured),
                 "avg_visual_tokens": shape.average_visual_tokens(record.config, measured),
                 "measured_visual_tokens": statistics.mean(sample.visual_tokens for sample in record.samples),
@@ -285,8 +335,8 @@ def build_rows(
                 "peak_mem_mb": record.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
                 **({"peak_rss_mb": record.peak_rss_mb} if record.peak_rss_mb else {}),
-                "step_tflops": flops.total / 1e12,
-                "tflops_per_s": report.ratio(flops.total / 1e12, step_s),
+                "step_tflops": step_flops / 1e12,
+                "tflops_per_s": report.ratio(step_flops / 1e12, step_s),
                 "loss": statistics.median(sample.loss for sample in record.samples),
                 "machine": machine,
             }
@@ -362,6 +412,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"also time transformers' LlavaForConditionalGeneration (row '{BASELINE_LABEL}', image shapes) "
         "after the presets, same batch and freezing",
     )
+    parser.add_argument(
+        "--length-mix",
+        choices=sorted(MIXES),
+        default=None,
+        help="draw a ragged finetuning batch from this length mix (llava665k: LLaVA-1.5's instruction data) "
+        "instead of equal-length samples",
+    )
+    parser.add_argument(
+        "--packing",
+        choices=("off", "on", "both"),
+        default="off",
+        help="padding-free (packed) LLM layers: off (padded), on, or both (every preset twice, same samples)",
+    )
     parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (tiny: the weights barely move)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -370,6 +433,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
     if args.presets is None:
         args.presets = default_presets(args.shape)
+    if args.length_mix and args.stage != "finetune":
+        parser.error("--length-mix draws instruction-tuning samples: use it with --stage finetune")
+    if args.hf_baseline and args.packing != "off":
+        parser.error("--hf-baseline times transformers' padded model: use it with --packing off")
     if args.hf_baseline:
         try:
             check_baseline_shape(get_shape(args.shape))

@@ -133,10 +133,17 @@ def compacted_extents(sequence: SequenceState, keep_ratios: tuple[float, ...]) -
     device = sequence.attention_mask.device
     if not keep_ratios or sequence.attention_mask.shape[0] == 0:
         return torch.zeros(len(keep_ratios), 2, dtype=torch.long, device=device)
+    rows = compacted_row_lengths(sequence, keep_ratios)
+    return torch.stack([rows.amin(dim=1), rows.amax(dim=1)], dim=1)
+
+
+def compacted_row_lengths(sequence: SequenceState, keep_ratios: tuple[float, ...]) -> torch.Tensor:
+    """Real tokens of every row after each boundary, ``[len(keep_ratios), B]`` on the device."""
     initial_visual = sequence.visual_mask.sum(dim=1)
     text = sequence.attention_mask.sum(dim=1) - initial_visual
-    rows = torch.stack([text + keep_counts_for(initial_visual, ratio) for ratio in keep_ratios])
-    return torch.stack([rows.amin(dim=1), rows.amax(dim=1)], dim=1)
+    if not keep_ratios:
+        return text.new_zeros(0, text.shape[0])
+    return torch.stack([text + keep_counts_for(initial_visual, ratio) for ratio in keep_ratios])
 
 
 def build_query_mask(

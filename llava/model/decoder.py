@@ -21,6 +21,7 @@ from llava.compression.config import T2VConfig
 from llava.compression.t2v import (
     SequenceState,
     compacted_extents,
+    compacted_row_lengths,
     keep_counts_for,
     keep_top_visual,
     score_visual_tokens,
@@ -33,12 +34,16 @@ from llava.hf_adapter import (
     decode_step_mask,
     rotary_tables,
 )
+from llava.model.packing import PackedRows
 from llava.model.static_cache import StaticStageCache
 from llava.utils.profiling import PROFILE_REGIONS
 
 logger = logging.getLogger(__name__)
 
 POSITION_MODES = ("keep", "compact")
+ROW_LAYOUTS = ("right", "left", "packed")
+"""How :func:`run_decoder` lays out rows: right-padded (training), left-padded (generation: rows stay
+right-aligned after a drop) or packed (training without padding, :mod:`llava.model.packing`)."""
 
 
 def decoder_of(language_model: nn.Module) -> nn.Module:
@@ -105,6 +110,7 @@ class TokenGroups:
         mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: Cache | None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """``layers`` on one hidden state per group (attention at full length), expanded back to ``[B, L, D]``."""
         groups = self.starts.long().cumsum(dim=1) - 1
@@ -116,8 +122,9 @@ class TokenGroups:
         unique = hidden.gather(1, representatives.unsqueeze(-1).expand(-1, -1, width))
         for layer in layers:
             unique = call_decoder_layer_on_groups(
-                layer, unique, groups, sizes, attention_mask=mask, position_embeddings=position_embeddings, cache=cache
-            )
+                layer, unique, groups, sizes, attention_mask=mask, position_embeddings=position_embeddings,
+                cache=cache, attention_kwargs=attention_kwargs,
+            )  # fmt: skip
         return unique.gather(1, groups.unsqueeze(-1).expand(-1, -1, width))
 
 
@@ -138,6 +145,7 @@ def _run_layers(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     cache: Cache | None,
     use_cache: bool,
+    attention_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     for layer in layers:
         hidden = call_decoder_layer(
@@ -148,6 +156,7 @@ def _run_layers(
             position_embeddings=position_embeddings,
             cache=cache,
             use_cache=use_cache,
+            attention_kwargs=attention_kwargs,
         )
     return hidden
 
@@ -173,14 +182,16 @@ def run_decoder(
     plan: StagePlan | None = None,
     cache: Cache | None = None,
     use_cache: bool = False,
-    left_align: bool = False,
+    layout: str = "right",
     num_segments: int = 0,
     groups: TokenGroups | None = None,
 ) -> DecoderResult:
     """Prefill/training pass over the whole sequence, dropping visual tokens at the plan's boundaries.
 
-    ``left_align`` keeps rows right-aligned after a drop (left padding, for generation); training
-    batches are right-padded. ``num_segments`` (images plus videos in the batch) turns the reported
+    ``layout`` (:data:`ROW_LAYOUTS`): ``left`` keeps rows right-aligned after a drop (left padding, for
+    generation); training batches are ``right``-padded; ``packed`` runs each stage's layers on the real tokens
+    only, packed into one row (:mod:`llava.model.packing`; training and prefills without a cache): the same
+    result without computing padding. ``num_segments`` (images plus videos in the batch) turns the reported
     visual tokens per layer into a per-image/per-video count. Returns the final-normed hidden states and
     the compacted sequence (its labels stay aligned with the hidden states). ``groups`` (DyMU's VTU, no
     T2V boundaries) runs every layer once per group of positions that share a merged token.
@@ -188,13 +199,18 @@ def run_decoder(
     plan = plan or StagePlan()
     if groups is not None and plan.boundaries:
         raise ValueError("virtual token unmerging keeps every position; it does not combine with T2V boundaries")
+    if layout not in ROW_LAYOUTS:
+        raise ValueError(f"layout must be one of {ROW_LAYOUTS}, got {layout!r}")
+    packed, left_align = layout == "packed", layout == "left"
+    if packed and cache is not None:
+        raise ValueError("packed sequences are for training and cache-free prefills; a KV cache needs padded rows")
     starts = plan.stage_starts()
     num_layers = len(decoder.layers)
     initial_visual = sequence.visual_mask.sum(dim=1)
     per_segment = max(num_segments, 1)
     # Everything the stages need to know on the host, read back in one transfer instead of one
     # synchronisation per boundary: each stage's shortest and longest row (its padded length, and whether
-    # it has padding at all) and how many query rows to score.
+    # it has padding at all), how many query rows to score, and, packed, each stage's number of real tokens.
     row_lengths = sequence.attention_mask.sum(dim=1)
     first_stage = torch.stack([row_lengths.amin(), row_lengths.amax()]) if row_lengths.numel() else row_lengths
     known = [first_stage.reshape(-1)]
@@ -203,7 +219,15 @@ def run_decoder(
             compacted_extents(sequence, plan.keep_ratios).reshape(-1),
             sequence.query_mask.sum(dim=1).amax(0, True),
         ]
+    if packed:
+        known.append(row_lengths.sum().reshape(1))
+        if plan.boundaries:
+            known.append(compacted_row_lengths(sequence, plan.keep_ratios).sum(dim=1))
+        if groups is not None:  # the groups of the real tokens (padding positions are groups of one)
+            known.append((groups.starts & sequence.attention_mask.bool()).sum().reshape(1))
     values = torch.cat(known).tolist()
+    group_total = int(values.pop()) if packed and groups is not None else 0
+    stage_totals = [int(values.pop()) for _ in starts][::-1] if packed else []
     max_queries = values.pop() if plan.boundaries else 0
     extents = [values[index : index + 2] for index in range(0, len(values), 2)]
     padded_lengths = [sequence.attention_mask.shape[1]] + [longest for _, longest in extents[1:]]
@@ -227,26 +251,27 @@ def run_decoder(
                 sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
             compression_time += time.perf_counter() - began
         position_embeddings = rotary_tables(decoder, sequence.hidden, rotary_positions(sequence.position_ids))
-        # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
-        mask = causal_mask(
-            decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free=padding_free[stage]
-        )
+        layers = list(decoder.layers[start:end])
         with record_function(PROFILE_REGIONS["llm"]):
-            if groups is not None:
-                layer_cache = cache if use_cache else None
-                hidden = groups.run(
-                    list(decoder.layers[start:end]), sequence.hidden, mask, position_embeddings, layer_cache
-                )
+            if packed:
+                longest = extents[stage][1] if extents[stage] else 0
+                hidden = _run_packed(
+                    decoder, layers, sequence, PackedRows.of(sequence.attention_mask, stage_totals[stage], longest),
+                    groups, group_total,
+                )  # fmt: skip
             else:
-                hidden = _run_layers(
-                    list(decoder.layers[start:end]),
-                    sequence.hidden,
-                    mask,
-                    sequence.position_ids,
-                    position_embeddings,
-                    cache,
-                    use_cache,
+                # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
+                mask = causal_mask(
+                    decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free[stage]
                 )
+                if groups is not None:
+                    hidden = groups.run(
+                        layers, sequence.hidden, mask, position_embeddings, cache if use_cache else None
+                    )
+                else:
+                    hidden = _run_layers(
+                        layers, sequence.hidden, mask, sequence.position_ids, position_embeddings, cache, use_cache
+                    )
         sequence = replace(sequence, hidden=hidden)
         masks.append(sequence.attention_mask)
         next_positions.append(_next_positions(sequence))
@@ -264,6 +289,27 @@ def run_decoder(
         visual_tokens_per_layer=tokens_per_layer,
         compression_time_s=compression_time,
     )
+
+
+def _run_packed(
+    decoder: nn.Module,
+    layers: list[nn.Module],
+    sequence: SequenceState,
+    layout: PackedRows,
+    groups: TokenGroups | None,
+    group_total: int,
+) -> torch.Tensor:
+    """One stage's ``layers`` on the real tokens of ``sequence`` packed into one row; back as ``[B, L, D]``."""
+    hidden = layout.pack(sequence.hidden)
+    positions = layout.pack(sequence.position_ids)
+    position_embeddings = rotary_tables(decoder, hidden, rotary_positions(positions))
+    mask, attention_kwargs = layout.attention(decoder.config, hidden.dtype)
+    if groups is not None:
+        packed_groups = TokenGroups(layout.pack(groups.starts), group_total)
+        hidden = packed_groups.run(layers, hidden, mask, position_embeddings, None, attention_kwargs)
+    else:
+        hidden = _run_layers(layers, hidden, mask, positions, position_embeddings, None, False, attention_kwargs)
+    return layout.unpack(hidden)
 
 
 def run_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: DecodeState, cache: Cache) -> torch.Tensor:

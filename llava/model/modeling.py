@@ -392,6 +392,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         decode_state: DecodeState | None = None,
         query_end: int | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        pack_sequences: bool = False,
         **kwargs: Any,
     ) -> DuetOutput:
         """Run the model.
@@ -408,6 +409,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         positions are never materialised) and ``logits`` is ``None``.
         ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient
         accumulation: the sum of token losses is divided by it instead of the local count.
+        ``pack_sequences`` (training, ``--packing``) runs the decoder layers on the real tokens only, packed
+        into one row with each sample's attention isolated (:mod:`llava.model.packing`).
         """
         decoder = decoder_of(self.language_model)
         step = decode_step_if_given(
@@ -443,7 +446,8 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
             0 if pixels is None else int(pixels.shape[0]) for pixels in (pixel_values, pixel_values_videos)
         )
         groups = None if spliced.group_starts is None else TokenGroups(spliced.group_starts, spliced.num_groups)
-        result = run_decoder(decoder, sequence, plan, cache, use_cache, left_padding, num_segments, groups)
+        layout = "packed" if pack_sequences else "left" if left_padding else "right"
+        result = run_decoder(decoder, sequence, plan, cache, use_cache, layout, num_segments, groups)
 
         return prefill_output(
             self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,

@@ -174,13 +174,14 @@ class DuetQwenVL(nn.Module):
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
+        pack_sequences: bool = False,
         **unused: Any,
     ) -> DuetOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a
         ``decode_state``, decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``labels`` (aligned with
         ``input_ids``, placeholders included) give the training loss, as there. Videos: ``pixel_values_videos``
         and ``video_grid_thw`` as Qwen's processor makes them, ``second_per_grid_ts`` the seconds each temporal
-        patch spans (temporal M-RoPE positions)."""
+        patch spans (temporal M-RoPE positions). ``pack_sequences``: padding-free decoder layers, as there."""
         step = decode_step_if_given(
             self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
         )
@@ -217,7 +218,8 @@ class DuetQwenVL(nn.Module):
             # V2V drops tokens after the positions were laid out: the survivors keep their (t, h, w).
             sequence = sequence.compact(kept, left_align=left, recompute_positions=False)
         segments = sum(0 if grid is None else int(grid.shape[0]) for grid in (image_grid_thw, video_grid_thw))
-        result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, left, segments)
+        layout = "packed" if pack_sequences else "left" if left else "right"
+        result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, layout, segments)
         return prefill_output(
             self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
             input_ids.shape[1], v2v_seconds,

@@ -59,6 +59,7 @@ class LlavaTrainer(Trainer):
         self._compression_batches = 0
         self._text_only_samples = 0  # samples without image or video since the last log, and all samples
         self._logged_samples = 0
+        self._packing_announced = False
 
     def visual_tokens_in(self, inputs: dict[str, Any]) -> int:
         """Visual tokens the batch adds to the LLM sequence before compression, as the model's family counts
@@ -161,6 +162,11 @@ class LlavaTrainer(Trainer):
             self.metrics.record_batch(num_samples, num_text_tokens + self.visual_tokens_in(inputs))
             self._count_text_only(inputs, num_samples)
         has_visual = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+        if getattr(self.args, "packing", False):
+            if not self._packing_announced:
+                logger.info("Padding-free batches (--packing): the LLM layers run on each batch's real tokens only")
+                self._packing_announced = True
+            inputs = {**inputs, "pack_sequences": True}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if model.training:
             if self.faults:  # test-only: a NaN loss (and so NaN gradients) at one step

@@ -15,6 +15,8 @@
 #   RUN_NAME       wandb run name              (basename of OUTPUT_DIR)
 #   RUN_GROUP      wandb group                 (llava-v1.5-$COMPRESSION)
 #   COMPRESSION    visual token reduction      (none)
+#   PACKING=1      padding-free batches: the LLM layers run on the real tokens only, packed into one row per
+#                  micro-batch with each sample's attention isolated (--packing True; off by default)
 #   BATCH_SIZE     per-device micro-batch size
 #   GLOBAL_BATCH   target global batch; GRAD_ACCUM defaults to GLOBAL_BATCH / (BATCH_SIZE x world)
 #   GRAD_ACCUM     gradient accumulation steps (overrides the GLOBAL_BATCH arithmetic)
@@ -188,6 +190,7 @@ common_train_args() {
         --run_group "$RUN_GROUP"
         --ddp_timeout "$COLLECTIVE_TIMEOUT"
     )
+    [[ "${PACKING:-0}" != 1 ]] || COMMON_ARGS+=(--packing True)
     if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
         [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to Qwen2.5-VL (its vision transformer" \
             "encodes videos too): set VIDEO_FOLDER (and NUM_FRAMES) for video data"

@@ -1,0 +1,194 @@
+"""Padding-free (packed) training: the decoder layers run on the real tokens only, packed into one row, and
+the loss and every gradient equal the padded batch's, for every kind of compression and a batch mixing
+images, videos and text-only samples."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from llava.hf_adapter import packed_attention
+from llava.model.config import DuetLlavaConfig
+from llava.model.modeling import DuetLlavaForCausalLM
+from llava.model.packing import PackedRows
+from tests.conftest import tiny_text_config, tiny_vision_config
+
+IMG, VID = IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+FRAMES = 3
+DUET_T2V = T2VConfig(boundaries=(0.5, 0.75), keep_ratios=(0.5, 0.25), query="instruction")
+COMPRESSIONS = {
+    "none": None,
+    "duet": CompressionConfig("duet", v2v=V2VConfig("duet", dominant=6, contextual=2), t2v=DUET_T2V),
+    "visionzip": CompressionConfig("visionzip", v2v=V2VConfig("visionzip", dominant=5, contextual=2)),
+    "pdrop": CompressionConfig(
+        "pdrop",
+        t2v=T2VConfig((0.25, 0.5, 0.75), (0.5, 0.25, 0.125), query="last", position_mode="compact"),
+    ),
+    "fastv": CompressionConfig("fastv", t2v=T2VConfig((0.5,), (0.25,), query="last", position_mode="compact")),
+    "dymu": CompressionConfig("dymu", dymu=DyMUConfig((0.3, 0.3))),
+    "dymu_vtu": CompressionConfig("dymu_vtu", dymu=DyMUConfig((0.3, 0.3), vtu=True)),
+    "dymu_t2v": CompressionConfig("dymu_t2v", dymu=DyMUConfig((0.3, 0.3)), t2v=DUET_T2V),
+}
+
+
+def build(compression: CompressionConfig | None, attention: str = "sdpa") -> DuetLlavaForCausalLM:
+    """A tiny Video-LLaVA-shaped model (image and video towers), in training mode."""
+    torch.manual_seed(0)
+    config = DuetLlavaConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(),
+        video_config=tiny_vision_config(),
+        num_frames=FRAMES,
+        compression=None if compression is None else compression.to_dict(),
+    )
+    config.text_config._attn_implementation = attention
+    return DuetLlavaForCausalLM(config).train()
+
+
+def mixed_batch() -> dict[str, torch.Tensor]:
+    """Right-padded like the collator's: video + image, text only, one image, two images; answers supervised."""
+    rows = [
+        ([1, VID, 5, IMG, 6, 7, 8, 9, 10], 3),
+        ([1, 9, 10, 11, 12, 13], 2),
+        ([1, IMG, 12, 13, 14, 15, 16], 2),
+        ([1, IMG, 3, IMG, 4, 5, 6, 8, 9, 10, 11], 4),
+    ]
+    width = max(len(tokens) for tokens, _ in rows) + 2  # every row padded, the longest too
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for row, (tokens, answer) in enumerate(rows):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+        labels[row, len(tokens) - answer : len(tokens)] = ids[row, len(tokens) - answer : len(tokens)]
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.randn(4, 3, 56, 56, generator=generator),
+        "pixel_values_videos": torch.randn(1, FRAMES, 3, 56, 56, generator=generator),
+    }
+
+
+def loss_and_gradients(model: DuetLlavaForCausalLM, batch: dict, packed: bool) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, pack_sequences=packed)
+    output.loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.loss.detach(), gradients, output.visual_tokens_per_layer
+
+
+def layer_input_shapes(model: DuetLlavaForCausalLM) -> tuple[list, list]:
+    shapes: list = []
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+        for layer in model.language_model.get_decoder().layers
+    ]
+    return shapes, handles
+
+
+@pytest.mark.parametrize("name", list(COMPRESSIONS))
+def test_packed_loss_and_gradients_equal_the_padded_batch(name):
+    model = build(COMPRESSIONS[name])
+    batch = mixed_batch()
+    padded_shapes, handles = layer_input_shapes(model)
+    padded_loss, padded_grads, padded_tokens = loss_and_gradients(model, batch, packed=False)
+    for handle in handles:
+        handle.remove()
+    shapes, handles = layer_input_shapes(model)
+    packed_loss, packed_grads, packed_tokens = loss_and_gradients(model, batch, packed=True)
+    for handle in handles:
+        handle.remove()
+    assert torch.isfinite(padded_loss)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert any(name.startswith("video_tower") for name in padded_grads) or name != "none"
+    for key, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
+    assert packed_tokens == padded_tokens  # the same visual tokens kept at every layer
+    # The layers really ran packed: one row per layer, shorter than the padded rows together.
+    assert len(shapes) == len(padded_shapes) and all(shape[0] == 1 for shape in shapes)
+    for packed_shape, padded_shape in zip(shapes, padded_shapes, strict=True):
+        assert packed_shape[1] < padded_shape[0] * padded_shape[1]
+
+
+def test_packed_eager_attention_equals_padded():
+    """The additive-float mask of the eager kernel (SDPA takes a boolean one)."""
+    model = build(COMPRESSIONS["duet"], attention="eager")
+    batch = mixed_batch()
+    padded_loss, padded_grads, _ = loss_and_gradients(model, batch, packed=False)
+    packed_loss, packed_grads, _ = loss_and_gradients(model, batch, packed=True)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for key, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def varlen_reference(module, query, key, value, attention_mask, **kwargs):
+    """A variable-length attention kernel written out (what FlashAttention's varlen path computes): causal
+    attention inside each ``cu_seq_lens_q`` block. Registered under a name containing ``flash`` so the model
+    takes the mask-free, variable-length route."""
+    assert attention_mask is None, "the variable-length route passes no mask"
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    assert kwargs["max_length_q"] == max(b - a for a, b in itertools.pairwise(bounds))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=kwargs.get("scaling")
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def test_the_variable_length_route_passes_sample_boundaries_to_the_kernel():
+    AttentionInterface.register("test_flash_varlen", varlen_reference)
+    model = build(COMPRESSIONS["duet"])
+    batch = mixed_batch()
+    padded_loss, padded_grads, _ = loss_and_gradients(model, batch, packed=False)
+    model.config.text_config._attn_implementation = "test_flash_varlen"
+    packed_loss, packed_grads, _ = loss_and_gradients(model, batch, packed=True)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for key, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_packed_rows_round_trip_and_block_mask():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]])  # any padding side
+    layout = PackedRows.of(mask, total=int(mask.sum()), longest=3)
+    assert layout.flat_index.tolist() == [0, 1, 2, 4, 9, 10, 11]
+    assert layout.segment_ids.tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert layout.cu_seqlens.tolist() == [0, 3, 4, 7]
+    values = torch.arange(12.0).view(3, 4, 1)
+    packed = layout.pack(values)
+    assert packed.shape == (1, 7, 1)
+    assert layout.unpack(packed).squeeze(-1).tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [0, 9, 10, 11]]
+    config = tiny_text_config()
+    block, extra = packed_attention(config, layout.segment_ids, layout.cu_seqlens, 3, torch.float32)
+    assert extra == {}
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    for a, b in ((0, 3), (3, 4), (4, 7)):
+        expected[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    assert torch.equal(block[0, 0], expected)
+
+
+def test_packing_refuses_a_kv_cache():
+    model = build(None).eval()
+    batch = mixed_batch()
+    from llava.hf_adapter import new_dynamic_cache
+
+    with pytest.raises(ValueError, match="packed sequences are for training"):
+        model(
+            batch["input_ids"][1:2],
+            attention_mask=batch["attention_mask"][1:2],
+            cache=new_dynamic_cache(model.config.text_config),
+            use_cache=True,
+            pack_sequences=True,
+        )
