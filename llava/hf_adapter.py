@@ -76,6 +76,7 @@ __all__ = [
     "load_image_processor",
     "new_dynamic_cache",
     "packed_attention",
+    "packs_into_one_row",
     "qwen_hub_state_dict",
     "qwen_merger",
     "qwen_module_state_dict",
@@ -154,6 +155,13 @@ def _takes_argument(function: Any, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
+def packs_into_one_row(config: PreTrainedConfig) -> bool:
+    """Whether ``config``'s attention kernel isolates packed samples by their boundaries alone (FlashAttention's
+    variable-length path: ``flash_attention_2``/``_3`` and hub kernels named ``*flash*``), so one packed row
+    costs nothing extra; mask-based kernels (SDPA, eager) compute every pair of a row."""
+    return "flash" in (attn_implementation_of(config) or "")
+
+
 def packed_attention(
     config: PreTrainedConfig,
     segment_ids: torch.Tensor,
@@ -161,16 +169,18 @@ def packed_attention(
     longest: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """The attention inputs of one packed row ``[1, T]`` holding several samples back to back.
+    """The attention inputs of packed rows ``[K, C]`` holding several samples each.
 
-    FlashAttention kernels (``flash_attention_2``/``_3`` and hub kernels named ``*flash*``) get no mask and
-    the variable-length keywords transformers' flash path reads (``cu_seq_lens_q/k``, ``max_length_q/k``):
-    each sample attends only to itself, with no ``T x T`` mask. Other kernels get a block-diagonal causal
-    mask ``[1, 1, T, T]`` built from ``segment_ids`` ``[T]`` (sample of each token): boolean (True = attend)
-    for SDPA, additive float for eager. ``longest`` is the longest sample (known on the host).
+    FlashAttention kernels (:func:`packs_into_one_row`; ``K`` must be 1) get no mask and the variable-length
+    keywords transformers' flash path reads (``cu_seq_lens_q/k``, ``max_length_q/k``): each sample attends only
+    to itself. SDPA and eager get a block-diagonal causal mask ``[K, 1, C, C]`` from ``segment_ids`` (sample of
+    each slot, ``-1`` for padding slots, which attend only to themselves): boolean (True = attend) for SDPA,
+    additive float for eager. ``longest`` is the longest sample (known on the host).
     """
     implementation = attn_implementation_of(config) or "sdpa"
-    if "flash" in implementation:
+    if packs_into_one_row(config):
+        if segment_ids.shape[0] != 1:
+            raise ValueError(f"FlashAttention's variable-length path takes one packed row, got {segment_ids.shape[0]}")
         boundaries = cu_seqlens.to(torch.int32)
         return None, {
             "cu_seq_lens_q": boundaries,
@@ -183,12 +193,15 @@ def packed_attention(
             f"packed sequences need an attention kernel that takes a mask or variable lengths (sdpa, eager, "
             f"flash_attention_2/3); {implementation!r} is not supported"
         )
-    total = segment_ids.shape[0]
-    causal = torch.ones(total, total, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = (causal & (segment_ids.unsqueeze(1) == segment_ids.unsqueeze(0)))[None, None]
+    capacity = segment_ids.shape[1]
+    device = segment_ids.device
+    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    allowed = causal & same & (segment_ids >= 0).unsqueeze(2)
+    allowed = (allowed | torch.eye(capacity, dtype=torch.bool, device=device)).unsqueeze(1)
     if implementation == "sdpa":
         return allowed, {}
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return additive.masked_fill(~allowed, torch.finfo(dtype).min), {}
 
 

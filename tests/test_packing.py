@@ -113,10 +113,11 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(name):
     for key, gradient in padded_grads.items():
         torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
     assert packed_tokens == padded_tokens  # the same visual tokens kept at every layer
-    # The layers really ran packed: one row per layer, shorter than the padded rows together.
-    assert len(shapes) == len(padded_shapes) and all(shape[0] == 1 for shape in shapes)
+    # The layers really ran packed: fewer rows (samples share them), fewer token slots than the padded batch.
+    assert len(shapes) == len(padded_shapes)
     for packed_shape, padded_shape in zip(shapes, padded_shapes, strict=True):
-        assert packed_shape[1] < padded_shape[0] * padded_shape[1]
+        assert packed_shape[0] < padded_shape[0]
+        assert packed_shape[0] * packed_shape[1] < padded_shape[0] * padded_shape[1]
 
 
 def test_packed_eager_attention_equals_padded():
@@ -154,29 +155,60 @@ def test_the_variable_length_route_passes_sample_boundaries_to_the_kernel():
     batch = mixed_batch()
     padded_loss, padded_grads, _ = loss_and_gradients(model, batch, packed=False)
     model.config.text_config._attn_implementation = "test_flash_varlen"
+    shapes, handles = layer_input_shapes(model)
     packed_loss, packed_grads, _ = loss_and_gradients(model, batch, packed=True)
+    for handle in handles:
+        handle.remove()
+    assert {shape[0] for shape in shapes} == {1}  # one row: the kernel isolates the samples by their boundaries
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     for key, gradient in padded_grads.items():
         torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
 
 
-def test_packed_rows_round_trip_and_block_mask():
+def test_one_packed_row_round_trip():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]])  # any padding side
-    layout = PackedRows.of(mask, total=int(mask.sum()), longest=3)
-    assert layout.flat_index.tolist() == [0, 1, 2, 4, 9, 10, 11]
-    assert layout.segment_ids.tolist() == [0, 0, 0, 1, 2, 2, 2]
-    assert layout.cu_seqlens.tolist() == [0, 3, 4, 7]
+    rows = PackedRows.of(mask, [3, 1, 3], one_row=True)
+    assert rows.shape == (1, 7)
+    assert rows.slot_source.tolist() == [0, 1, 2, 4, 9, 10, 11]
+    assert rows.segment_ids.tolist() == [[0, 0, 0, 1, 2, 2, 2]]
+    assert rows.cu_seqlens.tolist() == [0, 3, 4, 7]
     values = torch.arange(12.0).view(3, 4, 1)
-    packed = layout.pack(values)
-    assert packed.shape == (1, 7, 1)
-    assert layout.unpack(packed).squeeze(-1).tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [0, 9, 10, 11]]
-    config = tiny_text_config()
-    block, extra = packed_attention(config, layout.segment_ids, layout.cu_seqlens, 3, torch.float32)
-    assert extra == {}
-    expected = torch.zeros(7, 7, dtype=torch.bool)
-    for a, b in ((0, 3), (3, 4), (4, 7)):
-        expected[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-    assert torch.equal(block[0, 0], expected)
+    assert rows.pack(values).squeeze(-1).tolist() == [[0, 1, 2, 4, 9, 10, 11]]
+    assert rows.unpack(rows.pack(values)).squeeze(-1).tolist() == [[0, 1, 2, 0], [4, 0, 0, 0], [0, 9, 10, 11]]
+    flash = tiny_text_config()
+    flash._attn_implementation = "flash_attention_2"
+    mask_out, keywords = packed_attention(flash, rows.segment_ids, rows.cu_seqlens, rows.longest, torch.float32)
+    assert mask_out is None and keywords["cu_seq_lens_q"].tolist() == [0, 3, 4, 7] and keywords["max_length_k"] == 3
+
+
+def test_bins_deal_the_longest_samples_first_in_snake_order_with_a_block_mask():
+    lengths = [5, 2, 4, 1, 3]  # 15 tokens, longest 5: 3 bins; deal 5, 4, 3, then back: 2 -> bin 2, 1 -> bin 1
+    mask = (torch.arange(6) < torch.tensor(lengths).unsqueeze(1)).long()
+    rows = PackedRows.of(mask, lengths, one_row=False)
+    assert rows.shape == (3, 5) and rows.bin_of.tolist() == [0, 2, 1, 1, 2]
+    assert rows.segment_ids.tolist() == [[0, 0, 0, 0, 0], [2, 2, 2, 2, 3], [4, 4, 4, 1, 1]]
+    values = torch.arange(30.0).view(5, 6)
+    assert torch.equal(rows.unpack(rows.pack(values.unsqueeze(-1))).squeeze(-1), values * mask)
+    block, extra = packed_attention(tiny_text_config(), rows.segment_ids, rows.cu_seqlens, 5, torch.float32)
+    assert extra == {} and block.shape == (3, 1, 5, 5)
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[:3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()  # sample 4 (3 tokens), then sample 1 (2)
+    expected[3:, 3:] = torch.ones(2, 2, dtype=torch.bool).tril()
+    assert torch.equal(block[2, 0], expected)
+
+
+def test_padding_slots_of_bins_attend_only_to_themselves_and_count_as_groups():
+    lengths = [5, 2, 4]  # 3 bins of capacity 5: {5}, {4} + 1 padding slot, {2} + 3 padding slots
+    mask = (torch.arange(5) < torch.tensor(lengths).unsqueeze(1)).long()
+    rows = PackedRows.of(mask, lengths, one_row=False)
+    assert rows.segment_ids.tolist() == [[0, 0, 0, 0, 0], [2, 2, 2, 2, -1], [1, 1, -1, -1, -1]]
+    block, _ = packed_attention(tiny_text_config(), rows.segment_ids, rows.cu_seqlens, 5, torch.float32)
+    assert torch.equal(block[2, 0, 2:], torch.eye(5, dtype=torch.bool)[2:])
+    eager = tiny_text_config()
+    eager._attn_implementation = "eager"
+    additive, _ = packed_attention(eager, rows.segment_ids, rows.cu_seqlens, 5, torch.float32)
+    assert torch.equal(additive == 0, block)
+    assert rows.most_groups([1, 2, 1]) == 5  # bin 2: 2 groups + 3 padding slots
 
 
 def test_packing_refuses_a_kv_cache():

@@ -32,6 +32,7 @@ from llava.hf_adapter import (
     call_decoder_layer_on_groups,
     causal_mask,
     decode_step_mask,
+    packs_into_one_row,
     rotary_tables,
 )
 from llava.model.packing import PackedRows
@@ -219,15 +220,23 @@ def run_decoder(
             compacted_extents(sequence, plan.keep_ratios).reshape(-1),
             sequence.query_mask.sum(dim=1).amax(0, True),
         ]
-    if packed:
-        known.append(row_lengths.sum().reshape(1))
+    batch = sequence.attention_mask.shape[0]
+    if packed:  # every row's length at every stage (the packing plan), and its VTU groups
+        known.append(row_lengths)
         if plan.boundaries:
-            known.append(compacted_row_lengths(sequence, plan.keep_ratios).sum(dim=1))
+            known.append(compacted_row_lengths(sequence, plan.keep_ratios).reshape(-1))
         if groups is not None:  # the groups of the real tokens (padding positions are groups of one)
-            known.append((groups.starts & sequence.attention_mask.bool()).sum().reshape(1))
+            known.append((groups.starts & sequence.attention_mask.bool()).sum(dim=1))
     values = torch.cat(known).tolist()
-    group_total = int(values.pop()) if packed and groups is not None else 0
-    stage_totals = [int(values.pop()) for _ in starts][::-1] if packed else []
+
+    def take_rows() -> list[int]:  # the last ``batch`` values, removed
+        rows = values[len(values) - batch :]
+        del values[len(values) - batch :]
+        return rows
+
+    if packed:
+        group_counts = take_rows() if groups is not None else []
+        stage_rows = [take_rows() for _ in starts][::-1]
     max_queries = values.pop() if plan.boundaries else 0
     extents = [values[index : index + 2] for index in range(0, len(values), 2)]
     padded_lengths = [sequence.attention_mask.shape[1]] + [longest for _, longest in extents[1:]]
@@ -254,11 +263,8 @@ def run_decoder(
         layers = list(decoder.layers[start:end])
         with record_function(PROFILE_REGIONS["llm"]):
             if packed:
-                longest = extents[stage][1] if extents[stage] else 0
-                hidden = _run_packed(
-                    decoder, layers, sequence, PackedRows.of(sequence.attention_mask, stage_totals[stage], longest),
-                    groups, group_total,
-                )  # fmt: skip
+                rows = PackedRows.of(sequence.attention_mask, stage_rows[stage], packs_into_one_row(decoder.config))
+                hidden = _run_packed(decoder, layers, sequence, rows, groups, group_counts)
             else:
                 # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
                 mask = causal_mask(
@@ -295,21 +301,24 @@ def _run_packed(
     decoder: nn.Module,
     layers: list[nn.Module],
     sequence: SequenceState,
-    layout: PackedRows,
+    rows: PackedRows,
     groups: TokenGroups | None,
-    group_total: int,
+    group_counts: list[int],
 ) -> torch.Tensor:
-    """One stage's ``layers`` on the real tokens of ``sequence`` packed into one row; back as ``[B, L, D]``."""
-    hidden = layout.pack(sequence.hidden)
-    positions = layout.pack(sequence.position_ids)
+    """One stage's ``layers`` on the real tokens of ``sequence``, packed (:class:`PackedRows`); back as ``[B, L, D]``.
+
+    With VTU ``groups`` (``group_counts``: each sample's groups, on the host) a padding slot is a group of one."""
+    hidden = rows.pack(sequence.hidden)
+    positions = rows.pack(sequence.position_ids)
     position_embeddings = rotary_tables(decoder, hidden, rotary_positions(positions))
-    mask, attention_kwargs = layout.attention(decoder.config, hidden.dtype)
+    mask, attention_kwargs = rows.attention(decoder.config, hidden.dtype)
     if groups is not None:
-        packed_groups = TokenGroups(layout.pack(groups.starts), group_total)
+        starts = rows.pack(groups.starts) | (rows.segment_ids < 0)
+        packed_groups = TokenGroups(starts, rows.most_groups(group_counts))
         hidden = packed_groups.run(layers, hidden, mask, position_embeddings, None, attention_kwargs)
     else:
         hidden = _run_layers(layers, hidden, mask, positions, position_embeddings, None, False, attention_kwargs)
-    return layout.unpack(hidden)
+    return rows.unpack(hidden)
 
 
 def run_decoder_step(decoder: nn.Module, hidden: torch.Tensor, state: DecodeState, cache: Cache) -> torch.Tensor:
