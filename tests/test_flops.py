@@ -17,7 +17,7 @@ import torch
 
 from llava.bench.flops import main, predicted_step_ratio, prefill_flops, training_step_flops
 from llava.bench.shapes import SHAPES, VIDEO_PRESETS, LLMShape, ModelShape, VisionShape, build_model, get_shape
-from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, load_compression
+from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig, load_compression
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import attn_implementation_of
 
@@ -366,3 +366,11 @@ def test_cli_video_shape_defaults_to_video_presets(capsys):
     assert "2056" in text
     with pytest.raises(SystemExit):
         main(["--shape", "video-llava-7b", "--presets", "none,duet_192"])  # 307 > 257 tokens
+
+
+def test_dymu_with_t2v_takes_a_measured_mean_token_count():
+    """DyMU's tokens per image are a measured mean (a float); the T2V boundaries still apply."""
+    config = CompressionConfig("x", dymu=DyMUConfig((0.5,) * 23), t2v=T2VConfig((0.5,), (0.5,)))
+    fractional = prefill_flops("llava-7b", config, 1, dymu_tokens=195.3)
+    assert fractional.forward["t2v_scoring"] > 0
+    assert fractional.total == pytest.approx(prefill_flops("llava-7b", config, 1, dymu_tokens=195).total, rel=1e-3)

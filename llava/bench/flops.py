@@ -239,7 +239,7 @@ def _t2v_scoring(llm: LLMShape, config: CompressionConfig, text: int, visual: li
     if config.t2v is None:
         return 0.0
     d, kv = llm.hidden, llm.kv_heads * llm.head_dim
-    n0 = visual[0] if visual else 0
+    n0 = round(visual[0]) if visual else 0  # DyMU: a measured mean; only the boundary layers are used here
     total = 0.0
     for layer, _ in config.t2v.schedule(llm.num_layers, n0):
         if layer >= llm.num_layers:
