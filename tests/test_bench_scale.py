@@ -351,6 +351,33 @@ def test_table_renders_every_preset_and_gpu_count():
     assert text.count("\n| 16 |") == 1 and "FLOPs only" in text
 
 
+def test_cli_writes_tables_json_and_plot(tmp_path, capsys):
+    from llava.bench.scale import main
+
+    args = ["--shapes", "llava-7b", "--gpus", "A100-80G", "--zero", "3", "--world", "8,16", "--presets", "none,duet_64"]
+    assert main([*args, "--paper", "--json", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "saving.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "llava-7b finetune, A100-80G, ZeRO-3" in printed and "| A100-80G | duet_64 |" in printed
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {row["world"] for row in rows} == {8, 16} and all("saving_vs_none" in row for row in rows)
+    assert (tmp_path / "saving.png").stat().st_size > 0
+
+
+def test_a_text_heavier_length_mix_shrinks_the_saving():
+    zero = zero_settings(REPO / "scripts/zero3.json", 4096)
+    fixed, mixed = (
+        {
+            preset: predict_step(
+                "llava-7b", preset, "finetune", "A100-80G", 8, zero, 16, length_mix=mix, mix_samples=64
+            )
+            for preset in ("none", "duet_192")
+        }
+        for mix in (None, "llava665k")
+    )
+    assert mixed["none"].tflops > fixed["none"].tflops  # the mix's conversations are longer than 100 tokens
+    assert 1 - mixed["duet_192"].step_s / mixed["none"].step_s < 1 - fixed["duet_192"].step_s / fixed["none"].step_s
+
+
 def test_auto_values_are_filled_as_transformers_fills_them():
     settings = zero_settings(REPO / "scripts/zero3.json", 4096)
     assert settings.reduce_bucket_size == 4096**2

@@ -12,8 +12,10 @@ Model (all of it is arithmetic; nothing is measured here):
    its own micro-batch) at an achieved rate ``peak bf16 x efficiency``. The efficiency comes from the measured
    H200 runs (fwd+bwd TFLOP/s over the H200's 989 TFLOP/s peak, per preset, so that short compressed
    sequences run less efficiently, as measured) and is assumed to carry over to the other GPU types;
-   ``--mfu`` or ``--tflops`` override it. Optimizer: AdamW on the rank's 1/n of the trainable parameters,
-   memory-bound (``OPTIMIZER_BYTES_PER_PARAM`` bytes per parameter at 80 % of the HBM bandwidth).
+   ``--mfu`` or ``--tflops`` override it; ``--length-mix llava665k`` takes the finetune FLOPs from ragged
+   samples of :mod:`llava.bench.length_mix` (padding-free) instead of one fixed text length. Optimizer: AdamW
+   on the rank's 1/n of the trainable parameters, memory-bound (``OPTIMIZER_BYTES_PER_PARAM`` bytes per
+   parameter at 80 % of the HBM bandwidth).
 2. Communication: :func:`step_collectives` lists every collective DeepSpeed 0.19.8 issues in one steady-state
    step (the third and later: ZeRO-3 records its module trace in the first two), with the message size its
    comms logger records. It is a replay of DeepSpeed's own bookkeeping on a :class:`Layout` (the model's
@@ -26,17 +28,19 @@ Model (all of it is arithmetic; nothing is measured here):
      crosses a rank's partition and exceeds the bucket size); after the optimizer step each optimizer group's
      bf16 partition is all-gathered (group padded to a multiple of 2 x world). Plus three scalar all-reduces
      (overflow flag, gradient norm twice).
-   * ZeRO-3: every parameter (frozen ones too) is partitioned, ``ceil(numel / world)`` elements per rank. A
-     module's parameters are all-gathered (one coalesced call) when it runs and are not available, and
-     released after it unless persistent (``numel <= stage3_param_persistence_threshold``), reused within
-     ``stage3_max_reuse_distance`` elements of the module trace, or marked by the prefetcher
-     (``stage3_prefetch_bucket_size``). Gradient checkpointing (torch's non-reentrant checkpoint with early
-     stop, transformers' default) re-runs each decoder layer's forward inside its backward: the layer's
-     modules are gathered again unless still held, and the last module of the layer (``down_proj``) stays
-     gathered for its own backward because the early stop skips its release. Trainable gradients are
-     reduce-scattered in buckets (each parameter padded to a multiple of world). After the step every
-     persistent parameter is all-gathered again, one call each, and the gradient norm takes two scalar
-     all-reduces.
+   * ZeRO-3: every parameter (frozen ones too) is partitioned, ``ceil(numel / world)`` elements per rank. The
+     replay walks the module hooks of one forward and backward (:class:`Call` trees: containers and
+     parameter-free modules count, because every hook is a step of DeepSpeed's trace and runs its prefetcher).
+     A module's parameters are all-gathered (one coalesced call) when it runs and they are not available; they
+     are released after it unless persistent (``numel <= stage3_param_persistence_threshold``), reused within
+     ``stage3_max_reuse_distance`` elements of the trace, or marked by the prefetcher
+     (``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``), which runs ahead of the forward and keeps
+     what it finds already gathered. Gradient checkpointing (torch's non-reentrant checkpoint with early stop,
+     transformers' default) recomputes a decoder layer inside the backward of its last module: the layer is
+     gathered again unless still held, and the recomputation stops inside that last module (``down_proj``),
+     whose release then never runs. Trainable gradients are reduce-scattered in buckets, each parameter padded
+     to a multiple of world. After the step every persistent parameter is all-gathered again, one call each,
+     and the gradient norm takes two scalar all-reduces.
    * ``auto`` values of scripts/zero{2,3}.json are filled as transformers fills them: ``reduce_bucket_size``
      = hidden^2, ``stage3_prefetch_bucket_size`` = 0.9 hidden^2, ``stage3_param_persistence_threshold`` =
      10 hidden.
@@ -67,7 +71,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from llava.bench.flops import training_step_flops
+from llava.bench.flops import ragged_step_flops, training_step_flops
 from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, default_presets, get_shape
 from llava.compression.config import CompressionConfig, load_compression
 
@@ -459,15 +463,16 @@ def _forward_events(call: Call, phase: str, stop: Call | None = None) -> tuple[l
 
 def _backward_events(call: Call, checkpointing: bool, pending: list[Call]) -> list[tuple[str, str, str]]:
     """Backward hooks of ``call`` (pre-hook fetch, children in reverse, post-hook release). In a checkpointed
-    block the first module reached (the block's last leaf) recomputes the block right after its pre-hook."""
+    block the first leaf reached (its last one) recomputes the block right after its pre-hook, up to that leaf."""
     if not call.grad:
         return []
     events = [(call.module, "fetch", "backward")]
     if call.block and checkpointing:
         pending.append(call)
     if not call.children:
-        if pending and call is _last_leaf(pending[-1]):
-            events += _forward_events(pending.pop(), "backward", stop=call)[0]
+        if pending:  # the first leaf reached in a checkpointed block: its backward needs the recomputation
+            block = pending.pop()
+            events += _forward_events(block, "backward", stop=_last_leaf(block))[0]
         events.append((call.module, "backward", "backward"))
     for child in reversed(call.children):
         events += _backward_events(child, checkpointing, pending)
@@ -765,6 +770,18 @@ def _comm_seconds(collectives: Iterable[Collective], gpu: GpuSpec, world: int, n
     return sum(network.latency(world) + c.wire_bytes(world) / bandwidth for c in collectives)
 
 
+@functools.lru_cache(maxsize=64)
+def _trainable(shape: ModelShape, stage: str) -> int:
+    return llava_layout(shape, stage).numel(trainable=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _drawn(mix: str, count: int, visual_tokens: int) -> tuple[Any, ...]:
+    from llava.bench.length_mix import draw_lengths
+
+    return tuple(draw_lengths(mix, count, seed=0, visual_tokens=visual_tokens))
+
+
 def predict_step(
     shape: ModelShape | str,
     preset: str,
@@ -779,44 +796,67 @@ def predict_step(
     tflops: float | None = None,
     gradient_checkpointing: bool = True,
     collectives: list[Collective] | None = None,
+    length_mix: str | None = None,
+    mix_samples: int = 4096,
 ) -> StepPrediction:
     """Predicted time of one optimizer step: ``micro_batch`` samples per GPU on ``world`` GPUs.
 
     Achieved compute rate: ``tflops`` if given, else ``peak x mfu``, else ``peak x`` the H200-measured efficiency
-    of this preset. ``collectives`` (from :func:`step_collectives`) can be passed to reuse one computation.
+    of this preset. ``length_mix`` (finetune only, e.g. ``llava665k`` of :mod:`llava.bench.length_mix`): the
+    FLOPs of ``micro_batch`` samples are the mean of ``mix_samples`` drawn ragged samples, padding-free
+    (``ragged_step_flops``; text-only samples included), split into forward and backward as the fixed-length
+    step is. ``collectives`` (from :func:`step_collectives`) can be passed to reuse one computation.
     """
     shape = get_shape(shape)
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     network = network or Network()
     overlap = overlap or Overlap()
     flops = training_step_flops(shape, preset, stage, micro_batch, gradient_checkpointing)
+    total_flops = flops.total
+    if length_mix is not None and stage == "finetune":
+        if shape.is_video:
+            raise ValueError("length mixes describe image instruction data; use them with image shapes")
+        samples = _drawn(length_mix, mix_samples, shape.uncompressed_visual_tokens)
+        total_flops = ragged_step_flops(shape, preset, samples, gradient_checkpointing) * micro_batch / len(samples)
     if tflops is not None:
         rate = tflops
     else:
         rate = gpu.peak_tflops * (mfu if mfu is not None else measured_efficiency(shape, stage, preset))
-    forward_s = flops.total_forward / (rate * 1e12)
-    backward_s = flops.total_backward / (rate * 1e12)
+    forward_s = total_flops * flops.total_forward / flops.total / (rate * 1e12)
+    backward_s = total_flops * flops.total_backward / flops.total / (rate * 1e12)
     if collectives is None:
         collectives = step_collectives(llava_layout(shape, stage, preset), zero, world, gradient_checkpointing)
-    phases = {phase: _comm_seconds([c for c in collectives if c.phase == phase], gpu, world, network)
-              for phase in ("forward", "backward", "step")}  # fmt: skip
-    hidden = min(overlap.forward * phases["forward"], forward_s) + min(
-        overlap.backward * phases["backward"], backward_s
-    )
+    phases = {
+        phase: _comm_seconds([c for c in collectives if c.phase == phase], gpu, world, network)
+        for phase in ("forward", "backward", "step")
+    }
+    hidden = min(overlap.forward * phases["forward"], forward_s)
+    hidden += min(overlap.backward * phases["backward"], backward_s)
     comm_s = sum(phases.values())
-    exposed = comm_s - hidden
-    trainable = llava_layout(shape, stage).numel(trainable=True)
-    optimizer_s = trainable / world * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY)
+    optimizer_s = _trainable(shape, stage) / world * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY)
     by_op: dict[str, float] = defaultdict(float)
     for collective in collectives:
         by_op[collective.op] += collective.wire_bytes(world) / 1e9 if world > 1 else 0.0
     return StepPrediction(
-        shape=shape.name, stage=stage, preset=preset, gpu=gpu.name, world=world, zero=zero.stage,
-        micro_batch=micro_batch, tflops=flops.total / 1e12, achieved_tflops=rate, forward_s=forward_s,
-        backward_s=backward_s, optimizer_s=optimizer_s, comm_s=comm_s, exposed_comm_s=exposed,
-        step_s=forward_s + backward_s + exposed + optimizer_s, sent_gb=sum(by_op.values()),
-        collectives=len(collectives), comm_by_op_gb=dict(by_op),
-    )  # fmt: skip
+        shape=shape.name,
+        stage=stage,
+        preset=preset,
+        gpu=gpu.name,
+        world=world,
+        zero=zero.stage,
+        micro_batch=micro_batch,
+        tflops=total_flops / 1e12,
+        achieved_tflops=rate,
+        forward_s=forward_s,
+        backward_s=backward_s,
+        optimizer_s=optimizer_s,
+        comm_s=comm_s,
+        exposed_comm_s=comm_s - hidden,
+        step_s=forward_s + backward_s + comm_s - hidden + optimizer_s,
+        sent_gb=sum(by_op.values()),
+        collectives=len(collectives),
+        comm_by_op_gb=dict(by_op),
+    )
 
 
 # ----- CLI -----
@@ -840,7 +880,7 @@ def _zero_for(stage: int, shape: ModelShape, paths: Mapping[int, Path | None]) -
 
 
 def predict_grid(
-    shapes: Sequence[str],
+    shapes: Sequence[str | ModelShape],
     stage: str,
     gpus: Sequence[str],
     zero_stages: Sequence[int],
@@ -855,8 +895,7 @@ def predict_grid(
         zero_paths if zero_paths is not None else {2: REPO / "scripts/zero2.json", 3: REPO / "scripts/zero3.json"}
     )
     rows: list[StepPrediction] = []
-    for shape_name in shapes:
-        shape = get_shape(shape_name)
+    for shape in map(get_shape, shapes):
         batch = micro_batch or _RECIPE[(shape.media, stage)][0]
         names = list(presets) if presets else default_presets(shape)
         for zero_stage in zero_stages:
@@ -911,28 +950,36 @@ def markdown_tables(rows: Sequence[StepPrediction]) -> list[str]:
 
 
 def paper_setting(
-    gpu: str = "A100-80G", world: int = 8, presets: Sequence[str] | None = None, **options: Any
+    gpu: str = "A100-80G",
+    world: int = 8,
+    presets: Sequence[str] | None = None,
+    shape: ModelShape | str = "llava-7b",
+    **options: Any,
 ) -> list[tuple[str, float, float, float]]:
-    """LLaVA-1.5-7B trained as the recipe does (pretrain ZeRO-2 batch 32, finetune ZeRO-3 batch 16) on ``world``
-    GPUs: ``(preset, pretrain hours, finetune hours, saving of the total versus none)`` per preset."""
-    shape = get_shape(options.pop("shape", "llava-7b"))
+    """LLaVA-1.5 trained as the recipe does (pretrain: ZeRO-2, 32 per GPU, 558K samples at global batch 256;
+    finetune: ZeRO-3, 16 per GPU, 665K samples at 128) on ``world`` GPUs: ``(preset, pretrain hours, finetune
+    hours, saving of the total versus none)`` per preset. Global batches above ``world`` x micro-batch are
+    reached by gradient accumulation, which this counts as that many steps (ZeRO traffic per micro-step)."""
+    shape = get_shape(shape)
     names = list(presets) if presets else default_presets(shape)
+    paths = {2: REPO / "scripts/zero2.json", 3: REPO / "scripts/zero3.json"}
     hours: dict[str, tuple[float, float]] = {}
     for preset in names:
         per_stage = []
         for stage in ("pretrain", "finetune"):
             batch, zero_stage = _RECIPE[(shape.media, stage)]
-            zero = _zero_for(zero_stage, shape, {2: REPO / "scripts/zero2.json", 3: REPO / "scripts/zero3.json"})
-            row = predict_step(shape, preset, stage, gpu, world, zero, batch, **options)
+            row = predict_step(shape, preset, stage, gpu, world, _zero_for(zero_stage, shape, paths), batch, **options)
             samples, global_batch = PAPER_SAMPLES[stage]
-            per_stage.append(row.step_s * math.ceil(samples / global_batch) * global_batch / (batch * world) / 3600)
+            micro_steps = math.ceil(samples / global_batch) * max(1, global_batch // (batch * world))
+            per_stage.append(row.step_s * micro_steps / 3600)
         hours[preset] = (per_stage[0], per_stage[1])
     base = sum(hours["none"]) if "none" in hours else math.nan
     return [(preset, pt, ft, 1 - (pt + ft) / base) for preset, (pt, ft) in hours.items()]
 
 
 def plot_savings(rows: Sequence[StepPrediction], path: Path) -> bool:
-    """Saving versus GPU count, one panel per GPU type, one line per (preset, ZeRO stage); False without matplotlib."""
+    """Saving versus GPU count: one panel per GPU type, a colour per (shape, preset), solid ZeRO-3, dashed ZeRO-2.
+    Returns False (and writes nothing) when matplotlib is not importable."""
     try:
         import matplotlib
 
@@ -942,23 +989,24 @@ def plot_savings(rows: Sequence[StepPrediction], path: Path) -> bool:
         logger.warning("matplotlib is not importable: no plot written")
         return False
     gpus = list(dict.fromkeys(r.gpu for r in rows))
-    figure, axes = plt.subplots(1, len(gpus), figsize=(4.2 * len(gpus), 3.6), sharey=True, squeeze=False)
+    lines = list(dict.fromkeys((r.shape, r.preset) for r in rows if r.preset != "none"))
+    colours = plt.get_cmap("tab20")
+    figure, axes = plt.subplots(1, len(gpus), figsize=(3.6 * len(gpus) + 2.4, 3.6), sharey=True, squeeze=False)
     for axis, gpu in zip(axes[0], gpus, strict=True):
         series: dict[tuple[str, str, int], list[tuple[int, float]]] = defaultdict(list)
         for row in rows:
             if row.gpu == gpu and row.preset != "none":
-                series[(row.shape, row.preset, row.zero)].append((row.world, _saving(row, rows)))
+                series[(row.shape, row.preset, row.zero)].append((row.world, 100 * _saving(row, rows)))
         for (shape, preset, zero), points in series.items():
-            points.sort()
-            axis.plot(
-                [p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{shape} {preset} Z{zero}"
-            )
+            worlds, savings = zip(*sorted(points), strict=True)
+            style = {"color": colours(lines.index((shape, preset)) % 20), "linestyle": "-" if zero == 3 else "--"}
+            axis.plot(worlds, savings, marker="o", markersize=3, label=f"{shape} {preset} ZeRO-{zero}", **style)
         axis.set_xscale("log", base=2)
         axis.set_title(gpu)
         axis.set_xlabel("GPUs (8 per node)")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("predicted step-time saving vs none (%)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -983,6 +1031,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--text-tokens", type=int, default=None, help="text tokens per sample (default: the shape's)")
     parser.add_argument(
+        "--length-mix", default=None, help="finetune FLOPs from ragged samples of this mix (llava665k), padding-free"
+    )
+    parser.add_argument(
         "--mfu", type=float, default=None, help="achieved/peak for every preset (default: H200-measured)"
     )
     parser.add_argument("--tflops", type=float, default=None, help="achieved TFLOP/s per GPU for every preset and GPU")
@@ -999,32 +1050,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [gpu for gpu in _csv(args.gpus) if gpu not in GPUS]
     if unknown:
         parser.error(f"unknown GPU types {unknown}; known: {list(GPUS)}")
-    shapes = _csv(args.shapes)
-    for name in shapes:
+    shapes = []
+    for name in _csv(args.shapes):
         if name not in SHAPES:
-            parser.error(f"unknown shape {name!r}")
-    if args.text_tokens is not None:
-        for name in shapes:  # a variant registered under the same name for this run only
-            shape = SHAPES[name]
-            answer = min(shape.answer_tokens, args.text_tokens - 1)
-            SHAPES[name] = replace(shape, text_tokens=args.text_tokens, answer_tokens=answer)
+            parser.error(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+        shape = SHAPES[name]
+        if args.text_tokens is not None:  # finetune text; pretrain keeps its caption length
+            shape = replace(
+                shape, text_tokens=args.text_tokens, answer_tokens=min(shape.answer_tokens, args.text_tokens - 1)
+            )
+        shapes.append(shape)
     options = {
         "network": Network(link_efficiency=args.link_efficiency),
         "overlap": Overlap(args.overlap_forward, args.overlap_backward),
         "mfu": args.mfu,
         "tflops": args.tflops,
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "length_mix": args.length_mix,
     }
-    rows = predict_grid(
-        shapes, args.stage, _csv(args.gpus), [int(z) for z in _csv(args.zero)], [int(w) for w in _csv(args.world)],
-        args.micro_batch, _csv(args.presets) if args.presets else None, **options,
-    )  # fmt: skip
+    gpus, zeros, worlds = _csv(args.gpus), [int(z) for z in _csv(args.zero)], [int(w) for w in _csv(args.world)]
+    presets = _csv(args.presets) if args.presets else None
+    rows = predict_grid(shapes, args.stage, gpus, zeros, worlds, args.micro_batch, presets, **options)
     print("\n".join(markdown_tables(rows)))
     if args.paper:
-        print("### Paper setting: LLaVA-1.5-7B, 8 x A100-80G, pretrain (ZeRO-2, 32/GPU) + finetune (ZeRO-3, 16/GPU)\n")
-        print("| preset | pretrain h | finetune h | total saving vs none |\n|---|---|---|---|")
-        for preset, pretrain_h, finetune_h, saving in paper_setting(**options):
-            print(f"| {preset} | {pretrain_h:.2f} | {finetune_h:.2f} | {saving:.1%} |")
+        image_shape = next((s for s in shapes if not s.is_video), get_shape("llava-7b"))
+        print(
+            f"#### Paper setting: {image_shape.name}, 8 GPUs, pretrain (ZeRO-2, 32/GPU) + finetune (ZeRO-3, 16/GPU)\n"
+        )
+        print("| GPU | preset | pretrain h | finetune h | total saving vs none |\n|---|---|---|---|---|")
+        for gpu in gpus:
+            for preset, pretrain_h, finetune_h, saving in paper_setting(gpu, 8, presets, image_shape, **options):
+                print(f"| {gpu} | {preset} | {pretrain_h:.2f} | {finetune_h:.2f} | {saving:.1%} |")
     if args.json is not None:
         args.json.write_text(
             json.dumps([asdict(row) | {"saving_vs_none": _saving(row, rows)} for row in rows], indent=1)
