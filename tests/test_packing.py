@@ -224,3 +224,18 @@ def test_packing_refuses_a_kv_cache():
             use_cache=True,
             pack_sequences=True,
         )
+
+
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [
+        ([760, 662, 730, 868, 696, 674, 755, 707], (8, 868)),  # similar lengths: nothing to gain, the padded layout
+        ([2048, 300, 250, 400, 700, 680, 900, 350], (3, 2698)),  # one long chat: 8,094 slots instead of 16,384
+    ],
+)
+def test_the_deal_never_holds_more_slots_than_the_padded_batch(lengths, expected):
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(1)).long()
+    rows = PackedRows.of(mask, lengths, one_row=False)
+    assert rows.shape == expected
+    assert rows.shape[0] * rows.shape[1] <= len(lengths) * max(lengths)
+    assert sorted(rows.segment_ids[rows.segment_ids >= 0].bincount().tolist()) == sorted(lengths)

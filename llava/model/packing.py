@@ -12,8 +12,9 @@ Two layouts, chosen by the attention kernel (:func:`llava.hf_adapter.packs_into_
 * **One row** ``[1, T]`` (``T`` = real tokens of the batch) for FlashAttention, whose variable-length path
   isolates the samples from their boundaries (``cu_seqlens``) at no cost for the other samples.
 * **Bins** ``[K, C]`` for SDPA and eager, which need a mask and compute every query/key pair of a row: the
-  samples are dealt, longest first, over ``K = ceil(T / longest)`` rows in snake order (a balanced deal), and
-  each row gets a block-diagonal causal mask. Attention then costs about ``T x C`` instead of the padded
+  samples are dealt, longest first, over ``K`` rows in snake order (a balanced deal; ``K`` chosen between
+  ``ceil(T / longest)`` and ``B`` for the fewest slots ``K x C``, never more than the padded batch's), and each
+  row gets a block-diagonal causal mask. Attention then costs about ``K x C x C`` instead of the padded
   ``B x L x L`` (one row of everything would cost ``T x T``); the linear layers see ``K x C`` tokens.
 
 The deal is planned on the host from row lengths the stage loop has already read back (its one transfer),
@@ -29,6 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from llava.hf_adapter import packed_attention
+
+
+def _deal(sizes: torch.Tensor, rank: torch.Tensor, total: int, longest: int) -> tuple[int, torch.Tensor]:
+    """Deal samples (``rank`` 0 = longest) over ``K`` rows in snake order (0..K-1, K-1..0, ...), for every ``K``
+    from ``ceil(total / longest)`` to ``B`` at once, and keep the ``K`` with the fewest slots ``K x`` (fullest row);
+    ties go to more rows (shorter ones: less attention). ``K = B`` is the padded batch's layout, so the packed
+    rows never hold more slots than the padded batch. Returns ``K`` and each sample's row."""
+    batch = sizes.shape[0]
+    counts = torch.arange(-(-total // longest), batch + 1).unsqueeze(1)  # [candidates, 1]
+    turn, seat = rank // counts, rank % counts
+    bins = torch.where(turn % 2 == 0, seat, counts - 1 - seat)  # [candidates, B]
+    loads = torch.zeros(counts.shape[0], batch, dtype=torch.long).scatter_add(1, bins, sizes.expand_as(bins))
+    slots = counts.squeeze(1) * loads.amax(dim=1)
+    best = int(torch.nonzero(slots == slots.min()).max())
+    return int(counts[best]), bins[best]
 
 
 @dataclass(frozen=True)
@@ -61,12 +77,9 @@ class PackedRows:
         device = attention_mask.device
         sizes = torch.tensor(lengths, dtype=torch.long)
         total, longest = int(sizes.sum()), int(sizes.max()) if lengths else 0
-        bins = 1 if one_row or longest == 0 else -(-total // longest)
-        # Deal the samples longest first in snake order (0..K-1, K-1..0, ...): balanced bins, no Python loop.
         rank = torch.empty_like(sizes)
         rank[torch.argsort(-sizes, stable=True)] = torch.arange(batch)
-        turn, seat = rank // bins, rank % bins
-        bin_of = torch.where(turn % 2 == 0, seat, bins - 1 - seat) if not one_row else torch.zeros_like(sizes)
+        bins, bin_of = (1, torch.zeros_like(sizes)) if one_row or longest == 0 else _deal(sizes, rank, total, longest)
         # Inside a bin, samples follow their deal order; each one's first slot is the sizes before it.
         order = torch.argsort(bin_of * batch + (rank if not one_row else torch.arange(batch)), stable=True)
         before = torch.cumsum(sizes[order], 0) - sizes[order]
