@@ -35,6 +35,7 @@ if __name__ != "__main__":  # the rank processes run this file as a script: they
         Network,
         Param,
         comms_summary,
+        hook_order,
         llava_layout,
         markdown_tables,
         predict_grid,
@@ -63,8 +64,8 @@ class Block(nn.Module):
 
 
 class Tiny(nn.Module):
-    """A LLaVA in miniature: frozen tower (no grad), trained projector (Linear-GELU-Linear), checkpointed blocks,
-    head; odd sizes (41) so that partitions need padding."""
+    """A LLaVA in miniature: frozen tower (no grad), trained projector (Linear-GELU-Linear), checkpointed blocks
+    (both ways of checkpointing), head; odd sizes (41) so that partitions need padding."""
 
     def __init__(self, checkpointing: bool) -> None:
         super().__init__()
@@ -79,8 +80,12 @@ class Tiny(nn.Module):
         with torch.no_grad():
             features = self.tower(pixels)
         hidden = self.projector(features)
-        for layer in self.layers:
-            hidden = checkpoint(layer, hidden, use_reentrant=False) if self.checkpointing else layer(hidden)
+        for index, layer in enumerate(self.layers):
+            if not self.checkpointing:
+                hidden = layer(hidden)
+                continue
+            # block 1 as transformers checkpoints a layer (its forward: its own hooks are not replayed)
+            hidden = checkpoint(layer.forward if index == 1 else layer, hidden, use_reentrant=False)
         return self.head(hidden).float().pow(2).mean()
 
 
@@ -95,7 +100,11 @@ def tiny_layout(model: Tiny) -> Layout:
         modules.append(Module(name, params))
     blocks = tuple(
         Call(
-            f"layers.{i}", True, tuple(Call(f"layers.{i}.{name}", True) for name in ("norm", "up", "down")), block=True
+            f"layers.{i}",
+            True,
+            tuple(Call(f"layers.{i}.{name}", True) for name in ("norm", "up", "down")),
+            block=True,
+            recompute_hooks=i != 1,
         )
         for i in range(len(model.layers))
     )
@@ -106,11 +115,18 @@ def tiny_layout(model: Tiny) -> Layout:
     return Layout(tuple(modules), (root,))
 
 
-def deepspeed_config(stage: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """scripts/zero{stage}.json as transformers would complete it for this model (bf16, clipping 1.0, 2 x 2
-    samples), plus ``overrides`` and the comms logger."""
+TINY_DUET = {  # V2V and T2V sized for the "tiny" shape (16 patches, 2 decoder layers)
+    "name": "tiny_duet",
+    "v2v": {"method": "duet", "dominant": 6, "contextual": 2, "cluster_width": 2},
+    "t2v": {"boundaries": [0.5], "keep_ratios": [0.5], "query": "last"},
+}
+
+
+def deepspeed_config(stage: int, overrides: dict[str, Any], hidden: int = HIDDEN) -> dict[str, Any]:
+    """scripts/zero{stage}.json as transformers would complete it for a model of width ``hidden`` (bf16, clipping
+    1.0, 2 x 2 samples), plus ``overrides`` and the comms logger."""
     config = json.loads((REPO / "scripts" / f"zero{stage}.json").read_text())
-    settings = zero_settings(config, HIDDEN)
+    settings = zero_settings(config, hidden)
     zero = config["zero_optimization"]
     zero["reduce_bucket_size"] = settings.reduce_bucket_size
     if stage == 3:
@@ -131,18 +147,51 @@ def deepspeed_config(stage: int, overrides: dict[str, Any]) -> dict[str, Any]:
 
 # name -> (ZeRO stage, zero_optimization overrides, gradient checkpointing)
 _RELEASE = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 30}
-VARIANTS: dict[str, tuple[int, dict[str, Any], bool]] = {
-    "zero2": (2, {}, True),
+VARIANTS: dict[str, tuple[str, int, dict[str, Any], bool]] = {
+    # ZeRO-2 first: a ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the process (DeepSpeed says
+    # so), which changes the order in which a Linear's weight and bias gradients reach ZeRO-2's buckets
+    "zero2": ("toy", 2, {}, True),
+    # the project's LLaVA ("tiny" shape, V2V + T2V) as the trainer sets it up: llava_layout is what is checked
+    "llava_zero2": ("llava", 2, {}, True),
     # the repository's zero3.json: nothing is ever released (reuse distance 1e9 > the model)
-    "zero3": (3, {}, True),
+    "zero3": ("toy", 3, {}, True),
     # release after every use: gathers again for the recomputation and for backward
-    "zero3_release": (3, _RELEASE, True),
+    "zero3_release": ("toy", 3, _RELEASE, True),
     # the prefetcher runs ahead (it steps on every module, containers too) and its marks keep parameters
-    "zero3_prefetch": (3, _RELEASE | {"stage3_prefetch_bucket_size": 200}, True),
+    "zero3_prefetch": ("toy", 3, _RELEASE | {"stage3_prefetch_bucket_size": 200}, True),
     # a reuse window at the forward/backward turn, no checkpointing
-    "zero3_window": (3, _RELEASE | {"stage3_max_reuse_distance": 1500}, False),
+    "zero3_window": ("toy", 3, _RELEASE | {"stage3_max_reuse_distance": 1500}, False),
+    "llava_zero3": ("llava", 3, {}, True),
+    "llava_zero3_release": ("llava", 3, _RELEASE | {"stage3_param_persistence_threshold": 64}, True),
+    "llava_zero3_prefetch": ("llava", 3, {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 3000}, True),
+    # Video-LLaVA ("tiny-video"): the idle image pass, the projector called twice, two towers
+    "video_zero3_release": ("video", 3, _RELEASE | {"stage3_param_persistence_threshold": 64}, True),
 }
-"""name -> (ZeRO stage, zero_optimization overrides, gradient checkpointing)"""
+"""name -> (model, ZeRO stage, zero_optimization overrides, gradient checkpointing)"""
+
+
+SHAPE_OF = {"llava": "tiny", "video": "tiny-video"}
+
+
+def _setup(kind: str, checkpointing: bool) -> tuple[nn.Module, Any]:
+    """The model of a variant in bf16, and a function making its loss."""
+    torch.manual_seed(0)
+    if kind == "toy":
+        toy = Tiny(checkpointing).to(torch.bfloat16)
+        return toy, lambda engine: engine(torch.randn(2, 5, 12, dtype=torch.bfloat16))
+    from llava.bench.shapes import build_model, get_shape
+    from llava.bench.workload import build_training_batch, move_batch
+    from llava.hf_adapter import enable_activation_checkpointing
+    from llava.model.stages import freeze_for_stage
+
+    shape = get_shape(SHAPE_OF[kind])
+    model = build_model(shape, TINY_DUET, dtype=torch.bfloat16)
+    freeze_for_stage(model, "finetune")
+    if checkpointing:
+        enable_activation_checkpointing(model, use_reentrant=False)
+        model.enable_input_require_grads()
+    batch = move_batch(build_training_batch(shape, "finetune", 2), torch.device("cpu"), torch.bfloat16)
+    return model, lambda engine: engine(**batch).loss
 
 
 def run_rank(configs: Path, out: Path) -> None:
@@ -157,16 +206,16 @@ def run_rank(configs: Path, out: Path) -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     deepspeed.init_distributed(dist_backend="gloo")
     results: dict[str, dict[str, dict[str, int]]] = {}
-    for name, (config, checkpointing) in json.loads(configs.read_text()).items():
-        torch.manual_seed(0)
-        model = Tiny(checkpointing).to(torch.bfloat16)
+    for name, (kind, config, checkpointing) in json.loads(configs.read_text()).items():
+        model, loss_of = _setup(kind, checkpointing)
+        model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if p.ndim > 1]}, {"params": [p for p in trainable if p.ndim <= 1]}]
         optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         for _ in range(STEPS):
             dist.comms_logger.comms_dict.clear()
-            engine.backward(engine(torch.randn(2, 5, 12, dtype=torch.bfloat16)))
+            engine.backward(loss_of(engine))
             engine.step()
         logged = dist.comms_logger.comms_dict
         results[name] = {op: {str(size): record[0] for size, record in sizes.items()} for op, sizes in logged.items()}
@@ -191,8 +240,8 @@ def deepspeed_counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict
     configs.write_text(
         json.dumps(
             {
-                name: (deepspeed_config(stage, overrides), checkpointing)
-                for name, (stage, overrides, checkpointing) in VARIANTS.items()
+                name: (kind, deepspeed_config(stage, overrides, _hidden(kind)), checkpointing)
+                for name, (kind, stage, overrides, checkpointing) in VARIANTS.items()
             }
         )
     )
@@ -232,13 +281,20 @@ def deepspeed_counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict
     }
 
 
+def _hidden(kind: str) -> int:
+    return HIDDEN if kind == "toy" else 64  # the tiny shapes' LLM width (transformers' "auto" sizes)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_step_collectives_equal_deepspeeds_comms_logger(deepspeed_counts, variant):
     """Every collective of a training step (op, bytes, count) as DeepSpeed 0.19.8 logs it on two ranks."""
-    stage, overrides, checkpointing = VARIANTS[variant]
-    config = deepspeed_config(stage, overrides)
-    settings = zero_settings(config, HIDDEN)
-    predicted = comms_summary(step_collectives(tiny_layout(Tiny(checkpointing)), settings, 2, checkpointing))
+    kind, stage, overrides, checkpointing = VARIANTS[variant]
+    settings = zero_settings(deepspeed_config(stage, overrides, _hidden(kind)), _hidden(kind))
+    if kind == "toy":
+        layout = tiny_layout(Tiny(checkpointing))
+    else:
+        layout = llava_layout(SHAPE_OF[kind], "finetune", TINY_DUET, checkpointing)
+    predicted = comms_summary(step_collectives(layout, settings, 2, checkpointing))
     measured = deepspeed_counts[variant]
     assert predicted == measured
     # and so the bytes per collective type, the quantity the step-time model prices
@@ -276,6 +332,41 @@ def _llava_volume(stage: int, world: int, **overrides: Any) -> dict[str, float]:
     ):
         volume[collective.op] = volume.get(collective.op, 0.0) + collective.wire_bytes(world)
     return volume
+
+
+@pytest.mark.parametrize(("shape", "stage"), [("tiny", "finetune"), ("tiny", "pretrain"), ("tiny-video", "finetune")])
+def test_llava_layout_is_the_models_own_structure(shape, stage):
+    """The layout the cluster tables use, built from a shape, against the project's LLaVA of that shape: the same
+    modules and parameters in registration order, and the same module hooks in a forward + backward (checkpointed
+    decoder layers recomputed inside backward), with V2V and T2V scoring."""
+    from llava.bench.shapes import build_model, get_shape
+    from llava.bench.workload import build_training_batch
+    from llava.hf_adapter import enable_activation_checkpointing
+    from llava.model.stages import freeze_for_stage
+
+    torch.manual_seed(0)
+    model = build_model(shape, TINY_DUET)
+    freeze_for_stage(model, stage)
+    model.train()
+    enable_activation_checkpointing(model, use_reentrant=False)
+    model.enable_input_require_grads()
+    layout = llava_layout(shape, stage, TINY_DUET)
+    real = [
+        (name, [(p.numel(), p.requires_grad) for p in module.parameters(recurse=False)])
+        for name, module in model.named_modules()
+    ]
+    modelled = [(module.name, [(p.numel, p.trainable) for p in module.params]) for module in layout.modules]
+    assert [entry for entry in modelled if entry[1]] == [entry for entry in real if entry[1]]
+
+    names = {id(module): name for name, module in model.named_modules()}
+    hooks: list[tuple[str, str]] = []
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda m, _: hooks.append(("forward", names[id(m)])))
+        module.register_full_backward_pre_hook(lambda m, _: hooks.append(("backward", names[id(m)])))
+    with pytest.warns(UserWarning):  # torch: the top-level module returns a dataclass, its backward hook cannot run
+        model(**build_training_batch(get_shape(shape), stage, 2)).loss.backward()
+    expected = [("forward" if phase == "recompute" else phase, name) for phase, name in hook_order(layout)]
+    assert hooks == [(phase, name) for phase, name in expected if (phase, name) != ("backward", "")]
 
 
 def test_wire_bytes_follow_the_ring_factor():

@@ -84,12 +84,19 @@ __all__ = [
     "Layout",
     "Module",
     "Network",
+    "Overlap",
     "Param",
     "StepPrediction",
     "ZeroSettings",
     "comms_summary",
+    "hook_order",
     "llava_layout",
     "main",
+    "markdown_tables",
+    "measured_efficiency",
+    "paper_setting",
+    "plot_savings",
+    "predict_grid",
     "predict_step",
     "step_collectives",
     "zero_settings",
@@ -240,7 +247,9 @@ class Call:
 
     ``grad``: gradients reach the call's output (its backward pre-hook runs); ``grad_input``: they reach its input
     (its backward post-hook runs and releases it; default ``grad``); ``block``: gradient checkpointing
-    recomputes the call inside its backward (a decoder layer).
+    recomputes the call inside its backward (a decoder layer); ``recompute_hooks``: the recomputation runs the
+    module's own hooks too (``torch.utils.checkpoint.checkpoint(module, ...)`` does; transformers checkpoints a
+    layer's ``forward``, so only its children's hooks run again).
     """
 
     module: str
@@ -248,6 +257,7 @@ class Call:
     children: tuple[Call, ...] = ()
     block: bool = False
     grad_input: bool | None = None
+    recompute_hooks: bool = True
 
     @property
     def releases_in_backward(self) -> bool:
@@ -264,16 +274,26 @@ class Call:
 @dataclass(frozen=True)
 class Layout:
     """Modules in registration order (DeepSpeed's parameter ids, the optimizer groups' order; modules without
-    parameters may be listed with none) and the forward's top-level calls in execution order."""
+    parameters may be listed with none) and the forward's top-level calls in execution order.
+
+    ``external``: ``(module, parameter name)`` pairs, a parameter of another module that ``module``'s forward
+    reads directly (not through the owner's call). ZeRO-3 gathers it on that read, registers it as an external
+    parameter of ``module`` and gathers it with ``module`` from then on.
+    """
 
     modules: tuple[Module, ...]
     calls: tuple[Call, ...]
+    external: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         names = {module.name for module in self.modules}
         missing = sorted({call.module for top in self.calls for call in top.walk()} - names)
+        params = {param.name for module in self.modules for param in module.params}
+        missing += sorted(
+            f"{module}/{param}" for module, param in self.external if module not in names or param not in params
+        )
         if missing:
-            raise ValueError(f"calls name modules the layout lacks: {missing[:5]}")
+            raise ValueError(f"the layout lacks modules or parameters it names: {missing[:5]}")
 
     @property
     def params(self) -> list[Param]:
@@ -472,13 +492,25 @@ def _backward_events(call: Call, checkpointing: bool, pending: list[Call]) -> li
     if not call.children:
         if pending:  # the first leaf reached in a checkpointed block: its backward needs the recomputation
             block = pending.pop()
-            events += _forward_events(block, "backward", stop=_last_leaf(block))[0]
+            stop = _last_leaf(block)
+            for replayed in (block,) if block.recompute_hooks else block.children:
+                replay, stopped = _forward_events(replayed, "recompute", stop)
+                events += replay
+                if stopped:
+                    break
         events.append((call.module, "backward", "backward"))
     for child in reversed(call.children):
         events += _backward_events(child, checkpointing, pending)
     if call.releases_in_backward:
         events.append((call.module, "release", "backward"))
     return events
+
+
+def hook_order(layout: Layout, gradient_checkpointing: bool = True) -> list[tuple[str, str]]:
+    """The modules' pre-hooks in one forward + backward, as ``(phase, module)``: ``forward``, ``recompute``
+    (gradient checkpointing's replay inside backward) or ``backward``. What DeepSpeed's ZeRO-3 trace records."""
+    events = _trace(layout, gradient_checkpointing)
+    return [(phase, module) for module, event, phase in events if event == "fetch"]
 
 
 def _trace(layout: Layout, checkpointing: bool) -> list[tuple[str, str, str]]:
@@ -497,11 +529,15 @@ def _zero3(layout: Layout, zero: ZeroSettings, world: int, dtype_bytes: int, che
     """ZeRO-3: the all-gathers DeepSpeed's parameter coordinator issues over a complete trace, the gradient
     reduce-scatters, the persistent parameters' re-gather after the step."""
     params_of = {module.name: module.params for module in layout.modules}
+    by_name = {param.name: param for param in layout.params}
+    for module, name in layout.external:
+        params_of[module] = (*params_of[module], by_name[name])
     persistent = {p.name for p in layout.params if p.numel <= zero.param_persistence_threshold}
     events = [(module, event, phase) for module, event, phase in _trace(layout, checkpointing) if event != "backward"]
     fetches = [module for module, event, _ in events if event == "fetch"]
     queue = deque((param, step) for step, module in enumerate(fetches) for param in params_of[module])
     fetched_for: dict[str, float] = defaultdict(lambda: -math.inf)  # the latest step a param was fetched for
+    active: dict[str, set[str]] = defaultdict(set)  # param -> modules that fetched it and have not released it
     available = set(persistent)  # steady state: persistent parameters were gathered after the last step
     live = 0  # elements gathered in this step and not released (persistent ones are not counted)
     collectives: list[Collective] = []
@@ -509,7 +545,7 @@ def _zero3(layout: Layout, zero: ZeroSettings, world: int, dtype_bytes: int, che
     def gather(params: Iterable[Param], phase: str) -> int:
         params = list(params)
         size = sum(_shard(p.numel, world) for p in params) * dtype_bytes
-        collectives.append(Collective("all_gather_into_tensor", size, phase))
+        collectives.append(Collective("all_gather_into_tensor", size, "forward" if phase == "forward" else "backward"))
         available.update(p.name for p in params)
         return sum(p.numel for p in params)
 
@@ -525,14 +561,17 @@ def _zero3(layout: Layout, zero: ZeroSettings, world: int, dtype_bytes: int, che
                 for param in params_of[later]:
                     release.pop(param.name, None)
                     traversed += param.numel
-            for param in release.values():
-                if param.name in available:
+            for param in params:
+                active[param.name].discard(module)
+                if param.name in release and param.name in available and not active[param.name]:
                     available.discard(param.name)
                     live -= param.numel
             continue
         missing = [p for p in params if p.name not in available]
         if missing:
             live += gather(missing, phase)
+        for param in params:
+            active[param.name].add(module)
         for _ in [p for p in params if fetched_for[p.name] < step]:  # this module's entries leave the queue
             param, used_at = queue.popleft()
             fetched_for[param.name] = used_at
@@ -604,20 +643,22 @@ def _calls(prefix: str, names: Iterable[str], grad: bool = False) -> tuple[Call,
 
 
 def _clip(prefix: str, vision: VisionShape, v2v: bool) -> tuple[list[Module], list[Call]]:
-    """A frozen CLIP vision model (all its layers and post-layernorm exist; only ``layers_run`` run, without
-    gradients) and its calls; with V2V, the scoring calls on the feature layer's norm, q and k before it runs."""
+    """A frozen CLIP vision model named as ``VisionTower`` holds it (all its layers and post-layernorm exist; only
+    ``layers_run`` run, without gradients) and its calls; with V2V, the scoring calls on the feature layer's
+    first norm, q and k before that layer runs."""
     d, inter = vision.hidden, vision.intermediate
-    embeddings = f"{prefix}.embeddings"
+    model = f"{prefix}.vision_model"
+    embeddings = f"{model}.embeddings"
     modules = [
         Module(embeddings, (Param(f"{embeddings}.class_embedding", d, False),)),
         Module(f"{embeddings}.patch_embedding", (Param(f"{embeddings}.patch", 3 * vision.patch_size**2 * d, False),)),
         Module(f"{embeddings}.position_embedding", (Param(f"{embeddings}.pos", (vision.num_patches + 1) * d, False),)),
-        _norm(f"{prefix}.pre_layrnorm", d, False, bias=True),
+        _norm(f"{model}.pre_layrnorm", d, False, bias=True),
     ]
     calls = [Call(embeddings, children=_calls(embeddings, ("patch_embedding", "position_embedding")))]
-    calls.append(Call(f"{prefix}.pre_layrnorm"))
+    calls.append(Call(f"{model}.pre_layrnorm"))
     for index in range(vision.num_layers):
-        layer = f"{prefix}.encoder.layers.{index}"
+        layer = f"{model}.encoder.layers.{index}"
         modules += [Module(layer, ()), Module(f"{layer}.self_attn", ())]
         modules += [_linear(f"{layer}.self_attn.{name}", d, d, False, True) for name in ("k_proj", "v_proj", "q_proj")]
         modules += [
@@ -639,20 +680,24 @@ def _clip(prefix: str, vision: VisionShape, v2v: bool) -> tuple[list[Module], li
         )
         mlp = Call(f"{layer}.mlp", children=_calls(f"{layer}.mlp", ("fc1", "activation_fn", "fc2")))
         calls.append(Call(layer, children=(Call(f"{layer}.layer_norm1"), attention, Call(f"{layer}.layer_norm2"), mlp)))
-    modules.append(_norm(f"{prefix}.post_layernorm", d, False, bias=True))
+    modules.append(_norm(f"{model}.post_layernorm", d, False, bias=True))
     return modules, calls
 
 
+_LLM = "language_model.model"
+
+
 def _llama(llm: LLMShape, trainable: bool, scored: set[int]) -> tuple[list[Module], list[Call]]:
-    """Vicuna/LLaMA modules (registration order) and the decoder + head calls: each layer a checkpointed block,
-    gradients through all of it in every stage (frozen or not); T2V scoring before the ``scored`` layers."""
+    """Vicuna/LLaMA modules (registration order) and the decoder + head calls as the model's stage loop makes
+    them: rotary tables at each stage start (after T2V's scoring calls before a boundary layer), each layer a
+    checkpointed block (transformers checkpoints its ``forward``), gradients through all of it in every stage."""
     d, kv, inter = llm.hidden, llm.kv_heads * llm.head_dim, llm.intermediate
-    modules = [Module("embed_tokens", (Param("embed_tokens.weight", llm.vocab * d, trainable),))]
-    calls: list[Call] = []
+    modules = [Module(f"{_LLM}.embed_tokens", (Param(f"{_LLM}.embed_tokens.weight", llm.vocab * d, trainable),))]
+    calls: list[Call] = [Call(f"{_LLM}.rotary_emb")]
     attention_dims = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d)}
     mlp_dims = {"gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
     for index in range(llm.num_layers):
-        layer = f"layers.{index}"
+        layer = f"{_LLM}.layers.{index}"
         modules += [Module(layer, ()), Module(f"{layer}.self_attn", ())]
         modules += [_linear(f"{layer}.self_attn.{n}", *dims, trainable, False) for n, dims in attention_dims.items()]
         modules.append(Module(f"{layer}.mlp", ()))
@@ -662,12 +707,14 @@ def _llama(llm: LLMShape, trainable: bool, scored: set[int]) -> tuple[list[Modul
         modules += [_norm(f"{layer}.{name}", d, trainable, bias=False) for name in norms]
         if index in scored:
             calls += _calls(layer, ("input_layernorm", *(f"self_attn.{name}" for name in _SCORING)))
+            calls.append(Call(f"{_LLM}.rotary_emb"))
         attention = Call(f"{layer}.self_attn", True, _calls(f"{layer}.self_attn", attention_dims, True))
         mlp = Call(f"{layer}.mlp", True, _calls(f"{layer}.mlp", ("gate_proj", "act_fn", "up_proj", "down_proj"), True))
         children = (Call(f"{layer}.{norms[0]}", True), attention, Call(f"{layer}.{norms[1]}", True), mlp)
-        calls.append(Call(layer, True, children, block=True))
-    modules += [_norm("norm", d, trainable, bias=False), _linear("lm_head", d, llm.vocab, trainable, bias=False)]
-    calls += [Call("norm", True), Call("lm_head", True)]
+        calls.append(Call(layer, True, children, block=True, recompute_hooks=False))
+    modules += [_norm(f"{_LLM}.norm", d, trainable, bias=False), Module(f"{_LLM}.rotary_emb", ())]
+    modules.append(_linear("language_model.lm_head", d, llm.vocab, trainable, bias=False))
+    calls += [Call(f"{_LLM}.norm", True), Call("language_model.lm_head", True)]
     return modules, calls
 
 
@@ -692,10 +739,17 @@ def _projector_dims(shape: ModelShape) -> list[tuple[int, int]]:
     raise ValueError(f"projector {shape.projector!r} is not modelled")
 
 
-def llava_layout(shape: ModelShape | str, stage: str, compression: CompressionConfig | str | None = None) -> Layout:
+def llava_layout(
+    shape: ModelShape | str,
+    stage: str,
+    compression: CompressionConfig | Mapping[str, Any] | str | None = None,
+    gradient_checkpointing: bool = True,
+) -> Layout:
     """The :class:`Layout` of a LLaVA (or Video-LLaVA) model of ``shape`` in training ``stage``: towers frozen,
     the projector trained, the LLM with its embeddings and head trained in ``finetune`` (frozen, but
-    back-propagated through, in ``pretrain``). ``compression`` adds V2V's and T2V's scoring calls.
+    back-propagated through, in ``pretrain``). ``compression`` adds V2V's and T2V's scoring calls. With
+    ``gradient_checkpointing`` the trainer makes the token embeddings' output require grad (so their backward
+    hook runs even when they are frozen).
 
     Forward order as the model runs it: text embeddings, image tower (a video shape's idle blank image) and
     projector, video tower and projector again (video shapes), decoder layers (T2V scoring before each boundary
@@ -720,11 +774,15 @@ def llava_layout(shape: ModelShape | str, stage: str, compression: CompressionCo
     tune_llm = stage == "finetune"
     llm_modules, decoder_calls = _llama(shape.llm, tune_llm, scored)
     modules += llm_modules
-    calls = [Call("embed_tokens", tune_llm, grad_input=False), *image_calls, projector]
+    embed = Call(f"{_LLM}.embed_tokens", tune_llm or gradient_checkpointing, grad_input=False)
+    calls = [embed, *image_calls, projector]
     if shape.video is not None:  # a video shape's batch runs the image tower on an idle blank image first
         calls += [*video_calls, projector]
     root = Call("", True, (*calls, *decoder_calls), grad_input=False)
-    return Layout(tuple(modules), (root,))
+    # VisionTower.dtype reads the patch embedding's weight inside the model's own forward: an external parameter
+    towers = ("vision_tower", "video_tower") if shape.video is not None else ("vision_tower",)
+    external = tuple(("", f"{tower}.vision_model.embeddings.patch") for tower in towers)
+    return Layout(tuple(modules), (root,), external)
 
 
 # ----- step time -----
@@ -825,7 +883,8 @@ def predict_step(
     forward_s = total_flops * flops.total_forward / flops.total / (rate * 1e12)
     backward_s = total_flops * flops.total_backward / flops.total / (rate * 1e12)
     if collectives is None:
-        collectives = step_collectives(llava_layout(shape, stage, preset), zero, world, gradient_checkpointing)
+        layout = llava_layout(shape, stage, preset, gradient_checkpointing)
+        collectives = step_collectives(layout, zero, world, gradient_checkpointing)
     phases = {
         phase: _comm_seconds([c for c in collectives if c.phase == phase], gpu, world, network)
         for phase in ("forward", "backward", "step")
@@ -900,10 +959,11 @@ def predict_grid(
         names = list(presets) if presets else default_presets(shape)
         for zero_stage in zero_stages:
             zero = _zero_for(zero_stage, shape, zero_paths)
+            checkpointing = options.get("gradient_checkpointing", True)
             for preset in names:
-                layout = llava_layout(shape, stage, preset)
+                layout = llava_layout(shape, stage, preset, checkpointing)
                 for world in worlds:
-                    collectives = step_collectives(layout, zero, world, options.get("gradient_checkpointing", True))
+                    collectives = step_collectives(layout, zero, world, checkpointing)
                     for gpu in gpus:
                         row = predict_step(
                             shape, preset, stage, gpu, world, zero, batch, collectives=collectives, **options
