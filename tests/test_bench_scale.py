@@ -1,12 +1,12 @@
-"""The cluster step-time model (llava.bench.scale): its communication bytes against DeepSpeed's own comms logger,
-and unit tests of the pure model.
+"""The cluster step-time model (llava.bench.scale): its communication against DeepSpeed's own comms logger, its
+LLaVA layout against the project's model, and unit tests of the pure model.
 
-The DeepSpeed check trains a tiny model (a frozen "tower", a trained projector, three checkpointed blocks, a head)
-on two CPU ranks (``DS_ACCELERATOR=cpu``, gloo) under ZeRO-2 and several ZeRO-3 settings, all in one launch:
-this file, run as a script by each of the two rank processes, trains every setting for three steps, and rank 0
-writes the comms logger's record of the third step (ZeRO-3 records its module trace in the first two). The test
-then asks :func:`llava.bench.scale.step_collectives`, the function the cluster tables use, for the same step
-and requires every collective to match: op, message size and count.
+The DeepSpeed check trains, on two CPU ranks (``DS_ACCELERATOR=cpu``, gloo) in one launch, a toy model (a frozen
+"tower", a trained projector, three checkpointed blocks, a head) and the project's tiny LLaVA and Video-LLaVA
+under ZeRO-2 and several ZeRO-3 settings: this file, run as a script by each rank process, trains every setting
+for three steps, and rank 0 writes the comms logger's record of the third step (ZeRO-3 records its module trace
+in the first two). The test then asks :func:`llava.bench.scale.step_collectives`, the function the cluster tables
+use, for the same step and requires every collective to match: op, message size and count.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-if __name__ != "__main__":  # the rank processes run this file as a script: they need torch and DeepSpeed only
+if __name__ != "__main__":  # the rank processes (this file as a script) import what they use in run_rank/_setup
     from llava.bench.scale import (
         GPUS,
         Call,

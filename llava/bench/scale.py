@@ -31,9 +31,11 @@ Model (all of it is arithmetic; nothing is measured here):
    * ZeRO-3: every parameter (frozen ones too) is partitioned, ``ceil(numel / world)`` elements per rank. The
      replay walks the module hooks of one forward and backward (:class:`Call` trees: containers and
      parameter-free modules count, because every hook is a step of DeepSpeed's trace and runs its prefetcher).
-     A module's parameters are all-gathered (one coalesced call) when it runs and they are not available; they
-     are released after it unless persistent (``numel <= stage3_param_persistence_threshold``), reused within
-     ``stage3_max_reuse_distance`` elements of the trace, or marked by the prefetcher
+     A module's parameters (and any external parameter its forward reads, e.g. the patch embedding weight that
+     ``VisionTower.dtype`` reads) are all-gathered (one coalesced call) when it runs and they are not available;
+     they are released after it unless persistent (``numel <= stage3_param_persistence_threshold``), still
+     held by another active module, reused within ``stage3_max_reuse_distance`` elements of the trace, or
+     marked by the prefetcher
      (``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``), which runs ahead of the forward and keeps
      what it finds already gathered. Gradient checkpointing (torch's non-reentrant checkpoint with early stop,
      transformers' default) recomputes a decoder layer inside the backward of its last module: the layer is
