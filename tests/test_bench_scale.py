@@ -5,7 +5,7 @@ The DeepSpeed check trains, on two CPU ranks (``DS_ACCELERATOR=cpu``, gloo) in o
 "tower", a trained projector, three checkpointed blocks, a head) and the project's tiny LLaVA and Video-LLaVA
 under ZeRO-2 and several ZeRO-3 settings: this file, run as a script by each rank process, trains every setting
 for three steps, and rank 0 writes the comms logger's record of the third step (ZeRO-3 records its module trace
-in the first two). The test then asks :func:`llava.bench.scale.step_collectives`, the function the cluster tables
+in the first two). The test then asks :func:`llava.bench.zero_traffic.step_collectives`, the function the cluster tables
 use, for the same step and requires every collective to match: op, message size and count.
 """
 
@@ -26,20 +26,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 if __name__ != "__main__":  # the rank processes (this file as a script) import what they use in run_rank/_setup
-    from llava.bench.scale import (
-        GPUS,
+    from llava.bench.scale import GPUS, Network, markdown_tables, predict_grid, predict_step
+    from llava.bench.zero_traffic import (
         Call,
         Collective,
         Layout,
         Module,
-        Network,
         Param,
         comms_summary,
         hook_order,
         llava_layout,
-        markdown_tables,
-        predict_grid,
-        predict_step,
         step_collectives,
         zero_settings,
     )
