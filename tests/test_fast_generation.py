@@ -596,8 +596,10 @@ def test_infer_speed_rows_report_graph_use_without_matplotlib(tmp_path, monkeypa
     assert len(rows) == 2
     assert (by_path["fast"]["graph"], by_path["fast"]["captures"], by_path["fast"]["capture_failures"]) == ("no", 0, 0)
     assert (by_path["eager"]["graph"], by_path["eager"]["captures"]) == ("no", None)
+    assert (by_path["fast"]["replay_checks"], by_path["fast"]["replay_mismatches"]) == (0, 0)  # no graph on a CPU
+    assert by_path["eager"]["replay_mismatches"] is None
     table = out.with_suffix(".md").read_text()
-    assert "| graph | captures | capture failures |" in table
+    assert "| graph | captures | capture failures | replay mismatches |" in table
 
 
 def test_graph_use_of_a_benchmark_case():

@@ -81,6 +81,7 @@ TABLE_COLUMNS = (
     ("graph", "graph"),
     ("captures", "captures"),
     ("capture_failures", "capture failures"),
+    ("replay_mismatches", "replay mismatches"),
     ("compression_share", "compression share"),
     ("peak_mem_mb", "peak mem MiB"),
 )
@@ -143,6 +144,8 @@ class CaseRecord:
     compile_s: float = 0.0  # torch.compile time of the compiled path's decode step (warm-up calls)
     captures: int = 0  # graphs captured for this case (warm-up and timed calls)
     capture_failures: int = 0
+    replay_checks: int = 0  # first replays of a captured graph compared with the eager step ...
+    replay_mismatches: int = 0  # ... that differed (that shape then decodes eagerly)
     graph_replays: int = 0  # decode steps of the timed calls replayed from a graph ...
     eager_steps: int = 0  # ... and run eagerly (no graph: CPU, or a failed capture)
     peak_mem_mb: float = 0.0
@@ -258,13 +261,15 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
             decoder = fast_decoders[(case.label, case.path)] = FastDecoder(model, compile_step=case.path == "compiled")
         before = fast_counters(decoder)
         sample = run_generate(model, case.prompts, args.new_tokens, pad_token_id, fast_decoder=decoder)
-        capture_s, compile_s, captures, failures, replays, eager_steps = (
+        capture_s, compile_s, captures, failures, replays, eager_steps, checks, mismatches = (
             after - earlier for after, earlier in zip(fast_counters(decoder), before, strict=True)
         )
         case.capture_s += capture_s
         case.compile_s += compile_s
         case.captures += captures
         case.capture_failures += failures
+        case.replay_checks += checks
+        case.replay_mismatches += mismatches
         if timed:
             case.graph_replays += replays
             case.eager_steps += eager_steps
@@ -289,9 +294,9 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     return build_rows(cases, shape, args, machine, memory.kind, memory.exact_window)
 
 
-def fast_counters(decoder: FastDecoder) -> tuple[float, float, int, int, int, int]:
-    """Capture and compile seconds, captures, capture failures, replayed and eager decode steps of ``decoder``
-    so far."""
+def fast_counters(decoder: FastDecoder) -> tuple[float, float, int, int, int, int, int, int]:
+    """Capture and compile seconds, captures, capture failures, replayed and eager decode steps, first-replay
+    checks and their mismatches of ``decoder`` so far."""
     return (
         decoder.capture_time_s,
         decoder.compile_time_s,
@@ -299,6 +304,8 @@ def fast_counters(decoder: FastDecoder) -> tuple[float, float, int, int, int, in
         decoder.capture_failures,
         decoder.graph_replays,
         decoder.eager_steps,
+        decoder.replay_checks,
+        decoder.replay_mismatches,
     )
 
 
@@ -372,6 +379,8 @@ def build_rows(
                 "compile_s": case.compile_s if case.path == "compiled" else None,
                 "captures": case.captures if case.path in GRAPH_PATHS else None,
                 "capture_failures": case.capture_failures if case.path in GRAPH_PATHS else None,
+                "replay_checks": case.replay_checks if case.path in GRAPH_PATHS else None,
+                "replay_mismatches": case.replay_mismatches if case.path in GRAPH_PATHS else None,
                 "compression_share": report.ratio(compression_s, ttft),
                 "peak_mem_mb": case.peak_mem_mb,
                 "peak_mem_kind": memory_kind if memory_exact else f"{memory_kind} (process peak, approximate)",
