@@ -170,3 +170,34 @@ def test_invalid_utf8_is_reported_not_raised(tmp_path, tokenizer_dir, image_fold
         and report["num_files_unreadable"] == 1
         and "latin1.json: line 1: not valid UTF-8" in report["problems"][0]
     )
+
+
+def test_length_mix_out_measures_each_sample_for_the_benchmarks(tmp_path, tokenizer_dir, image_folder):
+    """A measured mix: every sample's text and supervised tokens as the trainer tokenizes them, drawn by the
+    benchmarks in place of the estimated llava665k mix."""
+    from llava.bench.length_mix import draw_lengths, known_mix, read_measured_mix
+
+    data = tmp_path / "good.json"
+    data.write_text(
+        json.dumps([{"id": "a", "image": "ok.png", "conversations": qa()}, {"id": "b", "conversations": qa()}])
+    )
+    mix = tmp_path / "mix.json"
+    code, report = run_check(tmp_path, tokenizer_dir, image_folder, [data], "--length-mix-out", str(mix))
+    assert code == 0 and "sample_lengths" not in report  # the JSON report stays small
+    measured = read_measured_mix(mix)
+    assert [sample.has_visual for sample in measured] == [True, False]
+    assert [sample.text_tokens for sample in measured] == [
+        report["stats"]["text_tokens"]["max"],
+        measured[1].text_tokens,
+    ]
+    assert sorted(s.text_tokens for s in measured) == [
+        report["stats"]["text_tokens"]["min"],
+        report["stats"]["text_tokens"]["max"],
+    ]
+    assert all(0 < sample.answer_tokens < sample.text_tokens for sample in measured)
+    drawn = draw_lengths(str(mix), 20, seed=1, visual_tokens=64)
+    assert {(s.text_tokens, s.has_visual) for s in drawn} <= {(s.text_tokens, s.has_visual) for s in measured}
+    assert known_mix(str(mix)) == str(mix)
+    (tmp_path / "other.json").write_text(json.dumps({"samples": [[1, 1, 0]]}))
+    with pytest.raises(ValueError, match="not a measured mix"):
+        known_mix(str(tmp_path / "other.json"))

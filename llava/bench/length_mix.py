@@ -17,12 +17,21 @@ Source of the mix (``LLAVA_665K``):
   each data set (VQA sources are several short question/answer turns per image merged into one conversation;
   ShareGPT chats are long and truncated at the model's maximum length). No copy of the data set was available
   when this was written; the medians are our estimates and are the part to replace with measured numbers.
+
+**Measured mixes.** ``python -m llava.tools.check_data --data_path llava_v1_5_mix665k.json --tokenizer ...
+--length-mix-out mix665k-lengths.json`` writes every sample's text and supervised tokens, tokenized as the
+trainer tokenizes them; pass that file wherever a mix name goes (``--length-mix mix665k-lengths.json``) and the
+samples are drawn from the measured ones instead of the estimates.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -64,6 +73,8 @@ LLAVA_665K: tuple[LengthSource, ...] = (
 """The LLaVA-1.5 instruction mix (see the module docstring for what is exact and what is estimated)."""
 
 MIXES = {"llava665k": LLAVA_665K}
+MEASURED_FORMAT = "duet-length-mix/1"
+"""The ``format`` of a measured mix file: ``samples`` lists ``[text tokens, supervised tokens, visual slots]``."""
 
 
 @dataclass(frozen=True)
@@ -76,21 +87,68 @@ class SampleLength:
     has_visual: bool
 
 
+def write_measured_mix(path: str | os.PathLike[str], samples: list[list[int]], about: dict) -> None:
+    """Save measured ``[text tokens, supervised tokens, visual slots]`` per sample, with where they came from."""
+    payload = {"format": MEASURED_FORMAT, **about, "num_samples": len(samples), "samples": samples}
+    Path(path).write_text(json.dumps(payload), encoding="utf-8")
+
+
+def read_measured_mix(path: str | os.PathLike[str]) -> list[SampleLength]:
+    """The samples of a file written by :func:`write_measured_mix`; a clear error for anything else."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"length mix {str(path)!r}: cannot read it as JSON ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MEASURED_FORMAT:
+        raise ValueError(
+            f"length mix {str(path)!r}: not a measured mix (format {MEASURED_FORMAT!r}); write one with "
+            "python -m llava.tools.check_data ... --length-mix-out FILE"
+        )
+    samples = []
+    for index, row in enumerate(payload.get("samples", [])):
+        if not (isinstance(row, list) and len(row) == 3 and all(isinstance(v, int) and v >= 0 for v in row)):
+            raise ValueError(f"length mix {str(path)!r}: sample {index} is {row!r}, not [text, supervised, slots]")
+        text, answer, slots = row
+        samples.append(SampleLength("measured", text, answer, slots > 0))
+    if not samples:
+        raise ValueError(f"length mix {str(path)!r} holds no samples")
+    return samples
+
+
+def known_mix(name: str) -> str:
+    """``name`` if it is a built-in mix or a readable measured-mix file (for argparse ``type=``)."""
+    if name in MIXES:
+        return name
+    if Path(name).is_file():
+        read_measured_mix(name)
+        return name
+    raise ValueError(f"unknown length mix {name!r}: a built-in one ({', '.join(sorted(MIXES))}) or a measured-mix file")
+
+
+def mix_argument(text: str) -> str:
+    """:func:`known_mix` for argparse ``type=``: the reason reaches the user's terminal."""
+    try:
+        return known_mix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def draw_lengths(
-    mix: tuple[LengthSource, ...] | str,
+    mix: tuple[LengthSource, ...] | str | os.PathLike[str],
     count: int,
     seed: int = 0,
     visual_tokens: int = 576,
     max_length: int = MODEL_MAX_LENGTH,
 ) -> list[SampleLength]:
-    """``count`` samples drawn from ``mix`` (seeded): a source by its share of samples, then a length from its
-    log-normal, truncated so text plus ``visual_tokens`` fit ``max_length`` (as the trainer truncates)."""
-    if isinstance(mix, str):
-        if mix not in MIXES:
-            raise ValueError(f"unknown length mix {mix!r}; known: {sorted(MIXES)}")
-        mix = MIXES[mix]
+    """``count`` samples drawn from ``mix`` (seeded), truncated so text plus ``visual_tokens`` fit ``max_length``
+    (as the trainer truncates). A built-in mix: a source by its share of samples, then a length from its
+    log-normal. A measured-mix file (:func:`read_measured_mix`): measured samples, drawn with replacement."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if not isinstance(mix, tuple):
+        if str(mix) not in MIXES:
+            return _resample(read_measured_mix(known_mix(str(mix))), count, seed, visual_tokens, max_length)
+        mix = MIXES[str(mix)]
     generator = torch.Generator().manual_seed(seed)
     weights = torch.tensor([float(source.samples) for source in mix])
     picks = torch.multinomial(weights, count, replacement=True, generator=generator).tolist()
@@ -104,6 +162,19 @@ def draw_lengths(
         answer = max(1, min(round(source.answer_share * conversation), text - SYSTEM_PROMPT_TOKENS - 1))
         samples.append(SampleLength(source.name, text, answer, source.has_image))
     return samples
+
+
+def _resample(
+    measured: list[SampleLength], count: int, seed: int, visual_tokens: int, max_length: int
+) -> list[SampleLength]:
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(measured), (count,), generator=generator).tolist()
+    drawn = []
+    for sample in (measured[index] for index in picks):
+        text = min(sample.text_tokens, max_length - (visual_tokens if sample.has_visual else 0))
+        answer = max(1, min(sample.answer_tokens, text - SYSTEM_PROMPT_TOKENS - 1))
+        drawn.append(SampleLength(sample.source, text, answer, sample.has_visual))
+    return drawn
 
 
 def build_ragged_batch(

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.bench.flops import ragged_step_flops, training_step_flops
+from llava.bench.length_mix import draw_lengths, mix_argument
 from llava.bench.shapes import SHAPES, ModelShape, default_presets, get_shape
 from llava.bench.zero_traffic import (
     Collective,
@@ -229,8 +230,6 @@ def _trainable(shape: ModelShape, stage: str) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _drawn(mix: str, count: int, visual_tokens: int) -> tuple[Any, ...]:
-    from llava.bench.length_mix import draw_lengths
-
     return tuple(draw_lengths(mix, count, seed=0, visual_tokens=visual_tokens))
 
 
@@ -485,7 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--text-tokens", type=int, default=None, help="text tokens per sample (default: the shape's)")
     parser.add_argument(
-        "--length-mix", default=None, help="finetune FLOPs from ragged samples of this mix (llava665k), padding-free"
+        "--length-mix",
+        type=mix_argument,
+        default=None,
+        help="finetune FLOPs from ragged samples of this mix (llava665k, or a file measured with check_data "
+        "--length-mix-out), padding-free",
     )
     parser.add_argument(
         "--mfu", type=float, default=None, help="achieved/peak for every preset (default: H200-measured)"

@@ -52,7 +52,7 @@ from llava.bench.hf_baseline import (
     freeze_hf_for_stage,
     to_hf_batch,
 )
-from llava.bench.length_mix import MIXES, SampleLength, build_ragged_batch, draw_lengths, padding_fraction
+from llava.bench.length_mix import SampleLength, build_ragged_batch, draw_lengths, mix_argument, padding_fraction
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.bench.workload import (
     build_training_batch,
@@ -414,10 +414,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--length-mix",
-        choices=sorted(MIXES),
+        type=mix_argument,
         default=None,
-        help="draw a ragged finetuning batch from this length mix (llava665k: LLaVA-1.5's instruction data) "
-        "instead of equal-length samples",
+        help="draw a ragged finetuning batch from this length mix instead of equal-length samples: llava665k "
+        "(LLaVA-1.5's instruction data, estimated lengths) or a file measured with check_data --length-mix-out",
     )
     parser.add_argument(
         "--packing",

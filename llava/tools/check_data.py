@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llava.bench.length_mix import write_measured_mix
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder
 from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
@@ -58,6 +59,8 @@ class DataReport:
     lossy_examples: list[str] = field(default_factory=list)
     """Images that load, but whose conversion to 8-bit RGB loses something (bit depth, transparency)."""
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample_lengths: list[list[int]] = field(default_factory=list)
+    """``[text tokens, supervised tokens, visual slots]`` per tokenized sample (``record_lengths``)."""
 
     @property
     def num_problems(self) -> int:
@@ -95,6 +98,7 @@ def scan(
     show_progress: bool = True,
     image_token: str = "<|image_pad|>",
     video_token: str = "<|video_pad|>",
+    record_lengths: bool = False,
 ) -> DataReport:
     """Check every sample of every file in ``data_args.data_path``; never raises on bad data. With
     ``data_args.version`` ``chat_template`` samples go through the tokenizer's chat template, whose image and
@@ -154,6 +158,9 @@ def scan(
             image_counts.append(num_images)
             video_counts.append(num_videos)
             report.num_text_only += int(num_images + num_videos == 0)
+            if record_lengths:
+                supervised = int(np.count_nonzero(np.asarray(tokenized["labels"]) != IGNORE_INDEX))
+                report.sample_lengths.append([num_text, supervised, num_images + num_videos])
             if total > max_length:
                 report.num_over_max_length += 1
                 if len(report.over_length_examples) < max_listed:
@@ -307,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
     parser.add_argument("--json-report", dest="json_report", default=None, help="write the report here")
     parser.add_argument(
+        "--length-mix-out",
+        dest="length_mix_out",
+        default=None,
+        help="write every sample's text and supervised tokens here: a measured length mix for the benchmarks "
+        "(train_speed / scale --length-mix FILE)",
+    )
+    parser.add_argument(
         "--allow_outside_paths",
         action="store_true",
         help="trusted data only: accept absolute paths and paths outside --image_folder/--video_folder",
@@ -344,10 +358,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_listed=args.max_listed,
         image_token=args.image_token,
         video_token=args.video_token,
+        record_lengths=args.length_mix_out is not None,
     )
     print(format_report(report))
+    if args.length_mix_out:
+        about = {"data_path": args.data_path, "tokenizer": args.tokenizer, "version": args.version}
+        write_measured_mix(args.length_mix_out, report.sample_lengths, about)
+        print(f"length mix of {len(report.sample_lengths)} samples written to {args.length_mix_out}")
     if args.json_report:
         payload: dict[str, Any] = {**asdict(report), "num_problems": report.num_problems}
+        payload.pop("sample_lengths")
         with open(args.json_report, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2)
     failed = report.num_problems > 0 or (args.fail_on_truncation and report.num_over_max_length > 0)
