@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
+from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig, available_presets
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from llava.hf_adapter import packed_attention
 from llava.model.config import DuetLlavaConfig
@@ -239,3 +239,64 @@ def test_the_deal_never_holds_more_slots_than_the_padded_batch(lengths, expected
     assert rows.shape == expected
     assert rows.shape[0] * rows.shape[1] <= len(lengths) * max(lengths)
     assert sorted(rows.segment_ids[rows.segment_ids >= 0].bincount().tolist()) == sorted(lengths)
+
+
+NAMED_PRESETS = [
+    name
+    for name in available_presets()
+    if not name.startswith(("qwen_", "dymu_"))  # Qwen2.5-VL's (test_qwen_training) and DyMU's need their own files
+]
+
+
+def geometry_model(video: bool) -> DuetLlavaForCausalLM:
+    """The real token geometry at tiny widths: 576 patches per 336 px image (CLIP-L/14-336), or 8 frames of
+    257 tokens (Video-LLaVA), so every named preset applies as it does at full size."""
+    torch.manual_seed(0)
+    tower = dict(image_size=224 if video else 336, num_hidden_layers=2, hidden_size=16, intermediate_size=32)
+    config = DuetLlavaConfig(
+        vision_config=tiny_vision_config(**tower),
+        text_config=tiny_text_config(num_hidden_layers=8),
+        video_config=tiny_vision_config(**tower) if video else None,
+        num_frames=8 if video else 1,
+    )
+    return DuetLlavaForCausalLM(config).train()
+
+
+def geometry_batch(video: bool) -> dict[str, torch.Tensor]:
+    """Right-padded, ragged: three visual samples of different text lengths and a text-only one."""
+    slot = VID if video else IMG
+    rows = [[1, slot, *range(5, 25)], [1, *range(5, 12)], [1, slot, *range(5, 9)], [1, slot, *range(5, 40)]]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill((mask == 0) | (ids == slot), IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX
+    generator = torch.Generator().manual_seed(2)
+    pixels = (
+        {"pixel_values_videos": torch.randn(3, 8, 3, 224, 224, generator=generator)}
+        if video
+        else {"pixel_values": torch.randn(3, 3, 336, 336, generator=generator)}
+    )
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **pixels}
+
+
+@pytest.fixture(scope="module")
+def geometry_models() -> dict[bool, DuetLlavaForCausalLM]:
+    return {False: geometry_model(False), True: geometry_model(True)}
+
+
+@pytest.mark.parametrize("preset", NAMED_PRESETS)
+def test_every_named_preset_packs_to_the_padded_loss_and_gradients(preset, geometry_models):
+    video = preset.startswith("duet_video")
+    model = geometry_models[video]
+    model.set_compression(preset)
+    batch = geometry_batch(video)
+    results = []
+    for packed in (False, True):
+        torch.manual_seed(3)  # the random presets draw the same tokens both times
+        results.append(loss_and_gradients(model, batch, packed))
+    (padded_loss, padded_grads, padded_tokens), (packed_loss, packed_grads, packed_tokens) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert packed_tokens == padded_tokens
+    for key, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[key], gradient, atol=1e-5, rtol=1e-5, msg=key)
