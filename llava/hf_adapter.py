@@ -73,6 +73,9 @@ __all__ = [
     "decode_step_mask",
     "enable_activation_checkpointing",
     "flat_rotary_tables",
+    "llava_next_image_features",
+    "llava_next_projector",
+    "llava_next_text_model",
     "load_image_processor",
     "new_dynamic_cache",
     "packed_attention",
@@ -281,6 +284,31 @@ def call_decoder_layer_on_groups(
     averaged = sums / group_sizes.clamp(min=1).unsqueeze(-1).to(sums.dtype)
     hidden = unique + attention.o_proj(averaged)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def llava_next_text_model(model: PreTrainedModel) -> nn.Module:
+    """LLaVA-NeXT's text decoder (``model.model.language_model``: embeddings, layers, norm, rotary embedding)."""
+    return model.model.language_model
+
+
+def llava_next_projector(model: PreTrainedModel) -> nn.Module:
+    """LLaVA-NeXT's multimodal projector (the MLP from CLIP features to the LLM width)."""
+    return model.model.multi_modal_projector
+
+
+def llava_next_image_features(
+    model: PreTrainedModel, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each image's AnyRes tokens ``[n_i, hidden]``, in input order, exactly as transformers splices them: the
+    model's own ``get_image_features`` (CLIP over the base view and every tile, the configured feature layer and
+    select strategy, the projector) and its ``pack_image_features`` (tiles stitched, unpadded to the image's
+    aspect ratio, one ``image_newline`` token after every row of the tile grid, the base view first).
+    ``pixel_values``: ``[images, tiles, C, H, W]`` (padded, as the processor makes them) or the tiles of every
+    image concatenated ``[sum tiles, C, H, W]``, cast to the vision tower's dtype; ``image_sizes``:
+    ``[images, 2]`` original (height, width)."""
+    pixels = pixel_values.to(model.model.vision_tower.dtype)
+    output = model.model.get_image_features(pixels, image_sizes, return_dict=True)
+    return list(output.pooler_output)
 
 
 def qwen_text_model(model: PreTrainedModel) -> nn.Module:

@@ -33,9 +33,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 """Bottom to top. A module may import from its own package and from lower layers only; packages that share a
 layer do not import each other."""
 
-FAMILY_WORDS = re.compile(r"model_type|Qwen2_5_VL\w*|DuetQwenVL|QwenVL\w*")
+FAMILY_WORDS = re.compile(r"model_type|Qwen2_5_VL\w*|DuetQwenVL|QwenVL\w*|LlavaNext\w*")
 """What only the registry and the families' own modules may name: the checkpoint's ``model_type`` and the
-Qwen2.5-VL classes."""
+Qwen2.5-VL and LLaVA-NeXT classes."""
 
 MAX_PUBLIC_PARAMETERS = 8
 TRANSFORMERS_SIGNATURES = {"forward", "__init__", "save_pretrained", "from_pretrained"}
@@ -181,6 +181,8 @@ def test_public_model_functions_take_few_parameters() -> None:
     assert crowded == []
 
 
-@pytest.mark.parametrize("word", ["model_type", "Qwen2_5_VLForConditionalGeneration", "DuetQwenVL", "QwenVLPipeline"])
+@pytest.mark.parametrize(
+    "word", ["model_type", "Qwen2_5_VLForConditionalGeneration", "DuetQwenVL", "QwenVLPipeline", "DuetLlavaNext"]
+)
 def test_family_words_are_recognised(word: str) -> None:
     assert FAMILY_WORDS.search(f"x = {word}")

@@ -19,10 +19,11 @@ from torch import nn
 
 from llava.families.base import ModelFamily
 from llava.families.llava import LlavaFamily
+from llava.families.llava_next import LlavaNextFamily
 from llava.families.qwen import QwenVLFamily
 from llava.model.loading import read_model_type
 
-FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily())
+FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily(), LlavaNextFamily())
 DEFAULT_FAMILY = "llava"
 """The family of anything no family claims: a plain language model that training pairs with a CLIP tower."""
 FAMILY_ENV = "MODEL_FAMILY"

@@ -1,0 +1,185 @@
+"""LLaVA-NeXT (LLaVA-1.6, AnyRes) with DUET's T2V compression, by composition; inference only for now.
+
+The HF model (``LlavaNextForConditionalGeneration``) supplies everything but the decoder loop: its CLIP tower,
+projector and ``pack_image_features`` give each image's AnyRes tokens (the base view, then the tiles stitched
+and unpadded to the image's aspect ratio with one ``image_newline`` token closing every row), spliced into the
+image placeholder positions in order, exactly as transformers does (:func:`llava.hf_adapter.llava_next_image_features`);
+its lm_head gives logits. The decoder layers run through this project's stage loop
+(:func:`llava.model.decoder.run_decoder`), which drops visual tokens at the T2V boundaries, keeping
+``floor(ratio * N0)`` of each sample's N0 visual tokens.
+
+``visual_mask`` marks every image placeholder position, the newline tokens included: they sit among the image
+tokens, come out of the same splice, and T2V scores and drops them like any other visual token (so N0 counts
+them too). Positions are 1-D RoPE positions counted over each row's real tokens (left padding gets none).
+
+Not yet: V2V (DUET's dominant + contextual tokens before the projector; refused by :meth:`set_compression`) and
+training (the family refuses to build a training model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.compression.config import load_compression
+from llava.compression.t2v import SequenceState, build_query_mask
+from llava.hf_adapter import Cache, llava_next_image_features, llava_next_projector, llava_next_text_model
+from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
+from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.generation import greedy_or_sample
+from llava.model.sampling import SamplingOptions
+from llava.model.splice import detect_left_padding
+
+LLAVA_NEXT_MODEL_TYPES = ("llava_next",)
+"""``model_type`` values of the checkpoints this module runs."""
+LLAVA_NEXT_QUERY_MODES = ("last", "instruction")
+"""T2V queries this family supports (``salient`` needs LLaVA-1.5's content-word table; not wired here)."""
+
+
+class DuetLlavaNext(nn.Module):
+    """A ``LlavaNextForConditionalGeneration`` run with DUET's T2V stages; the
+    :class:`~llava.model.contract.VisionLanguageModel` contract (prefill, decode steps with a ``decode_state``,
+    per-stage caches, the fast decode path), as :class:`~llava.model.qwen_vl.DuetQwenVL`."""
+
+    def __init__(self, hf_model: nn.Module, compression: Any = None) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        self.stage_plan = None
+        self.set_compression(compression)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The text decoder (embeddings, layers, norm, rotary embedding)."""
+        return llava_next_text_model(self.hf_model)
+
+    @property
+    def projector(self) -> nn.Module:
+        """The multimodal projector (CLIP features to the LLM width); ``image_newline`` is a separate parameter."""
+        return llava_next_projector(self.hf_model)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
+    def enable_input_require_grads(self) -> None:
+        """Token embeddings that require grad (the contract's; adapters over frozen embeddings)."""
+        require_grads_from(self.get_input_embeddings())
+
+    def set_compression(self, spec: Any) -> None:
+        """Switch the compression preset: T2V only (V2V and DyMU are not available for this family yet)."""
+        compression = load_compression(spec)
+        if compression.v2v is not None or compression.dymu is not None:
+            stage = "V2V" if compression.v2v is not None else "DyMU"
+            raise ValueError(
+                f"compression {compression.name!r}: {stage} is not yet available for this family (LLaVA-NeXT); "
+                "use a T2V-only preset"
+            )
+        if compression.t2v is not None and compression.t2v.query not in LLAVA_NEXT_QUERY_MODES:
+            raise ValueError(
+                f"LLaVA-NeXT T2V queries: {', '.join(LLAVA_NEXT_QUERY_MODES)}; got {compression.t2v.query!r}"
+            )
+        self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
+
+    def set_query_vocabulary(self, tokenizer: Any) -> None:
+        """Nothing to mark: this family's T2V queries (``last``, ``instruction``) need no content-word table."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        left_padding: bool | None = None,
+        logits_to_keep: int = 0,
+        decode_state: DecodeState | None = None,
+        query_end: int | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> DuetOutput:
+        """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a ``decode_state``,
+        decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``input_ids`` hold one image placeholder per
+        AnyRes token (as LLaVA-NeXT's processor expands them); ``pixel_values``/``image_sizes`` as the processor
+        makes them. ``labels`` give the loss over the surviving label positions (the shared prefill output)."""
+        step = decode_step_if_given(
+            self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
+        )
+        if step is not None:
+            return step
+        if pixel_values_videos is not None:
+            raise ValueError("LLaVA-NeXT takes images only; videos are not supported by this family")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        left = detect_left_padding(attention_mask) if left_padding is None else bool(left_padding)
+        visual_mask = input_ids == self.config.image_token_id
+        embeds = self._splice_images(self.get_input_embeddings()(input_ids), visual_mask, pixel_values, image_sizes)
+        plan = self.stage_plan
+        query_mask = torch.zeros_like(visual_mask)
+        if plan is not None and plan.boundaries:
+            query_mask = build_query_mask(plan.query, attention_mask, visual_mask, labels, query_end=query_end)
+        sequence = SequenceState(
+            hidden=embeds,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.long().cumsum(dim=1) - 1).clamp(min=0),
+            visual_mask=visual_mask,
+            query_mask=query_mask,
+            labels=labels,
+        )
+        images = 0 if image_sizes is None or pixel_values is None else int(image_sizes.shape[0])
+        layout = "left" if left else "right"
+        result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, layout, images)
+        return prefill_output(
+            self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
+            input_ids.shape[1], 0.0,
+        )  # fmt: skip
+
+    def _splice_images(
+        self,
+        embeds: torch.Tensor,
+        visual_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The text embeddings with every image's AnyRes tokens in its placeholder positions, in order."""
+        placeholders = int(visual_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if placeholders:
+                raise ValueError(f"input_ids hold {placeholders} image placeholders but no pixel_values were given")
+            return embeds
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (each image's original height, width) with pixel_values")
+        features = llava_next_image_features(self.hf_model, pixel_values, image_sizes)
+        tokens = torch.cat(features).to(embeds.dtype)
+        if tokens.shape[0] != placeholders:
+            raise ValueError(
+                f"input_ids hold {placeholders} image placeholders but the {len(features)} images give "
+                f"{tokens.shape[0]} AnyRes tokens ({[int(part.shape[0]) for part in features]} per image)"
+            )
+        return embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding of left-padded prompts with images; options as
+        :meth:`DuetLlavaForCausalLM.generate` (``sampling`` or its fields as keywords, ``fast_decoder``)."""
+        fast_decoder = options.pop("fast_decoder", None)
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        sampling = SamplingOptions.from_keywords(options.pop("sampling", None), **options)
+        visual_inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+        return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, sampling, fast_decoder)
