@@ -250,3 +250,24 @@ def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(next_check
             assert torch.equal(alone[0], batched[index])
     with pytest.raises(ValueError, match="images only"):
         pipeline.prepare([{"video": "clip.mp4", "prompt": "what happens"}])
+
+
+def test_packed_training_loss_and_gradients_equal_the_padded_batch():
+    """Padding-free rows (``pack_sequences``) through the shared stage loop: the same loss and gradients, with T2V."""
+    model = DuetLlavaNext(tiny_llava_next(), T2V).train()
+    inputs = batch(model.hf_model)
+    # Text supervised as in training: not the images, not the padding, not BOS (the collator never labels it).
+    unsupervised = (inputs["attention_mask"] == 0) | (inputs["input_ids"] == IMAGE) | (inputs["input_ids"] == 1)
+    labels = inputs["input_ids"].masked_fill(unsupervised, -100)
+    results = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        output = model(**inputs, labels=labels, pack_sequences=packed)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.loss.detach(), grads))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert padded_grads and packed_grads.keys() == padded_grads.keys()
+    for name, gradient in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], gradient, atol=1e-5, rtol=1e-5, msg=name)

@@ -103,12 +103,14 @@ class DuetLlavaNext(nn.Module):
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        pack_sequences: bool = False,
         **unused: Any,
     ) -> DuetOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a ``decode_state``,
         decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``input_ids`` hold one image placeholder per
         AnyRes token (as LLaVA-NeXT's processor expands them); ``pixel_values``/``image_sizes`` as the processor
-        makes them. ``labels`` give the loss over the surviving label positions (the shared prefill output)."""
+        makes them. ``labels`` give the loss over the surviving label positions (the shared prefill output);
+        ``pack_sequences``: padding-free decoder layers (:mod:`llava.model.packing`)."""
         step = decode_step_if_given(
             self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
         )
@@ -134,7 +136,7 @@ class DuetLlavaNext(nn.Module):
             labels=labels,
         )
         images = 0 if image_sizes is None or pixel_values is None else int(image_sizes.shape[0])
-        layout = "left" if left else "right"
+        layout = "packed" if pack_sequences else "left" if left else "right"
         result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, layout, images)
         return prefill_output(
             self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
