@@ -34,9 +34,9 @@ from llava.hf_adapter import packed_attention
 
 def _deal(sizes: torch.Tensor, rank: torch.Tensor, total: int, longest: int) -> tuple[int, torch.Tensor]:
     """Deal samples (``rank`` 0 = longest) over ``K`` rows in snake order (0..K-1, K-1..0, ...), for every ``K``
-    from ``ceil(total / longest)`` to ``B`` at once, and keep the ``K`` with the fewest slots ``K x`` (fullest row);
-    ties go to more rows (shorter ones: less attention). ``K = B`` is the padded batch's layout, so the packed
-    rows never hold more slots than the padded batch. Returns ``K`` and each sample's row."""
+    from ``ceil(total / longest)`` to ``B`` at once, and keep the ``K`` with the fewest slots (``K`` times the
+    fullest row's load); ties go to more rows (shorter ones: less attention). ``K = B`` is the padded batch's
+    layout, so the packed rows never hold more slots than the padded batch. Returns ``K`` and each sample's row."""
     batch = sizes.shape[0]
     counts = torch.arange(-(-total // longest), batch + 1).unsqueeze(1)  # [candidates, 1]
     turn, seat = rank // counts, rank % counts
