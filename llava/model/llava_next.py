@@ -28,6 +28,7 @@ from llava.compression.t2v import SequenceState, build_query_mask
 from llava.hf_adapter import Cache, llava_next_image_features, llava_next_projector, llava_next_text_model
 from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
+from llava.model.fast_generation import FastDecoder
 from llava.model.generation import greedy_or_sample
 from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
@@ -174,14 +175,13 @@ class DuetLlavaNext(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
-        **options: Any,
+        *,
+        sampling: SamplingOptions | None = None,
+        fast_decoder: FastDecoder | None = None,
+        **sampling_kwargs: Any,
     ) -> torch.Tensor:
         """Greedy or sampled decoding of left-padded prompts with images; options as
-        :meth:`DuetLlavaForCausalLM.generate` (``sampling`` or its fields as keywords, ``fast_decoder``)."""
-        fast_decoder = options.pop("fast_decoder", None)
-        if max_new_tokens is not None:
-            options["max_new_tokens"] = max_new_tokens
-        sampling = SamplingOptions.from_keywords(options.pop("sampling", None), **options)
+        :meth:`DuetLlavaForCausalLM.generate` (``sampling`` and/or its fields as keywords, ``fast_decoder``)."""
         visual_inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes}
-        return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, sampling, fast_decoder)
+        options = SamplingOptions.from_keywords(sampling, **sampling_kwargs)
+        return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, options, fast_decoder)
