@@ -191,7 +191,7 @@ def run_decoder(
 
     ``layout`` (:data:`ROW_LAYOUTS`): ``left`` keeps rows right-aligned after a drop (left padding, for
     generation); training batches are ``right``-padded; ``packed`` runs each stage's layers on the real tokens
-    only, packed into one row (:mod:`llava.model.packing`; training and prefills without a cache): the same
+    only, packed into rows (:mod:`llava.model.packing`; training and prefills without a cache): the same
     result without computing padding. ``num_segments`` (images plus videos in the batch) turns the reported
     visual tokens per layer into a per-image/per-video count. Returns the final-normed hidden states and
     the compacted sequence (its labels stay aligned with the hidden states). ``groups`` (DyMU's VTU, no
@@ -211,7 +211,7 @@ def run_decoder(
     per_segment = max(num_segments, 1)
     # Everything the stages need to know on the host, read back in one transfer instead of one
     # synchronisation per boundary: each stage's shortest and longest row (its padded length, and whether
-    # it has padding at all), how many query rows to score, and, packed, each stage's number of real tokens.
+    # it has padding at all), how many query rows to score, and, packed, every row's length at every stage.
     row_lengths = sequence.attention_mask.sum(dim=1)
     first_stage = torch.stack([row_lengths.amin(), row_lengths.amax()]) if row_lengths.numel() else row_lengths
     known = [first_stage.reshape(-1)]
@@ -259,7 +259,8 @@ def run_decoder(
                 keep = keep_top_visual(scores, sequence, keep_counts)
                 sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
             compression_time += time.perf_counter() - began
-        position_embeddings = rotary_tables(decoder, sequence.hidden, rotary_positions(sequence.position_ids))
+        if not packed or stage + 1 < len(starts):  # packed: only the next boundary's scoring reads them
+            position_embeddings = rotary_tables(decoder, sequence.hidden, rotary_positions(sequence.position_ids))
         layers = list(decoder.layers[start:end])
         with record_function(PROFILE_REGIONS["llm"]):
             if packed:
