@@ -102,7 +102,7 @@ class LlavaTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Padding-free batches: the LLM layers run on the real tokens of each micro-batch only, packed "
-            "into one row with each sample's attention isolated (FlashAttention's variable-length path, else a "
+            "into rows with each sample's attention isolated (FlashAttention's variable-length path, else a "
             "block-diagonal mask); T2V still drops per sample. Same loss and gradients as padded batches."
         },
     )

@@ -410,7 +410,7 @@ class DuetLlavaForCausalLM(DuetLlavaPreTrainedModel):
         ``num_items_in_batch`` (from the HF Trainer) makes the loss exact under gradient
         accumulation: the sum of token losses is divided by it instead of the local count.
         ``pack_sequences`` (training, ``--packing``) runs the decoder layers on the real tokens only, packed
-        into one row with each sample's attention isolated (:mod:`llava.model.packing`).
+        into rows with each sample's attention isolated (:mod:`llava.model.packing`).
         """
         decoder = decoder_of(self.language_model)
         step = decode_step_if_given(

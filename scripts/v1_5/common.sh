@@ -15,8 +15,8 @@
 #   RUN_NAME       wandb run name              (basename of OUTPUT_DIR)
 #   RUN_GROUP      wandb group                 (llava-v1.5-$COMPRESSION)
 #   COMPRESSION    visual token reduction      (none)
-#   PACKING=1      padding-free batches: the LLM layers run on the real tokens only, packed into one row per
-#                  micro-batch with each sample's attention isolated (--packing True; off by default)
+#   PACKING=1      padding-free batches: the LLM layers run on the real tokens only, packed into rows with
+#                  each sample's attention isolated (--packing True; off by default)
 #   BATCH_SIZE     per-device micro-batch size
 #   GLOBAL_BATCH   target global batch; GRAD_ACCUM defaults to GLOBAL_BATCH / (BATCH_SIZE x world)
 #   GRAD_ACCUM     gradient accumulation steps (overrides the GLOBAL_BATCH arithmetic)
