@@ -93,6 +93,19 @@ def test_uncompressed_logits_equal_transformers_model():
     assert (ours - expected)[real].abs().max() <= 1e-4
 
 
+def test_uncompressed_bf16_logits_equal_transformers_model_in_bf16():
+    """GPUs run bf16: loaded the way users load it (the whole HF model in bf16), the same logits as transformers'."""
+    hf = tiny_llava_next().to(torch.bfloat16)
+    inputs = batch(hf)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        expected = hf(**inputs, position_ids=hf_positions(inputs["attention_mask"])).logits
+        ours = DuetLlavaNext(hf)(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert ours.dtype == torch.bfloat16
+    assert (ours - expected)[real].float().abs().max() <= 1e-2 * expected[real].float().abs().max()
+
+
 def test_greedy_generation_equals_transformers_generate_eager_and_fast():
     hf = tiny_llava_next()
     inputs = batch(hf)
