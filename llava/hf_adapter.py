@@ -53,6 +53,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 __all__ = [
     "STATIC_DECODE_KERNELS",
@@ -76,6 +77,7 @@ __all__ = [
     "llava_next_image_features",
     "llava_next_projector",
     "llava_next_text_model",
+    "llava_next_views_per_image",
     "load_image_processor",
     "new_dynamic_cache",
     "packed_attention",
@@ -309,6 +311,16 @@ def llava_next_image_features(
     pixels = pixel_values.to(model.model.vision_tower.dtype)
     output = model.model.get_image_features(pixels, image_sizes, return_dict=True)
     return list(output.pooler_output)
+
+
+def llava_next_views_per_image(model: PreTrainedModel, image_sizes: torch.Tensor) -> list[int]:
+    """Views (the base view plus the AnyRes tiles) the processor makes for each image of ``image_sizes``
+    (``[images, 2]`` original height, width), from the model's grid pinpoints and view size."""
+    config = model.config
+    return [
+        int(image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size))
+        for size in image_sizes.tolist()
+    ]
 
 
 def qwen_text_model(model: PreTrainedModel) -> nn.Module:

@@ -284,3 +284,20 @@ def test_packed_training_loss_and_gradients_equal_the_padded_batch():
     assert padded_grads and packed_grads.keys() == padded_grads.keys()
     for name, gradient in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], gradient, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_training_batch_without_images_still_runs_the_vision_tower_once():
+    """ZeRO-safe: a text-only training batch runs one blank image through the tower and projector, so their
+    parameters get (zero) gradients like every other rank's; the loss equals the text-only forward's."""
+    model = DuetLlavaNext(tiny_llava_next()).train()
+    input_ids = torch.tensor([[1, 11, 12, 13, 14]])
+    labels = input_ids.clone()
+    loss = model(input_ids, labels=labels).loss
+    loss.backward()
+    projector_grads = [param.grad for param in model.projector.parameters()]
+    assert all(grad is not None and float(grad.abs().sum()) == 0.0 for grad in projector_grads)
+    tower = model.hf_model.model.vision_tower
+    assert any(param.grad is not None for param in tower.parameters())
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(input_ids, labels=labels).loss, loss.detach())

@@ -25,7 +25,13 @@ from torch import nn
 
 from llava.compression.config import load_compression
 from llava.compression.t2v import SequenceState, build_query_mask
-from llava.hf_adapter import Cache, llava_next_image_features, llava_next_projector, llava_next_text_model
+from llava.hf_adapter import (
+    Cache,
+    llava_next_image_features,
+    llava_next_projector,
+    llava_next_text_model,
+    llava_next_views_per_image,
+)
 from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
 from llava.model.fast_generation import FastDecoder
@@ -123,7 +129,9 @@ class DuetLlavaNext(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         left = detect_left_padding(attention_mask) if left_padding is None else bool(left_padding)
         visual_mask = input_ids == self.config.image_token_id
-        embeds = self._splice_images(self.get_input_embeddings()(input_ids), visual_mask, pixel_values, image_sizes)
+        embeds, kept, v2v_seconds = self._insert_visual_tokens(
+            self.get_input_embeddings()(input_ids), visual_mask, pixel_values, image_sizes
+        )
         plan = self.stage_plan
         query_mask = torch.zeros_like(visual_mask)
         if plan is not None and plan.boundaries:
@@ -136,27 +144,41 @@ class DuetLlavaNext(nn.Module):
             query_mask=query_mask,
             labels=labels,
         )
+        if kept is not None and not bool(kept.all()):
+            # V2V left some placeholders without a token: they leave the sequence, positions are recounted.
+            sequence = sequence.compact(kept, left, recompute_positions=True)
         images = 0 if image_sizes is None or pixel_values is None else int(image_sizes.shape[0])
         layout = "packed" if pack_sequences else "left" if left else "right"
         result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, layout, images)
         return prefill_output(
             self, result, labels, num_items_in_batch, logits_to_keep, cache if use_cache else None,
-            input_ids.shape[1], 0.0,
+            input_ids.shape[1], v2v_seconds,
         )  # fmt: skip
 
-    def _splice_images(
+    def _insert_visual_tokens(
         self,
         embeds: torch.Tensor,
         visual_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The text embeddings with every image's AnyRes tokens in its placeholder positions, in order."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """The text embeddings with every image's AnyRes tokens in its placeholder positions, in order; which
+        positions stay (``[B, L]`` bool, the real tokens less the placeholders V2V left empty; ``None``: all of
+        them) and V2V's host seconds.
+
+        One pass of the vision tower whatever the batch holds: under ZeRO-3 every rank must gather the same
+        parameters as often as the others (and under ZeRO-2/DDP reduce the projector's gradients), so a training
+        batch without images runs one blank view whose tokens are then left out (zero, but in the graph).
+        """
         placeholders = int(visual_mask.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:
             if placeholders:
                 raise ValueError(f"input_ids hold {placeholders} image placeholders but no pixel_values were given")
-            return embeds
+            if self.training and torch.is_grad_enabled():
+                blank_pixels, blank_size = self._blank_image(embeds.device, embeds.dtype)
+                blank = torch.cat(llava_next_image_features(self.hf_model, blank_pixels, blank_size))
+                return embeds + blank[:0].sum().to(embeds.dtype), None, 0.0
+            return embeds, None, 0.0
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (each image's original height, width) with pixel_values")
         features = llava_next_image_features(self.hf_model, pixel_values, image_sizes)
@@ -166,7 +188,16 @@ class DuetLlavaNext(nn.Module):
                 f"input_ids hold {placeholders} image placeholders but the {len(features)} images give "
                 f"{tokens.shape[0]} AnyRes tokens ({[int(part.shape[0]) for part in features]} per image)"
             )
-        return embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens)
+        return embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens), None, 0.0
+
+    def _blank_image(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One all-zero image of one view's size (``[1, views, C, H, W]``: the base view and its tiles, as the
+        processor lays them out) and its size ``[[H, W]]``."""
+        vision = self.config.vision_config
+        side = vision.image_size
+        size = torch.tensor([[side, side]], device=device)
+        views = llava_next_views_per_image(self.hf_model, size)[0]
+        return torch.zeros(1, views, vision.num_channels, side, side, device=device, dtype=dtype), size
 
     @torch.no_grad()
     def generate(
