@@ -41,6 +41,8 @@ from llava.compression.config import (
 __all__ = [
     "DUET_128_CONTEXTUAL_SHARE",
     "RATIO_DECIMALS",
+    "anyres_initial_visual_tokens",
+    "anyres_visual_tokens_per_layer",
     "average_visual_tokens",
     "geometric_keep_ratios",
     "initial_visual_tokens",
@@ -113,6 +115,43 @@ def visual_tokens_per_layer(
     counts = [n0] * num_layers
     if config.t2v is not None:
         for layer, kept in config.t2v.schedule(num_layers, round(n0)):
+            counts[layer:] = [kept] * (num_layers - layer)
+    return counts
+
+
+def anyres_initial_visual_tokens(config: CompressionConfig, view_tokens: Sequence[int], newline_tokens: int) -> int:
+    """``N0`` of one AnyRes image (LLaVA-NeXT / OneVision): every view's tokens plus the grid's newline tokens;
+    with V2V (fraction budgets only) each view keeps ``floor(dominant * n) + floor(contextual * n)`` of its
+    ``n`` tokens (:meth:`V2VConfig.budget`) and every newline token stays.
+
+    ``view_tokens``: the base view's tokens, then each tile's tokens after unpadding (the AnyRes counts of
+    :func:`llava.bench.anyres.anyres_counts`). Integer V2V budgets and DyMU are refused: the token count of an
+    AnyRes image varies, so a fixed per-image budget has no per-view meaning.
+    """
+    if config.dymu is not None:
+        raise ValueError(f"compression {config.name!r}: DyMU is not accounted for AnyRes images")
+    if any(tokens < 0 for tokens in view_tokens) or newline_tokens < 0:
+        raise ValueError(f"token counts must be >= 0, got views {list(view_tokens)}, newlines {newline_tokens}")
+    if config.v2v is None:
+        return sum(view_tokens) + newline_tokens
+    if not config.v2v.is_fraction:
+        raise ValueError(
+            f"compression {config.name!r}: AnyRes images take V2V budgets as fractions of each view's tokens, "
+            f"got k1 {config.v2v.dominant} + k2 {config.v2v.contextual}"
+        )
+    return sum(sum(config.v2v.budget(tokens)) for tokens in view_tokens if tokens > 0) + newline_tokens
+
+
+def anyres_visual_tokens_per_layer(
+    config: CompressionConfig, num_layers: int, view_tokens: Sequence[int], newline_tokens: int
+) -> list[int]:
+    """Visual tokens of one AnyRes image seen by each LLM layer: :func:`anyres_initial_visual_tokens`, then
+    ``floor(ratio * N0)`` from each T2V boundary on (newline tokens are visual tokens there, ranked and dropped
+    like the others)."""
+    n0 = anyres_initial_visual_tokens(config, view_tokens, newline_tokens)
+    counts = [n0] * num_layers
+    if config.t2v is not None:
+        for layer, kept in config.t2v.schedule(num_layers, n0):
             counts[layer:] = [kept] * (num_layers - layer)
     return counts
 
