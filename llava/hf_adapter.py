@@ -34,8 +34,8 @@ import functools
 import importlib.util
 import inspect
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import transformers
@@ -53,11 +53,16 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 
 __all__ = [
     "STATIC_DECODE_KERNELS",
     "Cache",
+    "LlavaNextViewFeatures",
     "ModelOutput",
     "activation_checkpointing_requested",
     "attn_implementation_of",
@@ -74,9 +79,11 @@ __all__ = [
     "decode_step_mask",
     "enable_activation_checkpointing",
     "flat_rotary_tables",
+    "llava_next_anyres_layout",
     "llava_next_image_features",
     "llava_next_projector",
     "llava_next_text_model",
+    "llava_next_view_features",
     "llava_next_views_per_image",
     "load_image_processor",
     "new_dynamic_cache",
@@ -321,6 +328,91 @@ def llava_next_views_per_image(model: PreTrainedModel, image_sizes: torch.Tensor
         int(image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size))
         for size in image_sizes.tolist()
     ]
+
+
+class LlavaNextViewFeatures(NamedTuple):
+    """The CLIP features of every view (base view and tiles) of a batch of LLaVA-NeXT images, before the projector."""
+
+    features: torch.Tensor  # [views, patches, vision width]: the feature layer's patch tokens (CLS left out)
+    cls_attention: torch.Tensor | None  # [views, patches]: what ``score`` returned for the patches, if given
+    keys: torch.Tensor | None  # [views, patches, d]
+    views: list[int]  # views of each image, in input order
+
+
+def llava_next_view_features(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor,
+    score: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> LlavaNextViewFeatures:
+    """Every view's patch features at the configured ``vision_feature_layer`` (``default`` select strategy: CLS
+    left out), equal to transformers' ``hidden_states[vision_feature_layer][:, 1:]``, in ONE pass of the tower
+    over all views of all images (only the layers the feature layer needs). ``score(layer, hidden)``, when given,
+    is called on the feature layer and its input (``[views, 1 + patches, D]``) and must return the CLS attention
+    ``[views, patches]`` and keys ``[views, 1 + patches, d]`` (as
+    :func:`llava.model.vision_tower.cls_attention_and_keys` does); the keys are returned for the patches
+    only. ``pixel_values``/``image_sizes`` as for :func:`llava_next_image_features`."""
+    config = model.config
+    layer_index = config.vision_feature_layer
+    if not isinstance(layer_index, int) or isinstance(layer_index, bool):
+        raise ValueError(f"per-view features need one vision_feature_layer, got {layer_index!r}")
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            "per-view features follow the 'default' vision_feature_select_strategy (patches without CLS), got "
+            f"{config.vision_feature_select_strategy!r}"
+        )
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # flattened in 5.x
+    layers = tower.encoder.layers
+    depth = layer_index if layer_index >= 0 else len(layers) + 1 + layer_index
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"vision_feature_layer {layer_index} selects no encoder layer of a {len(layers)}-layer tower")
+    views = llava_next_views_per_image(model, image_sizes)
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [images, tiles, C, H, W] or [tiles, C, H, W], got {pixel_values.shape}")
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(model.model.vision_tower.dtype)))
+    for layer in layers[: depth - 1]:
+        hidden = call_clip_layer(layer, hidden)
+    cls_attention = keys = None
+    if score is not None:
+        cls_attention, keys = score(layers[depth - 1], hidden)
+        keys = keys[:, 1:]
+    hidden = call_clip_layer(layers[depth - 1], hidden)
+    return LlavaNextViewFeatures(hidden[:, 1:], cls_attention, keys, views)
+
+
+def llava_next_anyres_layout(model: PreTrainedModel, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's packed AnyRes token order (as :func:`llava_next_image_features` packs it), as indices into that
+    image's flat ``[views * patches_per_view]`` feature rows (the base view's rows first, then the tiles'), with -1
+    where an ``image_newline`` token goes. Built by running transformers' own ``get_anyres_image_grid_shape`` and
+    ``unpad_image`` on index tensors, so the layout is exactly theirs. Host tensors (``long``)."""
+    config = model.config
+    vision = config.vision_config
+    pinpoints = tuple(tuple(int(side) for side in point) for point in config.image_grid_pinpoints)
+    return [
+        _anyres_layout(tuple(size), views, pinpoints, vision.image_size, vision.patch_size)
+        for size, views in zip(image_sizes.tolist(), llava_next_views_per_image(model, image_sizes), strict=True)
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _anyres_layout(
+    size: tuple[int, int], views: int, pinpoints: tuple[tuple[int, ...], ...], view_side: int, patch_size: int
+) -> torch.Tensor:
+    """:func:`llava_next_anyres_layout` of one image (cached: sizes repeat); callers must not write into it."""
+    per_side = view_side // patch_size
+    patches = per_side * per_side
+    base = torch.arange(patches)
+    newline = torch.tensor([-1])
+    if views == 1:  # transformers closes a lone base view with one newline token
+        return torch.cat([base, newline])
+    rows, cols = get_anyres_image_grid_shape(list(size), [list(point) for point in pinpoints], view_side)
+    grid = torch.arange(patches, views * patches).view(rows, cols, per_side, per_side, 1)
+    grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # [1, rows * side, cols * side]
+    grid = unpad_image(grid, list(size))
+    grid = torch.cat([grid, newline.view(1, 1, 1).expand(*grid.shape[:-1], 1)], dim=-1)
+    return torch.cat([base, grid.flatten(1, 2).transpose(0, 1).reshape(-1)])
 
 
 def qwen_text_model(model: PreTrainedModel) -> nn.Module:
@@ -643,3 +735,60 @@ def load_image_processor(source: str | os.PathLike[str], **overrides: Any) -> An
 def clip_image_processor_class() -> type:
     """CLIP's image processor on the PIL backend (the plain class needs torchvision in transformers 5)."""
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def llava_onevision_image_features(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor,
+    batch_num_images: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Each image's tokens ``[n_i, hidden]``, in input order, exactly as LLaVA-OneVision's forward splices them:
+    its own ``get_image_features`` (SigLIP, the configured feature layer and select strategy, the projector,
+    ``pack_image_features``). ``batch_num_images`` (images per sample, as the image processor returns it):
+    an image alone in its sample gets its AnyRes tokens (the base view, then the tiles stitched, unpadded,
+    bilinearly downsized past ``vision_aspect_ratio``'s cap, e.g. ``anyres_max_9``, one newline token per row);
+    an image of a multi-image sample only its base view and one newline token. ``None``: every image is alone
+    (transformers' default). ``pixel_values``: ``[images, views, C, H, W]`` as the processor pads them."""
+    pixels = pixel_values.to(model.model.vision_tower.dtype)
+    output = model.model.get_image_features(pixels, image_sizes, batch_num_images=batch_num_images, return_dict=True)
+    return list(output.pooler_output)
+
+
+def llava_onevision_video_features(model: PreTrainedModel, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    """Each video's tokens ``[videos, frames * pooled + 1, hidden]`` as LLaVA-OneVision's forward splices them:
+    its own ``get_video_features`` (every frame through SigLIP and the projector, 2 x 2 bilinear pooling per
+    frame, one ``image_newline`` token after the last frame). ``pixel_values_videos``: ``[videos, frames, C, H, W]``."""
+    pixels = pixel_values_videos.to(model.model.vision_tower.dtype)
+    return model.model.get_video_features(pixels, return_dict=True).pooler_output
+
+
+def llava_onevision_tokens_per_image(
+    model: PreTrainedModel, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+) -> list[int]:
+    """Placeholders each image needs (the length of :func:`llava_onevision_image_features`' ``n_i``) without
+    running the tower: the model's own ``pack_image_features`` over zero features one channel wide, so the
+    unpadding and ``anyres_max`` downsizing are transformers' own. Arguments as there."""
+    config = model.config
+    view = config.vision_config.image_size
+    side = view // config.vision_config.patch_size
+    counts = [1] * len(image_sizes) if batch_num_images is None else [int(n) for n in batch_num_images.tolist()]
+    alone = [count == 1 for count in counts for _ in range(count)]
+    if len(alone) != len(image_sizes):
+        raise ValueError(f"batch_num_images {counts} does not add up to the {len(image_sizes)} images")
+    features = [
+        torch.zeros(image_size_to_num_patches(size, config.image_grid_pinpoints, view) if single else 1, side**2, 1)
+        for size, single in zip(image_sizes.tolist(), alone, strict=True)
+    ]
+    packed, _ = model.model.pack_image_features(
+        features, image_sizes.cpu(), image_newline=torch.zeros(1), vision_aspect_ratio=config.vision_aspect_ratio
+    )
+    return [int(part.shape[0]) for part in packed]
+
+
+def llava_onevision_video_tokens(model: PreTrainedModel, frames: int) -> int:
+    """Placeholders a video of ``frames`` frames needs: every frame's tokens after the model's own pooling
+    (``apply_pooling``), plus the one newline token closing the video."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    pooled = model.model.apply_pooling(torch.zeros(frames, side**2, 1))
+    return frames * int(pooled.shape[1]) + 1

@@ -14,6 +14,14 @@ them too). Positions are 1-D RoPE positions counted over each row's real tokens 
 
 Not yet: V2V (DUET's dominant + contextual tokens before the projector; refused by :meth:`set_compression`) and
 training (the family refuses to build a training model).
+
+LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``: SigLIP, ``anyres_max_9``, a Qwen2 decoder with plain
+1-D RoPE) runs through the same class: its images through its own ``get_image_features`` with ``batch_num_images``
+(images per sample, as its image processor returns them; an image of a multi-image sample gets only its base view
+and one newline token, see :func:`llava.hf_adapter.llava_onevision_image_features`), its videos
+(``pixel_values_videos``, ``video_token_id`` placeholders) through its own ``get_video_features`` (2 x 2 pooling
+per frame, one newline token closing each video; :meth:`DuetLlavaNext._insert_videos`). ``visual_mask`` marks
+image and video placeholders alike, so T2V scores and drops both (N0 counts both).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava.compression.config import load_compression
+from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, anyres_v2v_tokens
+from llava.compression.config import V2VConfig, load_compression
 from llava.compression.t2v import SequenceState, build_query_mask
 from llava.hf_adapter import (
     Cache,
@@ -31,6 +40,8 @@ from llava.hf_adapter import (
     llava_next_projector,
     llava_next_text_model,
     llava_next_views_per_image,
+    llava_onevision_image_features,
+    llava_onevision_video_features,
 )
 from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
@@ -40,7 +51,11 @@ from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
 
 LLAVA_NEXT_MODEL_TYPES = ("llava_next",)
-"""``model_type`` values of the checkpoints this module runs."""
+"""``model_type`` values of LLaVA-NeXT checkpoints (the ``llava_next`` family's)."""
+LLAVA_ONEVISION_MODEL_TYPES = ("llava_onevision",)
+"""``model_type`` values of LLaVA-OneVision checkpoints (the ``llava_onevision`` family's; images and videos)."""
+ANYRES_MODEL_TYPES = LLAVA_NEXT_MODEL_TYPES + LLAVA_ONEVISION_MODEL_TYPES
+"""``model_type`` values of the checkpoints :class:`DuetLlavaNext` runs (the AnyRes lineage)."""
 LLAVA_NEXT_QUERY_MODES = ("last", "instruction")
 """T2V queries this family supports (``salient`` needs LLaVA-1.5's content-word table; not wired here)."""
 
@@ -55,6 +70,7 @@ class DuetLlavaNext(nn.Module):
         self.hf_model = hf_model
         self.config = hf_model.config
         self.stage_plan = None
+        self.v2v: V2VConfig | None = None
         self.set_compression(compression)
 
     @property
@@ -78,18 +94,34 @@ class DuetLlavaNext(nn.Module):
         require_grads_from(self.get_input_embeddings())
 
     def set_compression(self, spec: Any) -> None:
-        """Switch the compression preset: T2V only (V2V and DyMU are not available for this family yet)."""
+        """Switch the compression preset: V2V per AnyRes view (:mod:`llava.compression.anyres_v2v`; budgets as
+        fractions of each view's tokens) and/or T2V; DyMU is not available for this family."""
         compression = load_compression(spec)
-        if compression.v2v is not None or compression.dymu is not None:
-            stage = "V2V" if compression.v2v is not None else "DyMU"
+        if compression.dymu is not None:
             raise ValueError(
-                f"compression {compression.name!r}: {stage} is not yet available for this family (LLaVA-NeXT); "
-                "use a T2V-only preset"
+                f"compression {compression.name!r}: DyMU is not yet available for this family (LLaVA-NeXT); "
+                "use a V2V and/or T2V preset"
             )
+        v2v = compression.v2v
+        if v2v is not None:
+            if getattr(self.config, "model_type", None) == "llava_onevision":
+                raise ValueError(
+                    f"compression {compression.name!r}: V2V scores patches by the CLS token's attention, and "
+                    "OneVision's SigLIP tower has no CLS token; use a T2V-only preset for LLaVA-OneVision"
+                )
+            if v2v.method not in ANYRES_V2V_METHODS:
+                raise ValueError(f"LLaVA-NeXT V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
+            if not v2v.is_fraction:
+                raise ValueError(
+                    f"compression {compression.name!r}: LLaVA-NeXT's views keep different numbers of tokens "
+                    "(unpadding), so V2V budgets must be fractions of each view's tokens (e.g. dominant 0.25, "
+                    f"contextual 0.08), not token counts ({v2v.dominant}, {v2v.contextual})"
+                )
         if compression.t2v is not None and compression.t2v.query not in LLAVA_NEXT_QUERY_MODES:
             raise ValueError(
                 f"LLaVA-NeXT T2V queries: {', '.join(LLAVA_NEXT_QUERY_MODES)}; got {compression.t2v.query!r}"
             )
+        self.v2v = v2v
         self.stage_plan = stage_plan_from_config(compression.t2v, self.config.text_config.num_hidden_layers)
 
     def set_query_vocabulary(self, tokenizer: Any) -> None:
@@ -111,6 +143,7 @@ class DuetLlavaNext(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         pack_sequences: bool = False,
+        batch_num_images: torch.Tensor | None = None,
         **unused: Any,
     ) -> DuetOutput:
         """Prefill (the whole prompt, visual tokens dropped at the T2V boundaries) or, with a ``decode_state``,
@@ -123,15 +156,16 @@ class DuetLlavaNext(nn.Module):
         )
         if step is not None:
             return step
-        if pixel_values_videos is not None:
-            raise ValueError("LLaVA-NeXT takes images only; videos are not supported by this family")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         left = detect_left_padding(attention_mask) if left_padding is None else bool(left_padding)
         visual_mask = input_ids == self.config.image_token_id
         embeds, kept, v2v_seconds = self._insert_visual_tokens(
-            self.get_input_embeddings()(input_ids), visual_mask, pixel_values, image_sizes
-        )
+            self.get_input_embeddings()(input_ids), visual_mask, pixel_values, image_sizes,
+            batch_num_images=batch_num_images,
+        )  # fmt: skip
+        embeds, video_mask = self._insert_videos(input_ids, embeds, pixel_values_videos)
+        visual_mask = visual_mask | video_mask
         plan = self.stage_plan
         query_mask = torch.zeros_like(visual_mask)
         if plan is not None and plan.boundaries:
@@ -148,6 +182,7 @@ class DuetLlavaNext(nn.Module):
             # V2V left some placeholders without a token: they leave the sequence, positions are recounted.
             sequence = sequence.compact(kept, left, recompute_positions=True)
         images = 0 if image_sizes is None or pixel_values is None else int(image_sizes.shape[0])
+        images += 0 if pixel_values_videos is None else int(pixel_values_videos.shape[0])
         layout = "packed" if pack_sequences else "left" if left else "right"
         result = run_decoder(decoder_of(self.language_model), sequence, plan, cache, use_cache, layout, images)
         return prefill_output(
@@ -161,14 +196,16 @@ class DuetLlavaNext(nn.Module):
         visual_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
+        batch_num_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """The text embeddings with every image's AnyRes tokens in its placeholder positions, in order; which
-        positions stay (``[B, L]`` bool, the real tokens less the placeholders V2V left empty; ``None``: all of
-        them) and V2V's host seconds.
+        positions stay (``[B, L]`` bool: every position but the placeholders V2V left empty, padding included;
+        ``None`` without V2V: all of them) and V2V's host seconds.
 
         One pass of the vision tower whatever the batch holds: under ZeRO-3 every rank must gather the same
         parameters as often as the others (and under ZeRO-2/DDP reduce the projector's gradients), so a training
-        batch without images runs one blank view whose tokens are then left out (zero, but in the graph).
+        batch without images runs one blank view whose tokens are then left out (zero, but in the graph), through
+        the same path as images (V2V's, which runs the tower only up to the feature layer, when it is on).
         """
         placeholders = int(visual_mask.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:
@@ -176,12 +213,17 @@ class DuetLlavaNext(nn.Module):
                 raise ValueError(f"input_ids hold {placeholders} image placeholders but no pixel_values were given")
             if self.training and torch.is_grad_enabled():
                 blank_pixels, blank_size = self._blank_image(embeds.device, embeds.dtype)
-                blank = torch.cat(llava_next_image_features(self.hf_model, blank_pixels, blank_size))
+                if self.v2v is not None:
+                    blank = anyres_v2v_tokens(self.hf_model, blank_pixels, blank_size, self.v2v).tokens
+                else:
+                    blank = torch.cat(llava_next_image_features(self.hf_model, blank_pixels, blank_size))
                 return embeds + blank[:0].sum().to(embeds.dtype), None, 0.0
             return embeds, None, 0.0
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (each image's original height, width) with pixel_values")
-        features = llava_next_image_features(self.hf_model, pixel_values, image_sizes)
+        if self.v2v is not None:
+            return self._insert_v2v_tokens(embeds, visual_mask, pixel_values, image_sizes)
+        features = self._image_features(pixel_values, image_sizes, batch_num_images)
         tokens = torch.cat(features).to(embeds.dtype)
         if tokens.shape[0] != placeholders:
             raise ValueError(
@@ -189,6 +231,22 @@ class DuetLlavaNext(nn.Module):
                 f"{tokens.shape[0]} AnyRes tokens ({[int(part.shape[0]) for part in features]} per image)"
             )
         return embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens), None, 0.0
+
+    def _insert_v2v_tokens(
+        self, embeds: torch.Tensor, visual_mask: torch.Tensor, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """:meth:`_insert_visual_tokens` with V2V per AnyRes view (:mod:`llava.compression.anyres_v2v`): every
+        placeholder gets its token (dropped ones too, left out by the caller's compaction) and a keep flag."""
+        compressed = anyres_v2v_tokens(self.hf_model, pixel_values, image_sizes, self.v2v)
+        placeholders = int(visual_mask.sum())
+        if compressed.tokens.shape[0] != placeholders:
+            raise ValueError(
+                f"input_ids hold {placeholders} image placeholders but the {int(image_sizes.shape[0])} images give "
+                f"{compressed.tokens.shape[0]} AnyRes tokens"
+            )
+        embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), compressed.tokens.to(embeds.dtype))
+        kept = (~visual_mask).masked_scatter(visual_mask, compressed.keep)
+        return embeds, kept, compressed.seconds
 
     def _blank_image(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One all-zero image of one view's size (``[1, views, C, H, W]``: the base view and its tiles, as the
@@ -199,6 +257,45 @@ class DuetLlavaNext(nn.Module):
         views = llava_next_views_per_image(self.hf_model, size)[0]
         return torch.zeros(1, views, vision.num_channels, side, side, device=device, dtype=dtype), size
 
+    @property
+    def is_onevision(self) -> bool:
+        """Whether the wrapped model is LLaVA-OneVision (images per sample matter; videos are taken)."""
+        return getattr(self.config, "model_type", None) in LLAVA_ONEVISION_MODEL_TYPES
+
+    def _image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Each image's tokens through the HF model's own feature path: LLaVA-NeXT's, or LLaVA-OneVision's with
+        ``batch_num_images`` (images per sample; ``None``: each image alone, as transformers defaults to).
+        LLaVA-NeXT has no such argument: every image gets its AnyRes tokens."""
+        if self.is_onevision:
+            return llava_onevision_image_features(self.hf_model, pixel_values, image_sizes, batch_num_images)
+        return llava_next_image_features(self.hf_model, pixel_values, image_sizes)
+
+    def _insert_videos(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, pixel_values_videos: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings with every video's tokens (LLaVA-OneVision: pooled frames, then one newline token) in its
+        ``video_token_id`` placeholders, in order, as transformers splices them; and those positions (``[B, L]``
+        bool; none for LLaVA-NeXT, which takes no videos)."""
+        if not self.is_onevision:
+            if pixel_values_videos is not None:
+                raise ValueError("LLaVA-NeXT takes images only; videos are not supported by this family")
+            return embeds, torch.zeros_like(input_ids, dtype=torch.bool)
+        video_mask = input_ids == self.config.video_token_id
+        placeholders = int(video_mask.sum())
+        if pixel_values_videos is None or pixel_values_videos.shape[0] == 0:
+            if placeholders:
+                raise ValueError(f"input_ids hold {placeholders} video placeholders but no pixel_values_videos")
+            return embeds, video_mask
+        tokens = llava_onevision_video_features(self.hf_model, pixel_values_videos).flatten(0, 1).to(embeds.dtype)
+        if tokens.shape[0] != placeholders:
+            raise ValueError(
+                f"input_ids hold {placeholders} video placeholders but the {pixel_values_videos.shape[0]} videos "
+                f"of {pixel_values_videos.shape[1]} frames give {tokens.shape[0]} tokens"
+            )
+        return embeds.masked_scatter(video_mask.unsqueeze(-1), tokens), video_mask
+
     @torch.no_grad()
     def generate(
         self,
@@ -206,13 +303,20 @@ class DuetLlavaNext(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         *,
         sampling: SamplingOptions | None = None,
         fast_decoder: FastDecoder | None = None,
         **sampling_kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy or sampled decoding of left-padded prompts with images; options as
-        :meth:`DuetLlavaForCausalLM.generate` (``sampling`` and/or its fields as keywords, ``fast_decoder``)."""
+        """Greedy or sampled decoding of left-padded prompts with images (and, for LLaVA-OneVision, videos and
+        ``batch_num_images``); options as :meth:`DuetLlavaForCausalLM.generate` (``sampling`` and/or its fields as
+        keywords, ``fast_decoder``)."""
         visual_inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+        if pixel_values_videos is not None:
+            visual_inputs["pixel_values_videos"] = pixel_values_videos
+        if batch_num_images is not None:
+            visual_inputs["batch_num_images"] = batch_num_images
         options = SamplingOptions.from_keywords(sampling, **sampling_kwargs)
         return greedy_or_sample(self, input_ids, attention_mask, visual_inputs, options, fast_decoder)
