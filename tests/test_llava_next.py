@@ -160,8 +160,8 @@ def test_t2v_generation_matches_recomputation_fast_path_and_single_samples():
 
 def test_unsupported_settings_are_refused():
     model = DuetLlavaNext(tiny_llava_next())
-    with pytest.raises(ValueError, match="V2V is not yet available for this family"):
-        model.set_compression(CompressionConfig("x", v2v=V2VConfig("duet", 0.5, 0.25)))
+    with pytest.raises(ValueError, match="V2V budgets must be fractions"):  # V2V per view: tests/test_llava_next_v2v.py
+        model.set_compression(CompressionConfig("x", v2v=V2VConfig("duet", 64, 16)))
     with pytest.raises(ValueError, match="DyMU is not yet available"):
         model.set_compression(CompressionConfig("x", dymu=DyMUConfig((0.5,))))
     with pytest.raises(ValueError, match="T2V queries"):
@@ -184,58 +184,23 @@ def test_registry_dispatches_llava_next_checkpoints(tmp_path):
     assert family_for("llava-hf/llava-v1.6-mistral-7b-hf", offline=True) is family
     model = family.random_model(tiny_llava_next_config().to_dict(), torch.float32, "cpu", "sdpa")
     assert isinstance(model, DuetLlavaNext) and family_of_model(model) is family
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT training is not supported yet"):
-        family.build_model(None, None, None)
 
 
 # ---------------------------------------------------------------- a local LLaVA-NeXT checkpoint end to end
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() }}: {% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
-
-@pytest.fixture(scope="module")
-def next_checkpoint(tmp_path_factory):
-    """The tiny LLaVA-NeXT saved like the Hub's: weights, a locally trained tokenizer with ``<image>``, and
-    transformers' own ``LlavaNextProcessor`` (AnyRes image processor, chat template); wide, tall, square images."""
-    from PIL import Image
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    from llava.playground.tokenizer import train_playground_tokenizer
-
-    out = tmp_path_factory.mktemp("llava_next")
-    tokenizer = train_playground_tokenizer(["what colour is the shape", "a red square", "hello there"] * 40, 300)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = LlavaNextImageProcessorPil(
-        image_grid_pinpoints=PINPOINTS, size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
-    )  # fmt: skip
-    model = tiny_llava_next()
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    for index, size in enumerate([(90, 40), (40, 90), (60, 60)]):  # (width, height)
-        Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
-    return out
-
-
-def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(next_checkpoint):
+def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(llava_next_checkpoint):
     from llava.families.llava_next import LlavaNextPipeline
     from llava.inference import load_pipeline
 
-    pipeline = load_pipeline(next_checkpoint, device="cpu")
+    pipeline = load_pipeline(llava_next_checkpoint, device="cpu")
     assert isinstance(pipeline, LlavaNextPipeline)
     requests = [
-        {"image": str(next_checkpoint / "image_0.png"), "prompt": "what colour is the shape"},
-        {"image": [str(next_checkpoint / "image_1.png"), str(next_checkpoint / "image_2.png")], "prompt": "hello"},
+        {"image": str(llava_next_checkpoint / "image_0.png"), "prompt": "what colour is the shape"},
+        {
+            "image": [str(llava_next_checkpoint / "image_1.png"), str(llava_next_checkpoint / "image_2.png")],
+            "prompt": "hello",
+        },
         {"image": None, "prompt": "hello there"},
     ]
     inputs = pipeline.prepare(requests)
@@ -250,7 +215,7 @@ def test_checkpoint_loads_through_the_pipeline_and_answers_in_batches(next_check
     assert len({wide, tall, square}) == 3
     one_by_one = pipeline.generate(requests, max_new_tokens=5, batch_size=1)
     assert pipeline.generate(requests, max_new_tokens=5, batch_size=3) == one_by_one
-    compressed = LlavaNextPipeline.from_pretrained(next_checkpoint, device="cpu", compression=T2V)
+    compressed = LlavaNextPipeline.from_pretrained(llava_next_checkpoint, device="cpu", compression=T2V)
     assert compressed.model.stage_plan.boundaries == (2,)
     assert compressed.generate(requests, max_new_tokens=5, batch_size=3) == compressed.generate(
         requests, max_new_tokens=5, batch_size=1
