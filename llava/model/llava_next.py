@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (LLaVA-1.6, AnyRes) with DUET's T2V compression, by composition; inference only for now.
+"""LLaVA-NeXT (LLaVA-1.6, AnyRes) with DUET's V2V (per view) and T2V compression, by composition.
 
 The HF model (``LlavaNextForConditionalGeneration``) supplies everything but the decoder loop: its CLIP tower,
 projector and ``pack_image_features`` give each image's AnyRes tokens (the base view, then the tiles stitched
@@ -12,8 +12,17 @@ its lm_head gives logits. The decoder layers run through this project's stage lo
 tokens, come out of the same splice, and T2V scores and drops them like any other visual token (so N0 counts
 them too). Positions are 1-D RoPE positions counted over each row's real tokens (left padding gets none).
 
-Not yet: V2V (DUET's dominant + contextual tokens before the projector; refused by :meth:`set_compression`) and
-training (the family refuses to build a training model).
+V2V (``self.v2v``; :mod:`llava.compression.anyres_v2v`): DUET's dominant + contextual tokens (or VisionZip's,
+or random ones) chosen per view (the base view and every tile) among the patches that survive unpadding, with
+budgets as fractions of each view's patches (so an image's budget splits over its views in proportion to their
+tokens; token counts are refused). The survivors keep their grid positions, anchors hold their merged CLIP
+features before the projector, and the tokens come out in transformers' packed order with a keep flag per
+placeholder; a newline token stays iff at least one token of its row does. Dropped placeholders leave the
+sequence before the decoder (positions recounted), so T2V's N0 is what V2V kept. Not for OneVision (no CLS token
+in SigLIP to score by); DyMU is not available for either.
+
+Training runs the same forward with ``labels`` (V2V keeps the projector, ``image_newline`` and the tower in the
+graph); a text-only training batch runs one blank image through the same path as images (ZeRO-safe).
 
 LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``: SigLIP, ``anyres_max_9``, a Qwen2 decoder with plain
 1-D RoPE) runs through the same class: its images through its own ``get_image_features`` with ``batch_num_images``
