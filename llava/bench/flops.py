@@ -48,12 +48,21 @@ Rules (a multiply-add counts as 2 FLOPs; every count is per sample times the bat
     (and the projector on its tokens, forward and backward) so every rank calls the same modules: the
     ``idle_image`` component, once per step, not per sample (absent for image shapes and in prefill).
 12. Not counted: the optimizer step (elementwise, memory-bound), communication, data loading.
+13. AnyRes shapes (``llava-next-7b``, ``llava-onevision-7b``, ``small-anyres``; :mod:`llava.bench.anyres`): a
+    sample is one image of the shape's image-size mix; every rule above is applied per image (the tower once per
+    view, base + tiles, over P (+ CLS) tokens; the projector on every view's full grid before unpadding, or on
+    the views' kept tokens with V2V; the LLM on N0 = base + unpadded tiles + newline tokens, V2V keeping a
+    fraction of each view and every newline) and the per-image FLOPs are averaged with the mix's weights (a
+    padding-free batch of the mix). V2V scoring per view as rule 6 with the budget of a full view.
 
 CLI: ``python -m llava.bench.flops --shape llava-7b --stage finetune --presets none,duet_192,duet_128,duet_64``
 prints total TFLOPs per step, the ratio to ``none`` and the LLM's share for each preset (``--stage prefill``
 for inference prefill, ``--breakdown`` for per-component rows); ``--presets`` defaults to the shape's
 (video shapes: ``none,duet_video_53,duet_video_93``):
 ``python -m llava.bench.flops --shape video-llava-7b --stage finetune --presets none,duet_video_53,duet_video_93``.
+AnyRes shapes add the prefill ratio and the layer-average fraction of N0 to every row:
+``python -m llava.bench.flops --shape llava-next-7b`` (presets default to the ``anyres_*`` ones;
+``llava-onevision-7b``: the T2V-only ones).
 """
 
 from __future__ import annotations
@@ -158,8 +167,9 @@ class FlopBreakdown:
 
 
 def _tower_forward(vision: VisionShape) -> float:
-    """Patch embedding plus the encoder layers up to the feature layer, full attention over P + 1 tokens."""
-    d, tokens = vision.hidden, vision.num_patches + 1
+    """Patch embedding plus the encoder layers up to the feature layer, full attention over P + 1 tokens (P
+    for a tower without CLS, SigLIP)."""
+    d, tokens = vision.hidden, vision.num_patches + int(vision.cls_token)
     patch_embedding = linear_flops(vision.num_patches, 3 * vision.patch_size**2, d)
     layer = 4 * linear_flops(tokens, d, d) + linear_flops(tokens, d, vision.intermediate)
     layer += linear_flops(tokens, vision.intermediate, d) + 2 * (2.0 * tokens * tokens * d)
@@ -177,11 +187,13 @@ def _v2v_scoring(vision: VisionShape, config: CompressionConfig) -> float:
         return 0.0
     d, tokens = vision.hidden, vision.num_patches + 1
     scores = linear_flops(tokens, d, d) + linear_flops(1, d, d) + 2.0 * tokens * d
-    remaining = vision.num_patches - (v2v.dominant - 1)
-    if v2v.contextual == 0 or remaining <= 0:
+    # Fraction budgets (AnyRes views): the budget of one full view; no CLS among the kept tokens there.
+    dominant, contextual = v2v.budget(vision.num_patches) if v2v.is_fraction else (v2v.dominant - 1, v2v.contextual)
+    remaining = vision.num_patches - dominant
+    if contextual == 0 or remaining <= 0:
         return scores
-    pool = min(v2v.cluster_width * v2v.contextual, remaining) if v2v.method == "duet" else remaining
-    anchors = min(v2v.contextual, pool)
+    pool = min(v2v.cluster_width * contextual, remaining) if v2v.method == "duet" else remaining
+    anchors = min(contextual, pool)
     members = pool - anchors
     return scores + 2.0 * members * anchors * (d // vision.heads)
 
@@ -276,6 +288,12 @@ def _step(
     """Forward (and, for a training ``stage``, backward) FLOPs of a batch; ``stage=None`` is inference."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shape.anyres is not None and shape.image is None:
+        steps = [
+            (share, _step(image, config, batch_size, text, head_tokens, queries, stage, gradient_checkpointing, lora_r))
+            for share, image in shape.mix_images()
+        ]
+        return _mix_breakdowns(steps)
     llm = shape.llm
     visual = shape.visual_tokens_per_layer(config, measured=dymu_tokens)
     n0 = visual[0]
@@ -291,7 +309,8 @@ def _step(
         "v2v_scoring": frames * _v2v_scoring(shape.sample_tower, config),
     }
     backward: dict[str, float] = {"tower": 0.0, "v2v_scoring": 0.0}
-    forward["projector"], backward["projector"] = _projector_step(shape, n0, stage is not None)
+    projector_tokens = shape.projector_tokens(config) if shape.anyres is not None else n0
+    forward["projector"], backward["projector"] = _projector_step(shape, projector_tokens, stage is not None)
     if shape.is_video and stage is not None:  # once per step, not per sample: set after the batch scaling below
         forward["idle_image"] = backward["idle_image"] = 0.0
     layers_forward = 0.0
@@ -316,6 +335,19 @@ def _step(
     if shape.is_video and stage is not None:
         breakdown.forward["idle_image"], breakdown.backward["idle_image"] = _idle_image(shape, config)
     return breakdown
+
+
+def _mix_breakdowns(steps: list[tuple[float, FlopBreakdown]]) -> FlopBreakdown:
+    """The ``share``-weighted mean of per-image breakdowns (same components, same layers)."""
+    first = steps[0][1]
+    return FlopBreakdown(
+        forward={key: sum(share * step.forward[key] for share, step in steps) for key in first.forward},
+        backward={key: sum(share * step.backward[key] for share, step in steps) for key in first.backward},
+        visual_tokens_per_layer=[
+            sum(share * step.visual_tokens_per_layer[layer] for share, step in steps)
+            for layer in range(len(first.visual_tokens_per_layer))
+        ],
+    )
 
 
 def training_step_flops(
@@ -436,17 +468,27 @@ def _table(args: argparse.Namespace) -> list[str]:
     what = "prefill" if args.stage == "prefill" else f"{args.stage} step"
     checkpointing = "" if args.stage == "prefill" else f", gradient checkpointing {not args.no_gradient_checkpointing}"
     visual_input = f", {shape.describe_visual_input()} per sample" if shape.is_video else ""
+    anyres = shape.anyres is not None
+    if anyres:
+        visual_input = f", {shape.describe_visual_input()} per sample"
+    name_width, n0_width, n0_format = (24, 8, ".1f") if anyres else (16, 6, "g")
     lines = [
         f"{shape.name} {what}, batch {args.batch_size}{checkpointing}{visual_input} (optimizer not counted)",
-        f"{'preset':<16}{'N0':>6}{'avg vis':>9}{'TFLOPs':>11}{'vs none':>9}{'saved':>8}{'LLM share':>11}",
+        f"{'preset':<{name_width}}{'N0':>{n0_width}}{'avg vis':>9}{'TFLOPs':>11}{'vs none':>9}{'saved':>8}"
+        f"{'LLM share':>11}" + (f"{'prefill vs none':>17}{'avg/N0':>8}" if anyres else ""),
     ]
+    prefill_baseline = prefill_flops(shape, None, args.batch_size, args.prompt_tokens) if anyres else None
     for preset in args.presets:
         flops = flops_of(preset)
         visual = flops.visual_tokens_per_layer
         ratio = flops.total / baseline.total
+        extra = ""
+        if prefill_baseline is not None:
+            prefill = prefill_flops(shape, preset, args.batch_size, args.prompt_tokens).total / prefill_baseline.total
+            extra = f"{prefill:>17.3f}{sum(visual) / len(visual) / baseline.visual_tokens_per_layer[0]:>8.3f}"
         lines.append(
-            f"{preset:<16}{visual[0]:>6g}{sum(visual) / len(visual):>9.2f}{flops.total / 1e12:>11.2f}"
-            f"{ratio:>9.3f}{1 - ratio:>8.1%}{flops.llm_share:>11.1%}"
+            f"{preset:<{name_width}}{visual[0]:>{n0_width}{n0_format}}{sum(visual) / len(visual):>9.2f}"
+            f"{flops.total / 1e12:>11.2f}{ratio:>9.3f}{1 - ratio:>8.1%}{flops.llm_share:>11.1%}{extra}"
         )
         if args.breakdown:
             for name, forward, backward in flops.as_rows(group_layers=True):

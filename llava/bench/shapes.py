@@ -21,24 +21,52 @@ tower is built too (Video-LLaVA has both; a video-only training batch still runs
   about 120 text tokens) and ``small``'s tower (4 layers of 128, 3 run, at 224 px) and 8-layer LLM, narrowed to
   256 wide: about 0.39 TFLOPs per batch-2 finetune step, about 5 s on a quiet 2-core CPU.
 * ``video-llava-7b``: Video-LLaVA-7B: CLIP-L/14-224 towers for images and video, Vicuna-7B, 8 frames.
+
+AnyRes shapes (``anyres`` set; :mod:`llava.bench.anyres`) carry one image per sample whose token count follows its
+size: a base view plus a grid of tiles, unpadded, one newline token per grid row. The shape's ``image_mix`` is the
+typical image-size mix the FLOP model averages over (per image FLOPs, weighted; :meth:`ModelShape.mix_images`):
+
+* ``small-anyres``: CPU benchmark model, LLaVA-NeXT's AnyRes geometry at half scale (168 px views of 12 x 12 =
+  144 tokens, the five v1.6 pinpoints halved) on 320x240 and 240x320 images (the mix's 640x480 / 480x640
+  halved: the same 2 x 2 tile grids and unpadding, about 600 tokens per image), ``small``'s tower at 168 px and
+  an 8-layer LLM of 256; run by the ``llava_next`` family's random model.
+* ``llava-next-7b``: LLaVA-NeXT (v1.6) Vicuna-7B, CLIP-L/14-336 AnyRes, on :data:`llava.bench.anyres.IMAGE_MIX`.
+* ``llava-onevision-7b``: LLaVA-OneVision Qwen2-7B (28 layers, GQA 28 / 4 heads), SigLIP-so400m/14-384 (26
+  layers run, no CLS, 729 tokens per view), ``anyres_max_9``, on the same mix.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from llava.compression.accounting import average_visual_tokens, initial_visual_tokens, visual_tokens_per_layer
+from llava.bench.anyres import (
+    IMAGE_MIX,
+    NEXT_GEOMETRY,
+    ONEVISION_GEOMETRY,
+    AnyResCounts,
+    AnyResGeometry,
+    MixImage,
+    anyres_counts,
+)
+from llava.compression.accounting import (
+    anyres_visual_tokens_per_layer,
+    average_visual_tokens,
+    initial_visual_tokens,
+    visual_tokens_per_layer,
+)
 from llava.compression.config import CompressionConfig
 from llava.families.registry import family_named
 from llava.hf_adapter import set_attn_implementation
 from llava.model.vision_tower import layers_to_run
 
 __all__ = [
+    "ANYRES_PRESETS",
     "IMAGE_PRESETS",
     "SHAPES",
     "VIDEO_PRESETS",
@@ -64,6 +92,7 @@ class VisionShape:
     image_size: int = 336
     patch_size: int = 14
     feature_layer: int = -2
+    cls_token: bool = True  # CLIP carries CLS through its layers; SigLIP has none
 
     @property
     def num_patches(self) -> int:
@@ -115,6 +144,10 @@ class ModelShape:
     pretrain_text_tokens: int = 30
     num_frames: int = 0
     video: VisionShape | None = None
+    anyres: AnyResGeometry | None = None
+    image_mix: tuple[MixImage, ...] = ()
+    image: MixImage | None = None  # an AnyRes shape resolved to one image of its mix (mix_images)
+    family: str = "llava"  # the registry family whose random_model builds it
 
     def __post_init__(self) -> None:
         if self.num_frames < 0:
@@ -126,6 +159,65 @@ class ModelShape:
                 raise ValueError(f"shape {self.name}: the image and video towers share a projector: equal widths")
             if self.video.feature_layer != self.vision.feature_layer:
                 raise ValueError(f"shape {self.name}: the image and video towers share one feature layer")
+        if self.anyres is not None:
+            if self.is_video:
+                raise ValueError(f"shape {self.name}: AnyRes shapes carry images, not videos")
+            if not self.image_mix:
+                raise ValueError(f"shape {self.name}: an AnyRes shape needs an image_mix")
+            if self.anyres.view_size != self.vision.image_size or self.anyres.patch_size != self.vision.patch_size:
+                raise ValueError(f"shape {self.name}: the AnyRes views must be the tower's image and patch size")
+
+    @property
+    def is_anyres(self) -> bool:
+        """Whether a sample carries one AnyRes image (base view + tiles; its token count follows its size)."""
+        return self.anyres is not None
+
+    def mix_images(self) -> list[tuple[float, ModelShape]]:
+        """``(share, shape resolved to that image)`` for each image of an AnyRes shape's mix (shares sum to 1)."""
+        if self.anyres is None:
+            raise ValueError(f"shape {self.name} is not an AnyRes shape")
+        total = sum(image.weight for image in self.image_mix)
+        return [(image.weight / total, replace(self, image=image)) for image in self.image_mix]
+
+    @property
+    def anyres_counts(self) -> AnyResCounts:
+        """AnyRes token counts of the shape's resolved image (:meth:`mix_images`)."""
+        if self.anyres is None or self.image is None:
+            raise ValueError(f"shape {self.name}: AnyRes counts need a shape resolved to one image (mix_images)")
+        return anyres_counts(self.anyres, self.image.height, self.image.width)
+
+    def _mix_mean(self, value: Callable[[ModelShape], float]) -> float:
+        return sum(share * value(shape) for share, shape in self.mix_images())
+
+    def _anyres_per_layer(self, config: CompressionConfig) -> list[float]:
+        if config.v2v is not None and not self.vision.cls_token:
+            raise ValueError(
+                f"shape {self.name}: V2V scores patches by the CLS token's attention and this tower has no CLS "
+                f"(compression {config.name!r}); use a T2V-only preset"
+            )
+        if self.image is not None:
+            counts = self.anyres_counts
+            per_layer = anyres_visual_tokens_per_layer(
+                config, self.llm.num_layers, counts.view_token_counts, counts.newline_tokens
+            )
+            return [float(count) for count in per_layer]
+        mixed = [0.0] * self.llm.num_layers
+        for share, shape in self.mix_images():
+            for layer, count in enumerate(shape._anyres_per_layer(config)):
+                mixed[layer] += share * count
+        return mixed
+
+    def projector_tokens(self, config: CompressionConfig) -> float:
+        """Tokens the projector runs on per sample: N0, except for an AnyRes image, where it runs on every view's
+        full grid before unpadding (``views x view tokens``) or, with V2V, on the views' kept tokens."""
+        if self.anyres is None:
+            return self.initial_visual_tokens(config)
+        if self.image is None:
+            return self._mix_mean(lambda shape: shape.projector_tokens(config))
+        counts = self.anyres_counts
+        if config.v2v is not None:
+            return self.initial_visual_tokens(config) - counts.newline_tokens
+        return float(counts.views * self.anyres.view_tokens)
 
     @property
     def is_video(self) -> bool:
@@ -144,7 +236,12 @@ class ModelShape:
 
     @property
     def frames_per_sample(self) -> int:
-        """Tower passes per sample: ``num_frames`` for a video, 1 for an image."""
+        """Tower passes per sample: ``num_frames`` for a video, the views of an AnyRes image (base + tiles; an
+        unresolved AnyRes shape: the mix's mean, rounded), 1 for an image."""
+        if self.anyres is not None:
+            if self.image is None:
+                return round(self._mix_mean(lambda shape: shape.frames_per_sample))
+            return self.anyres_counts.views
         return max(self.num_frames, 1)
 
     @property
@@ -154,7 +251,12 @@ class ModelShape:
 
     @property
     def uncompressed_visual_tokens(self) -> int:
-        """Visual tokens per sample without compression: frames x tokens per frame, or the image's patches."""
+        """Visual tokens per sample without compression: frames x tokens per frame, or the image's patches, or an
+        AnyRes image's tokens (an unresolved AnyRes shape: the mix's mean, rounded)."""
+        if self.anyres is not None:
+            if self.image is None:
+                return round(self._mix_mean(lambda shape: shape.uncompressed_visual_tokens))
+            return self.anyres_counts.total
         return self.num_frames * self.tokens_per_frame if self.is_video else self.vision.num_patches
 
     def _accounting(self) -> dict[str, int | bool]:
@@ -166,21 +268,34 @@ class ModelShape:
 
     def initial_visual_tokens(self, config: CompressionConfig, measured: float | None = None) -> float:
         """``N0`` per sample: V2V's ``k1 + k2`` (per frame, times the frames) or every token of the sample;
-        DyMU: the ``measured`` mean."""
+        DyMU: the ``measured`` mean; AnyRes: per view (the mix's weighted mean when unresolved)."""
+        if self.anyres is not None:
+            return self._anyres_per_layer(config)[0]
         return initial_visual_tokens(config, **self._accounting(), measured=measured)
 
     def visual_tokens_per_layer(self, config: CompressionConfig, measured: float | None = None) -> list[float]:
-        """Visual tokens per sample (one image or one video, all frames) seen by each LLM layer."""
+        """Visual tokens per sample (one image or one video, all frames) seen by each LLM layer (AnyRes
+        shapes: the mix's weighted mean per layer when unresolved)."""
+        if self.anyres is not None:
+            return self._anyres_per_layer(config)
         return visual_tokens_per_layer(config, self.llm.num_layers, **self._accounting(), measured=measured)
 
     def average_visual_tokens(self, config: CompressionConfig, measured: float | None = None) -> float:
         """Visual tokens per sample averaged over the LLM layers (the papers' token count)."""
+        if self.anyres is not None:
+            per_layer = self._anyres_per_layer(config)
+            return sum(per_layer) / len(per_layer)
         return average_visual_tokens(config, self.llm.num_layers, **self._accounting(), measured=measured)
 
     def describe_visual_input(self) -> str:
         """``one video of 8 frames x 257 tokens`` or ``one image of 576 tokens``: what a sample carries."""
         if self.is_video:
             return f"one video of {self.num_frames} frames x {self.tokens_per_frame} tokens"
+        if self.anyres is not None:
+            if self.image is not None:
+                return f"one {self.image.label} AnyRes image of {self.uncompressed_visual_tokens} tokens"
+            mix = ", ".join(f"{image.label} x{image.weight:g}" for image in self.image_mix)
+            return f"one AnyRes image of the mix {mix} (mean {self.uncompressed_visual_tokens} tokens)"
         return f"one image of {self.vision.num_patches} tokens"
 
 
@@ -193,6 +308,18 @@ _VICUNA_7B = LLMShape(num_layers=32, hidden=4096, intermediate=11008, heads=32, 
 # A Video-LLaVA instruction sample (Video-ChatGPT style): system prompt + question (about 60 tokens) and a
 # one-paragraph answer (about 60 tokens); video captions for pretraining are short, like image captions.
 _VIDEO_TEXT = {"text_tokens": 120, "answer_tokens": 60, "pretrain_text_tokens": 30}
+# SigLIP-so400m/14-384 as LLaVA-OneVision ships it (26 layers, the last one read, no CLS: 729 tokens per view).
+_SIGLIP_384 = VisionShape(
+    num_layers=26, hidden=1152, intermediate=4304, heads=16, image_size=384, feature_layer=-1, cls_token=False
+)
+_QWEN2_7B = LLMShape(num_layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152128)
+# LLaVA-NeXT's AnyRes geometry at half scale for CPU runs: 168 px views of 12 x 12 tokens, the pinpoints halved.
+SMALL_ANYRES_GEOMETRY = AnyResGeometry(
+    name="llava-next-half",
+    view_size=168,
+    patch_size=14,
+    grid_pinpoints=tuple((height // 2, width // 2) for height, width in NEXT_GEOMETRY.grid_pinpoints),
+)
 
 SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(
@@ -236,17 +363,55 @@ SHAPES: dict[str, ModelShape] = {
     "video-llava-7b": ModelShape(
         name="video-llava-7b", vision=_CLIP_L_224, video=_CLIP_L_224, num_frames=8, llm=_VICUNA_7B, **_VIDEO_TEXT
     ),
+    "small-anyres": ModelShape(
+        name="small-anyres",
+        vision=VisionShape(num_layers=4, hidden=128, intermediate=512, heads=4, image_size=168),
+        llm=LLMShape(num_layers=8, hidden=256, intermediate=688, heads=4, kv_heads=4, vocab=32000),
+        anyres=SMALL_ANYRES_GEOMETRY,
+        image_mix=(MixImage(320, 240, 0.5), MixImage(240, 320, 0.5)),
+        family="llava_next",
+    ),
+    "llava-next-7b": ModelShape(
+        name="llava-next-7b",
+        vision=_CLIP_L_336,
+        llm=_VICUNA_7B,
+        anyres=NEXT_GEOMETRY,
+        image_mix=IMAGE_MIX,
+        family="llava_next",
+    ),
+    "llava-onevision-7b": ModelShape(
+        name="llava-onevision-7b",
+        vision=_SIGLIP_384,
+        llm=_QWEN2_7B,
+        anyres=ONEVISION_GEOMETRY,
+        image_mix=IMAGE_MIX,
+        family="llava_onevision",
+    ),
 }
 
 IMAGE_PRESETS = ("none", "duet_192", "duet_128", "duet_64")
 """Default benchmark presets of image shapes (LLaVA-1.5 budgets: 192 / 128 / 64 tokens per layer)."""
 VIDEO_PRESETS = ("none", "duet_video_53", "duet_video_93")
 """Default benchmark presets of video shapes (per-frame V2V to 192 / 27 tokens, then joint T2V)."""
+ANYRES_PRESETS = (
+    "none",
+    "anyres_duet_third",
+    "anyres_duet_ninth",
+    "anyres_visionzip_third",
+    "anyres_pdrop_third",
+    "anyres_pdrop_ninth",
+)
+"""Default benchmark presets of AnyRes shapes (fractions of each image's tokens: layer averages 1/3 and 1/9)."""
+ANYRES_T2V_PRESETS = ("none", "anyres_pdrop_third", "anyres_pdrop_ninth")
+"""Default presets of AnyRes shapes whose tower has no CLS token (OneVision's SigLIP: V2V is refused)."""
 
 
 def default_presets(shape: ModelShape | str) -> list[str]:
-    """The presets benchmarks and the FLOP table compare by default for ``shape`` (video or image budgets)."""
-    return list(VIDEO_PRESETS if get_shape(shape).is_video else IMAGE_PRESETS)
+    """The presets benchmarks and the FLOP table compare by default for ``shape`` (video, AnyRes or image)."""
+    shape = get_shape(shape)
+    if shape.anyres is not None:
+        return list(ANYRES_PRESETS if shape.vision.cls_token else ANYRES_T2V_PRESETS)
+    return list(VIDEO_PRESETS if shape.is_video else IMAGE_PRESETS)
 
 
 def get_shape(name: str | ModelShape) -> ModelShape:
