@@ -17,6 +17,7 @@ from llava.hf_adapter import (
     llava_next_view_features,
     llava_next_views_per_image,
 )
+from llava.model.fast_generation import FastDecoder
 from llava.model.llava_next import DuetLlavaNext
 from llava.model.vision_tower import cls_attention_and_keys
 from tests.test_llava_next import IMAGE, TILE, tiny_llava_next_config
@@ -220,6 +221,10 @@ def test_generation_cached_equals_recomputed_fast_path_and_one_by_one(hf):
     cached = model.generate(**inputs, fast=False, **options)
     assert torch.equal(cached, model.generate(**inputs, use_cache=False, **options))
     assert torch.equal(cached, model.generate(**inputs, fast=True, **options))
+    decoder = FastDecoder(model, warmup_steps=1, bucket_batch=True)  # reused, warm-up undone, padded rows
+    for _ in range(2):
+        assert torch.equal(cached, model.generate(**inputs, fast=True, fast_decoder=decoder, **options))
+    assert len(decoder.runners()) == 1
     for index in range(4):
         assert torch.equal(model.generate(**row_of(inputs, index), fast=False, **options)[0], cached[index])
 
@@ -241,12 +246,25 @@ def test_bf16_runs_and_an_every_token_budget_equals_uncompressed_bf16():
 # ---------------------------------------------------------------- training
 
 
-def test_backward_reaches_projector_newline_and_tower_with_v2v(hf):
+def test_backward_reaches_projector_newline_and_tower_with_v2v():
     model = DuetLlavaNext(tiny_next(), CompressionConfig("v2v_t2v", v2v=DUET, t2v=T2V)).train()
     inputs = batch(model.hf_model)
     unsupervised = (inputs["attention_mask"] == 0) | (inputs["input_ids"] == IMAGE) | (inputs["input_ids"] == 1)
-    loss = model(**inputs, labels=inputs["input_ids"].masked_fill(unsupervised, -100)).loss
+    labels = inputs["input_ids"].masked_fill(unsupervised, -100)
+    loss = model(**inputs, labels=labels).loss
     loss.backward()
+    with torch.no_grad():  # padding-free rows and right padding (the collator's) give the same loss
+        torch.testing.assert_close(model(**inputs, labels=labels, pack_sequences=True).loss, loss.detach())
+        lengths = inputs["attention_mask"].sum(dim=1)
+        right = {key: value.clone() for key, value in inputs.items()}
+        for index, length in enumerate(lengths.tolist()):
+            for key, tensor in (("input_ids", inputs["input_ids"]), ("attention_mask", inputs["attention_mask"])):
+                right[key][index] = tensor[index].roll(length - tensor.shape[1])
+        right_labels = right["input_ids"].masked_fill(
+            (right["attention_mask"] == 0) | (right["input_ids"] == IMAGE), -100
+        )
+        right_labels[:, 0] = -100  # BOS is the first token of every right-padded row
+        torch.testing.assert_close(model(**right, labels=right_labels, left_padding=False).loss, loss.detach())
     assert all(float(param.grad.abs().sum()) > 0 for param in model.projector.parameters())
     assert float(model.hf_model.model.image_newline.grad.abs().sum()) > 0
     tower = model.hf_model.model.vision_tower
