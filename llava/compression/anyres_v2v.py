@@ -31,7 +31,9 @@ alone, so nothing is read back from the device.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -101,21 +103,9 @@ class AnyResPlan(NamedTuple):
         surviving = np.zeros(first_view * patches, dtype=bool)
         surviving[layout[layout >= 0]] = True
         counts = surviving.reshape(first_view, patches).sum(axis=1)
-        dominants, remaining, anchors, members = [], [], [], []
-        for count in counts.tolist():
-            dominant, contextual = v2v.budget(count) if count else (0, 0)
-            dominant = min(dominant, count)
-            rest = count - dominant
-            remaining.append(dominant + np.arange(rest))
-            if v2v.method == "visionzip":  # slots into the remaining patches sorted by position
-                pool, slot_base = (rest if contextual else 0), 0
-            else:  # duet: rank slots over the pool that follows the dominant patches
-                pool, slot_base = (min(v2v.cluster_width * contextual, rest) if contextual else 0), dominant
-            step = max(1, pool // contextual) if contextual else 1
-            anchor_slots = np.arange(0, pool, step)[:contextual]
-            anchors.append(slot_base + anchor_slots)
-            members.append(slot_base + np.setdiff1d(np.arange(pool), anchor_slots))
-            dominants.append(dominant)
+        dominants, remaining, anchors, members = zip(
+            *(_view_slots(count, v2v) for count in counts.tolist()), strict=True
+        )
         remaining_slots, remaining_valid = _padded(remaining)
         anchor_slots, anchor_valid = _padded(anchors)
         member_slots, member_valid = _padded(members)
@@ -142,7 +132,25 @@ class AnyResPlan(NamedTuple):
         return (self.dominant + contextual).tolist()
 
 
-def _padded(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=1024)
+def _view_slots(count: int, v2v: V2VConfig) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """A view of ``count`` surviving patches: ``k1``, the rank slots of the other patches, and the slots of the
+    anchors and of the pool's other members (``duet``: rank slots; ``visionzip``: slots into the remaining
+    patches sorted by position). Cached (views repeat their counts); callers must not write into the arrays."""
+    dominant, contextual = v2v.budget(count) if count else (0, 0)
+    dominant = min(dominant, count)
+    rest = count - dominant
+    if v2v.method == "visionzip":
+        pool, slot_base = (rest if contextual else 0), 0
+    else:
+        pool, slot_base = (min(v2v.cluster_width * contextual, rest) if contextual else 0), dominant
+    step = max(1, pool // contextual) if contextual else 1
+    anchor_slots = np.arange(0, pool, step)[:contextual]
+    members = slot_base + np.setdiff1d(np.arange(pool), anchor_slots)
+    return dominant, dominant + np.arange(rest), slot_base + anchor_slots, members
+
+
+def _padded(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged index rows as a ``[len(rows), longest]`` long tensor padded with 0, and the mask of real entries."""
     width = max((len(row) for row in rows), default=0)
     slots = np.zeros((len(rows), width), dtype=np.int64)
