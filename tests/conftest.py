@@ -140,3 +140,42 @@ def qwen_checkpoint(tmp_path_factory):
     frames = [np.full((56, 84, 3), 30 * step, dtype=np.uint8) for step in range(6)]
     write_video(out / "clip.mp4", frames, fps=4)  # 1.5 s
     return out
+
+
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)  # llava-hf's llava-v1.6-vicuna template (every content a list; no end-of-sequence after answers)
+
+
+@pytest.fixture(scope="session")
+def llava_next_checkpoint(tmp_path_factory):
+    """The tiny LLaVA-NeXT (tests/test_llava_next.py's) saved like the Hub's: weights, a locally trained tokenizer
+    with ``<image>``, and transformers' own ``LlavaNextProcessor`` (AnyRes image processor with tiny pinpoints,
+    llava-hf's vicuna chat template); wide, tall and square images."""
+    from PIL import Image
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from llava.playground.tokenizer import train_playground_tokenizer
+    from tests.test_llava_next import PINPOINTS, TILE, tiny_llava_next
+
+    out = tmp_path_factory.mktemp("llava_next")
+    tokenizer = train_playground_tokenizer(["what colour is the shape", "a red square", "hello there"] * 40, 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=PINPOINTS, size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1,
+    )  # fmt: skip
+    model = tiny_llava_next()
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    for index, size in enumerate([(90, 40), (40, 90), (60, 60)]):  # (width, height)
+        Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
+    return out

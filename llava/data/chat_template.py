@@ -1,4 +1,4 @@
-"""LLaVA conversations through a tokenizer's own chat template (Qwen2.5-VL), with assistant-only labels.
+"""LLaVA conversations through a tokenizer's own chat template (Qwen2.5-VL, LLaVA-NeXT), with assistant-only labels.
 
 A LLaVA sample (``human``/``gpt`` turns, ``<image>`` tags) becomes chat messages whose content lists put
 ``{"type": "image"}`` where the tags were (:func:`chat_content`, shared with inference so training and
@@ -9,9 +9,10 @@ and the learned spans are exactly what the model writes after ``add_generation_p
 its end-of-turn token, not the whitespace the template puts after it. Each piece is tokenized on its
 own, so ids and labels cannot disagree.
 
-Images go through the model's own image processor (Qwen: dynamic resolution); each image's single
+Images go through the model's own image processor. By default (Qwen: dynamic resolution) each image's single
 placeholder token is repeated once per merged visual token (``t * h * w / merge^2``), as Qwen's processor
-does. Truncation never splits an image: an image that does not fit is dropped with its vision markers
+does; a family with another layout passes ``image_inputs`` (LLaVA-NeXT: AnyRes views and each image's AnyRes
+token count). Truncation never splits an image: an image that does not fit is dropped with its vision markers
 and everything after it.
 """
 
@@ -46,15 +47,34 @@ def chat_content(text: str) -> list[dict[str, str]]:
     return content
 
 
-def chat_messages(conversation: list[dict]) -> list[dict[str, Any]]:
-    """A LLaVA training conversation as chat messages (roles ``system``/``user``/``assistant``)."""
+def chat_messages(conversation: list[dict], content_lists: bool = False) -> list[dict[str, Any]]:
+    """A LLaVA training conversation as chat messages (roles ``system``/``user``/``assistant``).
+
+    User turns' content is a list of typed items (:func:`chat_content`); system and assistant turns' content is
+    a string, or with ``content_lists`` a one-item list ``[{"type": "text", "text": ...}]`` (llava-hf's
+    templates read every message's content as a list)."""
     system, turns = normalise_conversation(conversation, for_generation=False)
-    messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
+
+    def text_content(text: str) -> str | list[dict[str, str]]:
+        return [{"type": "text", "text": text}] if content_lists else text
+
+    messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": text_content(system)}]
     for role, text in turns:
         if role == "assistant" and VISUAL_TAG_PATTERN.search(text):
             raise ConversationError("an assistant turn holds an <image> or <video> tag")
-        messages.append({"role": role, "content": chat_content(text) if role == "user" else text})
+        messages.append({"role": role, "content": chat_content(text) if role == "user" else text_content(text)})
     return messages
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds special tokens (e.g. LLaMA's BOS; none for Qwen):
+    what a processor's own tokenization adds in front of a rendered prompt at inference."""
+    marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return list(marked[:start])
+    return []
 
 
 def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
@@ -86,12 +106,29 @@ def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     return [(text, learned) for text, learned in pieces if text]
 
 
+class ImageInputs(NamedTuple):
+    """A sample's images as the model takes them: ``tensors`` keyed as the model's arguments (``pixel_values*``
+    hold ``rows[i]`` rows per image, one after the other; other tensors one row per image), ``tokens[i]`` the
+    placeholders image ``i`` expands to."""
+
+    tensors: dict[str, torch.Tensor]
+    tokens: np.ndarray
+    rows: np.ndarray
+
+
 class _Visuals(NamedTuple):
-    """One modality's inputs for a sample: its placeholder positions, merged-token counts and tensors."""
+    """One modality's inputs for a sample: its placeholder positions, per-item token and pixel-row counts and
+    tensors."""
 
     slots: np.ndarray
-    counts: np.ndarray
-    tensors: dict[str, torch.Tensor]  # keyed as the model takes them; per-patch rows first, per-item rows after
+    tokens: np.ndarray  # placeholders each item expands to
+    rows: np.ndarray  # rows each item has in the ``pixel_values*`` tensors
+    tensors: dict[str, torch.Tensor]  # keyed as the model takes them; per-row pixels first, per-item rows after
+
+    @classmethod
+    def empty(cls, slots: np.ndarray) -> _Visuals:
+        nothing = np.zeros(0, dtype=np.int64)
+        return cls(slots, nothing, nothing, {})
 
 
 class ChatTemplateEncoder:
@@ -99,10 +136,16 @@ class ChatTemplateEncoder:
 
     ``image_token_id`` (``video_token_id``) is the model's image (video) placeholder, ``vision_start_id`` the
     opening marker dropped together with an image or video that truncation removes. Images go through
-    ``image_processor`` (``pixel_values``, ``image_grid_thw``); videos through ``video_loader``, a path ->
-    :class:`~llava.data.qwen_video.QwenVideo` function (batched by :func:`~llava.data.qwen_video.batch_videos`).
-    Without ``video_token_id`` samples with videos are refused; without ``video_loader`` they can be checked
-    (:meth:`tokenize`) but not encoded.
+    ``image_inputs`` (loaded images -> :class:`ImageInputs`), by default Qwen's: ``image_processor``
+    (``pixel_values``, ``image_grid_thw``), ``t * h * w / merge^2`` tokens per image. Videos go through
+    ``video_loader``, a path -> :class:`~llava.data.qwen_video.QwenVideo` function (batched by
+    :func:`~llava.data.qwen_video.batch_videos`). Without ``video_token_id`` samples with videos are refused;
+    without ``video_loader`` they can be checked (:meth:`tokenize`) but not encoded.
+
+    ``content_lists``: every message's content as a list (see :func:`chat_messages`); ``prefix_ids``: unlearned
+    ids before the rendered conversation (what the tokenizer adds at inference, :func:`special_prefix`);
+    ``answer_end_id``: appended (and learned) after every answer the template does not end with it (an end of
+    sequence for templates that write none, so the model learns to stop).
     """
 
     def __init__(
@@ -114,9 +157,17 @@ class ChatTemplateEncoder:
         max_length: int | None = None,
         video_token_id: int | None = None,
         video_loader: Callable[[str], Any] | None = None,
+        image_inputs: Callable[[list[Any]], ImageInputs] | None = None,
+        content_lists: bool = False,
+        prefix_ids: Sequence[int] = (),
+        answer_end_id: int | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
+        self.image_inputs = image_inputs
+        self.content_lists = content_lists
+        self.prefix_ids = list(prefix_ids)
+        self.answer_end_id = answer_end_id
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
@@ -127,7 +178,7 @@ class ChatTemplateEncoder:
 
     def validate(self, conversation: list[dict]) -> None:
         """Raise :class:`ConversationError` for a conversation this encoder cannot train on."""
-        self._check_videos(chat_messages(conversation))
+        self._check_videos(chat_messages(conversation, self.content_lists))
 
     def _check_videos(self, messages: list[dict[str, Any]]) -> None:
         has_video = any(
@@ -140,13 +191,15 @@ class ChatTemplateEncoder:
     def tokenize(self, conversation: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Ids and labels with one placeholder per image and video (not expanded yet); placeholders are never
         learned."""
-        return self._tokenize(chat_messages(conversation))
+        return self._tokenize(chat_messages(conversation, self.content_lists))
 
     def _tokenize(self, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        ids: list[int] = []
-        labels: list[int] = []
+        ids: list[int] = list(self.prefix_ids)
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
         for text, learned in template_pieces(self.tokenizer, messages):
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if learned and self.answer_end_id is not None and (not piece or piece[-1] != self.answer_end_id):
+                piece = [*piece, self.answer_end_id]
             ids += piece
             labels += piece if learned else [IGNORE_INDEX] * len(piece)
         ids_array = np.asarray(ids, dtype=np.int64)
@@ -157,16 +210,15 @@ class ChatTemplateEncoder:
         self, conversation: list[dict], image_paths: Sequence[str], video_paths: Sequence[str] = ()
     ) -> dict[str, torch.Tensor]:
         """Token ids with expanded placeholders, assistant-only labels and the kept images' and videos' inputs."""
-        messages = chat_messages(conversation)  # built once: checked, then templated
+        messages = chat_messages(conversation, self.content_lists)  # built once: checked, then templated
         self._check_videos(messages)
         ids, labels = self._tokenize(messages)
         visuals = [self._images(ids, image_paths)]
         if self.video_token_id is not None:
             visuals.append(self._videos(ids, video_paths))
-        merge_unit = self.image_processor.merge_size**2
         lengths = np.ones(len(ids), dtype=np.int64)
         for visual in visuals:
-            lengths[visual.slots] = visual.counts // merge_unit
+            lengths[visual.slots] = visual.tokens
         keep = self._fitting_length(ids, lengths)
         if not np.any(labels[:keep] != IGNORE_INDEX):
             raise NoLearnableTokensError(
@@ -180,30 +232,38 @@ class ChatTemplateEncoder:
         for visual in visuals:
             kept = int(np.count_nonzero(visual.slots < keep))
             if kept:
-                patches = int(visual.counts[:kept].sum())
+                rows = int(visual.rows[:kept].sum())
                 for key, tensor in visual.tensors.items():
-                    item[key] = tensor[:patches] if key.startswith("pixel_values") else tensor[:kept]
+                    item[key] = tensor[:rows] if key.startswith("pixel_values") else tensor[:kept]
         return item
 
     def _images(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
-        """The image placeholders and inputs (``counts``: patches per image)."""
+        """The image placeholders and inputs."""
         slots = self._slots(ids, self.image_token_id, len(paths), "image")
         if not paths:
-            return _Visuals(slots, np.zeros(0, dtype=np.int64), {})
-        processed = self.image_processor(images=[load_image(path) for path in paths], return_tensors="pt")
+            return _Visuals.empty(slots)
+        images = [load_image(path) for path in paths]
+        inputs = self.image_inputs(images) if self.image_inputs is not None else self._qwen_images(images)
+        return _Visuals(slots, inputs.tokens, inputs.rows, inputs.tensors)
+
+    def _qwen_images(self, images: list[Any]) -> ImageInputs:
+        """Qwen's layout: every image's patches concatenated, one placeholder per merged patch."""
+        processed = self.image_processor(images=images, return_tensors="pt")
         grid = processed["image_grid_thw"]
+        patches = grid.prod(dim=-1).numpy()
         tensors = {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
-        return _Visuals(slots, grid.prod(dim=-1).numpy(), tensors)
+        return ImageInputs(tensors, patches // self.image_processor.merge_size**2, patches)
 
     def _videos(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
-        """The video placeholders and inputs (``counts``: patches per video)."""
+        """The video placeholders and inputs (Qwen's layout: one placeholder per merged patch)."""
         slots = self._slots(ids, self.video_token_id, len(paths), "video")
         if not paths:
-            return _Visuals(slots, np.zeros(0, dtype=np.int64), {})
+            return _Visuals.empty(slots)
         if self.video_loader is None:
             raise ValueError("this encoder was built without a video_loader: it can check video samples, not load them")
         tensors = batch_videos([self.video_loader(path) for path in paths])
-        return _Visuals(slots, tensors["video_grid_thw"].prod(dim=-1).numpy(), tensors)
+        patches = tensors["video_grid_thw"].prod(dim=-1).numpy()
+        return _Visuals(slots, patches // self.image_processor.merge_size**2, patches, tensors)
 
     @staticmethod
     def _slots(ids: np.ndarray, token_id: int | None, expected: int, what: str) -> np.ndarray:

@@ -12,6 +12,8 @@ Batch contract:
   among video sentinels; absent when the batch has no video (text, image and video samples mix freely);
 - ``image_grid_thw`` / ``video_grid_thw`` LongTensor ``[N, 3]`` and ``second_per_grid_ts`` ``[N_videos]``
   (Qwen2.5-VL items): concatenated like the pixels, whose rows are then every image's (video's) patches;
+- ``image_sizes`` LongTensor ``[N_images, 2]`` (LLaVA-NeXT items: each image's original height, width):
+  concatenated like the pixels, whose rows are then every image's AnyRes views ``[sum views, 3, H, W]``;
 - ``num_skipped_samples`` int, present when skip markers were dropped from the batch;
 - ``sample_ids`` list of str, the items' ``sample_id`` (the data file's ``"id"``, or the index in the file),
   present when every item has one: the trainer pops it (and the above) before the model sees the batch.
@@ -30,7 +32,7 @@ from llava.constants import IGNORE_INDEX
 from llava.data.dataset import SkippedSample
 
 CONCATENATED_KEYS = (
-    "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+    "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "image_sizes",
 )  # fmt: skip
 """Per-image (per-video) tensors: the batch holds every sample's, in order, along the first dimension."""
 

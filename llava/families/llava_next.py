@@ -1,36 +1,55 @@
 """The LLaVA-NeXT family (LLaVA-1.6, AnyRes; ``llava-hf/llava-v1.6-*-hf`` layout): transformers'
 ``LlavaNextForConditionalGeneration`` run as :class:`~llava.model.llava_next.DuetLlavaNext` (T2V compression,
-fast decoding). Inference only for now: the training members raise ``NotImplementedError``.
+fast decoding), for training and inference.
 
 Inference: prompts are rendered with the checkpoint's own chat template (the processor's) from the same user
 content as the other families (:func:`~llava.pipeline.build_prompt_text`: images where their ``<image>`` tags
 are, else first), and the checkpoint's own ``LlavaNextProcessor`` tiles the images (AnyRes) and expands each
 image placeholder to its token count, left-padded. Images only: video requests are refused.
+
+Training (``--version chat_template``): LLaVA-format conversations rendered with the checkpoint's chat template
+(every message's content as a list, as llava-hf's templates read it), after the ids the tokenizer adds at
+inference (e.g. BOS), with labels on the assistant answers only, each ended with the tokenizer's EOS when the
+template writes none (:class:`~llava.data.chat_template.ChatTemplateEncoder`). Each image goes through the
+checkpoint's ``LlavaNextImageProcessor`` on its own: its AnyRes views (the base view and the tiles) are
+concatenated over the batch (``pixel_values`` ``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``) and its
+placeholder is expanded to exactly its AnyRes token count (the processor's ``replace_image_token``). Stages as
+for Qwen2.5-VL: finetuning trains the decoder, the projector and the LM head, LoRA adapters on the decoder's
+linear layers + the full projector; the CLIP tower and ``image_newline`` stay frozen. Every full save is a plain
+LLaVA-NeXT checkpoint in transformers' own layout (loadable by transformers and
+:func:`llava.inference.load_pipeline`), with the checkpoint's processor files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import chat_content
+from llava.data.chat_template import (
+    CHAT_TEMPLATE_VERSION,
+    ChatTemplateEncoder,
+    ImageInputs,
+    chat_content,
+    special_prefix,
+)
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.families.base import PipelineOptions, Processors
-from llava.hf_adapter import set_attn_implementation
-from llava.model.hub_checkpoint import check_weight_files, read_config_json
+from llava.hf_adapter import enable_activation_checkpointing, set_attn_implementation
+from llava.model.hub_checkpoint import MAX_SHARD_BYTES, check_weight_files, read_config_json, write_safetensors
 from llava.model.llava_next import LLAVA_NEXT_MODEL_TYPES, DuetLlavaNext
 from llava.model.precision import random_init
-from llava.model.stages import LORA_TARGETS
+from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
 from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
@@ -39,20 +58,99 @@ from llava.pipeline import (
     default_device,
     image_paths,
 )
+from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
-NO_TRAINING = "LLaVA-NeXT training is not supported yet (inference only: DuetLlavaNext, {what})"
+PROCESSOR_FILES = ("chat_template.json", "chat_template.jinja", "processor_config.json", "preprocessor_config.json")
+"""Files of a local LLaVA-NeXT checkpoint that every save copies, so ``AutoProcessor`` finds them there too."""
+HF_PREFIX = "hf_model."
+"""Where the wrapped HF model's parameters sit in the wrapper's state dict."""
 
 
-def _no_training(what: str) -> NoReturn:
-    raise NotImplementedError(NO_TRAINING.format(what=what))
+def llava_next_hub_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Module-tree names (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``) to the checkpoint
+    names transformers writes and reads for LLaVA-NeXT (``language_model.model.*``, ``vision_tower.*``,
+    ``language_model.lm_head.*``): tested against transformers' own ``save_pretrained``."""
+
+    def hub_key(key: str) -> str:
+        if key.startswith("model.language_model."):
+            return "language_model.model." + key.removeprefix("model.language_model.")
+        if key.startswith("lm_head."):
+            return "language_model." + key
+        return key.removeprefix("model.")
+
+    return {hub_key(key): value for key, value in state_dict.items()}
+
+
+def llava_next_module_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`llava_next_hub_state_dict`: checkpoint names to the module tree's."""
+
+    def module_key(key: str) -> str:
+        if key.startswith("language_model.model."):
+            return "model.language_model." + key.removeprefix("language_model.model.")
+        if key.startswith("language_model.lm_head."):
+            return key.removeprefix("language_model.")
+        return "model." + key
+
+    return {module_key(key): value for key, value in state_dict.items()}
+
+
+class TrainableLlavaNext(DuetLlavaNext):
+    """:class:`DuetLlavaNext` with what the trainer and peft need: saves in the checkpoint's layout, loads its
+    own or a checkpoint's state dict (a resume), activation checkpointing of the wrapped model's layers."""
+
+    base_model_prefix = HF_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
+
+    def save_pretrained(
+        self,
+        output_dir: str | os.PathLike[str],
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+        **unused: Any,
+    ) -> None:
+        """Save as a plain LLaVA-NeXT checkpoint: config, generation config, safetensors shards under
+        transformers' names. ``state_dict`` may be this wrapper's (a gathered ZeRO-3 one) or the HF model's; by
+        default the model's own."""
+        if state_dict is None:
+            state_dict = self.hf_model.state_dict()
+        weights = llava_next_hub_state_dict({key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()})
+        if getattr(self.config.text_config, "tie_word_embeddings", False):
+            weights.pop("language_model.lm_head.weight", None)  # tied: stored once, as the embeddings
+        self.config.save_pretrained(output_dir)
+        if self.hf_model.generation_config is not None:
+            self.hf_model.generation_config.save_pretrained(output_dir)
+        write_safetensors(weights, output_dir, max_shard_bytes)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load this wrapper's state dict or a LLaVA-NeXT checkpoint's (what :meth:`save_pretrained` writes)."""
+        if state_dict and not any(key.startswith(HF_PREFIX) for key in state_dict):
+            return self.hf_model.load_state_dict(llava_next_module_state_dict(state_dict), strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """Checkpoint every layer of the wrapped model (the Trainer's ``--gradient_checkpointing``)."""
+        enable_activation_checkpointing(self.hf_model, **(activation_checkpointing_kwargs or {}))
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """The name transformers before 5.23 call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
 
 def load_llava_next(
-    path: str | os.PathLike[str], dtype: torch.dtype | None = None, compression: Any = None, attn: str = "sdpa"
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    compression: Any = None,
+    attn: str = "sdpa",
+    model_class: type[DuetLlavaNext] = DuetLlavaNext,
 ) -> DuetLlavaNext:
-    """A LLaVA-NeXT checkpoint (local directory or Hub id) as :class:`DuetLlavaNext` (safetensors, no remote code)."""
+    """A LLaVA-NeXT checkpoint (local directory or Hub id) as ``model_class`` (:class:`DuetLlavaNext`;
+    :class:`TrainableLlavaNext` for training), safetensors, no remote code; under an active ZeRO-3 config
+    transformers partitions the weights as they load."""
     model_dir = Path(path)
     if model_dir.is_dir():
         read_config_json(model_dir / "config.json")
@@ -60,7 +158,7 @@ def load_llava_next(
     hf_model = LlavaNextForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
     )
-    return DuetLlavaNext(hf_model, compression)
+    return model_class(hf_model, compression)
 
 
 @dataclass(kw_only=True)
@@ -116,6 +214,38 @@ class LlavaNextPipeline(GenerationPipeline):
         }
 
 
+class AnyResImages:
+    """The checkpoint's ``LlavaNextImageProcessor`` for training: saved as itself, and :meth:`inputs` gives a
+    sample's images in the layout the training batch takes."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.image_processor = processor.image_processor
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.image_processor(*args, **kwargs)
+
+    def save_pretrained(self, output_dir: str | os.PathLike[str]) -> Any:
+        """Save the whole processor (its ``processor_config.json`` holds the image processor and the AnyRes
+        settings: patch size, feature select strategy), so every save and LoRA merge loads with ``AutoProcessor``."""
+        return self.processor.save_pretrained(output_dir)
+
+    def inputs(self, images: list[Any]) -> ImageInputs:
+        """Each image through the image processor on its own: ``pixel_values`` its AnyRes views (base view, then
+        the tiles; no padding views), concatenated ``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``, and
+        each image's placeholder count as the checkpoint's processor expands it (``replace_image_token``)."""
+        pixels, sizes, tokens = [], [], []
+        token_length = len(self.processor.image_token)
+        for image in images:
+            processed = self.image_processor(images=[image], return_tensors="pt")
+            pixels.append(processed["pixel_values"][0])
+            sizes.append(processed["image_sizes"])
+            tokens.append(len(self.processor.replace_image_token(processed, 0)) // token_length)
+        views = np.asarray([len(view) for view in pixels], dtype=np.int64)
+        tensors = {"pixel_values": torch.cat(pixels), "image_sizes": torch.cat(sizes).long()}
+        return ImageInputs(tensors, np.asarray(tokens, dtype=np.int64), views)
+
+
 class LlavaNextFamily:
     """LLaVA-NeXT checkpoints (``model_type`` ``llava_next``)."""
 
@@ -124,28 +254,75 @@ class LlavaNextFamily:
     hub_names = ("llava-v1.6", "llava-next", "llava_next")
     model_class = DuetLlavaNext
     modules = ("llava.families.llava_next", "llava.model.llava_next")
-    projector_name = "projector"
-    lora_targets = LORA_TARGETS
+    projector_name = "multi_modal_projector"
+    lora_targets = LORA_TARGETS  # the decoder's linear layers (its modules sit under ``language_model``)
 
     def build_model(
         self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
-    ) -> nn.Module:
-        _no_training("build_model")
+    ) -> TrainableLlavaNext:
+        source = model_args.model_name_or_path
+        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
+            if value:
+                raise ValueError(f"{source} is a LLaVA-NeXT checkpoint with its own CLIP tower: drop {flag}")
+        if data_args.version != CHAT_TEMPLATE_VERSION:
+            raise ValueError(
+                f"{source} is a LLaVA-NeXT checkpoint: it trains with its own chat template, pass "
+                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
+            )
+        attn = model_args.attn_implementation or default_attn_implementation()
+        logger.info("Starting from LLaVA-NeXT checkpoint %s", source)
+        model = load_llava_next(
+            source, dtype=training_dtype(args), compression=model_args.compression, attn=attn,
+            model_class=TrainableLlavaNext,
+        )  # fmt: skip
+        if model_args.pretrain_mm_mlp_adapter:
+            load_projector(model, model_args.pretrain_mm_mlp_adapter)
+        return model
 
     def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
-        _no_training("load_processors")
+        """The checkpoint's ``LlavaNextProcessor``: its tokenizer (right-padded, with the chat template) and its
+        ``LlavaNextImageProcessor``; the processor files are copied on every save."""
+        source = model_args.model_name_or_path
+        processor = AutoProcessor.from_pretrained(source)
+        tokenizer = processor.tokenizer
+        tokenizer.model_max_length = data_args.model_max_length
+        tokenizer.padding_side = "right"
+        if not getattr(tokenizer, "chat_template", None):
+            template = getattr(processor, "chat_template", None)
+            if not template:
+                raise MissingComponentError(f"{source} has no chat template (the processor's or the tokenizer's)")
+            tokenizer.chat_template = template
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        kept = [Path(source) / name for name in PROCESSOR_FILES]  # what the Hub's processor also reads
+        return Processors(tokenizer, AnyResImages(processor), extra_files=tuple(p for p in kept if p.is_file()))
 
     def prepare(self, model: nn.Module, processors: Processors) -> None:
-        _no_training("prepare")
+        """Nothing to tie: the placeholders are expanded in the data."""
 
     def data_arguments(self, data_args: DataArguments, model: nn.Module) -> DataArguments:
-        _no_training("data_arguments")
+        """As given: length grouping estimates each image at ``--tokens_per_image`` (a constant; AnyRes counts
+        depend on each image's size, known only once read)."""
+        return data_args
 
     def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
-        _no_training("dataset")
+        tokenizer = processors.tokenizer
+        image_token_id = model.config.image_token_id
+        encoder = ChatTemplateEncoder(
+            tokenizer,
+            processors.image_processor,
+            image_token_id=image_token_id,
+            max_length=data_args.model_max_length,
+            image_inputs=processors.image_processor.inputs,
+            content_lists=True,
+            prefix_ids=special_prefix(tokenizer),
+            answer_end_id=tokenizer.eos_token_id,
+        )
+        return LazySupervisedDataset(data_args, tokenizer, processors.image_processor, image_token_id, encoder=encoder)
 
     def visual_tokens_added(self, batch: dict[str, Any], config: Any) -> int:
-        _no_training("visual_tokens_added")
+        """None: each image's placeholders are expanded in ``input_ids`` already."""
+        return 0
 
     def load_pipeline(self, path: str | os.PathLike[str], options: PipelineOptions) -> GenerationPipeline:
         """See :meth:`LlavaNextPipeline.from_pretrained` (``options.vision_tower`` does not apply: the checkpoint

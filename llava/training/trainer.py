@@ -181,7 +181,9 @@ class LlavaTrainer(Trainer):
         explains the loss jumps of modality-grouped batches (a text-only batch has a different loss)."""
         config = self.accelerator.unwrap_model(self.model).config
         input_ids = inputs["input_ids"]
-        has_visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+        names = ("image_token_id", "video_token_id")  # a family without videos (LLaVA-NeXT) has no video token
+        placeholders = [token for name in names if (token := getattr(config, name, None)) is not None]
+        has_visual = torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device))
         self._text_only_samples += num_samples - int(has_visual.any(dim=1).sum())
         self._logged_samples += num_samples
 

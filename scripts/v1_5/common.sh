@@ -7,7 +7,8 @@
 #   BATCH_SIZE=4 bash scripts/v1_5/pretrain.sh --max_steps 4 --learning_rate 5e-4
 #
 # Common variables
-#   MODEL          language model              (lmsys/vicuna-7b-v1.5), or a Qwen2.5-VL checkpoint (below)
+#   MODEL          language model              (lmsys/vicuna-7b-v1.5), or a Qwen2.5-VL or LLaVA-NeXT checkpoint
+#                  (below)
 #   VISION_TOWER   vision encoder              (openai/clip-vit-large-patch14-336)
 #   DATA_PATH      LLaVA JSON file(s), space-separated for several
 #   IMAGE_FOLDER   root for the samples' relative image paths
@@ -34,11 +35,14 @@
 #   VIDEO_FOLDER   root for the samples' relative video paths
 #   NUM_FRAMES     frames sampled uniformly per video (8)
 # Qwen2.5-VL (finetune.sh and finetune_lora.sh; e.g. MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53)
-#   MODEL_FAMILY   qwen2_5_vl | llava (default: from MODEL's config.json model_type, or a Hub id naming
-#                  Qwen2.5-VL); Qwen2.5-VL runs use the checkpoint's vision transformer, merger (its
-#                  projector) and chat template: VISION_TOWER and the projector settings do not apply
+#   MODEL_FAMILY   qwen2_5_vl | llava_next | llava (default: from MODEL's config.json model_type, or a Hub id
+#                  naming Qwen2.5-VL or LLaVA-NeXT); Qwen2.5-VL runs use the checkpoint's vision transformer,
+#                  merger (its projector) and chat template: VISION_TOWER and the projector settings do not apply
 #   MAX_PIXELS     most pixels per image (Qwen's dynamic resolution; default: the checkpoint's)
 #   VIDEO_FOLDER   root for the samples' relative video paths (videos: NUM_FRAMES frames each, default 16)
+# LLaVA-NeXT (finetune.sh and finetune_lora.sh; e.g. MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=<a T2V
+# preset or YAML file>): the checkpoint's CLIP tower, projector, AnyRes image processor and chat template; images
+# only (no VIDEO_TOWER / VIDEO_FOLDER), VISION_TOWER and the projector settings do not apply
 #
 # Multi-node (DeepSpeed's pdsh launcher; passwordless ssh between nodes, pdsh installed, the repo,
 # the venv and OUTPUT_DIR on storage every node sees at the same path):
@@ -83,11 +87,12 @@ log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # The model family of MODEL: MODEL_FAMILY if set (the trainer's registry checks the name), else the project's
-# registry (llava.families.registry: MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl or llava.
+# registry (llava.families.registry: MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl,
+# llava_next or llava.
 PYTHON="${PYTHON:-python}"
 if [[ -z "${MODEL_FAMILY:-}" ]]; then
     MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
-        die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl)"
+        die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl|llava_next)"
 fi
 
 # Number of GPUs nvidia-smi lists; 0 when it is missing or fails.
@@ -153,6 +158,9 @@ finalize_settings() {
     if [[ "$MODEL_FAMILY" == qwen2_5_vl ]]; then
         RUN_GROUP="${RUN_GROUP:-qwen2.5-vl-$COMPRESSION}"
         TEMPLATE=chat_template # the checkpoint's own
+    elif [[ "$MODEL_FAMILY" == llava_next ]]; then
+        RUN_GROUP="${RUN_GROUP:-llava-next-$(basename "$COMPRESSION" .yaml)}"
+        TEMPLATE=chat_template # the checkpoint's own
     else
         RUN_GROUP="${RUN_GROUP:-llava-v1.5-$COMPRESSION}"
     fi
@@ -196,6 +204,10 @@ common_train_args() {
             "encodes videos too): set VIDEO_FOLDER (and NUM_FRAMES) for video data"
         [[ -z "${MAX_PIXELS:-}" ]] || COMMON_ARGS+=(--max_pixels "$MAX_PIXELS")
         [[ -z "${VIDEO_FOLDER:-}" ]] || COMMON_ARGS+=(--video_folder "$VIDEO_FOLDER" --num_frames "${NUM_FRAMES:-16}")
+    elif [[ "$MODEL_FAMILY" == llava_next ]]; then
+        [[ -z "${VIDEO_TOWER:-}${VIDEO_FOLDER:-}" ]] || die "LLaVA-NeXT trains on images only: unset VIDEO_TOWER" \
+            "and VIDEO_FOLDER"
+        [[ -z "${MAX_PIXELS:-}" ]] || die "MAX_PIXELS is Qwen2.5-VL's; LLaVA-NeXT tiles images by its grid pinpoints"
     else
         COMMON_ARGS+=(--vision_tower "$VISION_TOWER" --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
             --mm_vision_select_feature patch)
@@ -215,6 +227,10 @@ projector_args() {
     PROJECTOR_ARGS=()
     if [[ "$MODEL_FAMILY" == qwen2_5_vl && -z "${PRETRAINED_PROJECTOR:-}" ]]; then
         log "Qwen2.5-VL: the checkpoint's own merger (projector) is finetuned"
+        return 0
+    fi
+    if [[ "$MODEL_FAMILY" == llava_next && -z "${PRETRAINED_PROJECTOR:-}" ]]; then
+        log "LLaVA-NeXT: the checkpoint's own projector is finetuned"
         return 0
     fi
     case "${PRETRAINED_PROJECTOR:-none}" in

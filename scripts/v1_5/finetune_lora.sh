@@ -5,6 +5,7 @@
 #   bash scripts/v1_5/finetune_lora.sh
 #   LORA_R=64 LORA_ALPHA=128 bash scripts/v1_5/finetune_lora.sh
 #   MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53 bash scripts/v1_5/finetune_lora.sh   # Qwen2.5-VL
+#   MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=my_t2v.yaml bash scripts/v1_5/finetune_lora.sh   # LLaVA-NeXT
 #   DRY_RUN=1 bash scripts/v1_5/finetune_lora.sh
 # Settings and multi-node launch: see scripts/v1_5/common.sh.
 set -euo pipefail
@@ -19,7 +20,7 @@ else
     OUTPUT_DIR="${OUTPUT_DIR:-runs/$(basename "$MODEL")-lora}"
 fi
 PRETRAIN_DIR="${PRETRAIN_DIR:-runs/llava-v1.5-7b-pretrain}"
-if [[ "$MODEL_FAMILY" == llava ]]; then # a Qwen2.5-VL checkpoint brings its trained merger
+if [[ "$MODEL_FAMILY" == llava ]]; then # Qwen2.5-VL / LLaVA-NeXT bring their trained projector
     PRETRAINED_PROJECTOR="${PRETRAINED_PROJECTOR:-$PRETRAIN_DIR/mm_projector.safetensors}"
 fi
 TEMPLATE="${TEMPLATE:-v1}"
