@@ -792,3 +792,21 @@ def llava_onevision_video_tokens(model: PreTrainedModel, frames: int) -> int:
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     pooled = model.model.apply_pooling(torch.zeros(frames, side**2, 1))
     return frames * int(pooled.shape[1]) + 1
+
+
+def llava_onevision_frame_processor(settings: Mapping[str, Any]) -> Any:
+    """An image processor that lays out video frames as LLaVA-OneVision's video processor does (each frame
+    resized to ``settings["size"]``'s height x width, rescaled, normalised; no crop, no tiles), from the fields
+    of a checkpoint's ``video_preprocessor_config.json``: SigLIP's processor on the PIL backend, since
+    ``LlavaOnevisionVideoProcessor`` needs torchvision."""
+    processor_class = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+    fields = ("size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+    return processor_class(**{key: settings[key] for key in fields if settings.get(key) is not None})
+
+
+def processor_image_token_counts(processor: Any, image_sizes: list[tuple[int, int]]) -> list[int]:
+    """Image placeholders transformers' processor (``LlavaNextProcessor``, ``LlavaOnevisionProcessor``) expands
+    each image of ``image_sizes`` (original ``(height, width)``) to, from its own count (the one serving engines
+    read, ``_get_num_multimodal_tokens``), without processing pixels."""
+    counts = processor._get_num_multimodal_tokens(image_sizes=[list(size) for size in image_sizes])
+    return [int(count) for count in counts.num_image_tokens]

@@ -5,6 +5,8 @@ batched, cached and fast generation equal to one-by-one and recomputed; the fami
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
@@ -205,3 +207,121 @@ def test_unsupported_settings_and_mismatches_are_refused():
         model(**inputs | {"pixel_values_videos": inputs["pixel_values_videos"][:1]})
     with pytest.raises(ValueError, match="video placeholders but no pixel_values_videos"):
         model(**{key: value for key, value in inputs.items() if key != "pixel_values_videos"})
+
+
+# ---------------------------------------------------------------- the family
+
+
+def test_registry_dispatches_llava_onevision_checkpoints(tmp_path):
+    from llava.families.llava_next import LlavaNextFamily
+    from llava.families.llava_onevision import LlavaOnevisionFamily
+    from llava.families.registry import family_for, family_of_model
+
+    tiny_onevision_config().save_pretrained(tmp_path)
+    family = family_for(tmp_path)
+    assert isinstance(family, LlavaOnevisionFamily)
+    assert family_for("llava-hf/llava-onevision-qwen2-7b-ov-hf", offline=True) is family
+    model = family.random_model(tiny_onevision_config().to_dict(), torch.float32, "cpu", "sdpa")
+    assert isinstance(model, DuetLlavaNext) and family_of_model(model) is family
+    # The two AnyRes families share DuetLlavaNext: the model's config decides.
+    next_config = {"vision_config": {"model_type": "clip_vision_model", "image_size": 28, "hidden_size": 32,
+                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "patch_size": 14},
+                   "text_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128}}  # fmt: skip
+    next_model = LlavaNextFamily().random_model(next_config, torch.float32, "cpu", "sdpa")
+    assert isinstance(family_of_model(next_model), LlavaNextFamily)
+    with pytest.raises(NotImplementedError, match="LLaVA-OneVision training is not supported yet"):
+        family.build_model(None, None, None)
+
+
+# ---------------------------------------------------------------- a local LLaVA-OneVision checkpoint end to end
+
+CHAT_TEMPLATE = (  # OneVision's: the images, then the videos, then the text of each turn
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + item['text'] }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+VIDEO_SETTINGS = {  # as the Hub's video_preprocessor_config.json, at the tiny view size
+    "video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": VIEW, "width": VIEW}, "resample": 3,
+    "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def onevision_checkpoint(tmp_path_factory):
+    """The tiny LLaVA-OneVision saved like the Hub's: weights, a locally trained tokenizer with ``<image>`` and
+    ``<video>``, OneVision's image processor (AnyRes), the processor's chat template and video settings (the
+    video processor itself needs torchvision); wide, tall and large images, two short videos."""
+    from PIL import Image
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from llava.data.video import write_video
+    from llava.playground.tokenizer import train_playground_tokenizer
+
+    out = tmp_path_factory.mktemp("llava_onevision")
+    tokenizer = train_playground_tokenizer(["what colour is the shape", "a red square", "hello there"] * 40, 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    image_processor = LlavaOnevisionImageProcessorPil(
+        image_grid_pinpoints=PINPOINTS, size={"height": VIEW, "width": VIEW}
+    )
+    model = tiny_onevision()
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_SETTINGS), encoding="utf-8")
+    for index, size in enumerate([(90, 40), (40, 90), (160, 160)]):  # (width, height)
+        Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
+    for index in range(2):
+        frames = [Image.new("RGB", (48, 40), (30 * step, 20 * index, 90)) for step in range(6)]
+        write_video(out / f"video_{index}.mp4", frames)
+    return out
+
+
+def test_checkpoint_loads_through_the_pipeline_and_answers_images_and_videos_in_batches(onevision_checkpoint):
+    from llava.families.llava_onevision import LlavaOnevisionPipeline
+    from llava.inference import load_pipeline
+
+    assert isinstance(load_pipeline(onevision_checkpoint, device="cpu"), LlavaOnevisionPipeline)
+    pipeline = LlavaOnevisionPipeline.from_pretrained(onevision_checkpoint, device="cpu", video_frames=4)
+    path = lambda name: str(onevision_checkpoint / name)  # noqa: E731
+    requests = [
+        {"image": path("image_0.png"), "prompt": "what colour is the shape"},
+        {"image": [path("image_1.png"), path("image_2.png")], "prompt": "hello"},
+        {"image": None, "prompt": "hello there"},
+        {"video": path("video_0.mp4"), "prompt": "what colour is the shape"},
+        {"image": path("image_2.png"), "video": path("video_1.mp4"), "prompt": "a red square"},
+    ]
+    inputs = pipeline.prepare(requests)
+    assert inputs["image_sizes"].tolist() == [[40, 90], [90, 40], [160, 160], [160, 160]]
+    assert inputs["batch_num_images"].tolist() == [1, 2, 1]
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, VIEW, VIEW)
+    assert inputs["attention_mask"][:, -1].all()  # left-padded
+    config = pipeline.model.config
+    # The placeholders are the lengths of the model's own features: the wide image on a 4 x 4 tile grid unpadded to
+    # 6 rows of 12 (+6 newlines), two base views of 9 + 1, the large image downsized past anyres_max_9; 4 x 4 + 1.
+    with torch.no_grad():
+        features = llava_onevision_image_features(
+            pipeline.model.hf_model, inputs["pixel_values"], inputs["image_sizes"], inputs["batch_num_images"]
+        )
+    assert [int(part.shape[0]) for part in features] == [87, 10, 10, 99]
+    assert (inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist() == [87, 20, 0, 0, 99]
+    assert (inputs["input_ids"] == config.video_token_id).sum(dim=1).tolist() == [0, 0, 0, 17, 17]
+    one_by_one = pipeline.generate(requests, max_new_tokens=4, batch_size=1)
+    assert pipeline.generate(requests, max_new_tokens=4, batch_size=5) == one_by_one
+    compressed = LlavaOnevisionPipeline.from_pretrained(
+        onevision_checkpoint, device="cpu", compression=T2V, video_frames=4
+    )
+    assert compressed.model.stage_plan.boundaries == (2,)
+    for loaded in (pipeline, compressed):
+        batched = loaded.model.generate(**inputs, max_new_tokens=4, eos_token_id=[])
+        for index, request in enumerate(requests):
+            alone = loaded.model.generate(**loaded.prepare([request]), max_new_tokens=4, eos_token_id=[])
+            assert torch.equal(alone[0], batched[index])

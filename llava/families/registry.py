@@ -20,10 +20,11 @@ from torch import nn
 from llava.families.base import ModelFamily
 from llava.families.llava import LlavaFamily
 from llava.families.llava_next import LlavaNextFamily
+from llava.families.llava_onevision import LlavaOnevisionFamily
 from llava.families.qwen import QwenVLFamily
 from llava.model.loading import read_model_type
 
-FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily(), LlavaNextFamily())
+FAMILIES: tuple[ModelFamily, ...] = (LlavaFamily(), QwenVLFamily(), LlavaNextFamily(), LlavaOnevisionFamily())
 DEFAULT_FAMILY = "llava"
 """The family of anything no family claims: a plain language model that training pairs with a CLIP tower."""
 FAMILY_ENV = "MODEL_FAMILY"
@@ -69,10 +70,16 @@ def family_for(
 
 
 def family_of_model(model: nn.Module) -> ModelFamily:
-    """The family whose builders make ``model`` (an unwrapped model: not a peft or DeepSpeed wrapper)."""
-    for family in FAMILIES:
-        if isinstance(model, family.model_class):
+    """The family whose builders make ``model`` (an unwrapped model: not a peft or DeepSpeed wrapper): of those
+    whose model class it is an instance of, the one whose ``model_types`` hold its config's (families may share a
+    class: LLaVA-NeXT and LLaVA-OneVision run as one), else the first."""
+    candidates = [family for family in FAMILIES if isinstance(model, family.model_class)]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in candidates:
+        if model_type in family.model_types:
             return family
+    if candidates:
+        return candidates[0]
     raise TypeError(
         f"{type(model).__name__} belongs to no model family; known: "
         + ", ".join(f"{family.name} ({family.model_class.__name__})" for family in FAMILIES)
