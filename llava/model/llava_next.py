@@ -159,7 +159,10 @@ class DuetLlavaNext(nn.Module):
         decode steps; see :meth:`DuetLlavaForCausalLM.forward`. ``input_ids`` hold one image placeholder per
         AnyRes token (as LLaVA-NeXT's processor expands them); ``pixel_values``/``image_sizes`` as the processor
         makes them. ``labels`` give the loss over the surviving label positions (the shared prefill output);
-        ``pack_sequences``: padding-free decoder layers (:mod:`llava.model.packing`)."""
+        ``pack_sequences``: padding-free decoder layers (:mod:`llava.model.packing`). LLaVA-OneVision also takes
+        ``batch_num_images`` (images per sample with images, as its image processor returns it; ``None``: every
+        image alone, as transformers defaults to) and ``pixel_values_videos`` (``[videos, frames, C, H, W]``, one
+        run of ``video_token_id`` placeholders per video, in order)."""
         step = decode_step_if_given(
             self, input_ids, decode_state, cache, logits_to_keep, (pixel_values, pixel_values_videos)
         )
