@@ -314,6 +314,12 @@ def test_checkpoint_loads_through_the_pipeline_and_answers_images_and_videos_in_
     assert [int(part.shape[0]) for part in features] == [87, 10, 10, 99]
     assert (inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist() == [87, 20, 0, 0, 99]
     assert (inputs["input_ids"] == config.video_token_id).sum(dim=1).tolist() == [0, 0, 0, 17, 17]
+    # What the pipeline prepares is what transformers' own model takes: the same logits.
+    with torch.no_grad():
+        positions = hf_positions(inputs["attention_mask"])
+        expected = pipeline.model.hf_model(**inputs, position_ids=positions).logits
+        ours = pipeline.model(**inputs).logits
+    assert (ours - expected)[inputs["attention_mask"].bool()].abs().max() <= 1e-4
     one_by_one = pipeline.generate(requests, max_new_tokens=4, batch_size=1)
     assert pipeline.generate(requests, max_new_tokens=4, batch_size=5) == one_by_one
     compressed = LlavaOnevisionPipeline.from_pretrained(
