@@ -31,6 +31,8 @@ def check_baseline_shape(shape: ModelShape) -> None:
     """Fail with a clear message for shapes the HF LLaVA baseline cannot represent."""
     if shape.is_video:
         raise ValueError(f"the {BASELINE_LABEL} baseline covers image shapes; {shape.name!r} is a video shape")
+    if shape.anyres is not None:
+        raise ValueError(f"the {BASELINE_LABEL} baseline is LLaVA-1.5's model; {shape.name!r} is an AnyRes shape")
     if shape.projector != "mlp2x_gelu":
         raise ValueError(f"HF LLaVA has a 2-layer GELU projector; shape {shape.name!r} uses {shape.projector!r}")
 

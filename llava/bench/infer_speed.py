@@ -39,6 +39,7 @@ from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets,
 from llava.bench.workload import (
     FIRST_SPECIAL_IDS,
     SYSTEM_PROMPT_TOKENS,
+    expand_anyres_slots,
     measured_initial_tokens,
     move_batch,
     random_pixels,
@@ -115,7 +116,10 @@ def build_prompts(
     for index, row in enumerate(rows):
         input_ids[index, length - len(row) :] = row
         attention_mask[index, length - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **random_pixels(shape, batch_size, generator)}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **random_pixels(shape, batch_size, generator)}
+    if shape.anyres is None:
+        return batch
+    return expand_anyres_slots(batch, shape, generator, left_padded=True, pad_token_id=pad_token_id)
 
 
 @dataclass

@@ -40,10 +40,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
 from llava.bench.anyres import (
     IMAGE_MIX,
@@ -473,6 +474,8 @@ def build_model(
     exists in fp32 on the host. Benchmarks need speed, not quality: nothing is loaded from disk.
     """
     shape = get_shape(shape)
+    if shape.anyres is not None:
+        return _build_anyres_model(shape, compression, dtype, attn_implementation, device)
     video: dict[str, object] = {}
     if shape.video is not None:
         video = {
@@ -495,6 +498,73 @@ def build_model(
         shape.name,
         f" with a video tower ({shape.num_frames} frames)" if shape.is_video else "",
         config.compression["name"] if config.compression else "none",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+    )
+    return model
+
+
+def anyres_config_fields(shape: ModelShape, attn_implementation: str = "sdpa") -> dict[str, Any]:
+    """``LlavaNextConfig`` (CLIP towers) or ``LlavaOnevisionConfig`` (towers without CLS: SigLIP, Qwen2 decoder)
+    fields of an AnyRes shape: its pinpoints, the vocabulary's last id as the image placeholder, the ``default``
+    select strategy for CLIP (CLS dropped) or ``full`` for SigLIP, and ``anyres_max_N`` when capped."""
+    anyres = shape.anyres
+    if anyres is None:
+        raise ValueError(f"shape {shape.name} is not an AnyRes shape")
+    vision = shape.vision
+    if vision.cls_token:
+        vision_fields: PretrainedConfig = vision_config(shape, attn_implementation)
+        text_fields: PretrainedConfig = text_config(shape, attn_implementation)
+    else:
+        vision_fields = SiglipVisionConfig(
+            hidden_size=vision.hidden,
+            intermediate_size=vision.intermediate,
+            num_hidden_layers=vision.num_layers,
+            num_attention_heads=vision.heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+        )
+        llm = shape.llm
+        text_fields = Qwen2Config(
+            hidden_size=llm.hidden,
+            intermediate_size=llm.intermediate,
+            num_hidden_layers=llm.num_layers,
+            num_attention_heads=llm.heads,
+            num_key_value_heads=llm.kv_heads,
+            vocab_size=llm.vocab,
+            max_position_embeddings=32768,
+        )
+        for part in (vision_fields, text_fields):
+            set_attn_implementation(part, attn_implementation)
+    fields: dict[str, Any] = {
+        "vision_config": vision_fields.to_dict(),
+        "text_config": text_fields.to_dict(),
+        "image_grid_pinpoints": [list(pinpoint) for pinpoint in anyres.grid_pinpoints],
+        "image_token_id": shape.llm.vocab - 1,
+        "vision_feature_layer": vision.feature_layer,
+        "vision_feature_select_strategy": "default" if vision.cls_token else "full",
+    }
+    if anyres.max_views is not None:
+        fields["vision_aspect_ratio"] = f"anyres_max_{anyres.max_views}"
+    return fields
+
+
+def _build_anyres_model(
+    shape: ModelShape,
+    compression: CompressionConfig | str | None,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: str | torch.device | None,
+) -> nn.Module:
+    """An AnyRes shape's model with random weights: the registry family ``shape.family``'s ``random_model``."""
+    fields = anyres_config_fields(shape, attn_implementation)
+    model = family_named(shape.family).random_model(fields, dtype, device, attn_implementation)
+    model.set_compression(compression)
+    logger.info(
+        "built %s (%s family, compression %s): %.1fM parameters, %s",
+        shape.name,
+        shape.family,
+        compression if isinstance(compression, str) or compression is None else compression.name,
         sum(p.numel() for p in model.parameters()) / 1e6,
         dtype,
     )

@@ -20,6 +20,15 @@ are per video (all frames), and the default presets are the video ones.
         --presets none,duet_video_53,duet_video_93 --batch-size 2 --steps 5 --warmup 1 \
         --out runs/bench/small-video-finetune.json
 
+With an AnyRes shape (``small-anyres``, ``llava-next-7b``; :mod:`llava.bench.anyres`) sample ``i`` carries image
+``i`` of the shape's image mix (cycled; placeholders expanded to its AnyRes tokens, ``pixel_values``
+``[B, views, 3, S, S]``, ``image_sizes``), the model is the shape's family's random model, and the default presets
+are the ``anyres_*`` ones (fractions of each image's tokens); the FLOP model averages the mix's images with their
+weights, so a batch of whole cycles of the mix (``small-anyres``: an even batch) is what it predicts:
+
+    python -m llava.bench.train_speed --shape small-anyres --stage finetune --batch-size 4 --steps 3 --warmup 1 \
+        --out runs/bench/small-anyres-finetune.json
+
 ``--length-mix llava665k`` draws a ragged batch from LLaVA-1.5's instruction mix (:mod:`llava.bench.length_mix`:
 text-only ShareGPT chats, short VQA turns, long conversations) instead of equal-length samples, and
 ``--packing both`` times every preset padded and packed (padding-free) on those same samples; the rows then
@@ -55,6 +64,7 @@ from llava.bench.hf_baseline import (
 from llava.bench.length_mix import SampleLength, build_ragged_batch, draw_lengths, mix_argument, padding_fraction
 from llava.bench.shapes import SHAPES, ModelShape, build_model, default_presets, get_shape
 from llava.bench.workload import (
+    anyres_image_token_id,
     build_training_batch,
     measured_initial_tokens,
     move_batch,
@@ -89,8 +99,11 @@ TABLE_COLUMNS = (
 
 # ----- training setup -----
 def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up."""
-    enable_activation_checkpointing(model, use_reentrant=False)
+    """Non-reentrant activation checkpointing of every layer, and input grads, as the trainer sets them up (a
+    composed model without the switch, e.g. LLaVA-NeXT's, gets it on its wrapped transformers model, whose
+    decoder and tower layers it runs)."""
+    switched = hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
+    enable_activation_checkpointing(model if switched else model.hf_model, use_reentrant=False)
     model.enable_input_require_grads()
 
 
@@ -220,13 +233,18 @@ def _benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         report.release_memory(device)
         presets.append(_measure_hf_baseline(args, shape, device, dtype, attn, memory))
     machine = report.machine_info(device, dtype, attn, load_at_start)
-    return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window, batch_lengths(batch))
+    image_token = anyres_image_token_id(shape) if shape.anyres is not None else None
+    lengths = batch_lengths(batch, image_token)
+    return build_rows(presets, shape, args, machine, memory.kind, memory.exact_window, lengths)
 
 
-def batch_lengths(batch: dict[str, torch.Tensor]) -> list[SampleLength]:
-    """Each row's text tokens, supervised tokens and whether it has a visual slot (read from the batch)."""
+def batch_lengths(batch: dict[str, torch.Tensor], image_token_id: int | None = None) -> list[SampleLength]:
+    """Each row's text tokens, supervised tokens and whether it has a visual slot (read from the batch);
+    ``image_token_id``: the placeholder of an AnyRes batch (one per AnyRes token), counted as slots too."""
     input_ids = batch["input_ids"].cpu()
     slots = (input_ids == IMAGE_TOKEN_ID) | (input_ids == VIDEO_TOKEN_ID)
+    if image_token_id is not None:
+        slots |= input_ids == image_token_id
     real = batch["attention_mask"].cpu().sum(dim=1) - slots.sum(dim=1)
     answers = (batch["labels"].cpu() != IGNORE_INDEX).sum(dim=1)
     return [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,6 +55,61 @@ def random_pixels(shape: ModelShape, batch_size: int, generator: torch.Generator
     return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=generator)}
 
 
+def anyres_image_token_id(shape: ModelShape) -> int:
+    """The image placeholder id of an AnyRes shape's model: the vocabulary's last id (LLaVA-NeXT/OneVision splice
+    their image features at real token ids, one per AnyRes token; random text ids avoid it)."""
+    return shape.llm.vocab - 1
+
+
+def expand_anyres_slots(
+    batch: dict[str, torch.Tensor],
+    shape: ModelShape,
+    generator: torch.Generator,
+    left_padded: bool = False,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """An AnyRes shape's batch from one with one image slot per row: row ``i`` carries image ``i`` of the shape's
+    mix (cycled), its slot expanded to that image's AnyRes token count of :func:`anyres_image_token_id`
+    placeholders (labels ignored there), re-padded on the same side; ``pixel_values`` ``[B, max views, 3, S, S]``
+    (random, zero past each image's views, as the processor pads them) and ``image_sizes`` ``[B, 2]`` (height,
+    width)."""
+    token = anyres_image_token_id(shape)
+    images = [shape.image_mix[row % len(shape.image_mix)] for row in range(batch["input_ids"].shape[0])]
+    counts = [replace(shape, image=image).anyres_counts for image in images]
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for row, count in enumerate(counts):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real]
+        ids = torch.where(ids == token, token - 1, ids)
+        slot = int((ids == IMAGE_TOKEN_ID).nonzero()[0, 0])
+        expanded = torch.cat([ids[:slot], torch.full((count.total,), token), ids[slot + 1 :]])
+        labels = None
+        if "labels" in batch:
+            target = batch["labels"][row][real]
+            labels = torch.cat([target[:slot], torch.full((count.total,), IGNORE_INDEX), target[slot + 1 :]])
+        rows.append((expanded, labels))
+    length = max(len(ids) for ids, _ in rows)
+    out = {
+        "input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+    }
+    if "labels" in batch:
+        out["labels"] = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, labels) in enumerate(rows):
+        span = slice(length - len(ids), length) if left_padded else slice(0, len(ids))
+        out["input_ids"][row, span] = ids
+        out["attention_mask"][row, span] = 1
+        if labels is not None:
+            out["labels"][row, span] = labels
+    size = shape.vision.image_size
+    pixels = torch.zeros(len(rows), max(count.views for count in counts), 3, size, size)
+    for row, count in enumerate(counts):
+        pixels[row, : count.views] = torch.randn(count.views, 3, size, size, generator=generator)
+    out["pixel_values"] = pixels
+    out["image_sizes"] = torch.tensor([[image.height, image.width] for image in images])
+    return out
+
+
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The batch on ``device``, pixels (images or videos) in the model's ``dtype``."""
     moved = {key: value.to(device) for key, value in batch.items()}
@@ -72,7 +128,8 @@ def build_training_batch(
     ``shape.answer_tokens`` text tokens are supervised (answers are shortened by up to 10% per sample).
     pretrain (``plain``): ``BOS``, the image slot, then ``shape.pretrain_text_tokens - 1`` caption tokens,
     all supervised (captions shortened by up to 10%). One image per sample, ``[B, 3, S, S]`` pixels; for a
-    video shape one video slot per sample and ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead.
+    video shape one video slot per sample and ``pixel_values_videos`` ``[B, frames, 3, S, S]`` instead; an AnyRes
+    shape the images of its mix, placeholders expanded (:func:`expand_anyres_slots`).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -115,7 +172,10 @@ def build_training_batch(
         labels[row, : len(ids)] = target
         attention_mask[row, : len(ids)] = 1
     pixels = random_pixels(shape, batch_size, generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **pixels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **pixels}
+    if shape.anyres is None:
+        return batch
+    return expand_anyres_slots(batch, shape, generator, pad_token_id=pad_token_id)
 
 
 def resolve_presets(specs: Sequence[str], shape: ModelShape) -> list[tuple[str, CompressionConfig]]:

@@ -1,0 +1,201 @@
+"""AnyRes benchmarks: the anyres_* presets' stated accounting, the FLOP model of the AnyRes shapes (a mix of image
+sizes, per image), their random models and batches (model-reported visual tokens == the accounting), and the
+training-speed benchmark on a tiny AnyRes shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llava.bench.anyres import (
+    NEXT_GEOMETRY,
+    ONEVISION_GEOMETRY,
+    AnyResGeometry,
+    MixImage,
+    anyres_counts,
+    mix_accounting,
+)
+from llava.bench.flops import main as flops_main
+from llava.bench.flops import predicted_step_ratio, prefill_flops, training_step_flops
+from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, build_model, default_presets
+from llava.bench.workload import anyres_image_token_id, build_training_batch
+from llava.compression.accounting import anyres_initial_visual_tokens, anyres_visual_tokens_per_layer
+from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, load_compression
+
+TOLERANCE = 0.005
+"""Every anyres_* preset's layer average is within this of its named fraction of N0 (absolute)."""
+THIRD, NINTH = 1 / 3, 1 / 9
+
+# (preset, geometry, LLM layers, the layer-average fraction its YAML header states, the named fraction)
+STATED = [
+    ("anyres_duet_third", NEXT_GEOMETRY, 32, 0.3346, THIRD),
+    ("anyres_duet_ninth", NEXT_GEOMETRY, 32, 0.1130, NINTH),
+    ("anyres_visionzip_third", NEXT_GEOMETRY, 32, 0.3332, THIRD),
+    ("anyres_pdrop_third", NEXT_GEOMETRY, 32, 0.3334, THIRD),
+    ("anyres_pdrop_third", ONEVISION_GEOMETRY, 28, 0.3334, THIRD),
+    ("anyres_pdrop_ninth", NEXT_GEOMETRY, 32, 0.1070, NINTH),
+    ("anyres_pdrop_ninth", ONEVISION_GEOMETRY, 28, 0.1144, NINTH),
+]
+
+
+@pytest.mark.parametrize(("preset", "geometry", "layers", "stated", "named"), STATED)
+def test_presets_load_and_average_their_stated_fraction(preset, geometry, layers, stated, named):
+    config = load_compression(preset)
+    assert config.name == preset
+    if config.t2v is not None:
+        assert config.t2v.query == "instruction"  # LLaVA-NeXT supports last and instruction only
+    uncompressed, _, average = mix_accounting(config, geometry, layers)
+    assert average / uncompressed == pytest.approx(stated, abs=5e-5)
+    assert abs(average / uncompressed - named) <= TOLERANCE
+
+
+def test_anyres_accounting_per_view():
+    """V2V keeps the floored fractions of each view's tokens (a view without tokens keeps none) plus every
+    newline token; T2V keeps floor(ratio * N0) of that."""
+    config = CompressionConfig("x", V2VConfig("duet", 0.25, 0.1), T2VConfig((0.5,), (0.5,), "instruction"))
+    views = (576, 432, 0, 100)
+    assert anyres_initial_visual_tokens(config, views, 18) == (144 + 57) + (108 + 43) + 0 + (25 + 10) + 18
+    n0 = 405
+    assert anyres_visual_tokens_per_layer(config, 4, views, 18) == [n0, n0, n0 // 2, n0 // 2]
+    assert anyres_initial_visual_tokens(CompressionConfig(), views, 18) == sum(views) + 18
+    with pytest.raises(ValueError, match="fractions"):
+        anyres_initial_visual_tokens(load_compression("duet_64"), views, 18)
+
+
+def test_mix_flops_are_the_weighted_mean_of_per_image_flops():
+    shape = SHAPES["llava-next-7b"]
+    for preset in ("none", "anyres_duet_third", "anyres_pdrop_ninth"):
+        mixed = training_step_flops(shape, preset, "finetune", 2)
+        parts = [(share, training_step_flops(image, preset, "finetune", 2)) for share, image in shape.mix_images()]
+        assert mixed.total == pytest.approx(sum(share * part.total for share, part in parts), rel=1e-12)
+        assert mixed.visual_tokens_per_layer[0] == pytest.approx(shape.initial_visual_tokens(load_compression(preset)))
+
+
+def test_anyres_image_costs_its_views_in_the_tower_and_its_tokens_in_the_llm():
+    """One 640x480 image on LLaVA-NeXT: 5 views through CLIP-L/336 (each as LLaVA-1.5's one image), the projector
+    on the 5 full 576-token grids, the LLM on base + unpadded tiles + newlines = 2340 tokens."""
+    (share, image), *_ = SHAPES["llava-next-7b"].mix_images()
+    assert image.image == MixImage(640, 480, 0.35) and share == pytest.approx(0.35)
+    flops = training_step_flops(image, None, "finetune", 1)
+    single = training_step_flops("llava-7b", None, "finetune", 1)
+    assert flops.forward["tower"] == pytest.approx(5 * single.forward["tower"])
+    assert flops.component("projector") == pytest.approx(5 * single.component("projector"))
+    assert flops.visual_tokens_per_layer == [2340.0] * 32
+
+
+def test_siglip_tower_has_no_cls_token():
+    """OneVision's tower runs 729 tokens per view: patch embedding plus 26 layers (feature layer -1)."""
+    shape = SHAPES["llava-onevision-7b"]
+    image = dataclasses.replace(shape, image=MixImage(336, 336, 1.0))  # grid 1 x 1: base view + 1 tile
+    assert image.anyres_counts.views == 2
+    d, inner, tokens = 1152, 4304, 729
+    layer = 4 * 2 * tokens * d * d + 2 * 2 * tokens * d * inner + 2 * 2 * tokens * tokens * d
+    tower = 2 * tokens * 3 * 14 * 14 * d + 26 * layer
+    assert training_step_flops(image, None, "finetune", 1).forward["tower"] == pytest.approx(2 * tower)
+
+
+def test_onevision_refuses_v2v_presets_and_defaults_to_t2v_ones():
+    with pytest.raises(ValueError, match="no CLS"):
+        training_step_flops("llava-onevision-7b", "anyres_duet_third", "finetune", 1)
+    assert default_presets("llava-onevision-7b") == ["none", "anyres_pdrop_third", "anyres_pdrop_ninth"]
+    assert "anyres_duet_third" in default_presets("llava-next-7b")
+
+
+def test_flop_model_savings_of_the_7b_shapes():
+    """Every preset saves; 1/9 saves more than 1/3; prefill ratios are the same order as the step ratios."""
+    for shape in ("llava-next-7b", "llava-onevision-7b"):
+        presets = default_presets(shape)[1:]
+        ratios = {preset: predicted_step_ratio(shape, preset, "finetune", 1) for preset in presets}
+        assert all(0.1 < ratio < 0.5 for ratio in ratios.values()), ratios
+        assert ratios["anyres_pdrop_ninth"] < ratios["anyres_pdrop_third"]
+        baseline = prefill_flops(shape, None, 1).total
+        for preset in presets:
+            assert 0.1 < prefill_flops(shape, preset, 1).total / baseline < 0.5
+
+
+def test_flops_cli_prints_anyres_rows(capsys):
+    assert flops_main(["--shape", "llava-next-7b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "640x480 x0.35" in lines[0] and "prefill vs none" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == set(default_presets("llava-next-7b"))
+    assert rows["none"][1] == "2186.2" and rows["anyres_pdrop_third"][-1] == "0.333"
+    assert flops_main(["--shape", "llava-onevision-7b", "--stage", "prefill"]) == 0
+    assert "anyres_pdrop_ninth" in capsys.readouterr().out
+
+
+# ----- tiny AnyRes shapes: random models, batches, the training benchmark -----
+
+_TINY_NEXT = AnyResGeometry("tiny-next", 56, 14, ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)))
+_TINY_ONEVISION = AnyResGeometry(
+    "tiny-onevision", 56, 14, tuple((56 * rows, 56 * cols) for rows in range(1, 4) for cols in range(1, 4)), 2
+)
+_TINY_LLM = LLMShape(num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+TINY_NEXT = ModelShape(
+    name="tiny-anyres",
+    vision=VisionShape(num_layers=2, hidden=32, intermediate=64, heads=4, image_size=56),
+    llm=_TINY_LLM,
+    text_tokens=16,
+    answer_tokens=6,
+    anyres=_TINY_NEXT,
+    image_mix=(MixImage(80, 60, 0.5), MixImage(60, 80, 0.5)),
+    family="llava_next",
+)
+TINY_ONEVISION = ModelShape(
+    name="tiny-anyres-onevision",
+    vision=VisionShape(
+        num_layers=2, hidden=32, intermediate=64, heads=4, image_size=56, feature_layer=-1, cls_token=False
+    ),
+    llm=_TINY_LLM,
+    text_tokens=16,
+    answer_tokens=6,
+    anyres=_TINY_ONEVISION,
+    image_mix=(MixImage(160, 60, 0.5), MixImage(40, 40, 0.5)),  # the wide one is downsized (anyres_max_2)
+    family="llava_onevision",
+)
+TINY_T2V = CompressionConfig("tiny_t2v", t2v=T2VConfig((0.25, 0.5), (0.5, 0.25), "instruction"))
+TINY_DUET = CompressionConfig("tiny_duet", V2VConfig("duet", 0.4, 0.1), TINY_T2V.t2v)
+
+
+@pytest.mark.parametrize(
+    ("shape", "presets"), [(TINY_NEXT, [None, TINY_T2V, TINY_DUET]), (TINY_ONEVISION, [None, TINY_T2V])]
+)
+def test_random_model_reports_the_accounted_visual_tokens(shape, presets):
+    """The batch carries each mix image's AnyRes placeholders, and the model (the family's random model) reports
+    per layer the tokens the accounting predicts for that mix (the newline rule keeps every row here)."""
+    torch.manual_seed(0)
+    model = build_model(shape).eval()
+    batch = build_training_batch(shape, "finetune", 2)
+    placeholders = (batch["input_ids"] == anyres_image_token_id(shape)).sum(dim=1).tolist()
+    counts = [anyres_counts(shape.anyres, image.height, image.width) for image in shape.image_mix]
+    assert placeholders == [count.total for count in counts]
+    assert batch["pixel_values"].shape[1] == max(count.views for count in counts)
+    if shape is TINY_ONEVISION:
+        assert counts[0].downsized and not counts[1].downsized
+    for preset in presets:
+        model.set_compression(preset)
+        with torch.no_grad():
+            output = model(**batch)
+        config = load_compression(preset)
+        assert output.visual_tokens_per_layer == pytest.approx(shape.visual_tokens_per_layer(config))
+        assert math.isfinite(float(output.loss))
+
+
+def test_train_speed_runs_an_anyres_shape(tmp_path):
+    from llava.bench import train_speed
+
+    args = train_speed.parse_args(
+        ["--shape", "small-anyres", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--presets", "none",
+         "--out", str(tmp_path / "bench.json"), "--threads", "1"]
+    )  # fmt: skip
+    args.shape, args.presets = TINY_NEXT, ["none", "anyres_pdrop_ninth"]
+    rows = train_speed.benchmark(args)
+    assert [row["preset"] for row in rows] == ["none", "anyres_pdrop_ninth"]
+    assert rows[1]["flops_ratio_vs_none"] == pytest.approx(
+        predicted_step_ratio(TINY_NEXT, "anyres_pdrop_ninth", "finetune", 2)
+    )
+    assert rows[1]["measured_visual_tokens"] == pytest.approx(rows[1]["avg_visual_tokens"])
+    assert rows[0]["padding_fraction"] < 0.1
