@@ -67,7 +67,10 @@ class DataArguments:
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5) or 'square'."})
     version: str = field(
         default="v1",
-        metadata={"help": "Conversation template: plain, v1/vicuna_v1; chat_template (Qwen2.5-VL: the checkpoint's)."},
+        metadata={
+            "help": "Conversation template: plain, v1/vicuna_v1; chat_template (the checkpoint's own: Qwen2.5-VL, "
+            "LLaVA-NeXT)."
+        },
     )
     model_max_length: int = field(default=2048, metadata={"help": "Max tokens, images expanded."})
     tokens_per_image: int = field(default=576, metadata={"help": "Visual tokens one image occupies."})
