@@ -260,6 +260,8 @@ class LlavaNextFamily:
     def build_model(
         self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
     ) -> TrainableLlavaNext:
+        """The checkpoint as :class:`TrainableLlavaNext` in the training dtype, compression set; ``--version`` must
+        be ``chat_template`` and the LLaVA-1.5 tower settings are refused (the checkpoint has its own)."""
         source = model_args.model_name_or_path
         for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
             if value:
@@ -306,8 +308,16 @@ class LlavaNextFamily:
         return data_args
 
     def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
+        """LLaVA JSON through the checkpoint's chat template, images as AnyRes views (see the module docstring)."""
         tokenizer = processors.tokenizer
         image_token_id = model.config.image_token_id
+        processor_token_id = processors.image_processor.processor.image_token_id
+        if processor_token_id != image_token_id:
+            raise ValueError(
+                f"the processor's image token {processors.image_processor.processor.image_token!r} (id "
+                f"{processor_token_id}) is not the model's image_token_id {image_token_id}: config.json and the "
+                "processor files come from different checkpoints"
+            )
         encoder = ChatTemplateEncoder(
             tokenizer,
             processors.image_processor,
