@@ -61,8 +61,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 __all__ = [
     "STATIC_DECODE_KERNELS",
+    "AnyResViewFeatures",
     "Cache",
-    "LlavaNextViewFeatures",
     "ModelOutput",
     "activation_checkpointing_requested",
     "attn_implementation_of",
@@ -330,7 +330,7 @@ def llava_next_views_per_image(model: PreTrainedModel, image_sizes: torch.Tensor
     ]
 
 
-class LlavaNextViewFeatures(NamedTuple):
+class AnyResViewFeatures(NamedTuple):
     """The CLIP features of every view (base view and tiles) of a batch of LLaVA-NeXT images, before the projector."""
 
     features: torch.Tensor  # [views, patches, vision width]: the feature layer's patch tokens (CLS left out)
@@ -344,13 +344,13 @@ def llava_next_view_features(
     pixel_values: torch.Tensor,
     image_sizes: torch.Tensor,
     score: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> LlavaNextViewFeatures:
+) -> AnyResViewFeatures:
     """Every view's patch features at the configured ``vision_feature_layer`` (``default`` select strategy: CLS
     left out), equal to transformers' ``hidden_states[vision_feature_layer][:, 1:]``, in ONE pass of the tower
     over all views of all images (only the layers the feature layer needs). ``score(layer, hidden)``, when given,
     is called on the feature layer and its input (``[views, 1 + patches, D]``) and must return the CLS attention
     ``[views, patches]`` and keys ``[views, 1 + patches, d]`` (as
-    :func:`llava.model.vision_tower.cls_attention_and_keys` does); the keys are returned for the patches
+    :func:`llava.compression.v2v.cls_attention_and_keys` does); the keys are returned for the patches
     only. ``pixel_values``/``image_sizes`` as for :func:`llava_next_image_features`."""
     config = model.config
     layer_index = config.vision_feature_layer
@@ -379,7 +379,7 @@ def llava_next_view_features(
         cls_attention, keys = score(layers[depth - 1], hidden)
         keys = keys[:, 1:]
     hidden = call_clip_layer(layers[depth - 1], hidden)
-    return LlavaNextViewFeatures(hidden[:, 1:], cls_attention, keys, views)
+    return AnyResViewFeatures(hidden[:, 1:], cls_attention, keys, views)
 
 
 def llava_next_anyres_layout(model: PreTrainedModel, image_sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -805,7 +805,7 @@ def llava_onevision_frame_processor(settings: Mapping[str, Any]) -> Any:
 
 
 def processor_image_token_counts(processor: Any, image_sizes: list[tuple[int, int]]) -> list[int]:
-    """Image placeholders transformers' processor (``LlavaNextProcessor``, ``LlavaOnevisionProcessor``) expands
+    """Image placeholders transformers' LLaVA-NeXT or LLaVA-OneVision processor expands
     each image of ``image_sizes`` (original ``(height, width)``) to, from its own count (the one serving engines
     read, ``_get_num_multimodal_tokens``), without processing pixels."""
     counts = processor._get_num_multimodal_tokens(image_sizes=[list(size) for size in image_sizes])

@@ -11,6 +11,7 @@ from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionConfig
 
 from llava.compression.anyres_v2v import AnyResPlan, anyres_v2v_tokens, select_view_tokens
 from llava.compression.config import CompressionConfig, DyMUConfig, T2VConfig, V2VConfig
+from llava.compression.v2v import cls_attention_and_keys
 from llava.hf_adapter import (
     llava_next_anyres_layout,
     llava_next_image_features,
@@ -19,7 +20,6 @@ from llava.hf_adapter import (
 )
 from llava.model.fast_generation import FastDecoder
 from llava.model.llava_next import DuetLlavaNext
-from llava.model.vision_tower import cls_attention_and_keys
 from tests.test_llava_next import IMAGE, TILE, tiny_llava_next_config
 
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 84]]

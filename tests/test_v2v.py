@@ -10,11 +10,18 @@ from transformers import CLIPVisionModel
 
 from llava.compression import v2v
 from llava.compression.config import CompressionConfig, V2VConfig
-from llava.compression.v2v import DuetMerger, RandomMerger, VisionZipMerger, VisualTokenMerger, build_merger
+from llava.compression.v2v import (
+    DuetMerger,
+    RandomMerger,
+    VisionZipMerger,
+    VisualTokenMerger,
+    build_merger,
+    cls_attention_and_keys,
+)
 from llava.hf_adapter import attn_implementation_of
 from llava.model import vision_tower as vision_tower_module
 from llava.model.config import DuetLlavaConfig
-from llava.model.vision_tower import VisionTower, cls_attention_and_keys
+from llava.model.vision_tower import VisionTower
 from tests.conftest import tiny_text_config, tiny_vision_config
 
 # ----- hand-built example: T = 9 (CLS + 8 patches), k1 = 3, k2 = 2, cluster_width = 2 -----

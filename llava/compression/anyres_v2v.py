@@ -5,7 +5,7 @@ of a tile, those inside the image's aspect ratio), ``n`` of them. A fractional :
 applied to each view's ``n`` (:meth:`V2VConfig.budget`, so an image's budget is split over its views in
 proportion to their surviving patches; a view with no surviving patch keeps nothing). Scores and keys are
 LLaVA-1.5's: the CLS query's attention to each patch and the head-averaged keys at the feature layer
-(:func:`llava.model.vision_tower.cls_attention_and_keys`); there is no CLS among the tokens (the ``default``
+(:func:`llava.compression.v2v.cls_attention_and_keys`); there is no CLS among the tokens (the ``default``
 select strategy drops it), so all ``k1`` dominant tokens are patches. Methods, as :mod:`llava.compression.v2v`:
 
 * ``duet``: the top ``k1`` patches by score stay; ``k2`` anchors evenly spaced by rank over the next
@@ -42,14 +42,13 @@ from torch import nn
 from torch.profiler import record_function
 
 from llava.compression.config import V2VConfig
-from llava.compression.v2v import merge_into_anchors
+from llava.compression.v2v import cls_attention_and_keys, merge_into_anchors
 from llava.hf_adapter import (
     llava_next_anyres_layout,
     llava_next_projector,
     llava_next_view_features,
     llava_next_views_per_image,
 )
-from llava.model.vision_tower import cls_attention_and_keys
 from llava.utils.profiling import PROFILE_REGIONS
 
 ANYRES_V2V_METHODS = ("duet", "visionzip", "random")
@@ -84,7 +83,7 @@ class AnyResPlan(NamedTuple):
 
     @classmethod
     def build(cls, model: nn.Module, image_sizes: torch.Tensor, v2v: V2VConfig) -> AnyResPlan:
-        """The plan for ``image_sizes`` (``[images, 2]``) of an HF ``LlavaNextForConditionalGeneration``."""
+        """The plan for ``image_sizes`` (``[images, 2]``) of transformers' LLaVA-NeXT model."""
         vision = model.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         views = llava_next_views_per_image(model, image_sizes)
@@ -205,7 +204,7 @@ def select_view_tokens(
 def anyres_v2v_tokens(
     model: nn.Module, pixel_values: torch.Tensor, image_sizes: torch.Tensor, v2v: V2VConfig
 ) -> AnyResTokens:
-    """V2V over every view of every image of an HF ``LlavaNextForConditionalGeneration`` in one tower pass, then
+    """V2V over every view of every image of transformers' LLaVA-NeXT model in one tower pass, then
     the projector and transformers' AnyRes packing order: a token and a keep flag for every image placeholder."""
     if v2v.method not in ANYRES_V2V_METHODS:
         raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")

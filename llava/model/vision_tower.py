@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from transformers import CLIPVisionModel
 
 from llava.compression.dtome import MergeState, head_mean_keys, merge_above
-from llava.compression.v2v import VisualTokenMerger, build_merger
+from llava.compression.v2v import VisualTokenMerger, build_merger, cls_attention_and_keys
 from llava.hf_adapter import attn_implementation_of, call_clip_attention, call_clip_layer, call_clip_mlp
 from llava.model.config import DuetLlavaConfig
 from llava.utils.profiling import PROFILE_REGIONS
@@ -66,26 +66,6 @@ def build_tower_merger(compression: Any) -> VisualTokenMerger | None:
     settings = _compression_settings(compression)
     v2v = getattr(settings, "v2v", None) if settings is not None else None
     return build_merger(v2v) if v2v is not None else None
-
-
-@torch.no_grad()
-def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS-query attention to each patch (summed over heads) and head-averaged keys of one CLIP layer.
-
-    ``hidden`` [N, T, D] is the layer's input. Only the CLS query row is projected, and the softmax over
-    all T keys runs in fp32, so this equals row 0 of the layer's eager attention map at a fraction of
-    its cost. Returns ``([N, T - 1], [N, T, head_dim])``; no autograd graph is built (scores only pick
-    indices).
-    """
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    num_images, num_tokens, _ = normed.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    query = attention.q_proj(normed[:, :1]).view(num_images, 1, heads, head_dim).transpose(1, 2)
-    keys = attention.k_proj(normed).view(num_images, num_tokens, heads, head_dim).transpose(1, 2)
-    logits = query.float() @ keys.float().transpose(-1, -2) * attention.scale  # [N, heads, 1, T]
-    cls_attention = logits.softmax(dim=-1).sum(dim=1)[:, 0, 1:]
-    return cls_attention, keys.float().mean(dim=1)
 
 
 class DynamicFeatures(NamedTuple):

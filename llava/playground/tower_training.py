@@ -27,8 +27,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPVisionModel
 
+from llava.compression.v2v import cls_attention_and_keys
 from llava.hf_adapter import call_clip_layer
-from llava.model.vision_tower import cls_attention_and_keys, layers_to_run
+from llava.model.vision_tower import layers_to_run
 from llava.playground.scenes import (
     CELL,
     GRID,
