@@ -30,6 +30,11 @@ typical image-size mix the FLOP model averages over (per image FLOPs, weighted; 
   144 tokens, the five v1.6 pinpoints halved) on 320x240 and 240x320 images (the mix's 640x480 / 480x640
   halved: the same 2 x 2 tile grids and unpadding, about 600 tokens per image), ``small``'s tower at 168 px and
   an 8-layer LLM of 256; run by the ``llava_next`` family's random model.
+* ``small-anyres-onevision``: CPU benchmark model with LLaVA-OneVision's AnyRes rules at about half scale (196 px
+  views of 14 x 14 = 196 tokens without CLS, pinpoints 196 x {1..6} by 196 x {1..6}, ``anyres_max_9``) on the
+  same 320x240 / 240x320 images (2 x 2 tiles, about 840 tokens), a 4-layer SigLIP-style tower of 128 (no CLS, the
+  last layer read) and an 8-layer Qwen2 decoder of 256 with grouped-query attention (4 heads, 2 KV heads); run by
+  the ``llava_onevision`` family's random model (T2V presets only).
 * ``llava-next-7b``: LLaVA-NeXT (v1.6) Vicuna-7B, CLIP-L/14-336 AnyRes, on :data:`llava.bench.anyres.IMAGE_MIX`.
 * ``llava-onevision-7b``: LLaVA-OneVision Qwen2-7B (28 layers, GQA 28 / 4 heads), SigLIP-so400m/14-384 (26
   layers run, no CLS, 729 tokens per view), ``anyres_max_9``, on the same mix.
@@ -321,6 +326,14 @@ SMALL_ANYRES_GEOMETRY = AnyResGeometry(
     patch_size=14,
     grid_pinpoints=tuple((height // 2, width // 2) for height, width in NEXT_GEOMETRY.grid_pinpoints),
 )
+# LLaVA-OneVision's AnyRes rules at about half scale: 196 px views (14 x 14 tokens), 6 x 6 pinpoints, anyres_max_9.
+SMALL_ONEVISION_GEOMETRY = AnyResGeometry(
+    name="llava-onevision-half",
+    view_size=196,
+    patch_size=14,
+    grid_pinpoints=tuple((196 * rows, 196 * cols) for rows in range(1, 7) for cols in range(1, 7)),
+    max_views=9,
+)
 
 SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(
@@ -371,6 +384,16 @@ SHAPES: dict[str, ModelShape] = {
         anyres=SMALL_ANYRES_GEOMETRY,
         image_mix=(MixImage(320, 240, 0.5), MixImage(240, 320, 0.5)),
         family="llava_next",
+    ),
+    "small-anyres-onevision": ModelShape(
+        name="small-anyres-onevision",
+        vision=VisionShape(
+            num_layers=4, hidden=128, intermediate=512, heads=4, image_size=196, feature_layer=-1, cls_token=False
+        ),
+        llm=LLMShape(num_layers=8, hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=32000),
+        anyres=SMALL_ONEVISION_GEOMETRY,
+        image_mix=(MixImage(320, 240, 0.5), MixImage(240, 320, 0.5)),
+        family="llava_onevision",
     ),
     "llava-next-7b": ModelShape(
         name="llava-next-7b",
