@@ -80,7 +80,10 @@ __all__ = [
     "enable_activation_checkpointing",
     "flat_rotary_tables",
     "llava_next_anyres_layout",
+    "llava_next_hub_state_dict",
     "llava_next_image_features",
+    "llava_next_image_newline",
+    "llava_next_module_state_dict",
     "llava_next_projector",
     "llava_next_text_model",
     "llava_next_view_features",
@@ -300,6 +303,11 @@ def llava_next_text_model(model: PreTrainedModel) -> nn.Module:
     return model.model.language_model
 
 
+def llava_next_image_newline(model: PreTrainedModel) -> nn.Parameter:
+    """The learned token closing every row of an AnyRes tile grid (LLaVA-NeXT and OneVision)."""
+    return model.model.image_newline
+
+
 def llava_next_projector(model: PreTrainedModel) -> nn.Module:
     """LLaVA-NeXT's multimodal projector (the MLP from CLIP features to the LLM width)."""
     return model.model.multi_modal_projector
@@ -318,6 +326,34 @@ def llava_next_image_features(
     pixels = pixel_values.to(model.model.vision_tower.dtype)
     output = model.model.get_image_features(pixels, image_sizes, return_dict=True)
     return list(output.pooler_output)
+
+
+def llava_next_hub_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Module-tree names (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``) to the checkpoint
+    names transformers writes and reads for LLaVA-NeXT (``language_model.model.*``, ``vision_tower.*``,
+    ``language_model.lm_head.*``): tested against transformers' own ``save_pretrained``."""
+
+    def hub_key(key: str) -> str:
+        if key.startswith("model.language_model."):
+            return "language_model.model." + key.removeprefix("model.language_model.")
+        if key.startswith("lm_head."):
+            return "language_model." + key
+        return key.removeprefix("model.")
+
+    return {hub_key(key): value for key, value in state_dict.items()}
+
+
+def llava_next_module_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`llava_next_hub_state_dict`: checkpoint names to the module tree's."""
+
+    def module_key(key: str) -> str:
+        if key.startswith("language_model.model."):
+            return "model.language_model." + key.removeprefix("language_model.model.")
+        if key.startswith("language_model.lm_head."):
+            return key.removeprefix("language_model.")
+        return "model." + key
+
+    return {module_key(key): value for key, value in state_dict.items()}
 
 
 def llava_next_views_per_image(model: PreTrainedModel, image_sizes: torch.Tensor) -> list[int]:

@@ -22,7 +22,7 @@ from llava.data.collator import DataCollatorForSupervisedDataset
 from llava.data.dataset import DataArguments, DataError
 from llava.data.tokenization import NoLearnableTokensError
 from llava.families.base import Processors
-from llava.families.llava_next import LlavaNextFamily, TrainableLlavaNext, load_llava_next
+from llava.families.llava_next import LlavaNextFamily, load_llava_next
 from llava.hf_adapter import llava_next_image_features, llava_next_views_per_image
 from llava.inference import load_pipeline
 from llava.model.llava_next import DuetLlavaNext
@@ -177,7 +177,7 @@ def test_compressed_training_loss_of_a_batch_is_the_sum_of_its_samples(
     data = dataset(llava_next_checkpoint, processors, mixed_samples(), tmp_path)
     collate = DataCollatorForSupervisedDataset(processors.tokenizer)
     items = [data[index] for index in range(3)]
-    model = load_llava_next(llava_next_checkpoint, compression=compression, model_class=TrainableLlavaNext).train()
+    model = load_llava_next(llava_next_checkpoint, compression=compression).train()
     assert model.stage_plan.boundaries == (2,)
 
     def inputs(batch: dict) -> dict:
@@ -196,7 +196,7 @@ def test_compressed_training_loss_of_a_batch_is_the_sum_of_its_samples(
 
 
 def test_saves_use_transformers_names_and_load_back_exactly(llava_next_checkpoint, hf_model, tmp_path):
-    model = load_llava_next(llava_next_checkpoint, model_class=TrainableLlavaNext)
+    model = load_llava_next(llava_next_checkpoint)
     original = load_file(llava_next_checkpoint / "model.safetensors")  # what transformers' save_pretrained wrote
     model.save_pretrained(tmp_path / "one")
     saved = load_file(tmp_path / "one" / "model.safetensors")
@@ -209,7 +209,7 @@ def test_saves_use_transformers_names_and_load_back_exactly(llava_next_checkpoin
     expected = hf_model.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in reloaded.state_dict().items())
     # A checkpoint's state dict (the Trainer's resume without DeepSpeed) loads under the module names, strictly.
-    fresh = load_llava_next(llava_next_checkpoint, model_class=TrainableLlavaNext)
+    fresh = load_llava_next(llava_next_checkpoint)
     with torch.no_grad():
         for parameter in fresh.parameters():
             parameter.zero_()
@@ -332,3 +332,18 @@ def test_two_rank_zero3_finetune_and_lora_through_the_scripts_with_t2v_and_a_tex
     assert any("q_proj" in key for key in changed) and any("multi_modal_projector" in key for key in changed)
     LlavaNextForConditionalGeneration.from_pretrained(str(merged))
     assert isinstance(load_pipeline(merged, device="cpu").model, DuetLlavaNext)
+
+
+def test_finetuning_trains_the_newline_token_and_pretraining_only_the_projector(llava_next_checkpoint):
+    """LLaVA-NeXT's own finetuning trains ``image_newline`` with the LLM; the CLIP tower stays frozen."""
+    from llava.model.stages import freeze_for_stage
+
+    model = load_llava_next(llava_next_checkpoint)
+    newline = model.hf_model.model.image_newline
+    tower = list(model.hf_model.model.vision_tower.parameters())
+    trainable = {id(parameter) for parameter in freeze_for_stage(model, "finetune")}
+    assert id(newline) in trainable and not any(id(parameter) in trainable for parameter in tower)
+    assert all(id(parameter) in trainable for parameter in model.projector.parameters())
+    trainable = {id(parameter) for parameter in freeze_for_stage(model, "pretrain")}
+    assert id(newline) not in trainable
+    assert trainable == {id(parameter) for parameter in model.projector.parameters()}

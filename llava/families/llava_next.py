@@ -14,17 +14,17 @@ template writes none (:class:`~llava.data.chat_template.ChatTemplateEncoder`). E
 checkpoint's ``LlavaNextImageProcessor`` on its own: its AnyRes views (the base view and the tiles) are
 concatenated over the batch (``pixel_values`` ``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``) and its
 placeholder is expanded to exactly its AnyRes token count (the processor's ``replace_image_token``). Stages as
-for Qwen2.5-VL: finetuning trains the decoder, the projector and the LM head, LoRA adapters on the decoder's
-linear layers + the full projector; the CLIP tower and ``image_newline`` stay frozen. Every full save is a plain
-LLaVA-NeXT checkpoint in transformers' own layout (loadable by transformers and
-:func:`llava.inference.load_pipeline`), with the checkpoint's processor files.
+for Qwen2.5-VL: finetuning trains the decoder, the projector, ``image_newline`` and the LM head; LoRA adapters
+on the decoder's linear layers + the full projector (``image_newline`` stays frozen then); the CLIP tower is
+always frozen. Every full save is a plain LLaVA-NeXT checkpoint in transformers' own layout (loadable by
+transformers and :func:`llava.inference.load_pipeline`), with the checkpoint's processor files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,8 @@ from llava.data.chat_template import (
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.families.base import PipelineOptions, Processors
-from llava.hf_adapter import enable_activation_checkpointing, set_attn_implementation
-from llava.model.hub_checkpoint import MAX_SHARD_BYTES, check_weight_files, read_config_json, write_safetensors
+from llava.hf_adapter import set_attn_implementation
+from llava.model.hub_checkpoint import check_weight_files, read_config_json
 from llava.model.llava_next import LLAVA_NEXT_MODEL_TYPES, DuetLlavaNext
 from llava.model.precision import random_init
 from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
@@ -64,81 +64,6 @@ logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("chat_template.json", "chat_template.jinja", "processor_config.json", "preprocessor_config.json")
 """Files of a local LLaVA-NeXT checkpoint that every save copies, so ``AutoProcessor`` finds them there too."""
-HF_PREFIX = "hf_model."
-"""Where the wrapped HF model's parameters sit in the wrapper's state dict."""
-
-
-def llava_next_hub_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Module-tree names (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``) to the checkpoint
-    names transformers writes and reads for LLaVA-NeXT (``language_model.model.*``, ``vision_tower.*``,
-    ``language_model.lm_head.*``): tested against transformers' own ``save_pretrained``."""
-
-    def hub_key(key: str) -> str:
-        if key.startswith("model.language_model."):
-            return "language_model.model." + key.removeprefix("model.language_model.")
-        if key.startswith("lm_head."):
-            return "language_model." + key
-        return key.removeprefix("model.")
-
-    return {hub_key(key): value for key, value in state_dict.items()}
-
-
-def llava_next_module_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`llava_next_hub_state_dict`: checkpoint names to the module tree's."""
-
-    def module_key(key: str) -> str:
-        if key.startswith("language_model.model."):
-            return "model.language_model." + key.removeprefix("language_model.model.")
-        if key.startswith("language_model.lm_head."):
-            return key.removeprefix("language_model.")
-        return "model." + key
-
-    return {module_key(key): value for key, value in state_dict.items()}
-
-
-class TrainableLlavaNext(DuetLlavaNext):
-    """:class:`DuetLlavaNext` with what the trainer and peft need: saves in the checkpoint's layout, loads its
-    own or a checkpoint's state dict (a resume), activation checkpointing of the wrapped model's layers."""
-
-    base_model_prefix = HF_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
-
-    def save_pretrained(
-        self,
-        output_dir: str | os.PathLike[str],
-        state_dict: dict[str, torch.Tensor] | None = None,
-        max_shard_bytes: int = MAX_SHARD_BYTES,
-        **unused: Any,
-    ) -> None:
-        """Save as a plain LLaVA-NeXT checkpoint: config, generation config, safetensors shards under
-        transformers' names. ``state_dict`` may be this wrapper's (a gathered ZeRO-3 one) or the HF model's; by
-        default the model's own."""
-        if state_dict is None:
-            state_dict = self.hf_model.state_dict()
-        weights = llava_next_hub_state_dict({key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()})
-        if getattr(self.config.text_config, "tie_word_embeddings", False):
-            weights.pop("language_model.lm_head.weight", None)  # tied: stored once, as the embeddings
-        self.config.save_pretrained(output_dir)
-        if self.hf_model.generation_config is not None:
-            self.hf_model.generation_config.save_pretrained(output_dir)
-        write_safetensors(weights, output_dir, max_shard_bytes)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load this wrapper's state dict or a LLaVA-NeXT checkpoint's (what :meth:`save_pretrained` writes)."""
-        if state_dict and not any(key.startswith(HF_PREFIX) for key in state_dict):
-            return self.hf_model.load_state_dict(llava_next_module_state_dict(state_dict), strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> None:
-        """Checkpoint every layer of the wrapped model (the Trainer's ``--gradient_checkpointing``)."""
-        enable_activation_checkpointing(self.hf_model, **(activation_checkpointing_kwargs or {}))
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> None:
-        """The name transformers before 5.23 call."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
 
 def load_llava_next(
@@ -146,10 +71,9 @@ def load_llava_next(
     dtype: torch.dtype | None = None,
     compression: Any = None,
     attn: str = "sdpa",
-    model_class: type[DuetLlavaNext] = DuetLlavaNext,
 ) -> DuetLlavaNext:
-    """A LLaVA-NeXT checkpoint (local directory or Hub id) as ``model_class`` (:class:`DuetLlavaNext`;
-    :class:`TrainableLlavaNext` for training), safetensors, no remote code; under an active ZeRO-3 config
+    """A LLaVA-NeXT checkpoint (local directory or Hub id) as :class:`DuetLlavaNext` (safetensors, no remote
+    code); under an active ZeRO-3 config
     transformers partitions the weights as they load."""
     model_dir = Path(path)
     if model_dir.is_dir():
@@ -158,7 +82,7 @@ def load_llava_next(
     hf_model = LlavaNextForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
     )
-    return model_class(hf_model, compression)
+    return DuetLlavaNext(hf_model, compression)
 
 
 @dataclass(kw_only=True)
@@ -259,8 +183,8 @@ class LlavaNextFamily:
 
     def build_model(
         self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
-    ) -> TrainableLlavaNext:
-        """The checkpoint as :class:`TrainableLlavaNext` in the training dtype, compression set; ``--version`` must
+    ) -> DuetLlavaNext:
+        """The checkpoint as :class:`DuetLlavaNext` in the training dtype, compression set; ``--version`` must
         be ``chat_template`` and the LLaVA-1.5 tower settings are refused (the checkpoint has its own)."""
         source = model_args.model_name_or_path
         for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
@@ -275,7 +199,6 @@ class LlavaNextFamily:
         logger.info("Starting from LLaVA-NeXT checkpoint %s", source)
         model = load_llava_next(
             source, dtype=training_dtype(args), compression=model_args.compression, attn=attn,
-            model_class=TrainableLlavaNext,
         )  # fmt: skip
         if model_args.pretrain_mm_mlp_adapter:
             load_projector(model, model_args.pretrain_mm_mlp_adapter)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -88,3 +91,55 @@ def check_weight_files(directory: Path) -> None:
                 pass
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{file}: unreadable safetensors file ({error}); re-download or re-save it") from None
+
+
+WRAPPED_PREFIX = "hf_model."
+"""Where a wrapper model (``DuetQwenVL``, ``DuetLlavaNext``) keeps its HF model's parameters in its state dict."""
+
+NameMap = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How a wrapped HF model's module-tree names relate to its checkpoint's (what transformers writes and
+    reads): ``to_hub`` and its inverse ``to_module``, and the checkpoint name of the LM head, left out when the
+    embeddings are tied (stored once, as transformers does)."""
+
+    to_hub: NameMap
+    to_module: NameMap
+    lm_head: str
+
+
+def save_wrapped_checkpoint(
+    wrapper: nn.Module,
+    output_dir: str | os.PathLike[str],
+    names: CheckpointNames,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """Save ``wrapper.hf_model`` as a plain checkpoint of its family (config, generation config, safetensors
+    shards under the checkpoint's names). ``state_dict`` may be the wrapper's (a gathered ZeRO-3 one) or the HF
+    model's; by default the model's own."""
+    hf_model = wrapper.hf_model
+    if state_dict is None:
+        state_dict = hf_model.state_dict()
+    weights = names.to_hub({key.removeprefix(WRAPPED_PREFIX): value for key, value in state_dict.items()})
+    config = hf_model.config
+    text_config = getattr(config, "text_config", config)
+    if getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False):
+        weights.pop(names.lm_head, None)
+    config.save_pretrained(output_dir)
+    if hf_model.generation_config is not None:
+        hf_model.generation_config.save_pretrained(output_dir)
+    write_safetensors(weights, output_dir, max_shard_bytes)
+
+
+def load_wrapped_state_dict(
+    wrapper: nn.Module, state_dict: Mapping[str, Any], names: CheckpointNames, strict: bool, assign: bool
+) -> Any:
+    """Load the wrapper's own state dict or a checkpoint's (what :func:`save_wrapped_checkpoint` writes, e.g. a
+    resume without DeepSpeed); ``from_pretrained`` renames checkpoint names itself, a plain
+    ``load_state_dict`` does not, and with ``strict=False`` it would silently load nothing."""
+    if state_dict and not any(key.startswith(WRAPPED_PREFIX) for key in state_dict):
+        return wrapper.hf_model.load_state_dict(names.to_module(state_dict), strict=strict, assign=assign)
+    return nn.Module.load_state_dict(wrapper, state_dict, strict=strict, assign=assign)

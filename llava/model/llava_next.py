@@ -35,6 +35,8 @@ image and video placeholders alike, so T2V scores and drops both (N0 counts both
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,7 +47,11 @@ from llava.compression.config import V2VConfig, load_compression
 from llava.compression.t2v import SequenceState, build_query_mask
 from llava.hf_adapter import (
     Cache,
+    enable_activation_checkpointing,
+    llava_next_hub_state_dict,
     llava_next_image_features,
+    llava_next_image_newline,
+    llava_next_module_state_dict,
     llava_next_projector,
     llava_next_text_model,
     llava_next_views_per_image,
@@ -56,6 +62,13 @@ from llava.model.contract import DuetOutput, decode_step_if_given, prefill_outpu
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
 from llava.model.fast_generation import FastDecoder
 from llava.model.generation import greedy_or_sample
+from llava.model.hub_checkpoint import (
+    MAX_SHARD_BYTES,
+    WRAPPED_PREFIX,
+    CheckpointNames,
+    load_wrapped_state_dict,
+    save_wrapped_checkpoint,
+)
 from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
 
@@ -69,10 +82,18 @@ LLAVA_NEXT_QUERY_MODES = ("last", "instruction")
 """T2V queries this family supports (``salient`` needs LLaVA-1.5's content-word table; not wired here)."""
 
 
+LLAVA_NEXT_CHECKPOINT_NAMES = CheckpointNames(
+    llava_next_hub_state_dict, llava_next_module_state_dict, "language_model.lm_head.weight"
+)
+"""The names transformers writes and reads for LLaVA-NeXT's weights."""
+
+
 class DuetLlavaNext(nn.Module):
     """A ``LlavaNextForConditionalGeneration`` run with DUET's T2V stages; the
     :class:`~llava.model.contract.VisionLanguageModel` contract (prefill, decode steps with a ``decode_state``,
     per-stage caches, the fast decode path), as :class:`~llava.model.qwen_vl.DuetQwenVL`."""
+
+    base_model_prefix = WRAPPED_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
 
     def __init__(self, hf_model: nn.Module, compression: Any = None) -> None:
         super().__init__()
@@ -81,6 +102,37 @@ class DuetLlavaNext(nn.Module):
         self.stage_plan = None
         self.v2v: V2VConfig | None = None
         self.set_compression(compression)
+
+    def save_pretrained(
+        self,
+        output_dir: str | os.PathLike[str],
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+    ) -> None:
+        """Save as a plain LLaVA-NeXT checkpoint in transformers' own layout (loadable by transformers and the
+        pipeline); see :func:`~llava.model.hub_checkpoint.save_wrapped_checkpoint`."""
+        save_wrapped_checkpoint(self, output_dir, self._checkpoint_names(), state_dict, max_shard_bytes)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load this wrapper's state dict or a LLaVA-NeXT checkpoint's (what :meth:`save_pretrained` writes)."""
+        return load_wrapped_state_dict(self, state_dict, self._checkpoint_names(), strict, assign)
+
+    def _checkpoint_names(self) -> CheckpointNames:
+        if self.config.model_type not in LLAVA_NEXT_MODEL_TYPES:
+            raise NotImplementedError(f"saving a {self.config.model_type} model is not supported yet (inference only)")
+        return LLAVA_NEXT_CHECKPOINT_NAMES
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """Checkpoint every layer of the wrapped model (the Trainer's ``--gradient_checkpointing``)."""
+        enable_activation_checkpointing(self.hf_model, **(activation_checkpointing_kwargs or {}))
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """The name transformers before 5.23 call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     @property
     def language_model(self) -> nn.Module:
@@ -91,6 +143,10 @@ class DuetLlavaNext(nn.Module):
     def projector(self) -> nn.Module:
         """The multimodal projector (CLIP features to the LLM width); ``image_newline`` is a separate parameter."""
         return llava_next_projector(self.hf_model)
+
+    def finetuned_extras(self) -> list[nn.Parameter]:
+        """Parameters finetuning trains beside the LLM and the projector: the ``image_newline`` token."""
+        return [llava_next_image_newline(self.hf_model)]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf_model.get_input_embeddings()

@@ -46,15 +46,21 @@ from llava.hf_adapter import (
 from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
 from llava.model.decoder import DecodeState, decoder_of, run_decoder, stage_plan_from_config
 from llava.model.generation import greedy_or_sample
-from llava.model.hub_checkpoint import MAX_SHARD_BYTES, write_safetensors
+from llava.model.hub_checkpoint import (
+    MAX_SHARD_BYTES,
+    WRAPPED_PREFIX,
+    CheckpointNames,
+    load_wrapped_state_dict,
+    save_wrapped_checkpoint,
+)
 from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
 
 QWEN_MODEL_TYPES = ("qwen2_5_vl",)
 """``model_type`` values of the checkpoints this module runs."""
 QWEN_QUERY_MODES = ("last", "instruction")
-HF_PREFIX = "hf_model."
-"""Where the wrapped HF model's parameters sit in this module's state dict."""
+QWEN_CHECKPOINT_NAMES = CheckpointNames(qwen_hub_state_dict, qwen_module_state_dict, "lm_head.weight")
+"""The Hub checkpoint's names of Qwen2.5-VL's weights (the 3B's tied LM head is stored once)."""
 
 
 class DuetQwenVL(nn.Module):
@@ -63,7 +69,7 @@ class DuetQwenVL(nn.Module):
     :class:`~llava.model.contract.VisionLanguageModel` (prefill, decode steps with a ``decode_state``, per-stage
     caches, the fast decode path)."""
 
-    base_model_prefix = HF_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
+    base_model_prefix = WRAPPED_PREFIX.removesuffix(".")  # read by peft's weight-conversion lookup, as on HF models
 
     def __init__(self, hf_model: nn.Module, compression: Any = None) -> None:
         super().__init__()
@@ -85,23 +91,12 @@ class DuetQwenVL(nn.Module):
         max_shard_bytes: int = MAX_SHARD_BYTES,
     ) -> None:
         """Save as a plain Qwen2.5-VL checkpoint (the Hub's layout and names: loadable by transformers and the
-        pipeline): config, generation config, safetensors shards. ``state_dict`` may be this wrapper's (a
-        gathered ZeRO-3 one) or the HF model's; by default the model's own."""
-        if state_dict is None:
-            state_dict = self.hf_model.state_dict()
-        weights = qwen_hub_state_dict({key.removeprefix(HF_PREFIX): value for key, value in state_dict.items()})
-        if getattr(self.config, "tie_word_embeddings", False):
-            weights.pop("lm_head.weight", None)  # the Hub's tied checkpoints (e.g. 3B) store the embeddings once
-        self.config.save_pretrained(output_dir)
-        if self.hf_model.generation_config is not None:
-            self.hf_model.generation_config.save_pretrained(output_dir)
-        write_safetensors(weights, output_dir, max_shard_bytes)
+        pipeline); see :func:`~llava.model.hub_checkpoint.save_wrapped_checkpoint`."""
+        save_wrapped_checkpoint(self, output_dir, QWEN_CHECKPOINT_NAMES, state_dict, max_shard_bytes)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load this wrapper's state dict or a Qwen2.5-VL checkpoint's (what :meth:`save_pretrained` writes)."""
-        if state_dict and not any(key.startswith(HF_PREFIX) for key in state_dict):
-            return self.hf_model.load_state_dict(qwen_module_state_dict(state_dict), strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_wrapped_state_dict(self, state_dict, QWEN_CHECKPOINT_NAMES, strict, assign)
 
     @property
     def projector(self) -> nn.Module:

@@ -105,7 +105,9 @@ def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
     """Freeze all but what ``stage`` trains; returns the trainable parameters.
 
     pretrain: the projector. finetune: the projector and the LLM with its LM head (the head sits outside the
-    decoder in Qwen2.5-VL). The vision tower(s) stay frozen. LoRA is :func:`configure_trainable`'s.
+    decoder in Qwen2.5-VL), and what a model's optional ``finetuned_extras()`` names (LLaVA-NeXT's
+    ``image_newline``, trained with the LLM as LLaVA-NeXT's own finetuning does). The vision tower(s) stay
+    frozen. LoRA is :func:`configure_trainable`'s.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -114,6 +116,9 @@ def freeze_for_stage(model: nn.Module, stage: str) -> list[nn.Parameter]:
     if stage == "finetune":
         model.language_model.requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
+        extras = getattr(model, "finetuned_extras", None)
+        for parameter in extras() if extras is not None else ():
+            parameter.requires_grad_(True)
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
