@@ -94,7 +94,7 @@ def check_weight_files(directory: Path) -> None:
 
 
 WRAPPED_PREFIX = "hf_model."
-"""Where a wrapper model (``DuetQwenVL``, ``DuetLlavaNext``) keeps its HF model's parameters in its state dict."""
+"""Where a wrapper model (a family's model around a transformers one) keeps its HF model's parameters."""
 
 NameMap = Callable[[Mapping[str, Any]], dict[str, Any]]
 
