@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from llava.bench.flops import predicted_step_ratio, prefill_flops, training_step
 from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, build_model, default_presets
 from llava.bench.workload import anyres_image_token_id, build_training_batch
 from llava.compression.accounting import anyres_initial_visual_tokens, anyres_visual_tokens_per_layer
-from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, load_compression
+from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, available_presets, load_compression
 
 TOLERANCE = 0.005
 """Every anyres_* preset's layer average is within this of its named fraction of N0 (absolute)."""
@@ -199,3 +200,33 @@ def test_train_speed_runs_an_anyres_shape(tmp_path):
     )
     assert rows[1]["measured_visual_tokens"] == pytest.approx(rows[1]["avg_visual_tokens"])
     assert rows[0]["padding_fraction"] < 0.1
+
+
+def test_every_anyres_preset_runs_on_its_family_and_reports_its_accounting():
+    """Each named anyres_* preset switches in on the LLaVA-NeXT random model and the model reports the accounted
+    visual tokens per layer; OneVision's model takes the T2V-only ones and refuses V2V (no CLS)."""
+    presets = [name for name in available_presets() if name.startswith("anyres_")]
+    assert len(presets) == 5
+    torch.manual_seed(0)
+    batches = {shape.name: build_training_batch(shape, "finetune", 2) for shape in (TINY_NEXT, TINY_ONEVISION)}
+    models = {shape.name: build_model(shape).eval() for shape in (TINY_NEXT, TINY_ONEVISION)}
+    for preset in presets:
+        config = load_compression(preset)
+        for shape in (TINY_NEXT, TINY_ONEVISION):
+            model = models[shape.name]
+            if config.v2v is not None and shape is TINY_ONEVISION:
+                with pytest.raises(ValueError, match="CLS"):
+                    model.set_compression(config)
+                continue
+            model.set_compression(config)
+            with torch.no_grad():
+                output = model(**batches[shape.name])
+            accounted = shape.visual_tokens_per_layer(config)
+            if config.v2v is None:
+                assert output.visual_tokens_per_layer == pytest.approx(accounted), preset
+                continue
+            # V2V: the accounting keeps every newline token, the model drops those of rows left without a token
+            # (many, at 4 x 4-token views): an upper bound, at most the newline tokens above the model's N0.
+            newlines = sum(replace(shape, image=image).anyres_counts.newline_tokens for image in shape.image_mix)
+            reported = output.visual_tokens_per_layer[0]
+            assert accounted[0] - newlines / len(shape.image_mix) <= reported <= accounted[0], preset
