@@ -230,3 +230,19 @@ def test_every_anyres_preset_runs_on_its_family_and_reports_its_accounting():
             newlines = sum(replace(shape, image=image).anyres_counts.newline_tokens for image in shape.image_mix)
             reported = output.visual_tokens_per_layer[0]
             assert accounted[0] - newlines / len(shape.image_mix) <= reported <= accounted[0], preset
+
+
+def test_infer_speed_runs_an_anyres_shape(tmp_path):
+    """Left-padded prompts of the mix's images through generate, eager and fast decode paths."""
+    from llava.bench import infer_speed
+
+    args = infer_speed.parse_args(
+        ["--shape", "small-anyres", "--batch-sizes", "2", "--prompt-tokens", "8", "--new-tokens", "2",
+         "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "infer.json"), "--threads", "1"]
+    )  # fmt: skip
+    args.shape, args.presets = TINY_NEXT, ["none", "anyres_duet_third"]
+    rows = infer_speed.benchmark(args)
+    assert {(row["preset"], row["path"]) for row in rows} == {
+        (preset, path) for preset in ("none", "anyres_duet_third") for path in ("eager", "fast")
+    }
+    assert all(row["flops_ratio_vs_none"] <= 1.0 for row in rows)

@@ -18,6 +18,11 @@ Videos are counted the same way: a video is one visual segment of ``num_frames``
 The reduction is reported against the uncompressed count (``num_patches`` plus CLS when the tower keeps it,
 per frame: Video-LLaVA keeps 257 = 256 + CLS).
 
+AnyRes images (LLaVA-NeXT / OneVision) have a base view, tiles and newline tokens, and their count follows the
+image: :func:`anyres_visual_tokens_per_layer` counts one image from its per-view tokens (V2V budgets as fractions
+of each view, every newline kept); ``python -m llava.bench.anyres --preset NAME`` averages a preset over an
+image-size mix (the ``anyres_*`` presets' stated fractions).
+
 CLI: ``python -m llava.compression.accounting --preset duet_192 --num-layers 32 --num-patches 576`` prints
 the per-stage schedule and the average; ``--all`` does every preset; ``--solve`` prints the solved numbers
 behind the committed presets; ``--video`` counts Video-LLaVA videos (8 frames x 257 tokens, 224 px).
