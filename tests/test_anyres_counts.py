@@ -156,3 +156,37 @@ def test_best_resolution_and_bad_input():
         anyres_counts(NEXT_GEOMETRY, 0, 10)
     with pytest.raises(ValueError, match="pinpoints"):
         anyres_counts(AnyResGeometry("empty", 336, 14, ()), 10, 10)
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    """A LLaVA-NeXT with v1.6's geometry (CLIP 336 / 14, the five pinpoints) and tiny widths; only its AnyRes
+    layout is used (transformers' own grid shape and unpadding, through llava.hf_adapter)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=336, patch_size=14
+    )
+    text = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_grid_pinpoints=[list(pin) for pin in NEXT_GEOMETRY.grid_pinpoints],
+        image_token_id=31,
+    )
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def test_llava_next_per_view_breakdown_equals_the_models_layout(next_model):
+    """Per view (base, then each tile), the tokens transformers' packed layout takes from it, and its newline
+    slots, equal the breakdown."""
+    from llava.hf_adapter import llava_next_anyres_layout
+
+    sizes = many_sizes(count=40, seed=2)
+    layouts = llava_next_anyres_layout(next_model, torch.tensor(sizes))
+    for (height, width), layout in zip(sizes, layouts, strict=True):
+        counts = anyres_counts(NEXT_GEOMETRY, height, width)
+        rows = layout[layout >= 0]
+        per_view = torch.bincount(rows // NEXT_GEOMETRY.view_tokens, minlength=counts.views).tolist()
+        assert tuple(per_view) == counts.view_token_counts, (height, width)
+        assert int((layout < 0).sum()) == counts.newline_tokens

@@ -246,3 +246,24 @@ def test_infer_speed_runs_an_anyres_shape(tmp_path):
         (preset, path) for preset in ("none", "anyres_duet_third") for path in ("eager", "fast")
     }
     assert all(row["flops_ratio_vs_none"] <= 1.0 for row in rows)
+
+
+@pytest.mark.parametrize("name", ["small-anyres", "small-anyres-onevision", "llava-next-7b", "llava-onevision-7b"])
+def test_shapes_models_count_their_mix_as_the_accounting_does(name):
+    """Each AnyRes shape's model config (its family's random model, widths shrunk, geometry kept) gives every mix
+    image the placeholder count the FLOP model uses."""
+    from llava.hf_adapter import llava_next_anyres_layout, llava_onevision_tokens_per_image
+
+    shape = SHAPES[name]
+    tiny = dataclasses.replace(
+        shape,
+        vision=dataclasses.replace(shape.vision, num_layers=1, hidden=8, intermediate=16, heads=2),
+        llm=LLMShape(num_layers=1, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=64),
+    )
+    model = build_model(tiny).hf_model
+    sizes = torch.tensor([[image.height, image.width] for image in shape.image_mix])
+    if shape.vision.cls_token:
+        counts = [int(layout.numel()) for layout in llava_next_anyres_layout(model, sizes)]
+    else:
+        counts = llava_onevision_tokens_per_image(model, sizes)
+    assert counts == [image.anyres_counts.total for _, image in shape.mix_images()]
