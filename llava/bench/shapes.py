@@ -528,7 +528,7 @@ def build_model(
 
 
 def anyres_config_fields(shape: ModelShape, attn_implementation: str = "sdpa") -> dict[str, Any]:
-    """``LlavaNextConfig`` (CLIP towers) or ``LlavaOnevisionConfig`` (towers without CLS: SigLIP, Qwen2 decoder)
+    """A LLaVA-NeXT config (CLIP towers) or a LLaVA-OneVision one (towers without CLS: SigLIP, Qwen2 decoder)
     fields of an AnyRes shape: its pinpoints, the vocabulary's last id as the image placeholder, the ``default``
     select strategy for CLIP (CLS dropped) or ``full`` for SigLIP, and ``anyres_max_N`` when capped."""
     anyres = shape.anyres
