@@ -840,9 +840,125 @@ def llava_onevision_frame_processor(settings: Mapping[str, Any]) -> Any:
     return processor_class(**{key: settings[key] for key in fields if settings.get(key) is not None})
 
 
+def llava_onevision_hub_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Module-tree names to the checkpoint names transformers writes and reads for LLaVA-OneVision: the same
+    layout as LLaVA-NeXT's (``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*``,
+    ``image_newline``, ``language_model.lm_head.*``; :func:`llava_next_hub_state_dict`), tested against
+    transformers' own ``save_pretrained``."""
+    return llava_next_hub_state_dict(state_dict)
+
+
+def llava_onevision_module_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`llava_onevision_hub_state_dict`. A checkpoint without
+    ``language_model.lm_head.weight`` has tied embeddings (transformers writes the shared matrix once, as the
+    embeddings; e.g. Qwen2-0.5B OneVision checkpoints): the head gets the embeddings' tensor, so a strict load
+    of the module tree finds it."""
+    module = llava_next_module_state_dict(state_dict)
+    embeddings = module.get("model.language_model.embed_tokens.weight")
+    if "lm_head.weight" not in module and embeddings is not None:
+        module["lm_head.weight"] = embeddings
+    return module
+
+
 def processor_image_token_counts(processor: Any, image_sizes: list[tuple[int, int]]) -> list[int]:
     """Image placeholders transformers' LLaVA-NeXT or LLaVA-OneVision processor expands
     each image of ``image_sizes`` (original ``(height, width)``) to, from its own count (the one serving engines
     read, ``_get_num_multimodal_tokens``), without processing pixels."""
     counts = processor._get_num_multimodal_tokens(image_sizes=[list(size) for size in image_sizes])
     return [int(count) for count in counts.num_image_tokens]
+
+
+def llava_onevision_views_per_image(
+    model: PreTrainedModel, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+) -> list[int]:
+    """Views LLaVA-OneVision's ``get_image_features`` runs through the tower for each image: the base view plus
+    the AnyRes tiles for an image alone in its sample, the base view only for an image of a multi-image sample
+    (``batch_num_images`` as there; ``None``: every image alone)."""
+    counts = [1] * len(image_sizes) if batch_num_images is None else [int(n) for n in batch_num_images.tolist()]
+    alone = [count == 1 for count in counts for _ in range(count)]
+    if len(alone) != len(image_sizes):
+        raise ValueError(f"batch_num_images {counts} does not add up to the {len(image_sizes)} images")
+    tiled = llava_next_views_per_image(model, image_sizes)
+    return [views if single else 1 for views, single in zip(tiled, alone, strict=True)]
+
+
+class OneVisionViewFeatures(NamedTuple):
+    """The SigLIP features of every view a batch of LLaVA-OneVision images runs, before the projector."""
+
+    features: torch.Tensor  # [views, patches, vision width]: the feature layer's tokens (every patch: no CLS)
+    scores: torch.Tensor | None  # [views, patches]: what ``score`` returned, if given
+    keys: torch.Tensor | None  # [views, patches, d]
+    views: list[int]  # views of each image, in input order
+
+
+def llava_onevision_view_features(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor,
+    batch_num_images: torch.Tensor | None = None,
+    score: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> OneVisionViewFeatures:
+    """Every view's patch features at the configured ``vision_feature_layer`` (the ``full`` select strategy:
+    SigLIP has no CLS token), equal to transformers' ``hidden_states[vision_feature_layer]``, in ONE pass of
+    the tower over all views of all images (only the layers the feature layer needs). ``score(layer, hidden)``,
+    when given, is called on the feature layer and its input (``[views, patches, D]``) and returns per-patch
+    scores ``[views, patches]`` and keys ``[views, patches, d]``. Arguments as for
+    :func:`llava_onevision_image_features`."""
+    config = model.config
+    layer_index = config.vision_feature_layer
+    if not isinstance(layer_index, int) or isinstance(layer_index, bool):
+        raise ValueError(f"per-view features need one vision_feature_layer, got {layer_index!r}")
+    if config.vision_feature_select_strategy != "full":
+        raise ValueError(
+            "LLaVA-OneVision's per-view features follow the 'full' vision_feature_select_strategy (SigLIP has no "
+            f"CLS token), got {config.vision_feature_select_strategy!r}"
+        )
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # flattened in 5.x
+    layers = tower.encoder.layers
+    depth = layer_index if layer_index >= 0 else len(layers) + 1 + layer_index
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"vision_feature_layer {layer_index} selects no encoder layer of a {len(layers)}-layer tower")
+    views = llava_onevision_views_per_image(model, image_sizes, batch_num_images)
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [images, views, C, H, W] or [views, C, H, W], got {pixel_values.shape}")
+    hidden = tower.embeddings(pixel_values.to(model.model.vision_tower.dtype))
+    for layer in layers[: depth - 1]:
+        hidden = call_clip_layer(layer, hidden)
+    scores = keys = None
+    if score is not None:
+        scores, keys = score(layers[depth - 1], hidden)
+    hidden = call_clip_layer(layers[depth - 1], hidden)
+    return OneVisionViewFeatures(hidden, scores, keys, views)
+
+
+def llava_onevision_pack(
+    model: PreTrainedModel, per_image: list[torch.Tensor] | tuple[torch.Tensor, ...], image_sizes: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each image's ``[views_i, patches, C]`` maps laid out as LLaVA-OneVision packs its features, by the model's
+    own ``pack_image_features`` WITHOUT newline tokens (``image_newline=None``): the base view, then the tiles
+    stitched, unpadded and, past ``vision_aspect_ratio``'s cap, bilinearly downsized; ``[n_i, C]``. The packing
+    treats channels alike, so any per-patch map (projected features, scores, keys, an index channel) lands
+    where the features land."""
+    packed, _ = model.model.pack_image_features(
+        list(per_image), image_sizes.cpu(), image_newline=None, vision_aspect_ratio=model.config.vision_aspect_ratio
+    )
+    return list(packed)
+
+
+def llava_onevision_newline_layout(
+    model: PreTrainedModel, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Each image's placeholders (as :func:`llava_onevision_image_features` fills them) as a host bool tensor,
+    True where transformers puts an ``image_newline`` token: the model's own ``pack_image_features`` over zero
+    maps one channel wide with a newline of one (downsizing interpolates zeros to zeros), so the rows are its."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    views = llava_onevision_views_per_image(model, image_sizes, batch_num_images)
+    packed, _ = model.model.pack_image_features(
+        [torch.zeros(count, side * side, 1) for count in views],
+        image_sizes.cpu(),
+        image_newline=torch.ones(1),
+        vision_aspect_ratio=model.config.vision_aspect_ratio,
+    )
+    return [part[:, 0] > 0.5 for part in packed]

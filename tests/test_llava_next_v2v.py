@@ -287,7 +287,7 @@ def test_v2v_settings_that_cannot_apply_are_refused(hf):
         model.set_compression(CompressionConfig("x", dymu=DyMUConfig((0.5,))))
     onevision = nn.Module()
     onevision.config = LlavaOnevisionConfig()
-    with pytest.raises(ValueError, match="SigLIP tower has no CLS token"):
-        DuetLlavaNext(onevision, CompressionConfig("x", v2v=DUET))
+    with pytest.raises(ValueError, match="must be fractions of each view's tokens"):  # V2V per view group there
+        DuetLlavaNext(onevision, CompressionConfig("x", v2v=V2VConfig("duet", 64, 16)))
     model.set_compression(CompressionConfig("x", v2v=DUET, t2v=T2V))
     assert model.v2v == DUET and model.stage_plan.boundaries == (2,)

@@ -64,7 +64,9 @@ class AnyResTokens(NamedTuple):
 
 
 class AnyResPlan(NamedTuple):
-    """Host-side plan of V2V over the views of a batch of images (from the image sizes and the budget alone)."""
+    """Host-side plan of V2V over the views of a batch of images (from the image sizes and the budget alone).
+    LLaVA-OneVision's plan (:mod:`llava.compression.onevision_v2v`) reuses it with "views" the view groups of its
+    packed tokens (an image's base view, its packed tile grid) and "patches" the longest group."""
 
     views: list[int]  # views of each image
     patches: int  # patches per view
@@ -99,9 +101,25 @@ class AnyResPlan(NamedTuple):
             first_row += int(newline.sum())
             first_view += count
         layout = np.concatenate(layouts) if layouts else np.zeros(0, dtype=np.int64)
-        surviving = np.zeros(first_view * patches, dtype=bool)
+        row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        return cls.from_layout(views, patches, layout, row, first_row, first_view, v2v)
+
+    @classmethod
+    def from_layout(
+        cls,
+        views: list[int],
+        patches: int,
+        layout: np.ndarray,
+        row: np.ndarray,
+        rows: int,
+        num_views: int,
+        v2v: V2VConfig,
+    ) -> AnyResPlan:
+        """The plan for a packed ``layout`` (flat rows into ``[num_views * patches]``, -1 for a newline) and the
+        ``row`` of each placeholder (-1: in no row): a view's surviving patches are the rows the layout reads."""
+        surviving = np.zeros(num_views * patches, dtype=bool)
         surviving[layout[layout >= 0]] = True
-        counts = surviving.reshape(first_view, patches).sum(axis=1)
+        counts = surviving.reshape(num_views, patches).sum(axis=1)
         dominants, remaining, anchors, members = zip(
             *(_view_slots(count, v2v) for count in counts.tolist()), strict=True
         )
@@ -112,9 +130,9 @@ class AnyResPlan(NamedTuple):
             views=views,
             patches=patches,
             layout=torch.from_numpy(layout),
-            row=torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)),
-            rows=first_row,
-            surviving=torch.from_numpy(surviving.reshape(first_view, patches)),
+            row=torch.from_numpy(row),
+            rows=rows,
+            surviving=torch.from_numpy(surviving.reshape(num_views, patches)),
             dominant=torch.tensor(dominants, dtype=torch.long),
             remaining_slots=remaining_slots,
             remaining_valid=remaining_valid,

@@ -18,8 +18,11 @@ budgets as fractions of each view's patches (so an image's budget splits over it
 tokens; token counts are refused). The survivors keep their grid positions, anchors hold their merged CLIP
 features before the projector, and the tokens come out in transformers' packed order with a keep flag per
 placeholder; a newline token stays iff at least one token of its row does. Dropped placeholders leave the
-sequence before the decoder (positions recounted), so T2V's N0 is what V2V kept. Not for OneVision (no CLS token
-in SigLIP to score by); DyMU is not available for either.
+sequence before the decoder (positions recounted), so T2V's N0 is what V2V kept. LLaVA-OneVision
+(:mod:`llava.compression.onevision_v2v`): SigLIP has no CLS token and its tile grid may be downsized after the
+projector, so V2V selects on the packed tokens (per view group: the base view, the packed tile grid), scored by
+the attention each patch receives within its view, anchors merged after the projector, the same newline rule;
+videos are not reduced by V2V. DyMU is not available for either.
 
 Training runs the same forward with ``labels`` (V2V keeps the projector, ``image_newline`` and the tower in the
 graph); a text-only training batch runs one blank image through the same path as images (ZeRO-safe).
@@ -42,8 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, anyres_v2v_tokens
+from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, AnyResTokens, anyres_v2v_tokens
 from llava.compression.config import V2VConfig, load_compression
+from llava.compression.onevision_v2v import onevision_v2v_tokens
 from llava.compression.t2v import SequenceState, build_query_mask
 from llava.hf_adapter import (
     Cache,
@@ -55,7 +59,9 @@ from llava.hf_adapter import (
     llava_next_projector,
     llava_next_text_model,
     llava_next_views_per_image,
+    llava_onevision_hub_state_dict,
     llava_onevision_image_features,
+    llava_onevision_module_state_dict,
     llava_onevision_video_features,
 )
 from llava.model.contract import DuetOutput, decode_step_if_given, prefill_output, require_grads_from
@@ -86,6 +92,16 @@ LLAVA_NEXT_CHECKPOINT_NAMES = CheckpointNames(
     llava_next_hub_state_dict, llava_next_module_state_dict, "language_model.lm_head.weight"
 )
 """The names transformers writes and reads for LLaVA-NeXT's weights."""
+CHECKPOINT_NAMES = {
+    **dict.fromkeys(LLAVA_NEXT_MODEL_TYPES, LLAVA_NEXT_CHECKPOINT_NAMES),
+    **dict.fromkeys(
+        LLAVA_ONEVISION_MODEL_TYPES,
+        CheckpointNames(
+            llava_onevision_hub_state_dict, llava_onevision_module_state_dict, "language_model.lm_head.weight"
+        ),
+    ),
+}
+"""The checkpoint names of each ``model_type`` :class:`DuetLlavaNext` runs (LLaVA-OneVision's layout is NeXT's)."""
 
 
 class DuetLlavaNext(nn.Module):
@@ -118,9 +134,10 @@ class DuetLlavaNext(nn.Module):
         return load_wrapped_state_dict(self, state_dict, self._checkpoint_names(), strict, assign)
 
     def _checkpoint_names(self) -> CheckpointNames:
-        if self.config.model_type not in LLAVA_NEXT_MODEL_TYPES:
-            raise NotImplementedError(f"saving a {self.config.model_type} model is not supported yet (inference only)")
-        return LLAVA_NEXT_CHECKPOINT_NAMES
+        names = CHECKPOINT_NAMES.get(self.config.model_type)
+        if names is None:
+            raise NotImplementedError(f"saving a {self.config.model_type} model is not supported")
+        return names
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
@@ -159,7 +176,8 @@ class DuetLlavaNext(nn.Module):
         require_grads_from(self.get_input_embeddings())
 
     def set_compression(self, spec: Any) -> None:
-        """Switch the compression preset: V2V per AnyRes view (:mod:`llava.compression.anyres_v2v`; budgets as
+        """Switch the compression preset: V2V per AnyRes view (LLaVA-NeXT: :mod:`llava.compression.anyres_v2v`;
+        LLaVA-OneVision, per view group of its packed tokens: :mod:`llava.compression.onevision_v2v`; budgets as
         fractions of each view's tokens) and/or T2V; DyMU is not available for this family."""
         compression = load_compression(spec)
         if compression.dymu is not None:
@@ -169,18 +187,19 @@ class DuetLlavaNext(nn.Module):
             )
         v2v = compression.v2v
         if v2v is not None:
-            if getattr(self.config, "model_type", None) == "llava_onevision":
-                raise ValueError(
-                    f"compression {compression.name!r}: V2V scores patches by the CLS token's attention, and "
-                    "OneVision's SigLIP tower has no CLS token; use a T2V-only preset for LLaVA-OneVision"
-                )
             if v2v.method not in ANYRES_V2V_METHODS:
-                raise ValueError(f"LLaVA-NeXT V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
+                raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
             if not v2v.is_fraction:
                 raise ValueError(
-                    f"compression {compression.name!r}: LLaVA-NeXT's views keep different numbers of tokens "
-                    "(unpadding), so V2V budgets must be fractions of each view's tokens (e.g. dominant 0.25, "
-                    f"contextual 0.08), not token counts ({v2v.dominant}, {v2v.contextual})"
+                    f"compression {compression.name!r}: AnyRes views keep different numbers of tokens "
+                    "(unpadding, downsizing), so V2V budgets must be fractions of each view's tokens (e.g. dominant "
+                    f"0.25, contextual 0.08), not token counts ({v2v.dominant}, {v2v.contextual})"
+                )
+            strategy = getattr(self.config, "vision_feature_select_strategy", "full")
+            if self.is_onevision and strategy != "full":
+                raise ValueError(
+                    f"compression {compression.name!r}: LLaVA-OneVision's V2V scores every SigLIP patch (the 'full' "
+                    f"vision_feature_select_strategy), got {strategy!r}"
                 )
         if compression.t2v is not None and compression.t2v.query not in LLAVA_NEXT_QUERY_MODES:
             raise ValueError(
@@ -282,15 +301,15 @@ class DuetLlavaNext(nn.Module):
             if self.training and torch.is_grad_enabled():
                 blank_pixels, blank_size = self._blank_image(embeds.device, embeds.dtype)
                 if self.v2v is not None:
-                    blank = anyres_v2v_tokens(self.hf_model, blank_pixels, blank_size, self.v2v).tokens
+                    blank = self._v2v_tokens(blank_pixels, blank_size).tokens
                 else:
-                    blank = torch.cat(llava_next_image_features(self.hf_model, blank_pixels, blank_size))
+                    blank = torch.cat(self._image_features(blank_pixels, blank_size))
                 return embeds + blank[:0].sum().to(embeds.dtype), None, 0.0
             return embeds, None, 0.0
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (each image's original height, width) with pixel_values")
         if self.v2v is not None:
-            return self._insert_v2v_tokens(embeds, visual_mask, pixel_values, image_sizes)
+            return self._insert_v2v_tokens(embeds, visual_mask, pixel_values, image_sizes, batch_num_images)
         features = self._image_features(pixel_values, image_sizes, batch_num_images)
         tokens = torch.cat(features).to(embeds.dtype)
         if tokens.shape[0] != placeholders:
@@ -301,11 +320,16 @@ class DuetLlavaNext(nn.Module):
         return embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens), None, 0.0
 
     def _insert_v2v_tokens(
-        self, embeds: torch.Tensor, visual_mask: torch.Tensor, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        visual_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """:meth:`_insert_visual_tokens` with V2V per AnyRes view (:mod:`llava.compression.anyres_v2v`): every
         placeholder gets its token (dropped ones too, left out by the caller's compaction) and a keep flag."""
-        compressed = anyres_v2v_tokens(self.hf_model, pixel_values, image_sizes, self.v2v)
+        compressed = self._v2v_tokens(pixel_values, image_sizes, batch_num_images)
         placeholders = int(visual_mask.sum())
         if compressed.tokens.shape[0] != placeholders:
             raise ValueError(
@@ -315,6 +339,15 @@ class DuetLlavaNext(nn.Module):
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), compressed.tokens.to(embeds.dtype))
         kept = (~visual_mask).masked_scatter(visual_mask, compressed.keep)
         return embeds, kept, compressed.seconds
+
+    def _v2v_tokens(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+    ) -> AnyResTokens:
+        """V2V's token and keep flag per image placeholder: per AnyRes view before the projector (LLaVA-NeXT), or
+        per view group of the packed tokens after it (LLaVA-OneVision, with ``batch_num_images``)."""
+        if self.is_onevision:
+            return onevision_v2v_tokens(self.hf_model, pixel_values, image_sizes, self.v2v, batch_num_images)
+        return anyres_v2v_tokens(self.hf_model, pixel_values, image_sizes, self.v2v)
 
     def _blank_image(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One all-zero image of one view's size (``[1, views, C, H, W]``: the base view and its tiles, as the
@@ -345,7 +378,9 @@ class DuetLlavaNext(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings with every video's tokens (LLaVA-OneVision: pooled frames, then one newline token) in its
         ``video_token_id`` placeholders, in order, as transformers splices them; and those positions (``[B, L]``
-        bool; none for LLaVA-NeXT, which takes no videos)."""
+        bool; none for LLaVA-NeXT, which takes no videos). A LLaVA-OneVision training batch without videos runs a
+        blank one-frame video through the same path (tokens left out), so every rank runs the tower as often as
+        the others whatever its batch holds (ZeRO-3)."""
         if not self.is_onevision:
             if pixel_values_videos is not None:
                 raise ValueError("LLaVA-NeXT takes images only; videos are not supported by this family")
@@ -355,6 +390,12 @@ class DuetLlavaNext(nn.Module):
         if pixel_values_videos is None or pixel_values_videos.shape[0] == 0:
             if placeholders:
                 raise ValueError(f"input_ids hold {placeholders} video placeholders but no pixel_values_videos")
+            if self.training and torch.is_grad_enabled():
+                # ZeRO-safe, as for images: every training batch runs the tower once for videos too.
+                vision = self.config.vision_config
+                blank_video = embeds.new_zeros(1, 1, vision.num_channels, vision.image_size, vision.image_size)
+                blank = llava_onevision_video_features(self.hf_model, blank_video)
+                embeds = embeds + blank[:, :0].sum().to(embeds.dtype)
             return embeds, video_mask
         tokens = llava_onevision_video_features(self.hf_model, pixel_values_videos).flatten(0, 1).to(embeds.dtype)
         if tokens.shape[0] != placeholders:

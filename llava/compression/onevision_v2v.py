@@ -1,0 +1,174 @@
+"""DUET's V2V on LLaVA-OneVision's packed AnyRes tokens: the base view and the packed tile grid, each reduced on
+its own, selected AFTER packing, on the grid of tokens the LLM receives.
+
+LLaVA-OneVision (SigLIP, ``anyres_max_9``) stitches an image's tiles, unpads them to its aspect ratio and, when
+the grid exceeds ``vision_aspect_ratio``'s cap, downsizes it bilinearly AFTER the projector: a final token can
+be a blend of four neighbouring patches, so patches cannot be chosen before packing without changing what the
+survivors hold. V2V therefore works on the final tokens:
+
+1. **Scores and keys per view.** One SigLIP pass over every view of every image up to the feature layer
+   (:func:`llava.hf_adapter.llava_onevision_view_features`). SigLIP has no CLS token, so, as for Qwen2.5-VL
+   (:mod:`llava.compression.qwen_v2v`), a patch's score is the attention it RECEIVES at the feature layer from
+   the queries of its own view: that layer's ``layer_norm1``, ``q_proj``/``k_proj`` on its input, softmax over
+   the view's patches in fp32, summed over the view's queries and averaged over heads, computed in query chunks
+   (:func:`received_attention_and_keys`). Keys are that layer's ``k_proj`` output averaged over heads.
+2. **The same layout as the features.** The score map and the keys of every view are packed by the model's own
+   ``pack_image_features`` with ``image_newline=None`` (:func:`llava.hf_adapter.llava_onevision_pack`): the
+   packing treats channels alike (unpadding slices, downsizing interpolates each channel), so every final token
+   gets a score and a key (interpolated where the features are) at exactly its own position. The projected
+   features are packed the same way, so the tokens are transformers' own, bit for bit.
+3. **Selection per view group, in place.** An image alone in its sample has two view groups: its base view
+   (``patches`` tokens) and its packed tile grid (the unpadded, possibly downsized rows); an image of a
+   multi-image sample has its base view only (transformers gives it nothing else). A fractional budget
+   (:meth:`V2VConfig.budget`) applies to each group's token count, so an image's budget splits over its base
+   view and its grid in proportion to their tokens. Methods as in :mod:`llava.compression.anyres_v2v`
+   (:func:`~llava.compression.anyres_v2v.select_view_tokens`): ``duet`` keeps the top ``k1`` tokens by score and
+   ``k2`` anchors evenly spaced by rank over the next ``cluster_width * k2``, each absorbing its most key-similar
+   pool members (anchor + mean of its members); ``visionzip`` spreads the anchors by position over all remaining
+   tokens and merges every one of them; ``random`` keeps ``k1`` uniformly random tokens. Anchors hold merged
+   PROJECTED token values (the merge runs after the projector, since downsizing does; DUET on LLaVA-1.5 and on
+   LLaVA-NeXT merges before it).
+4. **Newline rule.** transformers closes every row of the final tile grid with one ``image_newline`` token (and
+   a lone base view, as an image of a multi-image sample has, with one). That token stays iff at least one token
+   of its row survives V2V (the lone base view's newline stays iff the base view keeps a token, which a
+   fractional budget always does). The base view of a tiled image has no newline tokens.
+5. **Out.** A token and a keep flag per image placeholder, in transformers' order
+   (:class:`~llava.compression.anyres_v2v.AnyResTokens`); :class:`~llava.model.llava_next.DuetLlavaNext` drops
+   the unkept placeholders before the decoder.
+
+Videos are left to transformers' own path (pooled frames; V2V does not apply to them; T2V does). On the device,
+the tower, the scoring, the selection, the merge and the gather run once over all views of all images; the
+packing is transformers' own (a loop over images inside ``pack_image_features``, as its uncompressed path). The
+view groups, budgets, anchor slots and newline rows are a host-side plan from the image sizes alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, AnyResPlan, AnyResTokens, pack_views, select_view_tokens
+from llava.compression.config import V2VConfig
+from llava.hf_adapter import (
+    llava_next_image_newline,
+    llava_next_projector,
+    llava_onevision_newline_layout,
+    llava_onevision_pack,
+    llava_onevision_view_features,
+    llava_onevision_views_per_image,
+)
+from llava.utils.profiling import PROFILE_REGIONS
+
+SCORE_CHUNK_ELEMENTS = 1 << 26
+"""Most fp32 attention logits held at once while scoring (256 MiB): the query chunk shrinks as views grow."""
+
+
+@torch.no_grad()
+def received_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch of each view, the attention it receives at SigLIP ``layer`` from its view's queries (softmax in
+    fp32, summed over queries, averaged over heads; ``[views, patches]``) and its key averaged over heads
+    (``[views, patches, head_dim]`` fp32). ``hidden`` ``[views, patches, D]`` is the layer's input; the logits
+    are computed in query chunks, so no ``[views, heads, patches, patches]`` map is held at once."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    num_views, patches, _ = normed.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(normed).view(num_views, patches, heads, head_dim).transpose(1, 2).float()
+    keys = attention.k_proj(normed).view(num_views, patches, heads, head_dim).transpose(1, 2).float()
+    received = torch.zeros(num_views, heads, patches, device=hidden.device)
+    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, num_views * heads * patches))
+    for start in range(0, patches, chunk):
+        logits = query[:, :, start : start + chunk] @ keys.transpose(-1, -2) * attention.scale
+        received += logits.softmax(dim=-1).sum(dim=2)
+    return received.mean(dim=1), keys.mean(dim=1)
+
+
+class OneVisionPlan(NamedTuple):
+    """Host-side plan of V2V over LLaVA-OneVision's view groups (from the image sizes and the budget alone)."""
+
+    groups: AnyResPlan  # "views" = view groups (base view, packed tile grid), "patches" = the longest group
+    views: list[int]  # views the tower runs per image
+    slots: torch.Tensor  # [tokens]: flat slot into [groups * longest] of every packed token (newlines left out)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None, v2v: V2VConfig
+    ) -> OneVisionPlan:
+        """The plan for ``image_sizes`` (``[images, 2]``) and ``batch_num_images`` (as the image processor gives
+        it; ``None``: every image alone) of transformers' LLaVA-OneVision model."""
+        vision = model.config.vision_config
+        base = (vision.image_size // vision.patch_size) ** 2
+        views = llava_onevision_views_per_image(model, image_sizes, batch_num_images)
+        newlines = [mask.numpy() for mask in llava_onevision_newline_layout(model, image_sizes, batch_num_images)]
+        groups_of = [2 if count > 1 else 1 for count in views]  # base view (+ packed tile grid)
+        sizes: list[int] = []
+        for mask, groups in zip(newlines, groups_of, strict=True):
+            tokens = int((~mask).sum())
+            sizes += [base, tokens - base] if groups > 1 else [tokens]
+        longest = max(sizes, default=1)
+        layouts, rows, first_row, first_group = [], [], 0, 0
+        for mask, groups in zip(newlines, groups_of, strict=True):
+            token = np.cumsum(~mask) - 1  # index of each non-newline placeholder among the image's tokens
+            in_grid = token >= base if groups > 1 else np.zeros_like(mask)
+            flat = (first_group + in_grid) * longest + np.where(in_grid, token - base, token)
+            layouts.append(np.where(mask, -1, flat))
+            row = np.cumsum(mask) - mask + first_row  # newlines before a token; a newline closes its row
+            if groups > 1:
+                row[:base] = -1  # the base view of a tiled image has no rows
+            rows.append(row)
+            first_row += int(mask.sum())
+            first_group += groups
+        layout = np.concatenate(layouts) if layouts else np.zeros(0, dtype=np.int64)
+        row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        plan = AnyResPlan.from_layout(groups_of, longest, layout, row, first_row, first_group, v2v)
+        return cls(plan, views, torch.from_numpy(layout[layout >= 0]))
+
+
+def onevision_v2v_tokens(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor,
+    v2v: V2VConfig,
+    batch_num_images: torch.Tensor | None = None,
+) -> AnyResTokens:
+    """V2V over the view groups of every image of transformers' LLaVA-OneVision model (one tower pass, then the
+    projector, transformers' packing, the selection and the gather): a token and a keep flag for every image
+    placeholder, in input order. Arguments as for :func:`llava.hf_adapter.llava_onevision_image_features`."""
+    if v2v.method not in ANYRES_V2V_METHODS:
+        raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
+    seconds = [0.0]
+
+    def score(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        began = time.perf_counter()
+        with record_function(PROFILE_REGIONS["v2v"]):
+            scored = received_attention_and_keys(layer, hidden)
+        seconds[0] += time.perf_counter() - began
+        return scored
+
+    plan = OneVisionPlan.build(model, image_sizes, batch_num_images, v2v)
+    views = llava_onevision_view_features(model, pixel_values, image_sizes, batch_num_images, score)
+    projected = llava_next_projector(model)(views.features)
+    tokens = torch.cat(llava_onevision_pack(model, projected.split(views.views), image_sizes))
+    began = time.perf_counter()
+    with record_function(PROFILE_REGIONS["v2v"]):
+        maps = torch.cat([views.scores.unsqueeze(-1), views.keys], dim=-1).split(views.views)
+        maps = torch.cat(llava_onevision_pack(model, maps, image_sizes))
+        groups = plan.groups
+        num_groups, longest = groups.surviving.shape
+        slots = plan.slots.to(tokens.device, non_blocking=True)
+
+        def grid(values: torch.Tensor) -> torch.Tensor:
+            """Packed ``[tokens, C]`` values in the padded ``[groups, longest, C]`` grid (zeros past a group)."""
+            padded = values.new_zeros(num_groups * longest, values.shape[-1]).index_copy(0, slots, values)
+            return padded.view(num_groups, longest, -1)
+
+        keep, values = select_view_tokens(
+            grid(tokens), grid(maps[:, :1])[..., 0], grid(maps[:, 1:]), groups, v2v.method
+        )
+    seconds[0] += time.perf_counter() - began
+    return pack_views(values, keep, groups, llava_next_image_newline(model), seconds[0])
