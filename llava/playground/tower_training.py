@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPVisionModel
@@ -31,6 +32,7 @@ from llava.compression.v2v import cls_attention_and_keys
 from llava.hf_adapter import call_clip_layer
 from llava.model.vision_tower import layers_to_run
 from llava.playground.scenes import (
+    CANVAS,
     CELL,
     GRID,
     SCENE_COLORS,
@@ -113,13 +115,23 @@ def scene_targets(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
     }
 
 
-def scene_batch(scenes: Sequence[Scene], patch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CLIP-normalised pixels [N, 3, 336, 336] and stacked targets of ``scenes``."""
-    pixels = torch.from_numpy(np.stack([np.asarray(draw_scene(s)) for s in scenes])).permute(0, 3, 1, 2)
+def scene_batch(
+    scenes: Sequence[Scene], patch_size: int, image_size: int = CANVAS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CLIP-normalised pixels [N, 3, image_size, image_size] and stacked targets of ``scenes``.
+
+    A tower smaller than the 336 px canvas (e.g. the AnyRes playground's 112 px views) sees each scene resized
+    to its input; its targets are those of the canvas at the patch size one of its patches covers there."""
+    if CANVAS % image_size or (patch_size * CANVAS) % image_size:
+        raise ValueError(f"image size {image_size} must divide the {CANVAS} px canvas (patch {patch_size})")
+    drawn = [draw_scene(s) for s in scenes]
+    if image_size != CANVAS:
+        drawn = [image.resize((image_size, image_size), Image.Resampling.BILINEAR) for image in drawn]
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in drawn])).permute(0, 3, 1, 2)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (pixels.float() / 255.0 - mean) / std
-    targets = [scene_targets(s, patch_size) for s in scenes]
+    targets = [scene_targets(s, patch_size * CANVAS // image_size) for s in scenes]
     stacked = {key: torch.from_numpy(np.stack([t[key] for t in targets])) for key in targets[0]}
     return pixels, stacked
 
@@ -172,7 +184,7 @@ def pretrain_tower(
     loss_value = float("nan")
     for step in tqdm(range(steps), desc="tower pretraining", unit="step", disable=not progress):
         scenes = [random_scene(rng, f"tower_{step}_{i}.png") for i in range(batch_size)]
-        pixels, targets = scene_batch(scenes, config.patch_size)
+        pixels, targets = scene_batch(scenes, config.patch_size, config.image_size)
         _, features = _feature_layer_states(tower, pixels, num_layers)
         loss = _losses(heads, features, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +193,7 @@ def pretrain_tower(
         schedule.step()
         loss_value = float(loss.detach())
     tower.eval()
-    result = _evaluate(tower, heads, num_layers, rng, config.patch_size)
+    result = _evaluate(tower, heads, num_layers, rng, config.patch_size, config.image_size)
     result.steps, result.final_loss = steps, loss_value
     logger.info(
         "tower pretraining: %d steps, loss %.3f; held-out patch colour %.1f %%, shape %.1f %%, "
@@ -194,10 +206,15 @@ def pretrain_tower(
 
 @torch.no_grad()
 def _evaluate(
-    tower: CLIPVisionModel, heads: _Heads, num_layers: int, rng: random.Random, patch_size: int
+    tower: CLIPVisionModel,
+    heads: _Heads,
+    num_layers: int,
+    rng: random.Random,
+    patch_size: int,
+    image_size: int = CANVAS,
 ) -> TowerTrainingResult:
     scenes = [random_scene(rng, f"tower_eval_{i}.png") for i in range(32)]
-    pixels, targets = scene_batch(scenes, patch_size)
+    pixels, targets = scene_batch(scenes, patch_size, image_size)
     layer_input, features = _feature_layer_states(tower, pixels, num_layers)
     patches = features[:, 1:]
     on_object = targets["patch_color"] > 0

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from llava.playground.anyres import build_anyres_playground
 from llava.playground.builder import build_playground
 from llava.playground.scene_builder import build_scene_playground
 
@@ -23,27 +24,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--task",
-        choices=("shapes", "scenes"),
+        choices=("shapes", "scenes", "anyres"),
         default="shapes",
         help=(
             "shapes: the pipeline playground (images, videos, tiny random towers; fast, exercises every path); "
-            "scenes: the learnable 336 px task with a held-out benchmark and a pretrained tiny tower"
+            "scenes: the learnable 336 px task with a held-out benchmark and a pretrained tiny tower; "
+            "anyres: the scenes task at three aspect ratios as a tiny LLaVA-NeXT checkpoint (AnyRes tiles)"
         ),
     )
     parser.add_argument(
-        "--num-eval", type=int, default=300, help="scenes: held-out benchmark questions (one per image)"
+        "--num-eval", type=int, default=300, help="scenes, anyres: held-out benchmark questions (one per image)"
     )
     parser.add_argument(
-        "--llm-steps", type=int, default=400, help="scenes: text pretraining steps of the LLM (0: random LLM)"
+        "--llm-steps", type=int, default=400, help="scenes, anyres: text pretraining steps of the LLM (0: random LLM)"
     )
     parser.add_argument(
-        "--tower-steps", type=int, default=300, help="scenes: supervised tower pretraining steps (0: random tower)"
+        "--tower-steps",
+        type=int,
+        default=300,
+        help="scenes, anyres: supervised tower pretraining steps (0: random tower)",
     )
     parser.add_argument(
-        "--num-pretrain", type=int, default=None, help="caption samples (pretrain.json; shapes 600, scenes 1000)"
+        "--num-pretrain",
+        type=int,
+        default=None,
+        help="caption samples (pretrain.json; shapes 600, scenes 1000, anyres 600)",
     )
     parser.add_argument(
-        "--num-finetune", type=int, default=None, help="instruction samples (finetune.json; shapes 600, scenes 3000)"
+        "--num-finetune",
+        type=int,
+        default=None,
+        help="instruction samples (finetune.json; shapes 600, scenes 3000, anyres 1500)",
     )
     parser.add_argument(
         "--num-video-pretrain", type=int, default=160, help="video caption samples (video_pretrain.json)"
@@ -58,11 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=1000, help="tokenizer vocabulary size")
     parser.add_argument("--force", action="store_true", help="overwrite outputs in a non-empty --out")
     args = parser.parse_args(argv)
-    scenes = args.task == "scenes"
     if args.num_pretrain is None:
-        args.num_pretrain = 1000 if scenes else 600
+        args.num_pretrain = {"scenes": 1000, "anyres": 600}.get(args.task, 600)
     if args.num_finetune is None:
-        args.num_finetune = 3000 if scenes else 600
+        args.num_finetune = {"scenes": 3000, "anyres": 1500}.get(args.task, 600)
     counts = (args.num_pretrain, args.num_finetune, args.num_video_pretrain, args.num_video_finetune)
     if min(counts) < 0 or min(args.num_eval, args.tower_steps, args.llm_steps) < 0:
         parser.error(
@@ -80,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         common = {"num_pretrain": args.num_pretrain, "num_finetune": args.num_finetune, "seed": args.seed,
                   "vocab_size": args.vocab_size, "force": args.force}  # fmt: skip
-        if args.task == "scenes":
-            manifest = build_scene_playground(
+        if args.task in ("scenes", "anyres"):
+            build = build_scene_playground if args.task == "scenes" else build_anyres_playground
+            manifest = build(
                 args.out, num_eval=args.num_eval, tower_steps=args.tower_steps, llm_steps=args.llm_steps, **common
             )
         else:

@@ -2,6 +2,9 @@
 # PIPELINE=scenes (the default) is the mission in miniature: a tiny model that learns a held-out task,
 # trained with and without DUET, evaluated with every preset, and the table with the training time saved
 # (scripts/playground/scenes.sh; about 15 minutes on 2 CPU cores; results under runs/playground-scenes).
+# PIPELINE=anyres is the same for LLaVA-NeXT (AnyRes tiles whose grid follows the image's aspect ratio): a tiny
+# LLaVA-NeXT checkpoint finetuned with and without an AnyRes DUET preset, evaluated with every AnyRes preset
+# (scripts/playground/anyres.sh; results under runs/playground-anyres).
 #
 # PIPELINE=image (faster, about 5 minutes) is the pipeline check, end to end, through the real launch scripts:
 #   1. build the playground (tiny random CLIP tower + LLaMA, generated images and LLaVA JSON; no download)
@@ -15,6 +18,7 @@
 #
 #   bash scripts/playground/run.sh                      # scenes: train none + duet_128, evaluate, table
 #   TRAIN_COMPRESSION=duet_64 bash scripts/playground/run.sh
+#   PIPELINE=anyres bash scripts/playground/run.sh      # LLaVA-NeXT: train none + anyres_duet_third, table
 #   PIPELINE=image bash scripts/playground/run.sh       # 2 ranks, 1 pretrain + 3 finetune epochs
 #   PIPELINE=image NUM_GPUS=1 MAX_STEPS=10 bash scripts/playground/run.sh
 #   PIPELINE=image COMPRESSION=duet_192 RUNS_DIR=runs/playground-duet bash scripts/playground/run.sh
@@ -27,9 +31,10 @@ cd "$REPO_ROOT"
 PIPELINE="${PIPELINE:-scenes}"
 case "$PIPELINE" in
     scenes) RUNS_DIR="${RUNS_DIR:-runs/playground-scenes}" ;;
+    anyres) RUNS_DIR="${RUNS_DIR:-runs/playground-anyres}" ;;
     image) RUNS_DIR="${RUNS_DIR:-runs/playground}" ;;
     video) RUNS_DIR="${RUNS_DIR:-runs/playground-video}" ;;
-    *) echo "PIPELINE must be scenes, image or video, got '$PIPELINE'" >&2; exit 2 ;;
+    *) echo "PIPELINE must be scenes, anyres, image or video, got '$PIPELINE'" >&2; exit 2 ;;
 esac
 # Absolute and relative RUNS_DIR alike: a relative one is taken from the repository root.
 [[ "$RUNS_DIR" == /* ]] || RUNS_DIR="$REPO_ROOT/$RUNS_DIR"
@@ -44,6 +49,12 @@ if [[ "$PIPELINE" == scenes ]]; then
     mkdir -p "$RUNS_DIR"
     # shellcheck source=scripts/playground/scenes.sh
     source "$REPO_ROOT/scripts/playground/scenes.sh"
+    exit 0
+fi
+if [[ "$PIPELINE" == anyres ]]; then
+    mkdir -p "$RUNS_DIR"
+    # shellcheck source=scripts/playground/anyres.sh
+    source "$REPO_ROOT/scripts/playground/anyres.sh"
     exit 0
 fi
 
