@@ -33,8 +33,8 @@ survivors hold. V2V therefore works on the final tokens:
    of its row survives V2V (the lone base view's newline stays iff the base view keeps a token, which a
    fractional budget always does). The base view of a tiled image has no newline tokens.
 5. **Out.** A token and a keep flag per image placeholder, in transformers' order
-   (:class:`~llava.compression.anyres_v2v.AnyResTokens`); :class:`~llava.model.llava_next.DuetLlavaNext` drops
-   the unkept placeholders before the decoder.
+   (:class:`~llava.compression.anyres_v2v.AnyResTokens`); the AnyRes family's model
+   (:mod:`llava.model.llava_next`) drops the unkept placeholders before the decoder.
 
 Videos are left to transformers' own path (pooled frames; V2V does not apply to them; T2V does). On the device,
 the tower, the scoring, the selection, the merge and the gather run once over all views of all images; the
