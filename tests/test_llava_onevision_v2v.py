@@ -5,13 +5,19 @@ a text-only row, a multi-image row, videos), cached == recomputed == fast path w
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from llava.compression.anyres_v2v import select_view_tokens
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
-from llava.compression.onevision_v2v import OneVisionPlan, onevision_v2v_tokens, received_attention_and_keys
+from llava.compression.onevision_v2v import (
+    OneVisionPlan,
+    onevision_v2v_tokens,
+    received_attention_and_keys,
+    select_group_tokens,
+)
 from llava.hf_adapter import (
     llava_onevision_image_features,
     llava_onevision_newline_layout,
@@ -160,31 +166,29 @@ def test_selection_equals_a_per_group_reference(hf, method):
         maps = torch.cat([hf.model.multi_modal_projector(views.features), views.scores[..., None], views.keys], -1)
         packed = torch.cat(llava_onevision_pack(hf, maps.split(views.views), sizes))
         plan = OneVisionPlan.build(hf, sizes, counts, v2v)
-        num_groups, longest = plan.groups.surviving.shape
-        grid = packed.new_zeros(num_groups * longest, packed.shape[-1]).index_copy(0, plan.slots, packed)
-        grid = grid.view(num_groups, longest, -1)
-        features, scores, keys = grid[..., :64], grid[..., 64], grid[..., 65:]
-        keep, values = select_view_tokens(features, scores, keys, plan.groups, method)
-    assert plan.groups.member_valid.any()
-    for group in range(num_groups):
-        size = int(plan.groups.surviving[group].sum())
-        ranked = sorted(range(size), key=lambda index: (-float(scores[group, index]), index))
+        features, scores, keys = packed[:, :64], packed[:, 64], packed[:, 65:]
+        keep, values = select_group_tokens(features, scores, keys, plan, method)
+    assert plan.groups.member_valid.any() and keep.shape == scores.shape
+    bounds = [*plan.starts.tolist(), len(scores)]
+    for start, end in pairwise(bounds):
+        size = end - start
+        ranked = sorted(range(start, end), key=lambda index: (-float(scores[index]), index))
         dominant, contextual = v2v.budget(size)
         rest = ranked[dominant:]
         pool = rest[: min(v2v.cluster_width * contextual, len(rest))] if method == "duet" else sorted(rest)
         step = max(1, len(pool) // contextual) if contextual else 1
         anchors = pool[::step][:contextual] if contextual else []
         members = [index for index in pool if index not in anchors]
-        expected = features[group].clone()
+        expected = features[start:end].clone()
         if anchors and members:
-            unit = torch.nn.functional.normalize(keys[group].float(), dim=-1)
+            unit = torch.nn.functional.normalize(keys.float(), dim=-1)
             joins = (unit[members] @ unit[anchors].T).argmax(dim=1).tolist()
             for slot, anchor in enumerate(anchors):
                 joined = [member for member, chosen in zip(members, joins, strict=True) if chosen == slot]
                 if joined:
-                    expected[anchor] = features[group, anchor] + features[group, joined].mean(dim=0)
-        assert sorted(keep[group].nonzero().flatten().tolist()) == sorted(ranked[:dominant] + anchors)
-        torch.testing.assert_close(values[group], expected, atol=1e-6, rtol=1e-6)
+                    expected[anchor - start] = features[anchor] + features[joined].mean(dim=0)
+        assert sorted((start + keep[start:end].nonzero().flatten()).tolist()) == sorted(ranked[:dominant] + anchors)
+        torch.testing.assert_close(values[start:end], expected, atol=1e-6, rtol=1e-6)
 
 
 def test_a_budget_of_every_token_is_the_uncompressed_model(hf):

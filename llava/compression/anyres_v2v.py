@@ -177,6 +177,44 @@ def _padded(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(slots), torch.from_numpy(valid)
 
 
+class ViewChoice(NamedTuple):
+    """Which tokens of each view stay and, when any view has anchors, the anchors and the pool's other members."""
+
+    keep: torch.Tensor  # [views, patches] bool: the dominant tokens and the anchors
+    anchors: torch.Tensor | None  # [views, K] patch index of each anchor slot (padding: any patch of the view)
+    members: torch.Tensor | None  # [views, M] patch index of each member slot (padding, as anchors)
+
+
+def choose_view_tokens(scores: torch.Tensor, plan: AnyResPlan, method: str, device: torch.device) -> ViewChoice:
+    """Per view, the dominant tokens (top ``k1`` by score, stable: ties go low; ``random``: random scores) and the
+    method's anchors and members (slots from ``plan``); see the module docstring. ``scores`` ``[views, patches]``
+    (ignored by ``random``); patches outside ``plan.surviving`` rank last and are never chosen."""
+    num_views, patches = plan.surviving.shape
+    surviving = plan.surviving.to(device, non_blocking=True)
+    if method == "random":
+        scores = torch.rand(num_views, patches, device=device)
+    # Unpadded-away patches rank last (real scores are finite, never -inf); stable: ties go low.
+    ranking = scores.float().masked_fill(~surviving, float("-inf"))
+    ranked = ranking.argsort(dim=1, descending=True, stable=True)  # patch index by rank
+    rank_slots = torch.arange(patches, device=device)
+    dominant = rank_slots < plan.dominant.to(device).unsqueeze(1)
+    keep = torch.zeros_like(dominant).scatter(1, ranked, dominant)
+    if plan.real_anchors.numel() == 0:
+        return ViewChoice(keep, None, None)
+    if method == "visionzip":
+        remaining = ranked.gather(1, plan.remaining_slots.to(device))
+        remaining = remaining.masked_fill(~plan.remaining_valid.to(device), patches).sort(dim=1).values
+        order = remaining.clamp(max=patches - 1)  # raster order of the remaining patches; padding past the end
+    else:
+        order = ranked
+    anchors = order.gather(1, plan.anchor_slots.to(device))
+    members = order.gather(1, plan.member_slots.to(device))
+    # Padded anchor entries may repeat a real patch: add flags (never overwrite) so they cannot clear one.
+    flags = torch.zeros(num_views, patches, dtype=torch.long, device=device)
+    keep = keep | flags.scatter_add(1, anchors, plan.anchor_valid.to(device).long()).bool()
+    return ViewChoice(keep, anchors, members)
+
+
 def select_view_tokens(
     features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, plan: AnyResPlan, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,38 +223,21 @@ def select_view_tokens(
     the CLS attention ``[views, patches]`` (ignored by ``random``); ``keys`` ``[views, patches, d]``."""
     device = features.device
     num_views, patches = plan.surviving.shape
-    surviving = plan.surviving.to(device, non_blocking=True)
-    if method == "random":
-        scores = torch.rand(num_views, patches, device=device)
-    # Unpadded-away patches rank last (real scores are probabilities, never -inf); stable: ties go low.
-    ranking = scores.float().masked_fill(~surviving, float("-inf"))
-    ranked = ranking.argsort(dim=1, descending=True, stable=True)  # patch index by rank
-    rank_slots = torch.arange(patches, device=device)
-    dominant = rank_slots < plan.dominant.to(device).unsqueeze(1)
-    keep = torch.zeros_like(dominant).scatter(1, ranked, dominant)
-    if plan.real_anchors.numel() == 0:
-        return keep, features
-    if method == "visionzip":
-        remaining = ranked.gather(1, plan.remaining_slots.to(device))
-        remaining = remaining.masked_fill(~plan.remaining_valid.to(device), patches).sort(dim=1).values
-        order = remaining.clamp(max=patches - 1)  # raster order of the remaining patches; padding past the end
-    else:
-        order = ranked
+    choice = choose_view_tokens(scores, plan, method, device)
+    if choice.anchors is None:
+        return choice.keep, features
     anchor_valid = plan.anchor_valid.to(device)
-    anchors = order.gather(1, plan.anchor_slots.to(device))
-    members = order.gather(1, plan.member_slots.to(device))
-    merged = merge_into_anchors(features, keys, anchors, members, anchor_valid, plan.member_valid.to(device))
-    # Padded anchor entries may repeat a real patch: add flags (never overwrite) so they cannot clear one.
-    flags = torch.zeros(num_views, patches, dtype=torch.long, device=device)
-    keep = keep | flags.scatter_add(1, anchors, anchor_valid.long()).bool()
+    merged = merge_into_anchors(
+        features, keys, choice.anchors, choice.members, anchor_valid, plan.member_valid.to(device)
+    )
     real = plan.real_anchors.to(device)
     first_rows = torch.arange(num_views, device=device).unsqueeze(1) * patches
-    flat_anchor = (anchors + first_rows).view(-1).index_select(0, real)
+    flat_anchor = (choice.anchors + first_rows).view(-1).index_select(0, real)
     width = features.shape[-1]
     values = features.reshape(-1, width).index_copy(
         0, flat_anchor, merged.reshape(-1, width).index_select(0, real).to(features.dtype)
     )
-    return keep, values.view(num_views, patches, width)
+    return choice.keep, values.view(num_views, patches, width)
 
 
 def anyres_v2v_tokens(

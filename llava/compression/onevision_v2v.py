@@ -22,12 +22,13 @@ survivors hold. V2V therefore works on the final tokens:
    multi-image sample has its base view only (transformers gives it nothing else). A fractional budget
    (:meth:`V2VConfig.budget`) applies to each group's token count, so an image's budget splits over its base
    view and its grid in proportion to their tokens. Methods as in :mod:`llava.compression.anyres_v2v`
-   (:func:`~llava.compression.anyres_v2v.select_view_tokens`): ``duet`` keeps the top ``k1`` tokens by score and
-   ``k2`` anchors evenly spaced by rank over the next ``cluster_width * k2``, each absorbing its most key-similar
-   pool members (anchor + mean of its members); ``visionzip`` spreads the anchors by position over all remaining
-   tokens and merges every one of them; ``random`` keeps ``k1`` uniformly random tokens. Anchors hold merged
-   PROJECTED token values (the merge runs after the projector, since downsizing does; DUET on LLaVA-1.5 and on
-   LLaVA-NeXT merges before it).
+   (:func:`~llava.compression.anyres_v2v.choose_view_tokens`; :func:`select_group_tokens`): ``duet`` keeps the
+   top ``k1`` tokens by score (stable: ties go to the earlier packed token) and ``k2`` anchors evenly spaced by
+   rank over the next ``cluster_width * k2``, each absorbing its most key-similar pool members (anchor + mean of
+   its members); ``visionzip`` spreads the anchors by position over all remaining tokens and merges every one
+   of them; ``random`` keeps ``k1`` uniformly random tokens. Everything else is dropped; survivors stay at
+   their own positions. Anchors hold merged PROJECTED token values (the merge runs after the projector, since
+   downsizing does; DUET on LLaVA-1.5 and on LLaVA-NeXT merges before it).
 4. **Newline rule.** transformers closes every row of the final tile grid with one ``image_newline`` token (and
    a lone base view, as an image of a multi-image sample has, with one). That token stays iff at least one token
    of its row survives V2V (the lone base view's newline stays iff the base view keeps a token, which a
@@ -52,8 +53,15 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, AnyResPlan, AnyResTokens, pack_views, select_view_tokens
+from llava.compression.anyres_v2v import (
+    ANYRES_V2V_METHODS,
+    AnyResPlan,
+    AnyResTokens,
+    choose_view_tokens,
+    pack_views,
+)
 from llava.compression.config import V2VConfig
+from llava.compression.v2v import merge_into_anchors
 from llava.hf_adapter import (
     llava_next_image_newline,
     llava_next_projector,
@@ -91,9 +99,11 @@ def received_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple
 class OneVisionPlan(NamedTuple):
     """Host-side plan of V2V over LLaVA-OneVision's view groups (from the image sizes and the budget alone)."""
 
-    groups: AnyResPlan  # "views" = view groups (base view, packed tile grid), "patches" = the longest group
+    groups: AnyResPlan  # "views" = view groups (base view, packed tile grid), "patches" = the longest group;
+    # its layout reads the packed tokens (newlines left out) in order: [tokens], -1 for a newline
     views: list[int]  # views the tower runs per image
-    slots: torch.Tensor  # [tokens]: flat slot into [groups * longest] of every packed token (newlines left out)
+    slots: torch.Tensor  # [tokens]: slot of every packed token in the padded [groups, longest] score grid
+    starts: torch.Tensor  # [groups]: first packed token of each group (groups are contiguous, in order)
 
     @classmethod
     def build(
@@ -115,8 +125,8 @@ class OneVisionPlan(NamedTuple):
         for mask, groups in zip(newlines, groups_of, strict=True):
             token = np.cumsum(~mask) - 1  # index of each non-newline placeholder among the image's tokens
             in_grid = token >= base if groups > 1 else np.zeros_like(mask)
-            flat = (first_group + in_grid) * longest + np.where(in_grid, token - base, token)
-            layouts.append(np.where(mask, -1, flat))
+            slot = (first_group + in_grid) * longest + np.where(in_grid, token - base, token)
+            layouts.append(np.where(mask, -1, slot))
             row = np.cumsum(mask) - mask + first_row  # newlines before a token; a newline closes its row
             if groups > 1:
                 row[:base] = -1  # the base view of a tiled image has no rows
@@ -126,7 +136,47 @@ class OneVisionPlan(NamedTuple):
         layout = np.concatenate(layouts) if layouts else np.zeros(0, dtype=np.int64)
         row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         plan = AnyResPlan.from_layout(groups_of, longest, layout, row, first_row, first_group, v2v)
-        return cls(plan, views, torch.from_numpy(layout[layout >= 0]))
+        is_token = layout >= 0
+        token_layout = np.full(len(layout), -1, dtype=np.int64)
+        token_layout[is_token] = np.arange(int(is_token.sum()))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+        return cls(
+            plan._replace(layout=torch.from_numpy(token_layout)),
+            views,
+            torch.from_numpy(layout[is_token]),
+            torch.from_numpy(starts),
+        )
+
+
+def select_group_tokens(
+    tokens: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, plan: OneVisionPlan, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per view group, which packed tokens stay (``[tokens]`` bool) and the tokens with each anchor holding its
+    merged value (``[tokens, D]``, the other rows unchanged). ``tokens`` ``[tokens, D]``, ``scores``
+    ``[tokens]`` and ``keys`` ``[tokens, d]`` in packed order (newlines left out). Only the scores are laid out
+    in the padded ``[groups, longest]`` grid to rank them; the merge reads the flat token rows in place (a
+    broadcast view, no padded copy of the tokens)."""
+    device = tokens.device
+    groups = plan.groups
+    num_groups, longest = groups.surviving.shape
+    slots = plan.slots.to(device, non_blocking=True)
+    grid = scores.float().new_zeros(num_groups * longest).index_copy(0, slots, scores.float())
+    choice = choose_view_tokens(grid.view(num_groups, longest), groups, method, device)
+    keep = choice.keep.view(-1).index_select(0, slots)
+    if choice.anchors is None:
+        return keep, tokens
+    last = tokens.shape[0] - 1
+    starts = plan.starts.to(device, non_blocking=True).unsqueeze(1)
+    anchors = (choice.anchors + starts).clamp(max=last)  # padded entries may point past their group: any real row
+    members = (choice.members + starts).clamp(max=last)
+    flat = [tensor.unsqueeze(0).expand(num_groups, -1, -1) for tensor in (tokens, keys)]
+    merged = merge_into_anchors(*flat, anchors, members, groups.anchor_valid.to(device), groups.member_valid.to(device))
+    real = groups.real_anchors.to(device)
+    width = tokens.shape[-1]
+    values = tokens.index_copy(
+        0, anchors.view(-1).index_select(0, real), merged.view(-1, width).index_select(0, real).to(tokens.dtype)
+    )
+    return keep, values
 
 
 def onevision_v2v_tokens(
@@ -158,17 +208,6 @@ def onevision_v2v_tokens(
     with record_function(PROFILE_REGIONS["v2v"]):
         maps = torch.cat([views.scores.unsqueeze(-1), views.keys], dim=-1).split(views.views)
         maps = torch.cat(llava_onevision_pack(model, maps, image_sizes))
-        groups = plan.groups
-        num_groups, longest = groups.surviving.shape
-        slots = plan.slots.to(tokens.device, non_blocking=True)
-
-        def grid(values: torch.Tensor) -> torch.Tensor:
-            """Packed ``[tokens, C]`` values in the padded ``[groups, longest, C]`` grid (zeros past a group)."""
-            padded = values.new_zeros(num_groups * longest, values.shape[-1]).index_copy(0, slots, values)
-            return padded.view(num_groups, longest, -1)
-
-        keep, values = select_view_tokens(
-            grid(tokens), grid(maps[:, :1])[..., 0], grid(maps[:, 1:]), groups, v2v.method
-        )
+        keep, values = select_group_tokens(tokens, maps[:, 0], maps[:, 1:], plan, v2v.method)
     seconds[0] += time.perf_counter() - began
-    return pack_views(values, keep, groups, llava_next_image_newline(model), seconds[0])
+    return pack_views(values.unsqueeze(0), keep.unsqueeze(0), plan.groups, llava_next_image_newline(model), seconds[0])
