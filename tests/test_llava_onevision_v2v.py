@@ -201,6 +201,22 @@ def test_a_budget_of_every_token_is_the_uncompressed_model(hf):
             assert logits.shape == expected.shape and torch.equal(logits[real], expected[real]), v2v.method
 
 
+def test_bf16_every_token_budget_equals_uncompressed_and_the_named_presets_run():
+    hf = tiny_onevision().to(torch.bfloat16)
+    inputs = batch(hf)
+    for key in ("pixel_values", "pixel_values_videos"):
+        inputs[key] = inputs[key].to(torch.bfloat16)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = DuetLlavaNext(hf)(**inputs).logits
+        every = DuetLlavaNext(hf, CompressionConfig("all", v2v=EVERY_TOKEN[0]))(**inputs).logits
+        assert every.dtype == torch.bfloat16 and torch.equal(every[real], expected[real])
+        for preset in ("anyres_duet_third", "anyres_duet_ninth"):
+            output = DuetLlavaNext(hf, preset)(**inputs)
+            assert torch.isfinite(output.logits.float()).all(), preset
+            assert (output.attention_mask.sum(dim=1) < inputs["attention_mask"].sum(dim=1))[[0, 1, 3, 4]].all()
+
+
 # ---------------------------------------------------------------- batching, caching, generation
 
 
