@@ -327,8 +327,8 @@ class DuetLlavaNext(nn.Module):
         image_sizes: torch.Tensor,
         batch_num_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """:meth:`_insert_visual_tokens` with V2V per AnyRes view (:mod:`llava.compression.anyres_v2v`): every
-        placeholder gets its token (dropped ones too, left out by the caller's compaction) and a keep flag."""
+        """:meth:`_insert_visual_tokens` with V2V per AnyRes view (:meth:`_v2v_tokens`): every placeholder gets its
+        token (dropped ones too, left out by the caller's compaction) and a keep flag. Videos are not V2V's."""
         compressed = self._v2v_tokens(pixel_values, image_sizes, batch_num_images)
         placeholders = int(visual_mask.sum())
         if compressed.tokens.shape[0] != placeholders:
