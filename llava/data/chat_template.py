@@ -12,8 +12,10 @@ own, so ids and labels cannot disagree.
 Images go through the model's own image processor. By default (Qwen: dynamic resolution) each image's single
 placeholder token is repeated once per merged visual token (``t * h * w / merge^2``), as Qwen's processor
 does; a family with another layout passes ``image_inputs`` (LLaVA-NeXT: AnyRes views and each image's AnyRes
-token count). Truncation never splits an image: an image that does not fit is dropped with its vision markers
-and everything after it.
+token count), and ``video_inputs`` likewise for videos (LLaVA-OneVision: frames and each video's token count).
+Truncation never splits an image: an image that does not fit is dropped with its vision markers and everything
+after it (with ``recount_kept_images``, the images kept are processed again on their own, for layouts where an
+image's tokens depend on how many images its sample has).
 """
 
 from __future__ import annotations
@@ -77,11 +79,17 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+def template_pieces(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], answers_after_generation_prompt: bool = False
+) -> list[tuple[str, bool]]:
     """The rendered conversation as ``(text, learned)`` pieces; the learned ones are the assistant answers.
 
     Raises :class:`ConversationError` when the template does not render prefixes as prefixes of the whole
-    (a template that rewrites earlier turns cannot give per-turn labels).
+    (a template that rewrites earlier turns cannot give per-turn labels). With
+    ``answers_after_generation_prompt``, an assistant turn the template renders with another header than its
+    generation prompt (llava-hf's LLaVA-OneVision template: ``<|im_start|>assistant \n`` + answer, but
+    ``<|im_start|>assistant\n`` as the generation prompt) is written as the generation prompt, then the answer
+    as the template renders it from its text on: the learned tokens follow exactly the prompt inference uses.
     """
 
     def render(prefix: list[dict[str, Any]], generation_prompt: bool = False) -> str:
@@ -96,6 +104,13 @@ def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
         prompt = render(messages[:index], generation_prompt=True)
         turn = render(messages[: index + 1])
         answer_start = len(prompt)
+        if answers_after_generation_prompt and full.startswith(turn) and not full.startswith(prompt):
+            before, header, answer = _answer_after_generation_prompt(render, messages, index)
+            learned = answer.rstrip()
+            pieces += [(full[done : len(before)], False), (header, False), (learned, True)]
+            pieces.append((answer[len(learned) :], False))
+            done = len(turn)
+            continue
         if not full.startswith(turn) or not full.startswith(prompt):
             raise ConversationError("the chat template does not render a conversation's prefixes as its prefixes")
         answer = full[answer_start : len(turn)]
@@ -104,6 +119,34 @@ def template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
         done = len(turn)
     pieces.append((full[done:], False))
     return [(text, learned) for text, learned in pieces if text]
+
+
+ANSWER_SENTINEL = "\x00answer\x00"
+"""Stands for an answer's text when finding where a template puts it."""
+
+
+def _answer_after_generation_prompt(
+    render: Callable[..., str], messages: list[dict[str, Any]], index: int
+) -> tuple[str, str, str]:
+    """Assistant message ``index`` as the text before it, its generation prompt's header and its answer as the
+    template renders it from the text on (through the end-of-turn marker and whatever follows)."""
+    before = render(messages[:index])
+    prompt = render(messages[:index], generation_prompt=True)
+    content = messages[index]["content"]
+    text = content if isinstance(content, str) else "".join(item.get("text", "") for item in content)
+    marked = render([*messages[:index], _with_text(messages[index], ANSWER_SENTINEL)])
+    turn = render(messages[: index + 1])
+    at = marked.find(ANSWER_SENTINEL)
+    answer = marked[at + len(ANSWER_SENTINEL) :]
+    if not prompt.startswith(before) or at < len(before) or turn != marked[:at] + text + answer:
+        raise ConversationError("the chat template does not render an answer's text as it is")
+    return before, prompt[len(before) :], text + answer
+
+
+def _with_text(message: dict[str, Any], text: str) -> dict[str, Any]:
+    """``message`` with ``text`` as its content (a one-item list when its content is a list)."""
+    content = text if isinstance(message["content"], str) else [{"type": "text", "text": text}]
+    return {**message, "content": content}
 
 
 class ImageInputs(NamedTuple):
@@ -146,6 +189,13 @@ class ChatTemplateEncoder:
     ids before the rendered conversation (what the tokenizer adds at inference, :func:`special_prefix`);
     ``answer_end_id``: appended (and learned) after every answer the template does not end with it (an end of
     sequence for templates that write none, so the model learns to stop).
+
+    ``video_inputs``: a family's own video layout (video paths -> :class:`ImageInputs`, ``pixel_values_videos``
+    rows per video), used instead of ``video_loader``. ``recount_kept_images``: when truncation drops some of a
+    sample's images, ``image_inputs`` runs again on the kept ones and the cut is recomputed (LLaVA-OneVision: an
+    image alone in its sample gets all its AnyRes views, an image among several only its base view; the
+    per-sample tensors, e.g. ``batch_num_images``, then count the kept images). ``answers_after_generation_prompt``:
+    see :func:`template_pieces`.
     """
 
     def __init__(
@@ -161,6 +211,9 @@ class ChatTemplateEncoder:
         content_lists: bool = False,
         prefix_ids: Sequence[int] = (),
         answer_end_id: int | None = None,
+        video_inputs: Callable[[list[str]], ImageInputs] | None = None,
+        recount_kept_images: bool = False,
+        answers_after_generation_prompt: bool = False,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
@@ -168,6 +221,9 @@ class ChatTemplateEncoder:
         self.content_lists = content_lists
         self.prefix_ids = list(prefix_ids)
         self.answer_end_id = answer_end_id
+        self.video_inputs = video_inputs
+        self.recount_kept_images = recount_kept_images
+        self.answers_after_generation_prompt = answers_after_generation_prompt
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
@@ -196,7 +252,8 @@ class ChatTemplateEncoder:
     def _tokenize(self, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         ids: list[int] = list(self.prefix_ids)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
-        for text, learned in template_pieces(self.tokenizer, messages):
+        pieces = template_pieces(self.tokenizer, messages, self.answers_after_generation_prompt)
+        for text, learned in pieces:
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if learned and self.answer_end_id is not None and (not piece or piece[-1] != self.answer_end_id):
                 piece = [*piece, self.answer_end_id]
@@ -220,6 +277,8 @@ class ChatTemplateEncoder:
         for visual in visuals:
             lengths[visual.slots] = visual.tokens
         keep = self._fitting_length(ids, lengths)
+        if self.recount_kept_images:
+            keep = self._recount_kept_images(ids, lengths, visuals, image_paths, keep)
         if not np.any(labels[:keep] != IGNORE_INDEX):
             raise NoLearnableTokensError(
                 f"no learnable label left ({len(ids)} ids before expansion, max_length {self.max_length}, "
@@ -237,9 +296,27 @@ class ChatTemplateEncoder:
                     item[key] = tensor[:rows] if key.startswith("pixel_values") else tensor[:kept]
         return item
 
-    def _images(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
-        """The image placeholders and inputs."""
-        slots = self._slots(ids, self.image_token_id, len(paths), "image")
+    def _recount_kept_images(
+        self, ids: np.ndarray, lengths: np.ndarray, visuals: list[_Visuals], paths: Sequence[str], keep: int
+    ) -> int:
+        """The cut once the images kept by ``keep`` are processed again on their own (``visuals[0]`` and
+        ``lengths`` updated in place); repeated until no further image is dropped. A dropped image's placeholder
+        never fits again."""
+        while True:
+            images = visuals[0]
+            kept = int(np.count_nonzero(images.slots < keep))
+            if kept in (0, len(images.tokens)):
+                return keep
+            recounted = self._images(ids, paths[:kept], images.slots[:kept])
+            visuals[0] = recounted
+            lengths[recounted.slots] = recounted.tokens
+            lengths[images.slots[kept:]] = int(self.max_length or 0) + 1
+            keep = self._fitting_length(ids, lengths)
+
+    def _images(self, ids: np.ndarray, paths: Sequence[str], slots: np.ndarray | None = None) -> _Visuals:
+        """The image placeholders (``slots``: given, or all of ``ids``') and inputs."""
+        if slots is None:
+            slots = self._slots(ids, self.image_token_id, len(paths), "image")
         if not paths:
             return _Visuals.empty(slots)
         images = [load_image(path) for path in paths]
@@ -255,10 +332,14 @@ class ChatTemplateEncoder:
         return ImageInputs(tensors, patches // self.image_processor.merge_size**2, patches)
 
     def _videos(self, ids: np.ndarray, paths: Sequence[str]) -> _Visuals:
-        """The video placeholders and inputs (Qwen's layout: one placeholder per merged patch)."""
+        """The video placeholders and inputs (``video_inputs``', else Qwen's layout: one placeholder per merged
+        patch)."""
         slots = self._slots(ids, self.video_token_id, len(paths), "video")
         if not paths:
             return _Visuals.empty(slots)
+        if self.video_inputs is not None:
+            inputs = self.video_inputs(list(paths))
+            return _Visuals(slots, inputs.tokens, inputs.rows, inputs.tensors)
         if self.video_loader is None:
             raise ValueError("this encoder was built without a video_loader: it can check video samples, not load them")
         tensors = batch_videos([self.video_loader(path) for path in paths])

@@ -14,6 +14,8 @@ Batch contract:
   (Qwen2.5-VL items): concatenated like the pixels, whose rows are then every image's (video's) patches;
 - ``image_sizes`` LongTensor ``[N_images, 2]`` (LLaVA-NeXT items: each image's original height, width):
   concatenated like the pixels, whose rows are then every image's AnyRes views ``[sum views, 3, H, W]``;
+- ``batch_num_images`` LongTensor ``[samples with images]`` (LLaVA-OneVision items: one row per sample, its
+  number of images), concatenated in sample order;
 - ``num_skipped_samples`` int, present when skip markers were dropped from the batch;
 - ``sample_ids`` list of str, the items' ``sample_id`` (the data file's ``"id"``, or the index in the file),
   present when every item has one: the trainer pops it (and the above) before the model sees the batch.
@@ -33,6 +35,7 @@ from llava.data.dataset import SkippedSample
 
 CONCATENATED_KEYS = (
     "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "image_sizes",
+    "batch_num_images",
 )  # fmt: skip
 """Per-image (per-video) tensors: the batch holds every sample's, in order, along the first dimension."""
 

@@ -1,7 +1,6 @@
 """The LLaVA-OneVision family (``llava-hf/llava-onevision-*-hf`` layout: SigLIP, ``anyres_max_9``, Qwen2):
 transformers' ``LlavaOnevisionForConditionalGeneration`` run as :class:`~llava.model.llava_next.DuetLlavaNext`
-(T2V compression over image and video tokens, fast decoding). Inference only for now: the training members raise
-``NotImplementedError``.
+(T2V compression over image and video tokens, fast decoding), for training and inference.
 
 Inference: prompts are rendered with the checkpoint's own chat template (the processor's ``chat_template.jinja``
 or ``chat_template.json``) from the same user content as the other families
@@ -16,29 +15,51 @@ not). Each ``<image>``/``<video>`` tag is expanded to the model's own token coun
 Checked once against ``LlavaOnevisionProcessor`` with torchvision installed (tiny checkpoint, images alone and
 together, text only, videos): the same ``input_ids``, ``batch_num_images``, ``image_sizes`` and image pixels;
 video pixels within one 8-bit level (PIL's bicubic resize here, torchvision's there).
+
+Training (``--version chat_template``): LLaVA-format conversations rendered with the processor's chat template
+(every message's content as a list; no ids before it, as the pipeline tokenizes), labels on the assistant answers
+only, each learned through the template's end-of-turn marker (plus the tokenizer's EOS when the template writes
+none). llava-hf's template renders an assistant turn as ``<|im_start|>assistant \n`` + answer but prompts with
+``<|im_start|>assistant\n``: every answer is trained after the generation prompt, as inference asks for it (and
+as LLaVA-OneVision's own ``qwen_1_5`` training format writes it). A sample's images go through the image processor
+together, as at inference (:class:`OnevisionImages`): one image gets its AnyRes views, several get their base
+views only (``batch_num_images``); the views are concatenated over the batch (``pixel_values``
+``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``, ``batch_num_images`` ``[samples with images]``) and each
+placeholder is expanded to the model's own token count. ``"video"`` samples (under ``--video_folder``): each video
+``--num_frames`` uniformly sampled frames laid out as the pipeline does (``pixel_values_videos``
+``[videos, frames, 3, H, W]``), its placeholder expanded to the model's per-video count. Truncation keeps images
+and videos whole (when it drops some of a sample's images, the kept ones are processed again, so their views and
+counts follow ``batch_num_images``). Stages as for LLaVA-NeXT: finetuning trains the decoder, the projector,
+``image_newline`` and the LM head (tied to the embeddings in Qwen2-0.5B checkpoints: saved once, as transformers
+does); LoRA adapters on the decoder's linear layers + the full projector; the SigLIP tower is always frozen. Every
+full save is a plain LLaVA-OneVision checkpoint in transformers' own layout with the image processor, the chat
+template and the video settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import chat_content
+from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder, ImageInputs, chat_content
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
 from llava.families.base import PipelineOptions, Processors
 from llava.hf_adapter import (
+    llava_next_views_per_image,
     llava_onevision_frame_processor,
     llava_onevision_tokens_per_image,
     llava_onevision_video_tokens,
@@ -48,7 +69,7 @@ from llava.hf_adapter import (
 from llava.model.hub_checkpoint import check_weight_files, read_config_json
 from llava.model.llava_next import LLAVA_ONEVISION_MODEL_TYPES, DuetLlavaNext
 from llava.model.precision import random_init
-from llava.model.stages import LORA_TARGETS
+from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
 from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
@@ -57,16 +78,16 @@ from llava.pipeline import (
     default_device,
     image_paths,
 )
+from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
 ONEVISION_VIDEO_FRAMES = 32
 """Frames sampled per video: LLaVA-OneVision's video evaluation setting (32 uniformly sampled frames)."""
-NO_TRAINING = "LLaVA-OneVision training is not supported yet (inference only: DuetLlavaNext, {what})"
-
-
-def _no_training(what: str) -> NoReturn:
-    raise NotImplementedError(NO_TRAINING.format(what=what))
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+VIDEO_SETTINGS_FILE = "video_preprocessor_config.json"
+CHECKPOINT_FILES = ("*.json", "*.jinja", "*.txt", "*.model")
+"""What a Hub checkpoint's processor files match (tokenizer, image processor, chat template, video settings)."""
 
 
 def load_llava_onevision(
@@ -87,7 +108,7 @@ def load_llava_onevision(
 def processor_chat_template(model_dir: Path) -> str:
     """The processor's chat template of a checkpoint directory (``chat_template.jinja``, or the older
     ``chat_template.json``); the tokenizer's own (Qwen2's) does not place images and videos."""
-    jinja = model_dir / "chat_template.jinja"
+    jinja = model_dir / CHAT_TEMPLATE_FILE
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     legacy = model_dir / "chat_template.json"
@@ -99,7 +120,7 @@ def processor_chat_template(model_dir: Path) -> str:
 def video_settings(model_dir: Path, image_processor: Any) -> dict[str, Any]:
     """How the checkpoint lays out video frames: its ``video_preprocessor_config.json``; without one, the image
     processor's normalisation at one view's size."""
-    path = model_dir / "video_preprocessor_config.json"
+    path = model_dir / VIDEO_SETTINGS_FILE
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     logger.warning("%s has no video_preprocessor_config.json: video frames use the image processor's settings", path)
@@ -194,6 +215,84 @@ class LlavaOnevisionPipeline(GenerationPipeline):
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **batch}
 
 
+def checkpoint_directory(source: str) -> Path:
+    """``source`` as a local directory: itself, or a Hub id's processor files (no weights) in the Hub cache."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=list(CHECKPOINT_FILES)))
+
+
+class OnevisionImages:
+    """LLaVA-OneVision's data path for training: the checkpoint's image processor (saved as itself, with the
+    processor's chat template and the video settings beside it), a sample's images (:meth:`inputs`) and videos
+    (:meth:`videos`) in the layout the training batch takes, with each one's placeholder count from the model's
+    own feature layout (``hf_model``; only its config and packing rules are used, no weights)."""
+
+    def __init__(
+        self, image_processor: Any, chat_template: str, settings: dict[str, Any], hf_model: nn.Module | None = None
+    ) -> None:
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.settings = settings
+        self.frame_processor = llava_onevision_frame_processor(settings)
+        self.hf_model = hf_model
+        self.num_frames = ONEVISION_VIDEO_FRAMES
+        self.video_backend = "pyav"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.image_processor(*args, **kwargs)
+
+    def save_pretrained(self, output_dir: str | os.PathLike[str]) -> Any:
+        """The image processor, ``chat_template.jinja`` and ``video_preprocessor_config.json``: what
+        :class:`LlavaOnevisionPipeline` reads (also after a LoRA merge, which saves only this and the tokenizer)."""
+        output = Path(output_dir)
+        saved = self.image_processor.save_pretrained(str(output))
+        (output / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
+        (output / VIDEO_SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n", encoding="utf-8")
+        return saved
+
+    def _model(self) -> nn.Module:
+        if self.hf_model is None:
+            raise ValueError("OnevisionImages needs the model (hf_model) to count placeholders")
+        return self.hf_model
+
+    def inputs(self, images: list[Any]) -> ImageInputs:
+        """A sample's images through the image processor together (as the pipeline's batch of one): one image gets
+        its AnyRes views, each of several its base view only; ``pixel_values`` those views concatenated
+        ``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``, ``batch_num_images`` ``[1]`` and each image's
+        placeholder count (:func:`llava.hf_adapter.llava_onevision_tokens_per_image`)."""
+        model = self._model()
+        processed = self.image_processor(images=[images], return_tensors="pt")
+        sizes = torch.as_tensor(processed["image_sizes"]).long()
+        count = torch.tensor([len(images)])
+        views = llava_next_views_per_image(model, sizes) if len(images) == 1 else [1] * len(images)
+        pixels = torch.cat([view[:n] for view, n in zip(processed["pixel_values"], views, strict=True)])
+        tokens = llava_onevision_tokens_per_image(model, sizes, count)
+        tensors = {"pixel_values": pixels, "image_sizes": sizes, "batch_num_images": count}
+        return ImageInputs(tensors, np.asarray(tokens, dtype=np.int64), np.asarray(views, dtype=np.int64))
+
+    def videos(self, paths: list[str]) -> ImageInputs:
+        """Each video as ``num_frames`` uniformly sampled frames laid out as the pipeline does
+        (``pixel_values_videos`` ``[videos, frames, 3, H, W]``) and its placeholder count
+        (:func:`llava.hf_adapter.llava_onevision_video_tokens`)."""
+        frames = [
+            self.frame_processor(images=read_video_frames(path, self.num_frames, self.video_backend),
+                                 return_tensors="pt")["pixel_values"]
+            for path in paths
+        ]  # fmt: skip
+        tokens = llava_onevision_video_tokens(self._model(), self.num_frames)
+        ones = np.ones(len(paths), dtype=np.int64)
+        return ImageInputs({"pixel_values_videos": torch.stack(frames)}, ones * tokens, ones)
+
+
+def hf_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a (possibly peft-wrapped) :class:`DuetLlavaNext`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.hf_model
+
+
 class LlavaOnevisionFamily:
     """LLaVA-OneVision checkpoints (``model_type`` ``llava_onevision``)."""
 
@@ -202,28 +301,92 @@ class LlavaOnevisionFamily:
     hub_names = ("llava-onevision", "llava_onevision")
     model_class = DuetLlavaNext
     modules = ("llava.families.llava_onevision",)
-    projector_name = "projector"
-    lora_targets = LORA_TARGETS
+    projector_name = "multi_modal_projector"
+    lora_targets = LORA_TARGETS  # the decoder's linear layers (under ``language_model``; not SigLIP's)
 
     def build_model(
         self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
-    ) -> nn.Module:
-        _no_training("build_model")
+    ) -> DuetLlavaNext:
+        """The checkpoint as :class:`DuetLlavaNext` in the training dtype, compression set; ``--version`` must
+        be ``chat_template`` and the LLaVA-1.5 tower settings are refused (the checkpoint has its own)."""
+        source = model_args.model_name_or_path
+        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
+            if value:
+                raise ValueError(f"{source} is a LLaVA-OneVision checkpoint with its own SigLIP tower: drop {flag}")
+        if data_args.version != CHAT_TEMPLATE_VERSION:
+            raise ValueError(
+                f"{source} is a LLaVA-OneVision checkpoint: it trains with its own chat template, pass "
+                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
+            )
+        attn = model_args.attn_implementation or default_attn_implementation()
+        logger.info("Starting from LLaVA-OneVision checkpoint %s", source)
+        model = load_llava_onevision(
+            source, dtype=training_dtype(args), compression=model_args.compression, attn=attn,
+        )  # fmt: skip
+        if model_args.pretrain_mm_mlp_adapter:
+            load_projector(model, model_args.pretrain_mm_mlp_adapter)
+        return model
 
     def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
-        _no_training("load_processors")
+        """The checkpoint's tokenizer (right-padded, with the processor's chat template) and its image processor
+        with the chat template and video settings (:class:`OnevisionImages`, saved with every checkpoint)."""
+        model_dir = checkpoint_directory(model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer.model_max_length = data_args.model_max_length
+        tokenizer.padding_side = "right"
+        template = processor_chat_template(model_dir)
+        tokenizer.chat_template = template  # the tokenizer's own (Qwen2's) does not place images and videos
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        image_processor = load_image_processor(str(model_dir))
+        settings = video_settings(model_dir, image_processor)
+        images = OnevisionImages(image_processor, template, settings, hf_model_of(model) if model is not None else None)
+        return Processors(tokenizer, images)
 
     def prepare(self, model: nn.Module, processors: Processors) -> None:
-        _no_training("prepare")
+        """Nothing to tie: the placeholders are expanded in the data."""
 
     def data_arguments(self, data_args: DataArguments, model: nn.Module) -> DataArguments:
-        _no_training("data_arguments")
+        """Length grouping counts each video at the model's own per-video token count for ``--num_frames``;
+        each image at ``--tokens_per_image`` (a constant: AnyRes counts depend on each image's size)."""
+        tokens = llava_onevision_video_tokens(hf_model_of(model), data_args.num_frames)
+        return dataclasses.replace(data_args, tokens_per_video=tokens)
 
     def dataset(self, data_args: DataArguments, processors: Processors, model: nn.Module) -> LazySupervisedDataset:
-        _no_training("dataset")
+        """LLaVA JSON through the processor's chat template, images and videos as the pipeline lays them out (see
+        the module docstring)."""
+        tokenizer = processors.tokenizer
+        config = model.config
+        images: OnevisionImages = processors.image_processor
+        images.hf_model = hf_model_of(model)
+        images.num_frames, images.video_backend = data_args.num_frames, data_args.video_backend
+        for name, token_id in (("image", config.image_token_id), ("video", config.video_token_id)):
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if token is None or tokenizer.convert_tokens_to_ids(f"<{name}>") != token_id:
+                raise ValueError(
+                    f"the tokenizer's <{name}> is not the model's {name}_token_id {token_id}: config.json and the "
+                    "tokenizer files come from different checkpoints"
+                )
+        encoder = ChatTemplateEncoder(
+            tokenizer,
+            images,
+            image_token_id=config.image_token_id,
+            max_length=data_args.model_max_length,
+            video_token_id=config.video_token_id,
+            image_inputs=images.inputs,
+            video_inputs=images.videos,
+            content_lists=True,
+            answer_end_id=tokenizer.eos_token_id,
+            recount_kept_images=True,
+            answers_after_generation_prompt=True,
+        )
+        return LazySupervisedDataset(
+            data_args, tokenizer, images, config.image_token_id, video_token_id=config.video_token_id, encoder=encoder
+        )
 
     def visual_tokens_added(self, batch: dict[str, Any], config: Any) -> int:
-        _no_training("visual_tokens_added")
+        """None: each image's and video's placeholders are expanded in ``input_ids`` already."""
+        return 0
 
     def load_pipeline(self, path: str | os.PathLike[str], options: PipelineOptions) -> GenerationPipeline:
         """See :meth:`LlavaOnevisionPipeline.from_pretrained` (``options.vision_tower`` does not apply: the

@@ -43,6 +43,10 @@
 # LLaVA-NeXT (finetune.sh and finetune_lora.sh; e.g. MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=<a T2V
 # preset or YAML file>): the checkpoint's CLIP tower, projector, AnyRes image processor and chat template; images
 # only (no VIDEO_TOWER / VIDEO_FOLDER), VISION_TOWER and the projector settings do not apply
+# LLaVA-OneVision (finetune.sh and finetune_lora.sh; e.g. MODEL=llava-hf/llava-onevision-qwen2-0.5b-ov-hf
+# COMPRESSION=anyres_pdrop_third): the checkpoint's SigLIP tower, projector, AnyRes image processor and chat
+# template (MODEL_FAMILY llava_onevision); images and videos (VIDEO_FOLDER, NUM_FRAMES frames each, default 8;
+# no VIDEO_TOWER: the SigLIP tower encodes the frames), VISION_TOWER and the projector settings do not apply
 #
 # Multi-node (DeepSpeed's pdsh launcher; passwordless ssh between nodes, pdsh installed, the repo,
 # the venv and OUTPUT_DIR on storage every node sees at the same path):
@@ -88,11 +92,11 @@ die() { log "error: $*"; exit 1; }
 
 # The model family of MODEL: MODEL_FAMILY if set (the trainer's registry checks the name), else the project's
 # registry (llava.families.registry: MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl,
-# llava_next or llava.
+# llava_next, llava_onevision or llava.
 PYTHON="${PYTHON:-python}"
 if [[ -z "${MODEL_FAMILY:-}" ]]; then
     MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
-        die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl|llava_next)"
+        die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl|llava_next|llava_onevision)"
 fi
 
 # Number of GPUs nvidia-smi lists; 0 when it is missing or fails.
@@ -161,6 +165,9 @@ finalize_settings() {
     elif [[ "$MODEL_FAMILY" == llava_next ]]; then
         RUN_GROUP="${RUN_GROUP:-llava-next-$(basename "$COMPRESSION" .yaml)}"
         TEMPLATE=chat_template # the checkpoint's own
+    elif [[ "$MODEL_FAMILY" == llava_onevision ]]; then
+        RUN_GROUP="${RUN_GROUP:-llava-onevision-$(basename "$COMPRESSION" .yaml)}"
+        TEMPLATE=chat_template # the checkpoint's processor's own
     else
         RUN_GROUP="${RUN_GROUP:-llava-v1.5-$COMPRESSION}"
     fi
@@ -208,6 +215,12 @@ common_train_args() {
         [[ -z "${VIDEO_TOWER:-}${VIDEO_FOLDER:-}" ]] || die "LLaVA-NeXT trains on images only: unset VIDEO_TOWER" \
             "and VIDEO_FOLDER"
         [[ -z "${MAX_PIXELS:-}" ]] || die "MAX_PIXELS is Qwen2.5-VL's; LLaVA-NeXT tiles images by its grid pinpoints"
+    elif [[ "$MODEL_FAMILY" == llava_onevision ]]; then
+        [[ -z "${VIDEO_TOWER:-}" ]] || die "VIDEO_TOWER does not apply to LLaVA-OneVision (its SigLIP tower encodes" \
+            "the frames): set VIDEO_FOLDER (and NUM_FRAMES) for video data"
+        [[ -z "${MAX_PIXELS:-}" ]] || die "MAX_PIXELS is Qwen2.5-VL's; LLaVA-OneVision tiles images by its grid" \
+            "pinpoints"
+        [[ -z "${VIDEO_FOLDER:-}" ]] || COMMON_ARGS+=(--video_folder "$VIDEO_FOLDER" --num_frames "${NUM_FRAMES:-8}")
     else
         COMMON_ARGS+=(--vision_tower "$VISION_TOWER" --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
             --mm_vision_select_feature patch)
@@ -231,6 +244,10 @@ projector_args() {
     fi
     if [[ "$MODEL_FAMILY" == llava_next && -z "${PRETRAINED_PROJECTOR:-}" ]]; then
         log "LLaVA-NeXT: the checkpoint's own projector is finetuned"
+        return 0
+    fi
+    if [[ "$MODEL_FAMILY" == llava_onevision && -z "${PRETRAINED_PROJECTOR:-}" ]]; then
+        log "LLaVA-OneVision: the checkpoint's own projector is finetuned"
         return 0
     fi
     case "${PRETRAINED_PROJECTOR:-none}" in
