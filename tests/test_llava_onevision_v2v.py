@@ -14,6 +14,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig
 from llava.compression.onevision_v2v import (
     OneVisionPlan,
+    onevision_v2v_counts,
     onevision_v2v_tokens,
     received_attention_and_keys,
     select_group_tokens,
@@ -128,11 +129,12 @@ def test_each_view_group_keeps_its_budget_and_newlines_follow_their_rows(hf, v2v
         )
     keep = result.keep.tolist()
     first = kept_newlines = dropped_newlines = 0
-    group_sizes = []
+    group_sizes, image_tokens = [], []
     for newline, views in groups_of(hf):
         flags = keep[first : first + len(newline)]
         tokens = [flag for flag, is_newline in zip(flags, newline, strict=True) if not is_newline]
         groups = [tokens[:PATCHES], tokens[PATCHES:]] if views > 1 else [tokens]  # base view, packed tile grid
+        image_tokens.append(sum(tokens))
         for group in groups:
             group_sizes.append(len(group))
             assert sum(group) == sum(v2v.budget(len(group))), (first, len(group))
@@ -152,6 +154,9 @@ def test_each_view_group_keeps_its_budget_and_newlines_follow_their_rows(hf, v2v
         assert dropped_newlines > 0
     plan = OneVisionPlan.build(hf, visual["image_sizes"], visual["batch_num_images"], v2v)
     assert sum(plan.groups.tokens_per_view()) == sum(keep) - kept_newlines
+    counts = onevision_v2v_counts(hf, visual["image_sizes"], v2v, visual["batch_num_images"])
+    assert [newlines for _, newlines in counts] == [3, 1, 1, 9, 12]
+    assert [tokens for tokens, _ in counts] == image_tokens
 
 
 @pytest.mark.parametrize("method", ["duet", "visionzip"])

@@ -211,3 +211,19 @@ def onevision_v2v_tokens(
         keep, values = select_group_tokens(tokens, maps[:, 0], maps[:, 1:], plan, v2v.method)
     seconds[0] += time.perf_counter() - began
     return pack_views(values.unsqueeze(0), keep.unsqueeze(0), plan.groups, llava_next_image_newline(model), seconds[0])
+
+
+def onevision_v2v_counts(
+    model: nn.Module, image_sizes: torch.Tensor, v2v: V2VConfig, batch_num_images: torch.Tensor | None = None
+) -> list[tuple[int, int]]:
+    """Per image, from the plan alone (no pixels): the tokens V2V keeps (newlines left out; exact) and the image's
+    newline tokens (those kept are at most this: a row left without a token loses its newline), for accounting."""
+    plan = OneVisionPlan.build(model, image_sizes, batch_num_images, v2v)
+    kept = plan.groups.tokens_per_view()
+    newlines = llava_onevision_newline_layout(model, image_sizes, batch_num_images)
+    counts, first = [], 0
+    for views, mask in zip(plan.views, newlines, strict=True):
+        groups = 2 if views > 1 else 1
+        counts.append((sum(kept[first : first + groups]), int(mask.sum())))
+        first += groups
+    return counts
