@@ -222,13 +222,16 @@ def test_collated_batch_of_images_several_images_a_video_and_text_is_what_transf
     assert (ours - expected)[real].abs().max() <= 1e-4
 
 
-def test_compressed_training_loss_of_a_batch_is_the_sum_of_its_samples(checkpoint, processors, model, tmp_path):
+@pytest.mark.parametrize("preset", ["t2v", "anyres_duet_third"])
+def test_compressed_training_loss_of_a_batch_is_the_sum_of_its_samples(checkpoint, processors, model, tmp_path, preset):
+    """T2V alone, and V2V per view group + T2V (``anyres_duet_third``)."""
     data = dataset(checkpoint, processors, model, mixed_samples(), tmp_path)
     collate = DataCollatorForSupervisedDataset(processors.tokenizer)
     items = [data[index] for index in range(4)]
     (tmp_path / "t2v.yaml").write_text(T2V_YAML)
-    trained = load_llava_onevision(checkpoint, compression=str(tmp_path / "t2v.yaml")).train()
-    assert trained.stage_plan.boundaries == (2,)
+    trained = load_llava_onevision(checkpoint, compression=str(tmp_path / "t2v.yaml") if preset == "t2v" else preset)
+    trained.train()
+    assert trained.stage_plan.boundaries == ((2,) if preset == "t2v" else (2, 3))
 
     def inputs(batch: dict) -> dict:
         return {key: value for key, value in batch.items() if key not in ("sample_ids", "num_skipped_samples")}
@@ -241,13 +244,18 @@ def test_compressed_training_loss_of_a_batch_is_the_sum_of_its_samples(checkpoin
     assert output.visual_tokens_per_layer[-1] < output.visual_tokens_per_layer[0]
     output.loss.backward()
     assert trained.projector.linear_1.weight.grad.abs().sum() > 0
-    # A text-only training batch still runs the tower for images and for videos (ZeRO-3: every rank alike).
-    trained.zero_grad()
-    calls = []
-    hook = trained.hf_model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
-    trained(**inputs(collate([items[3]]))).loss.backward()
-    hook.remove()
-    assert len(calls) == 2 and trained.projector.linear_1.weight.grad is not None
+    # Whatever a batch holds (an image, two, a video, text only), the SigLIP embeddings and the projector run twice:
+    # once for images, once for videos, blank ones where it has none (ZeRO-3: every rank gathers alike).
+    embeddings = trained.hf_model.model.vision_tower.embeddings
+    calls: list[int] = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1)) for module in (embeddings, trained.projector)]
+    for item in items:
+        calls.clear()
+        trained.zero_grad()
+        trained(**inputs(collate([item]))).loss.backward()
+        assert len(calls) == 4 and trained.projector.linear_1.weight.grad is not None
+    for hook in hooks:
+        hook.remove()
 
 
 def test_saves_use_transformers_names_with_tied_embeddings_and_load_back_exactly(checkpoint, model, tmp_path):
