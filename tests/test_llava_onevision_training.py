@@ -6,6 +6,7 @@ to end (resume, 2-rank ZeRO-3 with a text-only rank, LoRA + merge)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -31,9 +32,21 @@ from tests.test_llava_onevision import PINPOINTS, VIDEO_SETTINGS, VIEW, tiny_one
 
 FAMILY = LlavaOnevisionFamily()
 FRAMES = 4  # of the fixture videos' 6
-# llava-hf's LLaVA-OneVision chat template (its chat_template.jinja): an assistant turn is rendered
-# "<|im_start|>assistant \n" + answer, the generation prompt is "<|im_start|>assistant\n".
+# The Hub checkpoints' chat template (chat_template.jinja of llava-hf/llava-onevision-*, as transformers' conversion
+# script writes it): an answered turn starts with the generation prompt "<|im_start|>assistant\n".
 CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}"
+    "{% endfor %}{% endif %}{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The variant of transformers' OneVision processor tests: an answered turn is rendered "<|im_start|>assistant \n" +
+# answer, but the generation prompt is "<|im_start|>assistant\n".
+SPACED_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
@@ -128,9 +141,14 @@ def model_counts(model: DuetLlavaNext, batch: dict) -> tuple[list[int], list[int
     return [int(part.shape[0]) for part in images], [int(videos.shape[1])] * int(videos.shape[0])
 
 
-def test_labels_cover_exactly_the_answers_after_the_generation_prompt(checkpoint, processors, model, tmp_path):
-    tokenizer = processors.tokenizer
-    chat = dataset(checkpoint, processors, model, [{"conversations": CHAT}], tmp_path).encoder
+@pytest.mark.parametrize("template", ["hub", "spaced"])
+def test_labels_cover_exactly_the_answers_after_the_generation_prompt(
+    checkpoint, processors, model, tmp_path, template
+):
+    tokenizer = copy.deepcopy(processors.tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE if template == "hub" else SPACED_TEMPLATE
+    own = Processors(tokenizer, processors.image_processor)
+    chat = dataset(checkpoint, own, model, [{"conversations": CHAT}], tmp_path).encoder
     turns = [{"from": "system", "value": "be brief"}, QUESTION, ANSWER, *CHAT]
     item = chat.encode(turns, [str(checkpoint / "image_0.png")])
     ids, labels = item["input_ids"], item["labels"]
@@ -138,8 +156,7 @@ def test_labels_cover_exactly_the_answers_after_the_generation_prompt(checkpoint
     assert torch.equal(labels[learned], ids[learned])
     # Each answer is learned through the template's end of turn (the tokenizer's EOS), nothing else.
     assert tokenizer.decode(ids[learned]).replace(" ", "") == "aredsquare<|im_end|>hello<|im_end|>"
-    # The text before the first answer is exactly the pipeline's prompt (generation prompt, image expanded);
-    # the template's own "assistant \n" header of an answered turn is not what inference asks for.
+    # The text before the first answer is exactly the pipeline's prompt (generation prompt, image expanded).
     first_answer = int(learned.nonzero()[0])
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
@@ -149,7 +166,31 @@ def test_labels_cover_exactly_the_answers_after_the_generation_prompt(checkpoint
     assert prompt.endswith("<|im_start|>assistant\n")
     pads = int((ids == model.config.image_token_id).sum())
     assert tokenizer.decode(ids[:first_answer]) == prompt.replace("<image>", "<image>" * pads)
-    assert "<|im_start|>assistant\nhello<|im_end|>" in tokenizer.decode(ids).replace(" ", "").replace("\n\n", "\n")
+    # The Hub's template: the whole text is the template's own; the spaced one: its "assistant \n" header of an
+    # answered turn is replaced by the generation prompt (what inference asks for).
+    ours = tokenizer.decode(ids).replace("<image>" * pads, "<image>")
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}]
+    messages += [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if template == "spaced":
+        assert rendered.count("<|im_start|>assistant \n") == 2
+        rendered = rendered.replace("<|im_start|>assistant \n", "<|im_start|>assistant\n")
+    assert ours.replace(" ", "") == rendered.replace(" ", "")
+
+
+def test_a_template_that_rewrites_an_answer_is_refused(processors):
+    """Answers after the generation prompt need the template to write an answer's text as it is."""
+    from llava.data.chat_template import ChatTemplateEncoder
+    from llava.data.templates import ConversationError
+
+    tokenizer = copy.deepcopy(processors.tokenizer)
+    upper = "content['text'] | upper }}{% endgeneration"
+    tokenizer.chat_template = SPACED_TEMPLATE.replace("content['text'] }}{% endgeneration", upper)
+    assert upper in tokenizer.chat_template
+    encoder = ChatTemplateEncoder(tokenizer, None, 5, content_lists=True, answers_after_generation_prompt=True)
+    with pytest.raises(ConversationError, match="does not render an answer's text as it is"):
+        encoder.tokenize(CHAT)
 
 
 def test_placeholders_are_the_models_own_token_counts_and_truncation_recounts_kept_images(

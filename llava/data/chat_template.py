@@ -87,7 +87,7 @@ def template_pieces(
     Raises :class:`ConversationError` when the template does not render prefixes as prefixes of the whole
     (a template that rewrites earlier turns cannot give per-turn labels). With
     ``answers_after_generation_prompt``, an assistant turn the template renders with another header than its
-    generation prompt (llava-hf's LLaVA-OneVision template: ``<|im_start|>assistant \n`` + answer, but
+    generation prompt (e.g. a LLaVA-OneVision template rendering ``<|im_start|>assistant \n`` + answer, but
     ``<|im_start|>assistant\n`` as the generation prompt) is written as the generation prompt, then the answer
     as the template renders it from its text on: the learned tokens follow exactly the prompt inference uses.
     """

@@ -19,21 +19,22 @@ video pixels within one 8-bit level (PIL's bicubic resize here, torchvision's th
 Training (``--version chat_template``): LLaVA-format conversations rendered with the processor's chat template
 (every message's content as a list; no ids before it, as the pipeline tokenizes), labels on the assistant answers
 only, each learned through the template's end-of-turn marker (plus the tokenizer's EOS when the template writes
-none). llava-hf's template renders an assistant turn as ``<|im_start|>assistant \n`` + answer but prompts with
-``<|im_start|>assistant\n``: every answer is trained after the generation prompt, as inference asks for it (and
-as LLaVA-OneVision's own ``qwen_1_5`` training format writes it). A sample's images go through the image processor
-together, as at inference (:class:`OnevisionImages`): one image gets its AnyRes views, several get their base
-views only (``batch_num_images``); the views are concatenated over the batch (``pixel_values``
-``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``, ``batch_num_images`` ``[samples with images]``) and each
-placeholder is expanded to the model's own token count. ``"video"`` samples (under ``--video_folder``): each video
-``--num_frames`` uniformly sampled frames laid out as the pipeline does (``pixel_values_videos``
-``[videos, frames, 3, H, W]``), its placeholder expanded to the model's per-video count. Truncation keeps images
-and videos whole (when it drops some of a sample's images, the kept ones are processed again, so their views and
-counts follow ``batch_num_images``). Stages as for LLaVA-NeXT: finetuning trains the decoder, the projector,
-``image_newline`` and the LM head (tied to the embeddings in Qwen2-0.5B checkpoints: saved once, as transformers
-does); LoRA adapters on the decoder's linear layers + the full projector; the SigLIP tower is always frozen. Every
-full save is a plain LLaVA-OneVision checkpoint in transformers' own layout with the image processor, the chat
-template and the video settings.
+none). The Hub checkpoints' template (written by transformers' conversion script) renders an answered turn as its
+generation prompt ``<|im_start|>assistant\n`` + answer + ``<|im_end|>``, as LLaVA-OneVision's own ``qwen_1_5``
+training format does; a template whose answered turns start otherwise (e.g. ``<|im_start|>assistant \n`` in
+transformers' processor tests) gets every answer trained after its generation prompt, as inference asks for it. A
+sample's images go through the image processor together, as at inference (:class:`OnevisionImages`): one image gets
+its AnyRes views, several get their base views only (``batch_num_images``); the views are concatenated over the
+batch (``pixel_values`` ``[sum views, 3, H, W]``, ``image_sizes`` ``[images, 2]``, ``batch_num_images``
+``[samples with images]``) and each placeholder is expanded to the model's own token count. ``"video"`` samples
+(under ``--video_folder``): each video ``--num_frames`` uniformly sampled frames laid out as the pipeline does
+(``pixel_values_videos`` ``[videos, frames, 3, H, W]``), its placeholder expanded to the model's per-video count.
+Truncation keeps images and videos whole (when it drops some of a sample's images, the kept ones are processed
+again, so their views and counts follow ``batch_num_images``). Stages as for LLaVA-NeXT: finetuning trains the
+decoder, the projector, ``image_newline`` and the LM head (tied to the embeddings in Qwen2-0.5B checkpoints: saved
+once, as transformers does); LoRA adapters on the decoder's linear layers + the full projector; the SigLIP tower is
+always frozen. Every full save is a plain LLaVA-OneVision checkpoint in transformers' own layout with the image
+processor, the chat template and the video settings.
 """
 
 from __future__ import annotations
