@@ -190,3 +190,34 @@ def test_llava_next_per_view_breakdown_equals_the_models_layout(next_model):
         per_view = torch.bincount(rows // NEXT_GEOMETRY.view_tokens, minlength=counts.views).tolist()
         assert tuple(per_view) == counts.view_token_counts, (height, width)
         assert int((layout < 0).sum()) == counts.newline_tokens
+
+
+@pytest.mark.parametrize("preset", ["anyres_duet_third", "anyres_duet_ninth", "anyres_visionzip_third"])
+def test_onevision_v2v_accounting_per_view_group_equals_the_plan(onevision_model, preset):
+    """LLaVA-OneVision's V2V budgets per view group after packing: the base view and the packed grid (unpadded,
+    downsized past anyres_max_9), not per tile. The accounting's kept tokens per image equal the model's plan
+    (onevision_v2v_counts, exact) and its newline tokens the plan's upper bound, for sizes with and without
+    downsizing; per-tile budgets would keep a different count."""
+    from llava.compression.accounting import anyres_initial_visual_tokens
+    from llava.compression.config import CompressionConfig, load_compression
+    from llava.compression.onevision_v2v import onevision_v2v_counts
+
+    config = load_compression(preset)
+    sizes = many_sizes(count=30, seed=3)
+    plan = onevision_v2v_counts(onevision_model, torch.tensor(sizes), config.v2v)
+    counts = [anyres_counts(ONEVISION_GEOMETRY, height, width) for height, width in sizes]
+    assert [count.v2v_groups for count in counts] == [(729, count.grid_tokens) for count in counts]
+    v2v_only = CompressionConfig("v2v_only", config.v2v)
+    accounted = [
+        (anyres_initial_visual_tokens(v2v_only, count.v2v_groups, 0), count.newline_tokens) for count in counts
+    ]
+    assert accounted == plan
+    per_tile = [anyres_initial_visual_tokens(v2v_only, count.view_token_counts, 0) for count in counts]
+    assert per_tile != [kept for kept, _ in plan]
+    assert any(count.downsized for count in counts)
+
+
+def test_llava_next_v2v_groups_are_its_views():
+    """LLaVA-NeXT's V2V stays per view: its budget units are the base view and each tile's unpadded tokens."""
+    counts = anyres_counts(NEXT_GEOMETRY, 480, 640)
+    assert counts.v2v_groups == counts.view_token_counts == (576, 432, 432, 432, 432)

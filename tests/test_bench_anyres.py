@@ -21,7 +21,7 @@ from llava.bench.anyres import (
 )
 from llava.bench.flops import main as flops_main
 from llava.bench.flops import predicted_step_ratio, prefill_flops, training_step_flops
-from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, build_model, default_presets
+from llava.bench.shapes import ANYRES_PRESETS, SHAPES, LLMShape, ModelShape, VisionShape, build_model, default_presets
 from llava.bench.workload import anyres_image_token_id, build_training_batch
 from llava.compression.accounting import anyres_initial_visual_tokens, anyres_visual_tokens_per_layer
 from llava.compression.config import CompressionConfig, T2VConfig, V2VConfig, available_presets, load_compression
@@ -33,8 +33,11 @@ THIRD, NINTH = 1 / 3, 1 / 9
 # (preset, geometry, LLM layers, the layer-average fraction its YAML header states, the named fraction)
 STATED = [
     ("anyres_duet_third", NEXT_GEOMETRY, 32, 0.3346, THIRD),
+    ("anyres_duet_third", ONEVISION_GEOMETRY, 28, 0.3347, THIRD),  # V2V per view group (base view, packed grid)
     ("anyres_duet_ninth", NEXT_GEOMETRY, 32, 0.1130, NINTH),
+    ("anyres_duet_ninth", ONEVISION_GEOMETRY, 28, 0.1127, NINTH),
     ("anyres_visionzip_third", NEXT_GEOMETRY, 32, 0.3332, THIRD),
+    ("anyres_visionzip_third", ONEVISION_GEOMETRY, 28, 0.3336, THIRD),
     ("anyres_pdrop_third", NEXT_GEOMETRY, 32, 0.3334, THIRD),
     ("anyres_pdrop_third", ONEVISION_GEOMETRY, 28, 0.3334, THIRD),
     ("anyres_pdrop_ninth", NEXT_GEOMETRY, 32, 0.1070, NINTH),
@@ -98,11 +101,43 @@ def test_siglip_tower_has_no_cls_token():
     assert training_step_flops(image, None, "finetune", 1).forward["tower"] == pytest.approx(2 * tower)
 
 
-def test_onevision_refuses_v2v_presets_and_defaults_to_t2v_ones():
+def test_onevision_accounts_v2v_per_view_group_and_defaults_to_every_anyres_preset():
+    """LLaVA-OneVision's shapes take the V2V presets (selection after packing, per view group); a tower without
+    CLS whose V2V is per view (no such family) is still refused."""
+    assert default_presets("llava-onevision-7b") == default_presets("llava-next-7b") == list(ANYRES_PRESETS)
+    assert default_presets("small-anyres-onevision") == list(ANYRES_PRESETS)
+    shape = SHAPES["llava-onevision-7b"]
+    config = load_compression("anyres_duet_third")
+    expected = sum(
+        share * (sum(sum(config.v2v.budget(n)) for n in (729, image.anyres_counts.grid_tokens)))
+        + share * image.anyres_counts.newline_tokens
+        for share, image in shape.mix_images()
+    )
+    assert shape.initial_visual_tokens(config) == pytest.approx(expected)
+    per_view = replace(shape, anyres=replace(ONEVISION_GEOMETRY, v2v_per_group=False))
     with pytest.raises(ValueError, match="no CLS"):
-        training_step_flops("llava-onevision-7b", "anyres_duet_third", "finetune", 1)
-    assert default_presets("llava-onevision-7b") == ["none", "anyres_pdrop_third", "anyres_pdrop_ninth"]
-    assert "anyres_duet_third" in default_presets("llava-next-7b")
+        training_step_flops(per_view, "anyres_duet_third", "finetune", 1)
+    assert default_presets(per_view) == ["none", "anyres_pdrop_third", "anyres_pdrop_ninth"]
+
+
+def test_onevision_v2v_costs_received_attention_per_view_and_a_merge_per_group():
+    """One 336x336 image on LLaVA-OneVision (base view + a 1 x 1 grid, groups of 729 and 729): the projector
+    still runs on both full views (it projects before packing); scoring is q_proj + k_proj on 729 patches and
+    the 729 x 729 logits per view, plus DUET's cosine assignment per group; the LLM gets each group's budget
+    plus the 27 newline tokens."""
+    image = dataclasses.replace(SHAPES["llava-onevision-7b"], image=MixImage(336, 336, 1.0))
+    config = load_compression("anyres_duet_third")
+    none = training_step_flops(image, None, "finetune", 1)
+    duet = training_step_flops(image, config, "finetune", 1)
+    assert duet.component("projector") == pytest.approx(none.component("projector"))
+    assert duet.forward["tower"] == pytest.approx(none.forward["tower"])
+    d, patches, head_dim = 1152, 729, 1152 // 16
+    dominant, contextual = config.v2v.budget(patches)
+    pool = min(4 * contextual, patches - dominant)
+    merge = 2 * (pool - contextual) * contextual * head_dim
+    scoring = 2 * (2 * 2 * patches * d * d + 2 * patches * patches * d) + 2 * merge
+    assert duet.forward["v2v_scoring"] == pytest.approx(scoring)
+    assert duet.visual_tokens_per_layer[0] == 2 * (dominant + contextual) + 27
 
 
 def test_flop_model_savings_of_the_7b_shapes():
@@ -125,14 +160,15 @@ def test_flops_cli_prints_anyres_rows(capsys):
     assert set(rows) == set(default_presets("llava-next-7b"))
     assert rows["none"][1] == "2186.2" and rows["anyres_pdrop_third"][-1] == "0.333"
     assert flops_main(["--shape", "llava-onevision-7b", "--stage", "prefill"]) == 0
-    assert "anyres_pdrop_ninth" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "anyres_pdrop_ninth" in out and "anyres_duet_third" in out  # V2V rows on OneVision too
 
 
 # ----- tiny AnyRes shapes: random models, batches, the training benchmark -----
 
 _TINY_NEXT = AnyResGeometry("tiny-next", 56, 14, ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)))
 _TINY_ONEVISION = AnyResGeometry(
-    "tiny-onevision", 56, 14, tuple((56 * rows, 56 * cols) for rows in range(1, 4) for cols in range(1, 4)), 2
+    "tiny-onevision", 56, 14, tuple((56 * rows, 56 * cols) for rows in range(1, 4) for cols in range(1, 4)), 2, True
 )
 _TINY_LLM = LLMShape(num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
 TINY_NEXT = ModelShape(
@@ -162,11 +198,12 @@ TINY_DUET = CompressionConfig("tiny_duet", V2VConfig("duet", 0.4, 0.1), TINY_T2V
 
 
 @pytest.mark.parametrize(
-    ("shape", "presets"), [(TINY_NEXT, [None, TINY_T2V, TINY_DUET]), (TINY_ONEVISION, [None, TINY_T2V])]
+    ("shape", "presets"), [(TINY_NEXT, [None, TINY_T2V, TINY_DUET]), (TINY_ONEVISION, [None, TINY_T2V, TINY_DUET])]
 )
 def test_random_model_reports_the_accounted_visual_tokens(shape, presets):
     """The batch carries each mix image's AnyRes placeholders, and the model (the family's random model) reports
-    per layer the tokens the accounting predicts for that mix (the newline rule keeps every row here)."""
+    per layer the tokens the accounting predicts for that mix (the newline rule keeps every row here; OneVision's
+    V2V per view group of its packed tokens, the wide image downsized)."""
     torch.manual_seed(0)
     model = build_model(shape).eval()
     batch = build_training_batch(shape, "finetune", 2)
@@ -185,26 +222,32 @@ def test_random_model_reports_the_accounted_visual_tokens(shape, presets):
         assert math.isfinite(float(output.loss))
 
 
-def test_train_speed_runs_an_anyres_shape(tmp_path):
+@pytest.mark.parametrize(
+    ("shape", "preset"), [(TINY_NEXT, "anyres_pdrop_ninth"), (TINY_ONEVISION, "anyres_duet_third")]
+)
+def test_train_speed_runs_an_anyres_shape(tmp_path, shape, preset):
+    """Both families, OneVision with its V2V per view group: the rows carry the FLOP-model ratio and the
+    model-reported visual tokens equal the accounting."""
     from llava.bench import train_speed
 
     args = train_speed.parse_args(
         ["--shape", "small-anyres", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--presets", "none",
          "--out", str(tmp_path / "bench.json"), "--threads", "1"]
     )  # fmt: skip
-    args.shape, args.presets = TINY_NEXT, ["none", "anyres_pdrop_ninth"]
+    args.shape, args.presets = shape, ["none", preset]
     rows = train_speed.benchmark(args)
-    assert [row["preset"] for row in rows] == ["none", "anyres_pdrop_ninth"]
-    assert rows[1]["flops_ratio_vs_none"] == pytest.approx(
-        predicted_step_ratio(TINY_NEXT, "anyres_pdrop_ninth", "finetune", 2)
-    )
+    assert [row["preset"] for row in rows] == ["none", preset]
+    assert rows[1]["flops_ratio_vs_none"] == pytest.approx(predicted_step_ratio(shape, preset, "finetune", 2))
     assert rows[1]["measured_visual_tokens"] == pytest.approx(rows[1]["avg_visual_tokens"])
     assert rows[0]["padding_fraction"] < 0.1
 
 
 def test_every_anyres_preset_runs_on_its_family_and_reports_its_accounting():
-    """Each named anyres_* preset switches in on the LLaVA-NeXT random model and the model reports the accounted
-    visual tokens per layer; OneVision's model also runs the V2V ones, which the bench does not account (no CLS)."""
+    """Each named anyres_* preset switches in on both families' random models and the model reports the accounted
+    visual tokens per layer (V2V: up to the newline tokens of rows left without a token; OneVision's kept tokens
+    equal its plan's exactly)."""
+    from llava.compression.onevision_v2v import onevision_v2v_counts
+
     presets = [name for name in available_presets() if name.startswith("anyres_")]
     assert len(presets) == 5
     torch.manual_seed(0)
@@ -214,16 +257,6 @@ def test_every_anyres_preset_runs_on_its_family_and_reports_its_accounting():
         config = load_compression(preset)
         for shape in (TINY_NEXT, TINY_ONEVISION):
             model = models[shape.name]
-            if config.v2v is not None and shape is TINY_ONEVISION:
-                # The model runs OneVision's V2V (per view group of its packed tokens; see
-                # tests/test_llava_onevision_v2v.py); the bench's accounting does not count it (no CLS in the shape).
-                model.set_compression(config)
-                with torch.no_grad():
-                    output = model(**batches[shape.name])  # a training batch: the loss
-                assert torch.isfinite(output.loss) and output.visual_tokens_per_layer[0] > 0, preset
-                with pytest.raises(ValueError, match="CLS"):
-                    shape.visual_tokens_per_layer(config)
-                continue
             model.set_compression(config)
             with torch.no_grad():
                 output = model(**batches[shape.name])
@@ -236,17 +269,24 @@ def test_every_anyres_preset_runs_on_its_family_and_reports_its_accounting():
             newlines = sum(replace(shape, image=image).anyres_counts.newline_tokens for image in shape.image_mix)
             reported = output.visual_tokens_per_layer[0]
             assert accounted[0] - newlines / len(shape.image_mix) <= reported <= accounted[0], preset
+            assert torch.isfinite(output.loss), preset
+            if shape is TINY_ONEVISION:  # its tokens (newlines left out) are the plan's, exactly
+                sizes = torch.tensor([[image.height, image.width] for image in shape.image_mix])
+                kept = [tokens for tokens, _ in onevision_v2v_counts(model.hf_model, sizes, config.v2v)]
+                assert accounted[0] - newlines / len(shape.image_mix) == pytest.approx(sum(kept) / len(kept))
 
 
-def test_infer_speed_runs_an_anyres_shape(tmp_path):
-    """Left-padded prompts of the mix's images through generate, eager and fast decode paths."""
+@pytest.mark.parametrize("shape", [TINY_NEXT, TINY_ONEVISION])
+def test_infer_speed_runs_an_anyres_shape(tmp_path, shape):
+    """Left-padded prompts of the mix's images through generate, eager and fast decode paths (V2V on both
+    families)."""
     from llava.bench import infer_speed
 
     args = infer_speed.parse_args(
         ["--shape", "small-anyres", "--batch-sizes", "2", "--prompt-tokens", "8", "--new-tokens", "2",
          "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "infer.json"), "--threads", "1"]
     )  # fmt: skip
-    args.shape, args.presets = TINY_NEXT, ["none", "anyres_duet_third"]
+    args.shape, args.presets = shape, ["none", "anyres_duet_third"]
     rows = infer_speed.benchmark(args)
     assert {(row["preset"], row["path"]) for row in rows} == {
         (preset, path) for preset in ("none", "anyres_duet_third") for path in ("eager", "fast")

@@ -14,6 +14,11 @@ grid's rows with their newline tokens.
   ``floor(cols / ratio)`` (newline tokens follow the downsized rows). Single-image samples only: OneVision's
   multi-image and video samples are not tiled.
 
+**V2V units.** LLaVA-NeXT's V2V budgets each view on its own (the base view, each tile's unpadded tokens:
+:attr:`AnyResCounts.view_token_counts`); LLaVA-OneVision's selects after packing, per *view group* (the base view,
+then the whole packed grid, unpadded and downsized; :mod:`llava.compression.onevision_v2v`). A geometry's
+``v2v_per_group`` says which; :attr:`AnyResCounts.v2v_groups` gives the token counts the budgets apply to.
+
 :func:`anyres_counts` is pure arithmetic (no model, no processor); the tests check it against transformers'
 processors and models. Best resolution: among the pinpoints, the one that keeps the most of the image's pixels
 after an aspect-preserving resize (capped at the original's pixels), ties to the least wasted area. Unpadding
@@ -53,14 +58,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AnyResGeometry:
-    """How a family tiles images: view side in pixels, patch size, grid pinpoints ``(height, width)`` and, for
-    OneVision's ``anyres_max_N``, the cap ``max_views`` on the unpadded grid (``None``: no cap, LLaVA-NeXT)."""
+    """How a family tiles images: view side in pixels, patch size, grid pinpoints ``(height, width)``, for
+    OneVision's ``anyres_max_N`` the cap ``max_views`` on the unpadded grid (``None``: no cap, LLaVA-NeXT), and
+    ``v2v_per_group``: V2V budgets the base view and the packed grid (OneVision) instead of every view (NeXT)."""
 
     name: str
     view_size: int
     patch_size: int
     grid_pinpoints: tuple[tuple[int, int], ...]
     max_views: int | None = None
+    v2v_per_group: bool = False
 
     @property
     def side(self) -> int:
@@ -86,6 +93,7 @@ ONEVISION_GEOMETRY = AnyResGeometry(
     patch_size=14,
     grid_pinpoints=tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)),
     max_views=9,
+    v2v_per_group=True,
 )
 """LLaVA-OneVision (``llava-hf/llava-onevision-qwen2-*-hf``): SigLIP-so400m/14-384, 6 x 6 pinpoints, anyres_max_9."""
 
@@ -95,7 +103,7 @@ class AnyResCounts:
     """Tokens of one image: ``base_tokens`` (the base view), ``tile_tokens`` (each tile's positions that survive
     unpadding, row-major; before OneVision's downsizing), ``grid_tokens`` (the stitched grid after unpadding and
     downsizing: what the LLM gets of the tiles), ``newline_tokens`` (one per grid row) and the tile ``grid``
-    ``(rows, cols)``."""
+    ``(rows, cols)``; ``v2v_per_group`` as the geometry's."""
 
     height: int
     width: int
@@ -105,6 +113,7 @@ class AnyResCounts:
     grid_tokens: int
     newline_tokens: int
     downsized: bool = False
+    v2v_per_group: bool = False
 
     @property
     def views(self) -> int:
@@ -126,6 +135,14 @@ class AnyResCounts:
         shares = [self.grid_tokens * tokens // before for tokens in self.tile_tokens]
         shares[0] += self.grid_tokens - sum(shares)
         return (self.base_tokens, *shares)
+
+    @property
+    def v2v_groups(self) -> tuple[int, ...]:
+        """Token counts a fractional V2V budget applies to, one by one: every view (LLaVA-NeXT,
+        :attr:`view_token_counts`), or the base view and the packed grid after downsizing (LLaVA-OneVision)."""
+        if self.v2v_per_group:
+            return (self.base_tokens, self.grid_tokens)
+        return self.view_token_counts
 
 
 def best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -185,6 +202,7 @@ def anyres_counts(geometry: AnyResGeometry, height: int, width: int) -> AnyResCo
         grid_tokens=kept_rows * kept_cols,
         newline_tokens=kept_rows,
         downsized=downsized,
+        v2v_per_group=geometry.v2v_per_group,
     )
 
 
@@ -226,7 +244,7 @@ def mix_accounting(
     uncompressed = initial = average = 0.0
     for image in mix:
         counts = anyres_counts(geometry, image.height, image.width)
-        per_layer = anyres_visual_tokens_per_layer(config, num_layers, counts.view_token_counts, counts.newline_tokens)
+        per_layer = anyres_visual_tokens_per_layer(config, num_layers, counts.v2v_groups, counts.newline_tokens)
         share = image.weight / total_weight
         uncompressed += share * counts.total
         initial += share * per_layer[0]

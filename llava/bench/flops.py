@@ -54,6 +54,12 @@ Rules (a multiply-add counts as 2 FLOPs; every count is per sample times the bat
     the views' kept tokens with V2V; the LLM on N0 = base + unpadded tiles + newline tokens, V2V keeping a
     fraction of each view and every newline) and the per-image FLOPs are averaged with the mix's weights (a
     padding-free batch of the mix). V2V scoring per view as rule 6 with the budget of a full view.
+    LLaVA-OneVision (``llava-onevision-7b``, ``small-anyres-onevision``; the geometry's ``v2v_per_group``): V2V
+    selects after packing per view group (the base view; the packed grid, unpadded and downsized past
+    ``anyres_max_9``), a fraction of each group's tokens, every newline counted (an upper bound); the projector
+    runs on every view's full grid with or without V2V (it projects before packing); scoring has no CLS row: per
+    view q_proj and k_proj on the P patches and the P x P logits over all heads (2 P^2 d: the attention each
+    patch receives), plus the cosine assignment per group with the group's budget.
 
 CLI: ``python -m llava.bench.flops --shape llava-7b --stage finetune --presets none,duet_192,duet_128,duet_64``
 prints total TFLOPs per step, the ratio to ``none`` and the LLM's share for each preset (``--stage prefill``
@@ -61,8 +67,8 @@ for inference prefill, ``--breakdown`` for per-component rows); ``--presets`` de
 (video shapes: ``none,duet_video_53,duet_video_93``):
 ``python -m llava.bench.flops --shape video-llava-7b --stage finetune --presets none,duet_video_53,duet_video_93``.
 AnyRes shapes add the prefill ratio and the layer-average fraction of N0 to every row:
-``python -m llava.bench.flops --shape llava-next-7b`` (presets default to the ``anyres_*`` ones;
-``llava-onevision-7b``: the T2V-only ones).
+``python -m llava.bench.flops --shape llava-next-7b`` (presets default to the ``anyres_*`` ones, on
+``llava-onevision-7b`` too).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llava.bench.shapes import SHAPES, LLMShape, ModelShape, VisionShape, default_presets, get_shape
-from llava.compression.config import CompressionConfig, load_compression
+from llava.compression.config import CompressionConfig, V2VConfig, load_compression
 
 __all__ = [
     "STAGES",
@@ -198,6 +204,32 @@ def _v2v_scoring(vision: VisionShape, config: CompressionConfig) -> float:
     return scores + 2.0 * members * anchors * (d // vision.heads)
 
 
+def _merge_cost(v2v: V2VConfig, tokens: int, head_dim: int) -> float:
+    """Cosine assignment of a unit's pool members to its anchors on head-averaged keys, for a fractional
+    budget of a unit (view or view group) of ``tokens`` tokens."""
+    dominant, contextual = v2v.budget(tokens)
+    remaining = tokens - dominant
+    if v2v.method == "random" or contextual == 0 or remaining <= 0:
+        return 0.0
+    pool = min(v2v.cluster_width * contextual, remaining) if v2v.method == "duet" else remaining
+    anchors = min(contextual, pool)
+    return 2.0 * (pool - anchors) * anchors * head_dim
+
+
+def _group_v2v_scoring(shape: ModelShape, config: CompressionConfig) -> float:
+    """LLaVA-OneVision's V2V (rule 13) for one resolved AnyRes image: per view, the attention its patches receive
+    at the feature layer (q_proj and k_proj on its P patches, P x P logits over all heads: 2 P^2 d), then the
+    merge per view group (base view, packed grid) with that group's budget."""
+    v2v = config.v2v
+    if v2v is None:
+        return 0.0
+    vision, counts = shape.vision, shape.anyres_counts
+    d, patches = vision.hidden, vision.num_patches
+    per_view = 2 * linear_flops(patches, d, d) + 2.0 * patches * patches * d
+    merges = sum(_merge_cost(v2v, tokens, d // vision.heads) for tokens in counts.v2v_groups if tokens > 0)
+    return counts.views * per_view + merges
+
+
 def _projector_linears(shape: ModelShape) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of the projector's linears, in order."""
     d_vision, d_text = shape.vision.hidden, shape.llm.hidden
@@ -304,9 +336,12 @@ def _step(
     linear_x, attention_x, lora_x, head_x = _BACKWARD[stage] if stage is not None else (0, 0, 0, 0)
 
     frames = shape.frames_per_sample
+    per_group = shape.anyres is not None and shape.anyres.v2v_per_group and config.dymu is None
     forward: dict[str, float] = {
         "tower": frames * _tower_forward(shape.sample_tower),
-        "v2v_scoring": frames * _v2v_scoring(shape.sample_tower, config),
+        "v2v_scoring": (
+            _group_v2v_scoring(shape, config) if per_group else frames * _v2v_scoring(shape.sample_tower, config)
+        ),
     }
     backward: dict[str, float] = {"tower": 0.0, "v2v_scoring": 0.0}
     projector_tokens = shape.projector_tokens(config) if shape.anyres is not None else n0

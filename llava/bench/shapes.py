@@ -34,7 +34,7 @@ typical image-size mix the FLOP model averages over (per image FLOPs, weighted; 
   views of 14 x 14 = 196 tokens without CLS, pinpoints 196 x {1..6} by 196 x {1..6}, ``anyres_max_9``) on the
   same 320x240 / 240x320 images (2 x 2 tiles, about 840 tokens), a 4-layer SigLIP-style tower of 128 (no CLS, the
   last layer read) and an 8-layer Qwen2 decoder of 256 with grouped-query attention (4 heads, 2 KV heads); run by
-  the ``llava_onevision`` family's random model (T2V presets only).
+  the ``llava_onevision`` family's random model (V2V per view group after packing, as LLaVA-OneVision's).
 * ``llava-next-7b``: LLaVA-NeXT (v1.6) Vicuna-7B, CLIP-L/14-336 AnyRes, on :data:`llava.bench.anyres.IMAGE_MIX`.
 * ``llava-onevision-7b``: LLaVA-OneVision Qwen2-7B (28 layers, GQA 28 / 4 heads), SigLIP-so400m/14-384 (26
   layers run, no CLS, 729 tokens per view), ``anyres_max_9``, on the same mix.
@@ -195,8 +195,15 @@ class ModelShape:
     def _mix_mean(self, value: Callable[[ModelShape], float]) -> float:
         return sum(share * value(shape) for share, shape in self.mix_images())
 
+    @property
+    def accepts_v2v(self) -> bool:
+        """Whether the accounting counts V2V here: a CLS-scored tower (CLIP), or an AnyRes geometry whose V2V
+        selects per view group after packing (LLaVA-OneVision's SigLIP: scores are the attention patches
+        receive, :mod:`llava.compression.onevision_v2v`)."""
+        return self.vision.cls_token or (self.anyres is not None and self.anyres.v2v_per_group)
+
     def _anyres_per_layer(self, config: CompressionConfig) -> list[float]:
-        if config.v2v is not None and not self.vision.cls_token:
+        if config.v2v is not None and not self.accepts_v2v:
             raise ValueError(
                 f"shape {self.name}: V2V scores patches by the CLS token's attention and this tower has no CLS "
                 f"(compression {config.name!r}); use a T2V-only preset"
@@ -204,7 +211,7 @@ class ModelShape:
         if self.image is not None:
             counts = self.anyres_counts
             per_layer = anyres_visual_tokens_per_layer(
-                config, self.llm.num_layers, counts.view_token_counts, counts.newline_tokens
+                config, self.llm.num_layers, counts.v2v_groups, counts.newline_tokens
             )
             return [float(count) for count in per_layer]
         mixed = [0.0] * self.llm.num_layers
@@ -215,13 +222,15 @@ class ModelShape:
 
     def projector_tokens(self, config: CompressionConfig) -> float:
         """Tokens the projector runs on per sample: N0, except for an AnyRes image, where it runs on every view's
-        full grid before unpadding (``views x view tokens``) or, with V2V, on the views' kept tokens."""
+        full grid before unpadding (``views x view tokens``) or, with LLaVA-NeXT's V2V (per view, before the
+        projector), on the views' kept tokens; LLaVA-OneVision's V2V selects after packing, so its projector still
+        runs on every view's full grid."""
         if self.anyres is None:
             return self.initial_visual_tokens(config)
         if self.image is None:
             return self._mix_mean(lambda shape: shape.projector_tokens(config))
         counts = self.anyres_counts
-        if config.v2v is not None:
+        if config.v2v is not None and not self.anyres.v2v_per_group:
             return self.initial_visual_tokens(config) - counts.newline_tokens
         return float(counts.views * self.anyres.view_tokens)
 
@@ -333,6 +342,7 @@ SMALL_ONEVISION_GEOMETRY = AnyResGeometry(
     patch_size=14,
     grid_pinpoints=tuple((196 * rows, 196 * cols) for rows in range(1, 7) for cols in range(1, 7)),
     max_views=9,
+    v2v_per_group=True,
 )
 
 SHAPES: dict[str, ModelShape] = {
@@ -427,14 +437,15 @@ ANYRES_PRESETS = (
 )
 """Default benchmark presets of AnyRes shapes (fractions of each image's tokens: layer averages 1/3 and 1/9)."""
 ANYRES_T2V_PRESETS = ("none", "anyres_pdrop_third", "anyres_pdrop_ninth")
-"""Default presets of AnyRes shapes whose tower has no CLS token (OneVision's SigLIP: V2V is refused)."""
+"""Default presets of AnyRes shapes whose V2V the accounting refuses (a tower without CLS whose V2V does not select
+per view group after packing; LLaVA-OneVision's shapes do, and take :data:`ANYRES_PRESETS`)."""
 
 
 def default_presets(shape: ModelShape | str) -> list[str]:
     """The presets benchmarks and the FLOP table compare by default for ``shape`` (video, AnyRes or image)."""
     shape = get_shape(shape)
     if shape.anyres is not None:
-        return list(ANYRES_PRESETS if shape.vision.cls_token else ANYRES_T2V_PRESETS)
+        return list(ANYRES_PRESETS if shape.accepts_v2v else ANYRES_T2V_PRESETS)
     return list(VIDEO_PRESETS if shape.is_video else IMAGE_PRESETS)
 
 

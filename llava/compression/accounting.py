@@ -19,9 +19,11 @@ The reduction is reported against the uncompressed count (``num_patches`` plus C
 per frame: Video-LLaVA keeps 257 = 256 + CLS).
 
 AnyRes images (LLaVA-NeXT / OneVision) have a base view, tiles and newline tokens, and their count follows the
-image: :func:`anyres_visual_tokens_per_layer` counts one image from its per-view tokens (V2V budgets as fractions
-of each view, every newline kept); ``python -m llava.bench.anyres --preset NAME`` averages a preset over an
-image-size mix (the ``anyres_*`` presets' stated fractions).
+image: :func:`anyres_visual_tokens_per_layer` counts one image from the token counts its V2V budgets apply to
+(fractions of each: LLaVA-NeXT's views, LLaVA-OneVision's view groups, i.e. the base view and the packed grid after
+downsizing) and its newline tokens (all counted as kept: an upper bound, a row left without a token loses its
+newline); ``python -m llava.bench.anyres --preset NAME`` averages a preset over an image-size mix (the
+``anyres_*`` presets' stated fractions) on both families.
 
 CLI: ``python -m llava.compression.accounting --preset duet_192 --num-layers 32 --num-patches 576`` prints
 the per-stage schedule and the average; ``--all`` does every preset; ``--solve`` prints the solved numbers
@@ -125,12 +127,15 @@ def visual_tokens_per_layer(
 
 
 def anyres_initial_visual_tokens(config: CompressionConfig, view_tokens: Sequence[int], newline_tokens: int) -> int:
-    """``N0`` of one AnyRes image (LLaVA-NeXT / OneVision): every view's tokens plus the grid's newline tokens;
-    with V2V (fraction budgets only) each view keeps ``floor(dominant * n) + floor(contextual * n)`` of its
-    ``n`` tokens (:meth:`V2VConfig.budget`) and every newline token stays.
+    """``N0`` of one AnyRes image (LLaVA-NeXT / OneVision): every unit's tokens plus the grid's newline tokens;
+    with V2V (fraction budgets only) each unit keeps ``floor(dominant * n) + floor(contextual * n)`` of its
+    ``n`` tokens (:meth:`V2VConfig.budget`) and every newline token is counted (an upper bound: the models drop
+    the newline of a row that keeps no token).
 
-    ``view_tokens``: the base view's tokens, then each tile's tokens after unpadding (the AnyRes counts of
-    :func:`llava.bench.anyres.anyres_counts`). Integer V2V budgets and DyMU are refused: the token count of an
+    ``view_tokens``: the token counts V2V budgets one by one (:attr:`llava.bench.anyres.AnyResCounts.v2v_groups`):
+    on LLaVA-NeXT the base view's tokens, then each tile's tokens after unpadding; on LLaVA-OneVision the base
+    view's tokens, then the packed grid's (unpadded, downsized past ``anyres_max_9``; V2V selects after packing,
+    :mod:`llava.compression.onevision_v2v`). Integer V2V budgets and DyMU are refused: the token count of an
     AnyRes image varies, so a fixed per-image budget has no per-view meaning.
     """
     if config.dymu is not None:
