@@ -404,7 +404,11 @@ def test_two_rank_zero3_finetune_and_lora_through_the_scripts_with_t2v_and_a_tex
     env = script_env(checkpoint, data, full, COMPRESSION="anyres_pdrop_third")
     result = run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     assert "LLaVA-OneVision: the checkpoint's own projector is finetuned" in result.stderr
-    assert json.loads((full / "run_config.json").read_text())["version"] == "chat_template"
+    run_config = json.loads((full / "run_config.json").read_text())
+    assert run_config["version"] == "chat_template"
+    assert (
+        run_config["video_folder"] == str(checkpoint) and run_config["num_frames"] == FRAMES
+    )  # VIDEO_FOLDER, NUM_FRAMES
     assert sorted(losses(full)) == [1, 2]
     original, trained = load_file(checkpoint / "model.safetensors"), load_file(full / "model.safetensors")
     assert sorted(trained) == sorted(original)
@@ -428,3 +432,16 @@ def test_two_rank_zero3_finetune_and_lora_through_the_scripts_with_t2v_and_a_tex
     assert any("q_proj" in key for key in changed) and any("multi_modal_projector" in key for key in changed)
     assert not any(key.startswith("vision_tower.") for key in changed)
     assert isinstance(load_pipeline(merged, device="cpu").model, DuetLlavaNext)
+
+
+def test_scripts_refuse_a_video_tower(tmp_path):
+    """LLaVA-OneVision's SigLIP tower encodes the frames: VIDEO_TOWER is refused (VIDEO_FOLDER and NUM_FRAMES reach
+    the trainer: the 2-rank script test trains on a video)."""
+    import subprocess
+
+    from tests.test_scripts import dry_run
+
+    env = {"MODEL_FAMILY": "llava_onevision", "DATA_PATH": "d.json", "VIDEO_FOLDER": "videos"}
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        dry_run("finetune_lora.sh", tmp_path, **env, VIDEO_TOWER="openai/clip")
+    assert "VIDEO_TOWER does not apply to LLaVA-OneVision" in refused.value.stderr

@@ -7,8 +7,8 @@
 #   BATCH_SIZE=4 bash scripts/v1_5/pretrain.sh --max_steps 4 --learning_rate 5e-4
 #
 # Common variables
-#   MODEL          language model              (lmsys/vicuna-7b-v1.5), or a Qwen2.5-VL or LLaVA-NeXT checkpoint
-#                  (below)
+#   MODEL          language model              (lmsys/vicuna-7b-v1.5), or a Qwen2.5-VL, LLaVA-NeXT or
+#                  LLaVA-OneVision checkpoint (below)
 #   VISION_TOWER   vision encoder              (openai/clip-vit-large-patch14-336)
 #   DATA_PATH      LLaVA JSON file(s), space-separated for several
 #   IMAGE_FOLDER   root for the samples' relative image paths
@@ -35,9 +35,10 @@
 #   VIDEO_FOLDER   root for the samples' relative video paths
 #   NUM_FRAMES     frames sampled uniformly per video (8)
 # Qwen2.5-VL (finetune.sh and finetune_lora.sh; e.g. MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53)
-#   MODEL_FAMILY   qwen2_5_vl | llava_next | llava (default: from MODEL's config.json model_type, or a Hub id
-#                  naming Qwen2.5-VL or LLaVA-NeXT); Qwen2.5-VL runs use the checkpoint's vision transformer,
-#                  merger (its projector) and chat template: VISION_TOWER and the projector settings do not apply
+#   MODEL_FAMILY   qwen2_5_vl | llava_next | llava_onevision | llava (default: from MODEL's config.json model_type,
+#                  or a Hub id naming Qwen2.5-VL, LLaVA-NeXT or LLaVA-OneVision); Qwen2.5-VL runs use the
+#                  checkpoint's vision transformer, merger (its projector) and chat template: VISION_TOWER and the
+#                  projector settings do not apply
 #   MAX_PIXELS     most pixels per image (Qwen's dynamic resolution; default: the checkpoint's)
 #   VIDEO_FOLDER   root for the samples' relative video paths (videos: NUM_FRAMES frames each, default 16)
 # LLaVA-NeXT (finetune.sh and finetune_lora.sh; e.g. MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=<a T2V
