@@ -20,7 +20,8 @@ are per video (all frames), and the default presets are the video ones.
         --presets none,duet_video_53,duet_video_93 --batch-size 2 --steps 5 --warmup 1 \
         --out runs/bench/small-video-finetune.json
 
-With an AnyRes shape (``small-anyres``, ``llava-next-7b``; :mod:`llava.bench.anyres`) sample ``i`` carries image
+With an AnyRes shape (``small-anyres``, ``small-anyres-onevision``, ``llava-next-7b``; :mod:`llava.bench.anyres`;
+LLaVA-OneVision's shapes with V2V per view group after packing) sample ``i`` carries image
 ``i`` of the shape's image mix (cycled; placeholders expanded to its AnyRes tokens, ``pixel_values``
 ``[B, views, 3, S, S]``, ``image_sizes``), the model is the shape's family's random model, and the default presets
 are the ``anyres_*`` ones (fractions of each image's tokens); the FLOP model averages the mix's images with their
