@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +17,10 @@ import pytest
 from PIL import Image
 
 from llava.families.registry import family_for
+from llava.playground.anyres import PATCH, VIEW
+from llava.playground.scenes import random_scene
+from llava.playground.tiny_models import build_tiny_vision_tower
+from llava.playground.tower_training import pretrain_tower, scene_batch
 from llava.tools import make_playground
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +41,16 @@ def anyres_playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--tower-steps", "0", "--llm-steps", "0", "--vocab-size", "400"]  # fmt: skip
     assert make_playground.main(args) == 0
     return out
+
+
+def test_tower_pretraining_at_the_view_size_labels_its_own_patch_grid() -> None:
+    scenes = [random_scene(random.Random(0), f"s{i}.png") for i in range(2)]
+    pixels, targets = scene_batch(scenes, PATCH, VIEW)
+    assert pixels.shape == (2, 3, VIEW, VIEW) and targets["patch_color"].shape == (2, (VIEW // PATCH) ** 2)
+    with pytest.raises(ValueError, match="must divide"):
+        scene_batch(scenes, PATCH, 100)
+    result = pretrain_tower(build_tiny_vision_tower(0, image_size=VIEW), steps=2, batch_size=2, progress=False)
+    assert result.steps == 2 and 0.0 <= result.patch_color_accuracy <= 1.0
 
 
 def test_builder_writes_a_llava_next_checkpoint_whose_tiles_follow_the_aspect_ratio(anyres_playground: Path) -> None:
