@@ -136,9 +136,9 @@ def _answer_after_generation_prompt(
     text = content if isinstance(content, str) else "".join(item.get("text", "") for item in content)
     marked = render([*messages[:index], _with_text(messages[index], ANSWER_SENTINEL)])
     turn = render(messages[: index + 1])
-    at = marked.find(ANSWER_SENTINEL)
+    at = marked.find(ANSWER_SENTINEL, len(before))
     answer = marked[at + len(ANSWER_SENTINEL) :]
-    if not prompt.startswith(before) or at < len(before) or turn != marked[:at] + text + answer:
+    if at < 0 or not (prompt.startswith(before) and marked.startswith(before)) or turn != marked[:at] + text + answer:
         raise ConversationError("the chat template does not render an answer's text as it is")
     return before, prompt[len(before) :], text + answer
 
