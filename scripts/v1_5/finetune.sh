@@ -7,7 +7,7 @@
 #   PRETRAIN_DIR=runs/my-pretrain bash scripts/v1_5/finetune.sh
 #   PRETRAINED_PROJECTOR=none bash scripts/v1_5/finetune.sh      # start from a fresh projector
 #   MODEL=Qwen/Qwen2.5-VL-7B-Instruct COMPRESSION=qwen_duet_53 bash scripts/v1_5/finetune.sh   # Qwen2.5-VL
-#   MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=my_t2v.yaml bash scripts/v1_5/finetune.sh   # LLaVA-NeXT
+#   MODEL=llava-hf/llava-v1.6-vicuna-7b-hf COMPRESSION=anyres_duet_third bash scripts/v1_5/finetune.sh   # LLaVA-NeXT
 #   DRY_RUN=1 bash scripts/v1_5/finetune.sh --max_steps 4
 # Settings and multi-node launch: see scripts/v1_5/common.sh.
 set -euo pipefail
