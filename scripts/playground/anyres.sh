@@ -41,10 +41,13 @@ fi
 MODEL_DIR="$PLAYGROUND_DIR/model"
 
 say "Checking the data sets"
+# The largest image's AnyRes token count (the square one's), as the builder measured it with the processor.
+max_tokens="$("$PYTHON" -c 'import json, sys; print(max(json.load(open(sys.argv[1]))["anyres"]["tokens_per_image"].values()))' \
+    "$PLAYGROUND_DIR/manifest.json")"
 for data in pretrain.json finetune.json; do
     "$PYTHON" -m llava.tools.check_data --data_path "$PLAYGROUND_DIR/$data" --image_folder "$PLAYGROUND_DIR/images" \
         --tokenizer "$MODEL_DIR" --version chat_template --image_token '<image>' --model_max_length 2048 \
-        --tokens_per_image 336
+        --tokens_per_image "$max_tokens"
 done
 
 # One training run of the LLaVA-NeXT checkpoint with $1 compression: stage 1 (projector only, unless
