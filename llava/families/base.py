@@ -9,8 +9,10 @@ and how many visual tokens a batch adds to the language model's sequence. Famili
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,8 +22,13 @@ from torch import nn
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
 from llava.constants import VIDEO_PROCESSOR_DIR
+from llava.data.chat_template import CHAT_TEMPLATE_VERSION
 from llava.data.dataset import DataArguments, LazySupervisedDataset
+from llava.model.stages import load_projector, training_dtype
 from llava.pipeline import GenerationPipeline
+from llava.utils.attention import default_attn_implementation
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,3 +114,31 @@ class ModelFamily(Protocol):
     ) -> nn.Module:
         """A model with random weights of the given config fields, created in ``dtype`` on ``device``
         (benchmarks: speed, not quality)."""
+
+
+def build_from_checkpoint(
+    label: str,
+    load: Callable[..., nn.Module],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: LlavaTrainingArguments,
+) -> nn.Module:
+    """The training model of a family that starts from a whole checkpoint with its own vision tower and chat
+    template (Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision): ``load(source, dtype=, compression=, attn=)`` in the
+    training dtype with the compression set, a ``--pretrain_mm_mlp_adapter`` projector loaded over it. LLaVA-1.5's
+    tower flags and any ``--version`` but ``chat_template`` are refused, naming the ``label`` checkpoint."""
+    source = model_args.model_name_or_path
+    for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
+        if value:
+            raise ValueError(f"{source} is a {label} checkpoint with its own vision tower: drop {flag}")
+    if data_args.version != CHAT_TEMPLATE_VERSION:
+        raise ValueError(
+            f"{source} is a {label} checkpoint: it trains with its own chat template, pass "
+            f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
+        )
+    attn = model_args.attn_implementation or default_attn_implementation()
+    logger.info("Starting from %s checkpoint %s", label, source)
+    model = load(source, dtype=training_dtype(args), compression=model_args.compression, attn=attn)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    return model

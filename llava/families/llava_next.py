@@ -36,7 +36,6 @@ from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditional
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
 from llava.data.chat_template import (
-    CHAT_TEMPLATE_VERSION,
     ChatTemplateEncoder,
     ImageInputs,
     chat_content,
@@ -44,12 +43,12 @@ from llava.data.chat_template import (
 )
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
-from llava.families.base import PipelineOptions, Processors
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
 from llava.hf_adapter import set_attn_implementation
-from llava.model.hub_checkpoint import check_weight_files, read_config_json
+from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.llava_next import LLAVA_NEXT_MODEL_TYPES, DuetLlavaNext
 from llava.model.precision import random_init
-from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
+from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
@@ -58,7 +57,6 @@ from llava.pipeline import (
     default_device,
     image_paths,
 )
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +73,7 @@ def load_llava_next(
     """A LLaVA-NeXT checkpoint (local directory or Hub id) as :class:`DuetLlavaNext` (safetensors, no remote
     code); under an active ZeRO-3 config
     transformers partitions the weights as they load."""
-    model_dir = Path(path)
-    if model_dir.is_dir():
-        read_config_json(model_dir / "config.json")
-        check_weight_files(model_dir)
-    hf_model = LlavaNextForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
-    )
+    hf_model = load_hf_checkpoint(LlavaNextForConditionalGeneration, path, dtype, attn)
     return DuetLlavaNext(hf_model, compression)
 
 
@@ -186,23 +178,7 @@ class LlavaNextFamily:
     ) -> DuetLlavaNext:
         """The checkpoint as :class:`DuetLlavaNext` in the training dtype, compression set; ``--version`` must
         be ``chat_template`` and the LLaVA-1.5 tower settings are refused (the checkpoint has its own)."""
-        source = model_args.model_name_or_path
-        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
-            if value:
-                raise ValueError(f"{source} is a LLaVA-NeXT checkpoint with its own CLIP tower: drop {flag}")
-        if data_args.version != CHAT_TEMPLATE_VERSION:
-            raise ValueError(
-                f"{source} is a LLaVA-NeXT checkpoint: it trains with its own chat template, pass "
-                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
-            )
-        attn = model_args.attn_implementation or default_attn_implementation()
-        logger.info("Starting from LLaVA-NeXT checkpoint %s", source)
-        model = load_llava_next(
-            source, dtype=training_dtype(args), compression=model_args.compression, attn=attn,
-        )  # fmt: skip
-        if model_args.pretrain_mm_mlp_adapter:
-            load_projector(model, model_args.pretrain_mm_mlp_adapter)
-        return model
+        return build_from_checkpoint("LLaVA-NeXT", load_llava_next, model_args, data_args, args)
 
     def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
         """The checkpoint's ``LlavaNextProcessor``: its tokenizer (right-padded, with the chat template) and its

@@ -54,11 +54,11 @@ from torch import nn
 from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder, ImageInputs, chat_content
+from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, chat_content
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
-from llava.families.base import PipelineOptions, Processors
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
 from llava.hf_adapter import (
     llava_next_views_per_image,
     llava_onevision_frame_processor,
@@ -67,10 +67,10 @@ from llava.hf_adapter import (
     load_image_processor,
     set_attn_implementation,
 )
-from llava.model.hub_checkpoint import check_weight_files, read_config_json
+from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.llava_next import LLAVA_ONEVISION_MODEL_TYPES, DuetLlavaNext
 from llava.model.precision import random_init
-from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
+from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
@@ -79,7 +79,6 @@ from llava.pipeline import (
     default_device,
     image_paths,
 )
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +95,7 @@ def load_llava_onevision(
 ) -> DuetLlavaNext:
     """A LLaVA-OneVision checkpoint (local directory or Hub id) as :class:`DuetLlavaNext` (safetensors, no
     remote code)."""
-    model_dir = Path(path)
-    if model_dir.is_dir():
-        read_config_json(model_dir / "config.json")
-        check_weight_files(model_dir)
-    hf_model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
-    )
+    hf_model = load_hf_checkpoint(LlavaOnevisionForConditionalGeneration, path, dtype, attn)
     return DuetLlavaNext(hf_model, compression)
 
 
@@ -310,23 +303,7 @@ class LlavaOnevisionFamily:
     ) -> DuetLlavaNext:
         """The checkpoint as :class:`DuetLlavaNext` in the training dtype, compression set; ``--version`` must
         be ``chat_template`` and the LLaVA-1.5 tower settings are refused (the checkpoint has its own)."""
-        source = model_args.model_name_or_path
-        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
-            if value:
-                raise ValueError(f"{source} is a LLaVA-OneVision checkpoint with its own SigLIP tower: drop {flag}")
-        if data_args.version != CHAT_TEMPLATE_VERSION:
-            raise ValueError(
-                f"{source} is a LLaVA-OneVision checkpoint: it trains with its own chat template, pass "
-                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
-            )
-        attn = model_args.attn_implementation or default_attn_implementation()
-        logger.info("Starting from LLaVA-OneVision checkpoint %s", source)
-        model = load_llava_onevision(
-            source, dtype=training_dtype(args), compression=model_args.compression, attn=attn,
-        )  # fmt: skip
-        if model_args.pretrain_mm_mlp_adapter:
-            load_projector(model, model_args.pretrain_mm_mlp_adapter)
-        return model
+        return build_from_checkpoint("LLaVA-OneVision", load_llava_onevision, model_args, data_args, args)
 
     def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
         """The checkpoint's tokenizer (right-padded, with the processor's chat template) and its image processor

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder, chat_content
+from llava.data.chat_template import ChatTemplateEncoder, chat_content
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.qwen_video import (
@@ -45,12 +45,12 @@ from llava.data.qwen_video import (
     batch_videos,
     load_qwen_video,
 )
-from llava.families.base import PipelineOptions, Processors
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
 from llava.hf_adapter import load_image_processor, set_attn_implementation
-from llava.model.hub_checkpoint import check_weight_files, read_config_json
+from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.precision import random_init
 from llava.model.qwen_vl import QWEN_MODEL_TYPES, DuetQwenVL
-from llava.model.stages import LORA_TARGETS, load_projector, training_dtype
+from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
@@ -59,7 +59,6 @@ from llava.pipeline import (
     default_device,
     image_paths,
 )
-from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +71,7 @@ def load_qwen_vl(
 ) -> DuetQwenVL:
     """A Qwen2.5-VL checkpoint (local directory or Hub id) as :class:`DuetQwenVL` (safetensors weights, no
     remote code); under an active ZeRO-3 config transformers partitions the weights as they load."""
-    model_dir = Path(path)
-    if model_dir.is_dir():
-        read_config_json(model_dir / "config.json")
-        check_weight_files(model_dir)
-    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True
-    )
+    hf_model = load_hf_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, attn)
     return DuetQwenVL(hf_model, compression)
 
 
@@ -201,21 +194,7 @@ class QwenVLFamily:
     def build_model(
         self, model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments
     ) -> DuetQwenVL:
-        source = model_args.model_name_or_path
-        for flag, value in (("--vision_tower", model_args.vision_tower), ("--video_tower", model_args.video_tower)):
-            if value:
-                raise ValueError(f"{source} is a Qwen2.5-VL checkpoint with its own vision transformer: drop {flag}")
-        if data_args.version != CHAT_TEMPLATE_VERSION:
-            raise ValueError(
-                f"{source} is a Qwen2.5-VL checkpoint: it trains with its own chat template, pass "
-                f"--version {CHAT_TEMPLATE_VERSION} (got --version {data_args.version})"
-            )
-        attn = model_args.attn_implementation or default_attn_implementation()
-        logger.info("Starting from Qwen2.5-VL checkpoint %s", source)
-        model = load_qwen_vl(source, dtype=training_dtype(args), compression=model_args.compression, attn=attn)
-        if model_args.pretrain_mm_mlp_adapter:
-            load_projector(model, model_args.pretrain_mm_mlp_adapter)
-        return model
+        return build_from_checkpoint("Qwen2.5-VL", load_qwen_vl, model_args, data_args, args)
 
     def load_processors(self, model_args: ModelArguments, data_args: DataArguments, model: nn.Module) -> Processors:
         source = model_args.model_name_or_path

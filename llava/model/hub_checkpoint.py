@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedModel
 
 MAX_SHARD_BYTES = 5 * 1024**3
 INDEX_FILENAME = "model.safetensors.index.json"
@@ -143,3 +143,15 @@ def load_wrapped_state_dict(
     if state_dict and not any(key.startswith(WRAPPED_PREFIX) for key in state_dict):
         return wrapper.hf_model.load_state_dict(names.to_module(state_dict), strict=strict, assign=assign)
     return nn.Module.load_state_dict(wrapper, state_dict, strict=strict, assign=assign)
+
+
+def load_hf_checkpoint(
+    model_class: type[PreTrainedModel], path: str | os.PathLike[str], dtype: torch.dtype | None, attn: str
+) -> PreTrainedModel:
+    """A whole checkpoint (local directory, checked first, or Hub id) as ``model_class``: safetensors weights, no
+    remote code; under an active ZeRO-3 config transformers partitions the weights as they load."""
+    model_dir = Path(path)
+    if model_dir.is_dir():
+        read_config_json(model_dir / "config.json")
+        check_weight_files(model_dir)
+    return model_class.from_pretrained(str(path), dtype=dtype, attn_implementation=attn, use_safetensors=True)
