@@ -255,6 +255,16 @@ def test_a_qwen_checkpoint_as_model_switches_the_scripts_to_its_own_tower_merger
     assert opt(argv, "--version") == "v1" and opt(argv, "--vision_tower") is not None
 
 
+def test_pretraining_an_anyres_checkpoint_trains_its_projector_through_its_chat_template(tmp_path):
+    for model_type in ("llava_next", "llava_onevision"):
+        checkpoint = tmp_path / f"my-{model_type}"
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text(json.dumps({"model_type": model_type}))
+        _, argv = dry_run("pretrain.sh", tmp_path, MODEL=str(checkpoint))
+        assert opt(argv, "--tune_mm_mlp_adapter") == "True" and opt(argv, "--version") == "chat_template"
+        assert opt(argv, "--vision_tower") is None and opt(argv, "--output_dir") == f"runs/my-{model_type}-pretrain"
+
+
 def test_pretraining_refuses_a_qwen_checkpoint(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failure:
         dry_run("pretrain.sh", tmp_path, MODEL="Qwen/Qwen2.5-VL-7B-Instruct")
