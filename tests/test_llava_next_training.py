@@ -348,3 +348,32 @@ def test_finetuning_trains_the_newline_token_and_pretraining_only_the_projector(
     trainable = {id(parameter) for parameter in freeze_for_stage(model, "pretrain")}
     assert id(newline) not in trainable
     assert trainable == {id(parameter) for parameter in model.projector.parameters()}
+
+
+def test_check_data_reads_llava_hf_data_through_the_processors_chat_template(llava_next_checkpoint, tmp_path):
+    """llava-hf's templates read content lists (string content renders as nothing): check_data finds that out,
+    so its text-token counts equal the training encoder's (BOS and the EOS after answers included)."""
+    from llava.tools.check_data import main
+
+    samples = [{"id": "a", "image": "image_0.png", "conversations": [QUESTION, ANSWER]}, {"conversations": CHAT}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    report = tmp_path / "report.json"
+    lengths = tmp_path / "lengths.json"
+    argv = ["--data_path", str(data), "--image_folder", str(llava_next_checkpoint), "--tokenizer",
+            str(llava_next_checkpoint), "--version", "chat_template", "--image_token", "<image>",
+            "--json-report", str(report), "--length-mix-out", str(lengths)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(report.read_text())["num_samples"] == 2
+    recorded = json.loads(lengths.read_text())
+    text_tokens = sorted(row[0] for row in recorded["samples"])
+    training = FAMILY.load_processors(
+        ModelArguments(model_name_or_path=str(llava_next_checkpoint)), DataArguments(version="chat_template"), None
+    )
+    chat = encoder(llava_next_checkpoint, training, tmp_path)
+    image = image_id(llava_next_checkpoint)
+    expected = []
+    for sample in samples:
+        ids = chat.encode(sample["conversations"], images(llava_next_checkpoint, 0) if "image" in sample else [])
+        expected.append(int((ids["input_ids"] != image).sum()))  # check_data counts visual slots apart
+    assert text_tokens == sorted(expected)

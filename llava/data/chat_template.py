@@ -20,7 +20,9 @@ image's tokens depend on how many images its sample has).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -66,6 +68,30 @@ def chat_messages(conversation: list[dict], content_lists: bool = False) -> list
             raise ConversationError("an assistant turn holds an <image> or <video> tag")
         messages.append({"role": role, "content": chat_content(text) if role == "user" else text_content(text)})
     return messages
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+"""Where a checkpoint keeps its processor's chat template (llava-hf, Qwen2.5-VL), newest format first."""
+_PROBE_TEXT = "chat template probe"
+
+
+def processor_chat_template(directory: str | Path) -> str | None:
+    """The chat template a checkpoint's processor uses (``chat_template.jinja``, or the older
+    ``chat_template.json``), ``None`` when the directory has neither. Multimodal checkpoints keep it there; their
+    tokenizer's own template, when they have one, may not place images (LLaVA-OneVision's Qwen2 template)."""
+    for name in CHAT_TEMPLATE_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
+def template_reads_content_lists(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template renders a message's text only when its content is a list of typed
+    items (llava-hf's templates silently drop string content); tried on one probe message."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}], tokenize=False)
+    return _PROBE_TEXT not in rendered
 
 
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:

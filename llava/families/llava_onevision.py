@@ -54,7 +54,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, chat_content
+from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, chat_content, processor_chat_template
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
@@ -99,16 +99,13 @@ def load_llava_onevision(
     return DuetLlavaNext(hf_model, compression)
 
 
-def processor_chat_template(model_dir: Path) -> str:
-    """The processor's chat template of a checkpoint directory (``chat_template.jinja``, or the older
-    ``chat_template.json``); the tokenizer's own (Qwen2's) does not place images and videos."""
-    jinja = model_dir / CHAT_TEMPLATE_FILE
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    legacy = model_dir / "chat_template.json"
-    if legacy.is_file():
-        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
-    raise MissingComponentError(f"{model_dir} has no chat template (chat_template.jinja or chat_template.json)")
+def checkpoint_chat_template(model_dir: Path) -> str:
+    """The processor's chat template of a checkpoint directory; the tokenizer's own (Qwen2's) does not place
+    images and videos."""
+    template = processor_chat_template(model_dir)
+    if template is None:
+        raise MissingComponentError(f"{model_dir} has no chat template (chat_template.jinja or chat_template.json)")
+    return template
 
 
 def video_settings(model_dir: Path, image_processor: Any) -> dict[str, Any]:
@@ -164,7 +161,7 @@ class LlavaOnevisionPipeline(GenerationPipeline):
         return cls(
             model=model, tokenizer=tokenizer, fast_decoding=fast_decoding, image_processor=image_processor,
             frame_processor=llava_onevision_frame_processor(video_settings(model_dir, image_processor)),
-            chat_template=processor_chat_template(model_dir), video_frames=video_frames, video_backend=video_backend,
+            chat_template=checkpoint_chat_template(model_dir), video_frames=video_frames, video_backend=video_backend,
         )  # fmt: skip
 
     def _eos_ids(self) -> list[int]:
@@ -312,7 +309,7 @@ class LlavaOnevisionFamily:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokenizer.model_max_length = data_args.model_max_length
         tokenizer.padding_side = "right"
-        template = processor_chat_template(model_dir)
+        template = checkpoint_chat_template(model_dir)
         tokenizer.chat_template = template  # the tokenizer's own (Qwen2's) does not place images and videos
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

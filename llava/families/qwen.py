@@ -22,7 +22,6 @@ layout (:mod:`llava.data.qwen_video`), ``--video_max_pixels`` per frame.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import ChatTemplateEncoder, chat_content
+from llava.data.chat_template import ChatTemplateEncoder, chat_content, processor_chat_template
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.qwen_video import (
@@ -79,10 +78,10 @@ def attach_chat_template(tokenizer: Any, model_dir: Path) -> None:
     """Qwen ships the template as the processor's ``chat_template.json``; give it to the tokenizer."""
     if getattr(tokenizer, "chat_template", None):
         return
-    path = model_dir / "chat_template.json"
-    if not path.is_file():
+    template = processor_chat_template(model_dir)
+    if template is None:
         raise MissingComponentError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.json)")
-    tokenizer.chat_template = json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+    tokenizer.chat_template = template
 
 
 @dataclass(kw_only=True)

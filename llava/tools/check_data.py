@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llava.bench.length_mix import write_measured_mix
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from llava.data.chat_template import CHAT_TEMPLATE_VERSION, ChatTemplateEncoder
+from llava.data.chat_template import (
+    CHAT_TEMPLATE_VERSION,
+    ChatTemplateEncoder,
+    processor_chat_template,
+    special_prefix,
+    template_reads_content_lists,
+)
 from llava.data.dataset import DataArguments, DataError, LazySupervisedDataset
 from llava.data.images import ImageError, inspect_image
 from llava.data.templates import conversation_to_turns
@@ -110,9 +117,15 @@ def scan(
             report.problems.append(message)
 
     chat = None
-    if data_args.version == CHAT_TEMPLATE_VERSION:  # Qwen2.5-VL: the tokenizer's template, its image placeholder
+    if data_args.version == CHAT_TEMPLATE_VERSION:  # a checkpoint's own template and image placeholder
         placeholders = tokenizer.convert_tokens_to_ids([image_token, video_token])
-        chat = ChatTemplateEncoder(tokenizer, None, placeholders[0], video_token_id=placeholders[1])
+        if placeholders[0] in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer does not know the image placeholder {image_token!r}: pass --image_token")
+        chat = ChatTemplateEncoder(
+            tokenizer, None, placeholders[0], video_token_id=placeholders[1],
+            content_lists=template_reads_content_lists(tokenizer), prefix_ids=special_prefix(tokenizer),
+            answer_end_id=tokenizer.eos_token_id,  # where the template ends answers without it (llava-hf's)
+        )  # fmt: skip
     datasets: list[LazySupervisedDataset] = []
     for path in data_args.data_path:
         file_args = DataArguments(**{**asdict(data_args), "data_path": [path], "skip_bad_samples": True})
@@ -302,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", default="v1", help="conversation template; chat_template: the tokenizer's own (Qwen2.5-VL)"
     )
     parser.add_argument(
-        "--image_token", default="<|image_pad|>", help="with --version chat_template: the template's image placeholder"
+        "--image_token",
+        default="<|image_pad|>",
+        help="with --version chat_template: the template's image placeholder (<image> for llava-hf's)",
     )
     parser.add_argument(
         "--video_token", default="<|video_pad|>", help="with --version chat_template: the template's video placeholder"
@@ -351,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_outside_paths=args.allow_outside_paths,
     )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    template = processor_chat_template(args.tokenizer) if Path(args.tokenizer).is_dir() else None
+    if template is not None:  # a multimodal checkpoint's own template places the images
+        tokenizer.chat_template = template
     report = scan(
         data_args,
         tokenizer,
