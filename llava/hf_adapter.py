@@ -375,6 +375,37 @@ class AnyResViewFeatures(NamedTuple):
     views: list[int]  # views of each image, in input order
 
 
+def _views_through_feature_layer(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    views: list[int],
+    score: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The output of the AnyRes tower's ``vision_feature_layer`` for every view (``views`` per image), in ONE pass
+    over the layers it needs, and ``score(layer, its input)`` when given. ``pixel_values``: ``[images, views, C, H,
+    W]`` (padded past each image's views) or the views concatenated ``[views, C, H, W]``."""
+    layer_index = model.config.vision_feature_layer
+    if not isinstance(layer_index, int) or isinstance(layer_index, bool):
+        raise ValueError(f"per-view features need one vision_feature_layer, got {layer_index!r}")
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # flattened in 5.x
+    layers = tower.encoder.layers
+    depth = layer_index if layer_index >= 0 else len(layers) + 1 + layer_index
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"vision_feature_layer {layer_index} selects no encoder layer of a {len(layers)}-layer tower")
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [images, views, C, H, W] or [views, C, H, W], got {pixel_values.shape}")
+    hidden = tower.embeddings(pixel_values.to(model.model.vision_tower.dtype))
+    pre_norm = getattr(tower, "pre_layrnorm", None)  # CLIP's; SigLIP has none
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    for layer in layers[: depth - 1]:
+        hidden = call_clip_layer(layer, hidden)
+    scored = score(layers[depth - 1], hidden) if score is not None else None
+    return call_clip_layer(layers[depth - 1], hidden), scored
+
+
 def llava_next_view_features(
     model: PreTrainedModel,
     pixel_values: torch.Tensor,
@@ -389,32 +420,15 @@ def llava_next_view_features(
     :func:`llava.compression.v2v.cls_attention_and_keys` does); the keys are returned for the patches
     only. ``pixel_values``/``image_sizes`` as for :func:`llava_next_image_features`."""
     config = model.config
-    layer_index = config.vision_feature_layer
-    if not isinstance(layer_index, int) or isinstance(layer_index, bool):
-        raise ValueError(f"per-view features need one vision_feature_layer, got {layer_index!r}")
     if config.vision_feature_select_strategy != "default":
         raise ValueError(
             "per-view features follow the 'default' vision_feature_select_strategy (patches without CLS), got "
             f"{config.vision_feature_select_strategy!r}"
         )
-    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # flattened in 5.x
-    layers = tower.encoder.layers
-    depth = layer_index if layer_index >= 0 else len(layers) + 1 + layer_index
-    if not 1 <= depth <= len(layers):
-        raise ValueError(f"vision_feature_layer {layer_index} selects no encoder layer of a {len(layers)}-layer tower")
     views = llava_next_views_per_image(model, image_sizes)
-    if pixel_values.dim() == 5:
-        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
-    elif pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values must be [images, tiles, C, H, W] or [tiles, C, H, W], got {pixel_values.shape}")
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(model.model.vision_tower.dtype)))
-    for layer in layers[: depth - 1]:
-        hidden = call_clip_layer(layer, hidden)
-    cls_attention = keys = None
-    if score is not None:
-        cls_attention, keys = score(layers[depth - 1], hidden)
-        keys = keys[:, 1:]
-    hidden = call_clip_layer(layers[depth - 1], hidden)
+    hidden, scored = _views_through_feature_layer(model, pixel_values, views, score)
+    cls_attention, keys = scored if scored is not None else (None, None)
+    keys = keys[:, 1:] if keys is not None else None
     return AnyResViewFeatures(hidden[:, 1:], cls_attention, keys, views)
 
 
@@ -905,31 +919,14 @@ def llava_onevision_view_features(
     scores ``[views, patches]`` and keys ``[views, patches, d]``. Arguments as for
     :func:`llava_onevision_image_features`."""
     config = model.config
-    layer_index = config.vision_feature_layer
-    if not isinstance(layer_index, int) or isinstance(layer_index, bool):
-        raise ValueError(f"per-view features need one vision_feature_layer, got {layer_index!r}")
     if config.vision_feature_select_strategy != "full":
         raise ValueError(
             "LLaVA-OneVision's per-view features follow the 'full' vision_feature_select_strategy (SigLIP has no "
             f"CLS token), got {config.vision_feature_select_strategy!r}"
         )
-    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # flattened in 5.x
-    layers = tower.encoder.layers
-    depth = layer_index if layer_index >= 0 else len(layers) + 1 + layer_index
-    if not 1 <= depth <= len(layers):
-        raise ValueError(f"vision_feature_layer {layer_index} selects no encoder layer of a {len(layers)}-layer tower")
     views = llava_onevision_views_per_image(model, image_sizes, batch_num_images)
-    if pixel_values.dim() == 5:
-        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
-    elif pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values must be [images, views, C, H, W] or [views, C, H, W], got {pixel_values.shape}")
-    hidden = tower.embeddings(pixel_values.to(model.model.vision_tower.dtype))
-    for layer in layers[: depth - 1]:
-        hidden = call_clip_layer(layer, hidden)
-    scores = keys = None
-    if score is not None:
-        scores, keys = score(layers[depth - 1], hidden)
-    hidden = call_clip_layer(layers[depth - 1], hidden)
+    hidden, scored = _views_through_feature_layer(model, pixel_values, views, score)
+    scores, keys = scored if scored is not None else (None, None)
     return OneVisionViewFeatures(hidden, scores, keys, views)
 
 

@@ -31,9 +31,10 @@ alone, so nothing is read back from the device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +46,7 @@ from llava.compression.config import V2VConfig
 from llava.compression.v2v import cls_attention_and_keys, merge_into_anchors
 from llava.hf_adapter import (
     llava_next_anyres_layout,
+    llava_next_image_newline,
     llava_next_projector,
     llava_next_view_features,
     llava_next_views_per_image,
@@ -52,6 +54,7 @@ from llava.hf_adapter import (
 from llava.utils.profiling import PROFILE_REGIONS
 
 ANYRES_V2V_METHODS = ("duet", "visionzip", "random")
+ScoreFunction = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """V2V methods this module runs."""
 
 
@@ -240,30 +243,49 @@ def select_view_tokens(
     return choice.keep, values.view(num_views, patches, width)
 
 
+def check_method(v2v: V2VConfig) -> None:
+    """Refuse a V2V method the AnyRes selections do not run."""
+    if v2v.method not in ANYRES_V2V_METHODS:
+        raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
+
+
+class V2VClock:
+    """Host seconds V2V's scoring and selection take, each timed under the profiler's ``v2v`` region."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        """Time the block (added to :attr:`seconds`) inside the ``v2v`` profiler region."""
+        began = time.perf_counter()
+        with record_function(PROFILE_REGIONS["v2v"]):
+            yield
+        self.seconds += time.perf_counter() - began
+
+    def timed(self, score: ScoreFunction) -> ScoreFunction:
+        """``score`` with its calls timed (the tower calls it on the feature layer)."""
+
+        def timed_score(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.timing():
+                return score(layer, hidden)
+
+        return timed_score
+
+
 def anyres_v2v_tokens(
     model: nn.Module, pixel_values: torch.Tensor, image_sizes: torch.Tensor, v2v: V2VConfig
 ) -> AnyResTokens:
     """V2V over every view of every image of transformers' LLaVA-NeXT model in one tower pass, then
     the projector and transformers' AnyRes packing order: a token and a keep flag for every image placeholder."""
-    if v2v.method not in ANYRES_V2V_METHODS:
-        raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
-    seconds = [0.0]
-
-    def score(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        began = time.perf_counter()
-        with record_function(PROFILE_REGIONS["v2v"]):
-            scored = cls_attention_and_keys(layer, hidden)
-        seconds[0] += time.perf_counter() - began
-        return scored
-
+    check_method(v2v)
+    clock = V2VClock()
     plan = AnyResPlan.build(model, image_sizes, v2v)
-    views = llava_next_view_features(model, pixel_values, image_sizes, score)
-    began = time.perf_counter()
-    with record_function(PROFILE_REGIONS["v2v"]):
+    views = llava_next_view_features(model, pixel_values, image_sizes, clock.timed(cls_attention_and_keys))
+    with clock.timing():
         keep, features = select_view_tokens(views.features, views.cls_attention, views.keys, plan, v2v.method)
-    seconds[0] += time.perf_counter() - began
     projected = llava_next_projector(model)(features)
-    return pack_views(projected, keep, plan, model.model.image_newline, seconds[0])
+    return pack_views(projected, keep, plan, llava_next_image_newline(model), clock.seconds)
 
 
 def pack_views(

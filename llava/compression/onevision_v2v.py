@@ -45,18 +45,17 @@ view groups, budgets, anchor slots and newline rows are a host-side plan from th
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from llava.compression.anyres_v2v import (
-    ANYRES_V2V_METHODS,
     AnyResPlan,
     AnyResTokens,
+    V2VClock,
+    check_method,
     choose_view_tokens,
     pack_views,
 )
@@ -70,7 +69,6 @@ from llava.hf_adapter import (
     llava_onevision_view_features,
     llava_onevision_views_per_image,
 )
-from llava.utils.profiling import PROFILE_REGIONS
 
 SCORE_CHUNK_ELEMENTS = 1 << 26
 """Most fp32 attention logits held at once while scoring (256 MiB): the query chunk shrinks as views grow."""
@@ -189,28 +187,20 @@ def onevision_v2v_tokens(
     """V2V over the view groups of every image of transformers' LLaVA-OneVision model (one tower pass, then the
     projector, transformers' packing, the selection and the gather): a token and a keep flag for every image
     placeholder, in input order. Arguments as for :func:`llava.hf_adapter.llava_onevision_image_features`."""
-    if v2v.method not in ANYRES_V2V_METHODS:
-        raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
-    seconds = [0.0]
-
-    def score(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        began = time.perf_counter()
-        with record_function(PROFILE_REGIONS["v2v"]):
-            scored = received_attention_and_keys(layer, hidden)
-        seconds[0] += time.perf_counter() - began
-        return scored
-
+    check_method(v2v)
+    clock = V2VClock()
     plan = OneVisionPlan.build(model, image_sizes, batch_num_images, v2v)
+    score = clock.timed(received_attention_and_keys)
     views = llava_onevision_view_features(model, pixel_values, image_sizes, batch_num_images, score)
     projected = llava_next_projector(model)(views.features)
     tokens = torch.cat(llava_onevision_pack(model, projected.split(views.views), image_sizes))
-    began = time.perf_counter()
-    with record_function(PROFILE_REGIONS["v2v"]):
+    with clock.timing():
         maps = torch.cat([views.scores.unsqueeze(-1), views.keys], dim=-1).split(views.views)
         maps = torch.cat(llava_onevision_pack(model, maps, image_sizes))
         keep, values = select_group_tokens(tokens, maps[:, 0], maps[:, 1:], plan, v2v.method)
-    seconds[0] += time.perf_counter() - began
-    return pack_views(values.unsqueeze(0), keep.unsqueeze(0), plan.groups, llava_next_image_newline(model), seconds[0])
+    return pack_views(
+        values.unsqueeze(0), keep.unsqueeze(0), plan.groups, llava_next_image_newline(model), clock.seconds
+    )
 
 
 def onevision_v2v_counts(

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava.compression.anyres_v2v import ANYRES_V2V_METHODS, AnyResTokens, anyres_v2v_tokens
+from llava.compression.anyres_v2v import AnyResTokens, anyres_v2v_tokens, check_method
 from llava.compression.config import V2VConfig, load_compression
 from llava.compression.onevision_v2v import onevision_v2v_tokens
 from llava.compression.t2v import SequenceState, build_query_mask
@@ -182,13 +182,12 @@ class DuetLlavaNext(nn.Module):
         compression = load_compression(spec)
         if compression.dymu is not None:
             raise ValueError(
-                f"compression {compression.name!r}: DyMU is not yet available for this family (LLaVA-NeXT); "
-                "use a V2V and/or T2V preset"
+                f"compression {compression.name!r}: DyMU is not yet available for this family (LLaVA-NeXT, "
+                "LLaVA-OneVision); use a V2V and/or T2V preset"
             )
         v2v = compression.v2v
         if v2v is not None:
-            if v2v.method not in ANYRES_V2V_METHODS:
-                raise ValueError(f"AnyRes V2V methods: {', '.join(ANYRES_V2V_METHODS)}; got {v2v.method!r}")
+            check_method(v2v)
             if not v2v.is_fraction:
                 raise ValueError(
                     f"compression {compression.name!r}: AnyRes views keep different numbers of tokens "
