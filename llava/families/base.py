@@ -24,6 +24,8 @@ from llava.arguments import LlavaTrainingArguments, ModelArguments
 from llava.constants import VIDEO_PROCESSOR_DIR
 from llava.data.chat_template import CHAT_TEMPLATE_VERSION
 from llava.data.dataset import DataArguments, LazySupervisedDataset
+from llava.hf_adapter import set_attn_implementation
+from llava.model.precision import random_init
 from llava.model.stages import load_projector, training_dtype
 from llava.pipeline import GenerationPipeline
 from llava.utils.attention import default_attn_implementation
@@ -142,3 +144,18 @@ def build_from_checkpoint(
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     return model
+
+
+def random_wrapped_model(
+    hf_class: type[nn.Module],
+    config: Any,
+    wrapper: Callable[[nn.Module], nn.Module],
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+    attn: str,
+) -> nn.Module:
+    """A whole-checkpoint family's model with random weights (benchmarks): ``hf_class(config)`` with ``attn`` on
+    the config and its text and vision parts, created in ``dtype`` on ``device``, wrapped by ``wrapper``."""
+    for part in (config, config.text_config, config.vision_config):
+        set_attn_implementation(part, attn)
+    return wrapper(random_init(hf_class, config, dtype, device))

@@ -43,11 +43,9 @@ from llava.data.chat_template import (
 )
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
-from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
-from llava.hf_adapter import set_attn_implementation
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
 from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.llava_next import LLAVA_NEXT_MODEL_TYPES, DuetLlavaNext
-from llava.model.precision import random_init
 from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
     GenerationPipeline,
@@ -245,7 +243,6 @@ class LlavaNextFamily:
     ) -> nn.Module:
         """A :class:`DuetLlavaNext` around ``LlavaNextForConditionalGeneration(LlavaNextConfig(**config_fields))``
         with random weights."""
-        config = LlavaNextConfig(**config_fields)
-        for part in (config, config.text_config, config.vision_config):
-            set_attn_implementation(part, attn)
-        return DuetLlavaNext(random_init(LlavaNextForConditionalGeneration, config, dtype, device))
+        return random_wrapped_model(
+            LlavaNextForConditionalGeneration, LlavaNextConfig(**config_fields), DuetLlavaNext, dtype, device, attn
+        )

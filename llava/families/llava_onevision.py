@@ -58,18 +58,16 @@ from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, chat_cont
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
-from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
 from llava.hf_adapter import (
     llava_next_views_per_image,
     llava_onevision_frame_processor,
     llava_onevision_tokens_per_image,
     llava_onevision_video_tokens,
     load_image_processor,
-    set_attn_implementation,
 )
 from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.llava_next import LLAVA_ONEVISION_MODEL_TYPES, DuetLlavaNext
-from llava.model.precision import random_init
 from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
     GenerationPipeline,
@@ -375,7 +373,11 @@ class LlavaOnevisionFamily:
     ) -> nn.Module:
         """A :class:`DuetLlavaNext` around ``LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
         **config_fields))`` with random weights."""
-        config = LlavaOnevisionConfig(**config_fields)
-        for part in (config, config.text_config, config.vision_config):
-            set_attn_implementation(part, attn)
-        return DuetLlavaNext(random_init(LlavaOnevisionForConditionalGeneration, config, dtype, device))
+        return random_wrapped_model(
+            LlavaOnevisionForConditionalGeneration,
+            LlavaOnevisionConfig(**config_fields),
+            DuetLlavaNext,
+            dtype,
+            device,
+            attn,
+        )

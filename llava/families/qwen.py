@@ -44,10 +44,9 @@ from llava.data.qwen_video import (
     batch_videos,
     load_qwen_video,
 )
-from llava.families.base import PipelineOptions, Processors, build_from_checkpoint
-from llava.hf_adapter import load_image_processor, set_attn_implementation
+from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
+from llava.hf_adapter import load_image_processor
 from llava.model.hub_checkpoint import load_hf_checkpoint
-from llava.model.precision import random_init
 from llava.model.qwen_vl import QWEN_MODEL_TYPES, DuetQwenVL
 from llava.model.stages import LORA_TARGETS
 from llava.pipeline import (
@@ -259,7 +258,6 @@ class QwenVLFamily:
     ) -> nn.Module:
         """A :class:`DuetQwenVL` around ``Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_fields))``
         with random weights."""
-        config = Qwen2_5_VLConfig(**config_fields)
-        for part in (config, config.text_config, config.vision_config):
-            set_attn_implementation(part, attn)
-        return DuetQwenVL(random_init(Qwen2_5_VLForConditionalGeneration, config, dtype, device))
+        return random_wrapped_model(
+            Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**config_fields), DuetQwenVL, dtype, device, attn
+        )
