@@ -88,6 +88,7 @@ __all__ = [
     "llava_next_text_model",
     "llava_next_view_features",
     "llava_next_views_per_image",
+    "llava_next_vision_tower",
     "load_image_processor",
     "new_dynamic_cache",
     "packed_attention",
@@ -301,6 +302,11 @@ def call_decoder_layer_on_groups(
 def llava_next_text_model(model: PreTrainedModel) -> nn.Module:
     """LLaVA-NeXT's text decoder (``model.model.language_model``: embeddings, layers, norm, rotary embedding)."""
     return model.model.language_model
+
+
+def llava_next_vision_tower(model: PreTrainedModel) -> nn.Module:
+    """LLaVA-NeXT's (LLaVA-OneVision's) vision tower: CLIP (SigLIP) as transformers holds it."""
+    return model.model.vision_tower
 
 
 def llava_next_image_newline(model: PreTrainedModel) -> nn.Parameter:

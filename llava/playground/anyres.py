@@ -43,6 +43,7 @@ from transformers import AutoProcessor
 from llava.constants import IMAGE_TAG
 from llava.data.templates import VICUNA_SYSTEM
 from llava.families.registry import family_named
+from llava.hf_adapter import llava_next_vision_tower
 from llava.playground.conversations import SHORT_ANSWER_SUFFIX
 from llava.playground.llm_pretraining import pretrain_llm
 from llava.playground.output import prepare_out_dir, write_json, write_jsonl
@@ -189,7 +190,7 @@ def build_checkpoint(
     }
     torch.manual_seed(seed)
     model = family_named(FAMILY).random_model(fields, torch.float32, "cpu", "sdpa")
-    model.hf_model.model.vision_tower.load_state_dict(tower.state_dict())
+    llava_next_vision_tower(model.hf_model).load_state_dict(tower.state_dict())
     model.language_model.load_state_dict(llm.model.state_dict())
     model.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
     model_dir.mkdir(parents=True, exist_ok=True)
