@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from llava.constants import IMAGE_TAG, VIDEO_TAG
+from llava.data.chat_template import chat_content
 from llava.data.templates import ConversationTemplate, generation_turns
 from llava.data.tokenization import tokenize_prompt
 from llava.model.fast_generation import FastDecoder
@@ -76,6 +77,31 @@ def build_prompt_text(prompt: str, num_images: int, num_videos: int = 0) -> str:
     """
     prompt = _with_tags(prompt, IMAGE_TAG, num_images, "images")
     return _with_tags(prompt, VIDEO_TAG, num_videos, "videos")
+
+
+class ChatRequest(NamedTuple):
+    """A request as a chat-template model reads it: one user message and the files it names."""
+
+    messages: list[dict[str, Any]]  # the one user turn; content items typed, images and videos where their tags are
+    images: list[str]
+    videos: list[str]
+
+
+def chat_request(request: Request) -> ChatRequest:
+    """``request`` as one user message for a checkpoint's chat template (images and videos where their tags are,
+    else first, as :func:`build_prompt_text` places them) with its image and video files."""
+    if "prompt" not in request or not isinstance(request["prompt"], str):
+        raise ValueError(f"request needs a string 'prompt': {request!r}")
+    images, videos = image_paths(request.get("image")), image_paths(request.get("video"), key="video")
+    content = chat_content(build_prompt_text(request["prompt"], len(images), len(videos)))
+    return ChatRequest([{"role": "user", "content": content}], images, videos)
+
+
+def expand_placeholders(text: str, placeholder: str, counts: Iterator[int]) -> str:
+    """``text`` with each ``placeholder`` repeated as many times as the next of ``counts`` says, in order (one
+    placeholder per image or video in the rendered prompt, one per visual token in the model's input)."""
+    parts = text.split(placeholder)
+    return parts[0] + "".join(placeholder * next(counts) + part for part in parts[1:])
 
 
 def build_prompt_ids(

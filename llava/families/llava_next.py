@@ -38,7 +38,6 @@ from llava.arguments import LlavaTrainingArguments, ModelArguments
 from llava.data.chat_template import (
     ChatTemplateEncoder,
     ImageInputs,
-    chat_content,
     special_prefix,
 )
 from llava.data.dataset import DataArguments, LazySupervisedDataset
@@ -51,9 +50,8 @@ from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
     Request,
-    build_prompt_text,
+    chat_request,
     default_device,
-    image_paths,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,19 +105,13 @@ class LlavaNextPipeline(GenerationPipeline):
         """Chat-templated, left-padded ``input_ids``/``attention_mask`` with each image's placeholder expanded to
         its AnyRes token count and, when the batch has images, ``pixel_values``/``image_sizes`` (the processor's)."""
         texts, images = [], []
-        for request in requests:
-            if "prompt" not in request or not isinstance(request["prompt"], str):
-                raise ValueError(f"request needs a string 'prompt': {request!r}")
-            if image_paths(request.get("video"), key="video"):
+        for request in map(chat_request, requests):
+            if request.videos:
                 raise ValueError("LLaVA-NeXT answers about images only; this request has a video")
-            files = image_paths(request.get("image"))
-            content = chat_content(build_prompt_text(request["prompt"], len(files)))
             texts.append(
-                self.processor.apply_chat_template(
-                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-                )
+                self.processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             )
-            images.extend(load_image(path) for path in files)
+            images.extend(load_image(path) for path in request.images)
         encoded = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
         return {
             key: encoded[key]

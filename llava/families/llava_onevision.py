@@ -43,7 +43,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, chat_content, processor_chat_template
+from llava.data.chat_template import ChatTemplateEncoder, ImageInputs, processor_chat_template
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
@@ -73,9 +73,9 @@ from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
     Request,
-    build_prompt_text,
+    chat_request,
     default_device,
-    image_paths,
+    expand_placeholders,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,6 @@ def video_settings(model_dir: Path, image_processor: Any) -> dict[str, Any]:
     logger.warning("%s has no video_preprocessor_config.json: video frames use the image processor's settings", path)
     fields = ("size", "resample", "rescale_factor", "image_mean", "image_std")
     return {field: getattr(image_processor, field, None) for field in fields}
-
-
-def expand_placeholders(text: str, placeholder: str, counts: Iterator[int]) -> str:
-    """``text`` with each ``placeholder`` repeated as many times as the next of ``counts`` says, in order."""
-    parts = text.split(placeholder)
-    return parts[0] + "".join(placeholder * next(counts) + part for part in parts[1:])
 
 
 @dataclass(kw_only=True)
@@ -172,16 +166,11 @@ class LlavaOnevisionPipeline(GenerationPipeline):
         expanded to its token count and, when the batch has them, ``pixel_values``/``image_sizes``/
         ``batch_num_images`` (the image processor's) and ``pixel_values_videos`` (``[videos, frames, C, H, W]``)."""
         texts, images, videos = [], [], []
-        for request in requests:
-            if "prompt" not in request or not isinstance(request["prompt"], str):
-                raise ValueError(f"request needs a string 'prompt': {request!r}")
-            image_files, video_files = image_paths(request.get("image")), image_paths(request.get("video"), "video")
-            content = chat_content(build_prompt_text(request["prompt"], len(image_files), len(video_files)))
-            message = [{"role": "user", "content": content}]
-            options = {"chat_template": self.chat_template, "add_generation_prompt": True, "tokenize": False}
-            texts.append(self.tokenizer.apply_chat_template(message, **options))
-            images.append([load_image(path) for path in image_files])
-            videos.extend(read_video_frames(path, self.video_frames, self.video_backend) for path in video_files)
+        options = {"chat_template": self.chat_template, "add_generation_prompt": True, "tokenize": False}
+        for request in map(chat_request, requests):
+            texts.append(self.tokenizer.apply_chat_template(request.messages, **options))
+            images.append([load_image(path) for path in request.images])
+            videos.extend(read_video_frames(path, self.video_frames, self.video_backend) for path in request.videos)
         batch: dict[str, torch.Tensor] = {}
         config, hf_model = self.model.config, self.model.hf_model
         if any(images):

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments
-from llava.data.chat_template import ChatTemplateEncoder, chat_content, processor_chat_template
+from llava.data.chat_template import ChatTemplateEncoder, processor_chat_template
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.qwen_video import (
@@ -53,9 +53,9 @@ from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
     Request,
-    build_prompt_text,
+    chat_request,
     default_device,
-    image_paths,
+    expand_placeholders,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,18 +138,12 @@ class QwenVLPipeline(GenerationPipeline):
         ``video_grid_thw``, ``second_per_grid_ts``)."""
         config = self.model.config
         texts, images, videos = [], [], []
-        for request in requests:
-            if "prompt" not in request or not isinstance(request["prompt"], str):
-                raise ValueError(f"request needs a string 'prompt': {request!r}")
-            image_files, video_files = image_paths(request.get("image")), image_paths(request.get("video"))
-            content = chat_content(build_prompt_text(request["prompt"], len(image_files), len(video_files)))
+        for request in map(chat_request, requests):
             texts.append(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-                )
+                self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             )
-            images.extend(load_image(path) for path in image_files)
-            videos.extend(self._load_video(path) for path in video_files)
+            images.extend(load_image(path) for path in request.images)
+            videos.extend(self._load_video(path) for path in request.videos)
         batch: dict[str, torch.Tensor] = {}
         merge_unit = self.image_processor.merge_size**2
         if images:
@@ -164,18 +158,9 @@ class QwenVLPipeline(GenerationPipeline):
             if grid_key in batch:
                 pad = self.tokenizer.convert_ids_to_tokens(token_id)
                 counts = iter((batch[grid_key].prod(dim=-1) // merge_unit).tolist())
-                texts = [_expand_placeholders(text, pad, counts) for text in texts]
+                texts = [expand_placeholders(text, pad, counts) for text in texts]
         encoded = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **batch}
-
-
-def _expand_placeholders(text: str, image_pad: str, counts: Any) -> str:
-    """Each image's (video's) single placeholder repeated once per merged visual token, in order."""
-    parts = text.split(image_pad)
-    expanded = [parts[0]]
-    for part in parts[1:]:
-        expanded.append(image_pad * next(counts) + part)
-    return "".join(expanded)
 
 
 class QwenVLFamily:
