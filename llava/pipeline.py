@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llava.constants import IMAGE_TAG, VIDEO_TAG
+from llava.constants import IMAGE_TAG, VIDEO_TAG, VISUAL_TAG_PATTERN
 from llava.data.chat_template import chat_content
 from llava.data.templates import ConversationTemplate, generation_turns
 from llava.data.tokenization import tokenize_prompt
@@ -34,11 +34,16 @@ ImageSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
 class Request(TypedDict, total=False):
     """One generation request: ``image`` and ``video`` (each a path, a list of paths or ``None``) and
-    ``prompt``."""
+    ``prompt``; for a chat, ``history``: the earlier turns as ``(user text, answer)`` pairs, oldest first.
+
+    The files are the whole conversation's, in the order of their tags: a history turn's ``<image>`` /
+    ``<video>`` tags take the first files, and the ``prompt`` the rest (its tags placed as
+    :func:`build_prompt_text` places them)."""
 
     image: ImageSpec
     video: ImageSpec
     prompt: str
+    history: Sequence[tuple[str, str]]
 
 
 class MissingComponentError(FileNotFoundError):
@@ -79,22 +84,56 @@ def build_prompt_text(prompt: str, num_images: int, num_videos: int = 0) -> str:
     return _with_tags(prompt, VIDEO_TAG, num_videos, "videos")
 
 
-class ChatRequest(NamedTuple):
-    """A request as a chat-template model reads it: one user message and the files it names."""
+class Conversation(NamedTuple):
+    """A request's turns with every visual tag placed, and the files the tags stand for, in order."""
 
-    messages: list[dict[str, Any]]  # the one user turn; content items typed, images and videos where their tags are
+    turns: list[tuple[str, str]]  # (role "user" | "assistant", text), ending with the user turn to answer
+    images: list[str]
+    videos: list[str]
+
+
+def conversation_of(request: Request) -> Conversation:
+    """``request``'s history and prompt as turns; the prompt gets the tags of the files its history's tags do
+    not take (:func:`build_prompt_text`). Raises ``ValueError`` on a malformed request or more tags than files."""
+    if "prompt" not in request or not isinstance(request["prompt"], str):
+        raise ValueError(f"request needs a string 'prompt': {request!r}")
+    images, videos = image_paths(request.get("image")), image_paths(request.get("video"), key="video")
+    turns: list[tuple[str, str]] = []
+    for index, pair in enumerate(request.get("history") or ()):
+        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise ValueError(f"history[{index}] must be a (user text, answer) pair of strings, got {pair!r}")
+        if VISUAL_TAG_PATTERN.search(pair[1]):
+            raise ValueError(f"history[{index}]: an answer holds an {IMAGE_TAG} or {VIDEO_TAG} tag")
+        turns += [("user", pair[0]), ("assistant", pair[1])]
+    history_images = sum(text.count(IMAGE_TAG) for _, text in turns)
+    history_videos = sum(text.count(VIDEO_TAG) for _, text in turns)
+    if history_images > len(images) or history_videos > len(videos):
+        raise ValueError(
+            f"the history holds {history_images} {IMAGE_TAG} and {history_videos} {VIDEO_TAG} tags but the request "
+            f"has {len(images)} images and {len(videos)} videos"
+        )
+    prompt = build_prompt_text(request["prompt"], len(images) - history_images, len(videos) - history_videos)
+    return Conversation([*turns, ("user", prompt)], images, videos)
+
+
+class ChatRequest(NamedTuple):
+    """A request as a chat-template model reads it: its messages and the files they name."""
+
+    messages: list[dict[str, Any]]  # user content items typed, images and videos where their tags are
     images: list[str]
     videos: list[str]
 
 
 def chat_request(request: Request) -> ChatRequest:
-    """``request`` as one user message for a checkpoint's chat template (images and videos where their tags are,
-    else first, as :func:`build_prompt_text` places them) with its image and video files."""
-    if "prompt" not in request or not isinstance(request["prompt"], str):
-        raise ValueError(f"request needs a string 'prompt': {request!r}")
-    images, videos = image_paths(request.get("image")), image_paths(request.get("video"), key="video")
-    content = chat_content(build_prompt_text(request["prompt"], len(images), len(videos)))
-    return ChatRequest([{"role": "user", "content": content}], images, videos)
+    """``request`` as messages for a checkpoint's chat template (images and videos where their tags are, else
+    first, as :func:`build_prompt_text` places them) with its image and video files. Every content is a list
+    of typed items: llava-hf's templates read lists, Qwen2.5-VL's read both."""
+    turns, images, videos = conversation_of(request)
+    messages = [
+        {"role": role, "content": chat_content(text) if role == "user" else [{"type": "text", "text": text}]}
+        for role, text in turns
+    ]
+    return ChatRequest(messages, images, videos)
 
 
 def expand_placeholders(text: str, placeholder: str, counts: Iterator[int]) -> str:
@@ -114,11 +153,24 @@ def build_prompt_ids(
     video_token_id: int | None = None,
 ) -> list[int]:
     """Token ids of a single-turn generation prompt, built exactly as training builds prompts."""
-    conversation = [{"from": "human", "value": build_prompt_text(prompt, num_images, num_videos)}]
-    turns = generation_turns(template, conversation)
+    conversation = [("user", build_prompt_text(prompt, num_images, num_videos))]
+    return build_conversation_ids(tokenizer, template, conversation, image_token_id, video_token_id)
+
+
+def build_conversation_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    template: ConversationTemplate,
+    turns: Sequence[tuple[str, str]],
+    image_token_id: int,
+    video_token_id: int | None = None,
+) -> list[int]:
+    """Token ids of a chat's generation prompt (``(role, text)`` turns ending with the user's, tags placed: see
+    :func:`conversation_of`), built exactly as training builds multi-turn prompts."""
+    conversation = [{"from": "human" if role == "user" else "gpt", "value": text} for role, text in turns]
+    rendered = generation_turns(template, conversation)
     if video_token_id is None:
-        return tokenize_prompt(tokenizer, template, turns, image_token_id)
-    return tokenize_prompt(tokenizer, template, turns, image_token_id, video_token_id)
+        return tokenize_prompt(tokenizer, template, rendered, image_token_id)
+    return tokenize_prompt(tokenizer, template, rendered, image_token_id, video_token_id)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,9 @@ from llava.pipeline import (
     GenerationPipeline,
     MissingComponentError,
     Request,
-    build_prompt_ids,
+    build_conversation_ids,
+    conversation_of,
     default_device,
-    image_paths,
     left_pad,
 )
 from llava.utils.attention import default_attn_implementation
@@ -228,21 +228,12 @@ class LlavaPipeline(GenerationPipeline):
         images: list[str] = []
         videos: list[str] = []
         for request in requests:
-            if "prompt" not in request or not isinstance(request["prompt"], str):
-                raise ValueError(f"request needs a string 'prompt': {request!r}")
-            request_images = image_paths(request.get("image"))
-            request_videos = image_paths(request.get("video"), "video")
+            turns, request_images, request_videos = conversation_of(request)
             if request_videos and not config.has_video_tower:
                 raise ValueError(f"request has videos but this model has no video tower: {request!r}")
             ids.append(
-                build_prompt_ids(
-                    self.tokenizer,
-                    self.template,
-                    request["prompt"],
-                    len(request_images),
-                    config.image_token_id,
-                    len(request_videos),
-                    config.video_token_id,
+                build_conversation_ids(
+                    self.tokenizer, self.template, turns, config.image_token_id, config.video_token_id
                 )
             )
             images.extend(request_images)

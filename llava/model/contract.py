@@ -38,6 +38,7 @@ class DuetOutput(ModelOutput):
     decode_state: DecodeState | None = None
     prompt_length: int | None = None
     visual_tokens_per_layer: list[float] | None = None
+    visual_tokens_per_row: list[list[int]] | None = None
     compression_time_s: float | None = None
 
 
@@ -213,5 +214,6 @@ def prefill_output(
         decode_state=result.decode_state,
         prompt_length=prompt_length,
         visual_tokens_per_layer=result.visual_tokens_per_layer,
+        visual_tokens_per_row=result.visual_tokens_per_row,
         compression_time_s=result.compression_time_s + extra_seconds,
     )

@@ -135,6 +135,7 @@ class DecoderResult:
     sequence: SequenceState
     decode_state: DecodeState
     visual_tokens_per_layer: list[float] = field(default_factory=list)
+    visual_tokens_per_row: list[list[int]] = field(default_factory=list)
     compression_time_s: float = 0.0
 
 
@@ -283,17 +284,24 @@ def run_decoder(
         masks.append(sequence.attention_mask)
         next_positions.append(_next_positions(sequence))
         visual_tokens = sequence.visual_mask if groups is None else sequence.visual_mask & groups.starts
-        visual_per_stage.append(visual_tokens.sum())  # with VTU: the distinct tokens the linear layers see
+        visual_per_stage.append(visual_tokens.sum(dim=1))  # with VTU: the distinct tokens the linear layers see
     ends = (*starts[1:], num_layers)
-    visual_counts = (torch.stack(visual_per_stage).double() / per_segment).tolist()
+    row_counts = torch.stack(visual_per_stage)  # [stages, B]
+    visual_counts = (row_counts.sum(dim=1).double() / per_segment).tolist()
+    layers_per_stage = [end - start for start, end in zip(starts, ends, strict=True)]
     tokens_per_layer = [
-        count for count, start, end in zip(visual_counts, starts, ends, strict=True) for _ in range(start, end)
+        count for count, layers in zip(visual_counts, layers_per_stage, strict=True) for _ in range(layers)
+    ]
+    tokens_per_row = [
+        [count for count, layers in zip(row, layers_per_stage, strict=True) for _ in range(layers)]
+        for row in row_counts.T.tolist()
     ]
     return DecoderResult(
         hidden=decoder.norm(sequence.hidden),
         sequence=sequence,
         decode_state=DecodeState(starts, masks, next_positions),
         visual_tokens_per_layer=tokens_per_layer,
+        visual_tokens_per_row=tokens_per_row,
         compression_time_s=compression_time,
     )
 

@@ -598,7 +598,9 @@ class FastDecoder:
         batch = input_ids.shape[0]
         if max_new_tokens == 1:  # no decode step: the prefill needs no cache
             out = prefill(model, input_ids, attention_mask, visual_inputs, None)
-            return pick_next_token(out.logits[:, -1]).unsqueeze(1)
+            token = pick_next_token(out.logits[:, -1], 0)
+            sampling.stop_rows(0, token)
+            return token.unsqueeze(1)
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         bucket_batch = self.bucket_batch if self.bucket_batch is not None else use_graph
         batch_capacity = bucketed_batch(batch) if bucket_batch and batch else batch
@@ -610,7 +612,7 @@ class FastDecoder:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         last_step_needed = torch.zeros(batch, dtype=torch.long, device=device)
         new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        token = pick_next_token(out.logits[:, -1])
+        token = pick_next_token(out.logits[:, -1], 0)
         runner = self._runner_for(cache, batch_capacity, device)
         runner.rows(batch).load(out.decode_state)
         runner.reset_padding(batch)
@@ -618,23 +620,28 @@ class FastDecoder:
         if not use_graph and self.warmup_steps:
             self._warm_up(runner, self.warmup_steps)
         steps_run = max_new_tokens
-        next_check = 1 if eos_ids else max_new_tokens  # without EOS ids no row can finish early
+        # Without EOS ids (or a listener) no row can finish early; a listener reads every step back anyway.
+        listening = sampling.on_step is not None
+        next_check = 1 if eos_ids or listening else max_new_tokens
         for step in range(max_new_tokens):
             token = token.masked_fill(finished, pad_token_id)
             new_tokens[:, step] = token
             # A row still running needs this column; a row that already finished does not.
             last_step_needed = torch.where(finished, last_step_needed, step)
             finished |= torch.isin(token, eos_tensor)
+            stop = sampling.stop_rows(step, token)
+            if stop is not None:
+                finished |= stop
             if step == max_new_tokens - 1:
                 break
             if step + 1 == next_check:
                 if bool(finished.all()):
                     steps_run = step + 1
                     break
-                next_check += eos_check_gap(step + 1, max_new_tokens, self.eos_check_interval)
+                next_check += 1 if listening else eos_check_gap(step + 1, max_new_tokens, self.eos_check_interval)
             runner.tokens[:batch].copy_(token)
             self._advance(runner, use_graph, device, batch)
-            token = pick_next_token(runner.logits[:batch])
+            token = pick_next_token(runner.logits[:batch], step + 1)
         # The eager loop stops at the first step after which every row has finished: same length here.
         length = min(steps_run, int(last_step_needed.max()) + 1) if batch else 0
         return new_tokens[:, :length]

@@ -100,10 +100,13 @@ def greedy_or_sample(
     decode_state = out.decode_state
     prompt_length = out.prompt_length
     for step in range(max_new_tokens):
-        token = sampling.pick(out.logits[:, -1])
+        token = sampling.pick(out.logits[:, -1], step)
         token = token.masked_fill(finished, pad_token_id)
         new_tokens.append(token)
         finished |= matches_any(token, eos_ids)
+        stop = sampling.stop_rows(step, token)
+        if stop is not None:
+            finished |= stop
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         if use_cache:
