@@ -207,6 +207,12 @@ class GenerationPipeline:
         """Model inputs of a batch of requests (left-padded)."""
         raise NotImplementedError
 
+    def sequence_lengths(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+        """Each row's length in the language model's sequence at its first layer (text and visual tokens), of
+        :meth:`prepare`'s output: what a context-length check compares. Families whose ids hold one slot per
+        image (LLaVA-1.5) add the visual tokens a slot becomes; chat-template families expand them in the ids."""
+        return inputs["attention_mask"].sum(dim=-1).tolist()
+
     @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""
@@ -219,6 +225,14 @@ class GenerationPipeline:
         if self._fast_decoder is None or self._fast_decoder.model is not self.model:
             self._fast_decoder = FastDecoder(self.model)
         return self._fast_decoder
+
+    def pad_id(self) -> int:
+        """The id left padding and finished rows hold: the tokenizer's pad token, the config's, EOS or 0."""
+        return self._pad_id()
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end an answer (the tokenizer's EOS)."""
+        return self._eos_ids()
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.model.config.text_config.pad_token_id):

@@ -220,6 +220,16 @@ class LlavaPipeline(GenerationPipeline):
         """The dtype pixel inputs are cast to (the vision tower's)."""
         return self.model.vision_tower.dtype
 
+    def sequence_lengths(self, inputs: dict[str, torch.Tensor]) -> list[int]:
+        """Text tokens plus, per image (video) slot, the visual tokens it becomes after the V2V stage."""
+        config = self.model.config
+        ids = inputs["input_ids"] * inputs["attention_mask"]
+        lengths = inputs["attention_mask"].sum(dim=-1)
+        lengths += (ids == config.image_token_id).sum(dim=-1) * (config.llm_tokens_per_image - 1)
+        if config.has_video_tower:
+            lengths += (ids == config.video_token_id).sum(dim=-1) * (config.llm_tokens_per_video - 1)
+        return lengths.tolist()
+
     def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Tokenize and left-pad a batch: ``input_ids``, ``attention_mask`` and, when the batch has any,
         ``pixel_values`` / ``pixel_values_videos`` stacked in the order their sentinels appear."""
