@@ -179,3 +179,22 @@ def llava_next_checkpoint(tmp_path_factory):
     for index, size in enumerate([(90, 40), (40, 90), (60, 60)]):  # (width, height)
         Image.new("RGB", size, (40 * index, 200, 30)).save(out / f"image_{index}.png")
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """``(model_dir, playground)``: a playground LLaVA-1.5 finetuned for one step at a tiny learning rate (it stays
+    near its random init, so it writes long, varied answers), for the serving tests (CLI, API, page, load)."""
+    from llava.playground.builder import build_playground
+    from llava.training.train import train
+    from tests.run_args import finetune_args
+
+    root = tmp_path_factory.mktemp("chat_model")
+    build_playground(root / "playground", num_pretrain=2, num_finetune=12, seed=0)
+    train(
+        finetune_args(
+            root / "playground", root / "model", "--per_device_train_batch_size", "1", "--max_steps", "1",
+            "--save_strategy", "no", "--learning_rate", "1e-7", "--group_by_modality_length", "False", "--seed", "42",
+        )
+    )  # fmt: skip
+    return root / "model", root / "playground"
