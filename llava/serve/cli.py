@@ -166,7 +166,7 @@ class ChatSession:
         except ValueError as error:
             self._error(f"{error} (images join a message with /image; {IMAGE_TAG} tags are optional)")
             return None
-        events: queue.Queue[Event] = queue.Queue()
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         job = GenerationJob(request, events.put, max_tokens=self.max_tokens, temperature=self.temperature,
                             top_p=self.top_p, seed=self.seed, compression=self.compression)  # fmt: skip
         try:
@@ -176,21 +176,23 @@ class ChatSession:
             return None
         self.requests.append(request)
         shown: list[str] = []
-        end = self._stream(job, events, shown)
+        end, stopped = self._stream(job, events, shown)
+        self._print()
         if isinstance(end, Failed):
-            self._print()
             self._error(end.error.message)
             return None
-        answer = "".join(shown) if end is None or end.reason == "cancelled" else end.text
-        self._print()
+        answer = "".join(shown) if stopped or end is None else end.text
         self.turns.append((stored, answer))
         self.images.extend(self.pending_images)
         self.pending_images.clear()
         return answer
 
-    def _stream(self, job: GenerationJob, events: queue.Queue[Event], shown: list[str]) -> Finished | Failed | None:
-        """Print ``ASSISTANT:`` and ``job``'s deltas until it ends; Ctrl-C cancels it. Returns its last event
-        (``None`` when a second Ctrl-C gave up waiting for the cancelled job to end)."""
+    def _stream(
+        self, job: GenerationJob, events: queue.SimpleQueue[Event], shown: list[str]
+    ) -> tuple[Finished | Failed | None, bool]:
+        """Print ``ASSISTANT:`` and ``job``'s deltas (collected in ``shown``) until it ends; Ctrl-C cancels it.
+        Returns its last event (``None`` when a second Ctrl-C gave up waiting for the cancelled job to end) and
+        whether Ctrl-C stopped it."""
         try:
             self.out.write("ASSISTANT: ")
             self.out.flush()
@@ -201,20 +203,22 @@ class ChatSession:
                     self.out.write(event.text)
                     self.out.flush()
                 elif event is not None:
-                    return event
+                    return event, False
         except KeyboardInterrupt:
             job.cancel()
-            self._print("\n[stopped]")
-        try:  # the row ends at its next step; text it made meanwhile is not shown (nor kept)
+            self.out.write("\n[stopped]")
+            self.out.flush()
+        try:  # the row ends at its next step; text it made meanwhile is neither shown nor kept
             while True:
                 event = self._next(events)
                 if isinstance(event, Finished | Failed):
-                    return event
+                    return event, True
         except KeyboardInterrupt:
-            return None
+            return None, True
 
     @staticmethod
-    def _next(events: queue.Queue[Event]) -> Event | None:
+    def _next(events: queue.SimpleQueue[Event]) -> Event | None:
+        # SimpleQueue (C): Ctrl-C in get() cannot leave a Python-level lock held that the worker's put() needs.
         try:
             return events.get(timeout=POLL_S)
         except queue.Empty:
