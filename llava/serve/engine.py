@@ -107,6 +107,15 @@ class GenerationJob:
         self.cancelled.set()
 
 
+def _send(job: GenerationJob, event: Event) -> None:
+    """Give ``event`` to the job's sink; a sink that fails cancels its own job, never the worker or the batch."""
+    try:
+        job.sink(event)
+    except Exception:
+        logger.exception("a job's sink failed; the job is cancelled")
+        job.cancel()
+
+
 @dataclass
 class EngineStats:
     """What the engine has done, for ``/health`` and tests."""
@@ -247,7 +256,7 @@ class BatchingEngine:
                 self.stats.cancelled += 1
             else:
                 self.stats.answered += 1
-        job.sink(event)
+        _send(job, event)
 
     def _run_group(self, preset: str, jobs: list[GenerationJob]) -> None:
         live = []
@@ -309,7 +318,7 @@ class BatchingEngine:
             job = jobs[row]
             tail = streams[row].finish()
             if tail and reason != "cancelled":
-                job.sink(Delta(tail))
+                _send(job, Delta(tail))
             per_row = prefill.get("visual_tokens_per_row") or [[] for _ in jobs]
             usage = Usage(lengths[row], counts[row], [int(count) for count in per_row[row]], preset, len(jobs))
             self._end(job, Finished(reason, streams[row].emitted, usage))
@@ -330,7 +339,7 @@ class BatchingEngine:
                 counts[row] += 1
                 delta = streams[row].push(token)
                 if delta:
-                    job.sink(Delta(delta))
+                    _send(job, Delta(delta))
                 if streams[row].stopped or counts[row] >= job.max_tokens:
                     stop[row] = True
                     finish(row, "stop" if streams[row].stopped else "length")
