@@ -17,7 +17,10 @@ FAST_MOVING = ("torch", "transformers", "accelerate", "deepspeed", "peft")
 def declared_requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [Requirement(text) for text in [*project["dependencies"], *extras["video"], *extras["dev"], *extras["lmms"]]]
+    return [
+        Requirement(text)
+        for text in [*project["dependencies"], *extras["video"], *extras["dev"], *extras["lmms"], *extras["serve"]]
+    ]
 
 
 def pins(path: Path) -> dict[str, Version]:

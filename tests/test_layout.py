@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llava.pipeline",),
     ("llava.families",),
     ("llava.inference",),
-    ("llava.training", "llava.playground"),
+    ("llava.training", "llava.playground", "llava.serve"),
     ("llava.eval", "llava.bench"),
     ("llava.tools",),
 )
