@@ -298,3 +298,27 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_failing_sink_cancels_only_its_own_job(pipeline):
+    import queue
+
+    from llava.serve.engine import Finished, GenerationJob
+
+    engine = BatchingEngine(pipeline, batch_wait_s=0.2)
+
+    def broken_sink(event):
+        raise RuntimeError("client code failed")
+
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(GenerationJob({"prompt": "Hello"}, broken_sink, max_tokens=30, temperature=0, stop=("zzz",)))
+    engine.submit(GenerationJob({"prompt": "What is a star?"}, answers.put, max_tokens=5, temperature=0))
+    events = []
+    while not isinstance(events[-1] if events else None, Finished):
+        events.append(answers.get(timeout=60))
+    assert events[-1].reason in ("stop", "length") and events[-1].usage.batch_size == 2
+    assert wait_for(lambda: engine.stats.active == 0)
+    assert engine.stats.cancelled + engine.stats.answered == 2
+    engine.submit(GenerationJob({"prompt": "Hi"}, answers.put, max_tokens=2, temperature=0))
+    assert wait_for(lambda: engine.stats.answered + engine.stats.cancelled == 3)  # the worker is alive
+    engine.close()
