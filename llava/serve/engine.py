@@ -193,6 +193,7 @@ class BatchingEngine:
     def _use(self, preset: str) -> None:
         if preset != self._current:
             self.pipeline.model.set_compression(self._specs[preset])
+            self.pipeline.model.eval()  # the compression wrappers set_compression builds start in training mode
             self._current = preset
 
     # ----- submitting -----
