@@ -13,6 +13,13 @@
 #   video_infer  video-llava-7b, none / duet_video_53 / duet_video_93 (rows)
 #   qwen_infer   Qwen2.5-VL-7B, none / qwen_duet_53 / qwen_duet_67 (rows)
 #   dymu_infer   llava-7b with DyMU merging (thresholds fitted to the random tower, ~200 tokens) (rows)
+#   serve_playground, serve_model, serve_load
+#                the OpenAI-compatible server under load (llava.bench.serve_load): a playground checkpoint (one
+#                finetune step), served in-process; streamed requests at concurrency 8 and 1, none / duet_128
+#                (rows: req/s, output tok/s, TTFT and inter-token latency, mean batch). Needs starlette and uvicorn
+#                on the box (the serve extra; prepare_wheels.sh does not fetch them yet): without, serve_load fails
+#                and the other parts are unaffected. Not yet run on a GPU; last by priority, so the budget guard
+#                skips it first
 # Random weights at the real shapes, bf16, SDPA. Everything goes under OUT_DIR: summary.md (PASS/FAIL per
 # claim, measured number and target; also printed at the end), the benchmarks' .json/.md, logs/PART.log,
 # timings.tsv (seconds per part, to resize), env.txt. A part that fails or runs out of time is marked in the
@@ -43,7 +50,8 @@ ONE_PROCESS="${ONE_PROCESS:-$SMOKE}"  # run the parts in one Python process (SMO
 INSTALL_DRY_RUN="${INSTALL_DRY_RUN:-$SMOKE}"  # print the pip commands only (SMOKE: this machine is set up)
 BUDGET_S="${BUDGET_S:-460}"
 MIN_PART_S="${MIN_PART_S:-30}"
-PARTS="${PARTS:-cuda_tests,image_infer,train,train_ragged,video_infer,qwen_infer,dymu_infer}"
+DEFAULT_PARTS=cuda_tests,image_infer,train,train_ragged,video_infer,qwen_infer,dymu_infer
+PARTS="${PARTS:-$DEFAULT_PARTS,serve_playground,serve_model,serve_load}"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
     command -v python >/dev/null 2>&1 || PYTHON=python3
@@ -71,6 +79,7 @@ if [[ "$SMOKE" == "1" ]]; then
     DEVICE=(--device cpu) THREADS=(--threads 1)
     PRESET_DIR="$OUT_DIR/presets"
     DYMU_LAYERS=1 DYMU_THRESHOLD=0.5
+    SERVE_LOAD=(--requests 4 --concurrency 2 1 --max-tokens 4 --warmup 0 --device cpu)
 else
     IMAGE_SHAPE=llava-7b VIDEO_SHAPE=video-llava-7b QWEN_SHAPE=qwen2.5-vl-7b
     NEW_TOKENS="${NEW_TOKENS:-64}" REPEATS="${REPEATS:-3}" WARMUP=0
@@ -81,6 +90,8 @@ else
     # CLIP-L/14-336 read at layer -2 runs 23 blocks. Thresholds fitted (calibrate_dymu's merge_top_edges, r = 16)
     # to a random-weight tower on random pixels: 0.44-0.48 per layer, about 195 tokens per image ("mid").
     DYMU_LAYERS=23 DYMU_THRESHOLD="${DYMU_THRESHOLD:-0.46}"
+    SERVE_LOAD=(--requests "${SERVE_REQUESTS:-32}" --concurrency 8 1 --max-tokens "${SERVE_MAX_TOKENS:-32}"
+        --device cuda)
 fi
 DECODE_PATHS="${DECODE_PATHS:-fast}"
 export OUT_DIR SMOKE BIG_BATCH VIDEO_BIG_BATCH TRAIN_BATCH  # read by the summary
@@ -283,6 +294,19 @@ part dymu_infer 90 llava.bench.infer_speed --shape "$IMAGE_SHAPE" \
     --repeats "$((REPEATS > 2 ? 2 : REPEATS))" --warmup "$WARMUP" --decode-paths "$DECODE_PATHS" \
     "${DEVICE[@]}" "${THREADS[@]}" --out "$OUT_DIR/dymu-infer.json"
 
+# The server under load: a playground checkpoint (tiny towers and LLM, one finetune step at a tiny learning rate, so
+# its answers stay long and varied), served in-process on the loopback address with its demo images as data: URLs.
+SERVE_DIR="$OUT_DIR/serve"
+part serve_playground 60 llava.tools.make_playground --out "$SERVE_DIR/playground" --num-pretrain 2 \
+    --num-finetune 12 --num-video-pretrain 0 --num-video-finetune 0 --seed 0 --force
+part serve_model 90 llava.training.train --model_name_or_path "$SERVE_DIR/playground/llm" \
+    --vision_tower "$SERVE_DIR/playground/vision_tower" --image_folder "$SERVE_DIR/playground/images" \
+    --data_path "$SERVE_DIR/playground/finetune.json" --output_dir "$SERVE_DIR/model" --version v1 \
+    --per_device_train_batch_size 1 --max_steps 1 --save_strategy no --learning_rate 1e-7 \
+    --group_by_modality_length False --logging_steps 1 --report_to none --dataloader_num_workers 0 --seed 42
+part serve_load 120 llava.bench.serve_load --model "$SERVE_DIR/model" --presets none duet_128 "${SERVE_LOAD[@]}" \
+    --request-timeout-s 60 --timeout-s 100 --out "$OUT_DIR/serve-load.json"
+
 if [[ "$ONE_PROCESS" == "1" ]]; then
     run_smoke_queue
 fi
@@ -428,16 +452,30 @@ for part, name, batches in (("video_infer", "video-infer.json", (1, video_big)),
                           f"{row['decode_tokens_per_s']:.4g} tok/s (x{row['decode_speedup_vs_none']:.3g}), "
                           f"{tokens:.4g} visual tok/layer"))
 
+# The server under load (rows without a target).
+serve = rows("serve-load.json")
+if serve is None:
+    infos.append(("serve_load", "-", not_run("serve_load")))
+for row in serve or []:
+    def ms(key: str) -> str:
+        return "-" if row.get(key) is None else f"{row[key]:.4g}"
+    infos.append(("serve_load", f"{row['preset']} concurrency {row['concurrency']}",
+                  f"{row['succeeded']}/{row['requests']} ok, {row['requests_per_s'] or 0:.4g} req/s, "
+                  f"{row['output_tokens_per_s'] or 0:.4g} out tok/s, "
+                  f"TTFT p50/p99 {ms('ttft_p50_ms')}/{ms('ttft_p99_ms')} ms, "
+                  f"ITL p50/p99 {ms('itl_p50_ms')}/{ms('itl_p99_ms')} ms, "
+                  f"mean batch {row['mean_batch_size'] or 0:.3g}"))
+
 lines = ["# GPU check" + (" (SMOKE: tiny shapes on the CPU; the numbers mean nothing)" if smoke else ""), ""]
 lines += [(out / "env.txt").read_text().strip().replace("\n", "  \n"), ""]
 passed = sum(status.startswith("PASS") for _, _, status, _, _ in claims)
 lines += [f"{passed} of {len(claims)} claims pass.", ""]
 lines += ["| claim | | status | measured | target |", "|---|---|---|---|---|"]
 lines += [f"| {key} | {text} | {status} | {measured} | {target} |" for key, text, status, measured, target in claims]
-lines += ["", "Rows without a target (fast decode path):", "", "| part | row | measured |", "|---|---|---|"]
+lines += ["", "Rows without a target (fast decode path; serve_load: the engine's own path):", "", "| part | row | measured |", "|---|---|---|"]
 lines += [f"| {part} | {row} | {measured} |" for part, row, measured in infos]
 lines += ["", "Seconds per part: timings.tsv; logs: logs/PART.log; rows: *-infer.json, train-padded.json, "
-          "train-ragged.json (and their .md tables)."]
+          "train-ragged.json, serve-load.json (and their .md tables)."]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 PY
 printf 'summary\tok\t%d\t-\tsummary.md\n' $((SECONDS - SUMMARY_BEGAN)) >> "$TIMINGS"
