@@ -35,7 +35,8 @@ if [[ -z "${PYTHON:-}" ]]; then
     command -v python >/dev/null 2>&1 || PYTHON=python3
 fi
 
-PACKAGES=(accelerate psutil peft pillow safetensors tokenizers PyYAML tqdm pytest pluggy iniconfig Pygments)
+PACKAGES=(accelerate psutil peft pillow safetensors tokenizers PyYAML tqdm pytest pluggy iniconfig Pygments
+          starlette uvicorn click h11 anyio httpx httpcore)
 if [[ "${INCLUDE_TORCH:-0}" == "1" ]]; then
     PACKAGES+=(torch transformers)
 fi
