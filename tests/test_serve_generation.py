@@ -66,7 +66,7 @@ def test_listener_streams_every_step_and_ends_rows_in_both_decode_loops(preset):
     for fast in (False, True):
         seen: list[list[int]] = []
 
-        def listen(step: int, tokens: torch.Tensor) -> torch.Tensor:
+        def listen(step: int, tokens: torch.Tensor, seen: list = seen) -> torch.Tensor:
             seen.append(tokens.tolist())
             return torch.tensor([step == 2, False, False])  # row 0 ends after its third token
 
@@ -139,3 +139,24 @@ def test_conversation_places_history_tags_and_gives_the_prompt_the_rest():
 def test_sampling_options_reject_unknown_keywords_still():
     with pytest.raises(TypeError, match="on_stepp"):
         SamplingOptions.from_keywords(None, on_stepp=None)
+
+
+def test_chat_template_family_renders_a_multi_turn_request(llava_next_checkpoint):
+    """LLaVA-NeXT (llava-hf's template): the history's image and answer come before the new question, and the
+    image placeholder is expanded for the history's image too."""
+    from llava.inference import load_pipeline
+
+    pipeline = load_pipeline(llava_next_checkpoint, device="cpu")
+    image = str(llava_next_checkpoint / "image_0.png")
+    single = pipeline.prepare([{"image": image, "prompt": "what colour is the shape"}])
+    history = [(f"{IMAGE_TAG}\nwhat colour is the shape", "a red square")]
+    chat = pipeline.prepare([{"image": image, "prompt": "hello there", "history": history}])
+    image_token = pipeline.model.config.image_token_id
+    assert int((chat["input_ids"] == image_token).sum()) == int((single["input_ids"] == image_token).sum()) > 0
+    text = pipeline.tokenizer.decode(chat["input_ids"][0], skip_special_tokens=False).replace("<image>", "")
+    assert (
+        text.index("what colour") < text.index("a red square") < text.index("hello there") < text.rindex("ASSISTANT:")
+    )
+    answers = pipeline.generate([{"image": image, "prompt": "hello there", "history": [(IMAGE_TAG, "a red square")]}],
+                                max_new_tokens=3)  # fmt: skip
+    assert len(answers) == 1
