@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +101,40 @@ def playground(tmp_path_factory):
     out = tmp_path_factory.mktemp("playground")
     build_playground(out, num_pretrain=48, num_finetune=48, seed=0, num_video_pretrain=16, num_video_finetune=24)
     return out
+
+
+@pytest.fixture(scope="session")
+def bf16_text_only_runs(playground, tmp_path_factory):
+    """One bf16 finetune per ZeRO stage through ``scripts/v1_5/finetune.sh`` on 2 CPU ranks, starting from the
+    playground as a HF-port checkpoint (``tests.test_precision.hf_port_checkpoint``), on [text-only, image] at batch
+    1 for 2 steps: at every step one rank is text-only. Shared by tests/test_precision.py (the engine's precision)
+    and tests/test_distributed.py (a text-only rank's collectives still match): one launch per stage, not two.
+    Maps ``"zero2"`` / ``"zero3"`` to (output dir, the launch's stdout + stderr)."""
+    from tests.test_distributed import REPO, finetune_env, run_script
+    from tests.test_precision import hf_port_checkpoint
+
+    root = tmp_path_factory.mktemp("bf16_text_only")
+    checkpoint = hf_port_checkpoint(playground, root / "llava-hf")
+    samples = json.loads((playground / "finetune.json").read_text())
+    text_only = next(sample for sample in samples if "image" not in sample)
+    with_image = next(sample for sample in samples if isinstance(sample.get("image"), str))
+    data = root / "mixed.json"
+    data.write_text(json.dumps([text_only, with_image]))
+
+    def launch(zero: str) -> tuple[Path, str]:
+        out = root / zero
+        env = finetune_env(
+            playground, out, MODEL=str(checkpoint), PRECISION="bf16", DATA_PATH=str(data), BATCH_SIZE="1",
+            SAVE_STEPS="100", ZERO=str(REPO / "scripts" / f"{zero}.json"),
+        )  # fmt: skip
+        result = run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
+        return out, result.stdout + result.stderr
+
+    # The two launches are independent (own port, own output folder): run them side by side, so one's
+    # single-process phases (launcher start, exit) overlap the other's ranks.
+    with ThreadPoolExecutor(2) as pool:
+        futures = {zero: pool.submit(launch, zero) for zero in ("zero2", "zero3")}
+        return {zero: future.result() for zero, future in futures.items()}
 
 
 CHAT_TEMPLATE = (

@@ -135,31 +135,25 @@ def test_two_rank_pretrain_zero2_then_finetune_zero3_with_projector_and_compress
 
 
 @pytest.mark.parametrize("zero", ["zero2.json", "zero3.json"])
-def test_rank_with_text_only_batch_while_the_other_has_an_image(playground, tmp_path, zero):
-    """2 samples, 2 ranks, batch 1: at every step one rank is text-only. Collectives must still match."""
-    samples = json.loads((playground / "finetune.json").read_text())
-    text_only = next(sample for sample in samples if "image" not in sample)
-    with_image = next(sample for sample in samples if isinstance(sample.get("image"), str))
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps([text_only, with_image]))
-    env = finetune_env(
-        playground, tmp_path / "mixed", DATA_PATH=str(data), BATCH_SIZE="1", SAVE_STEPS="100",
-        ZERO=str(REPO / "scripts" / zero),
-    )  # fmt: skip
-    run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
-    assert sorted(losses(tmp_path / "mixed")) == [1, 2]
+def test_rank_with_text_only_batch_while_the_other_has_an_image(bf16_text_only_runs, zero):
+    """2 samples, 2 ranks, batch 1: at every step one rank is text-only. Collectives must still match. (The runs
+    are conftest's ``bf16_text_only_runs``: bf16 from a HF-port checkpoint, shared with tests/test_precision.py.)"""
+    out, _ = bf16_text_only_runs[zero.removesuffix(".json")]
+    assert sorted(losses(out)) == [1, 2]
 
 
-def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, tmp_path):
-    """Starting from a full LLaVA checkpoint, ZeRO-3 partitions the projector as it loads; the new
-    projector weights must still land in it (LLaVA's size-mismatch bug). With lr 0 the saved
-    projector after training equals the file exactly."""
-    from safetensors.torch import load_file, save_file
+@pytest.fixture(scope="module")
+def zero3_llava_checkpoint_run(playground, tmp_path_factory):
+    """One ZeRO-3 finetune through the scripts (2 ranks, 2 steps, learning rate 0) from a full LLaVA checkpoint with
+    a new projector file, DyMU + T2V compression and padding-free (packed) batches; shared by the projector-loading
+    and the DyMU tests below (one launch, not two). Returns (output dir, launch output, the projector's weights)."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
     from llava.hf_adapter import load_image_processor
     from llava.model.modeling import DuetLlavaForCausalLM
 
+    tmp_path = tmp_path_factory.mktemp("zero3_llava_checkpoint")
     checkpoint = tmp_path / "llava-checkpoint"
     model = DuetLlavaForCausalLM.from_components(
         AutoModelForCausalLM.from_pretrained(playground / "llm"),
@@ -171,17 +165,33 @@ def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(playground, t
     projector_file = tmp_path / "mm_projector.safetensors"
     generator = torch.Generator().manual_seed(3)
     new_weights = {
-        name: torch.randn(tensor.shape, generator=generator) for name, tensor in model.projector.state_dict().items()
+        name: 0.05 * torch.randn(tensor.shape, generator=generator)
+        for name, tensor in model.projector.state_dict().items()
     }
     save_file(new_weights, str(projector_file))
+    preset = tmp_path / "dymu_t2v.yaml"
+    preset.write_text(
+        "name: dymu_t2v\ndymu: {thresholds: [0.95, 0.5]}\n"
+        "t2v: {boundaries: [0.5], keep_ratios: [0.5], query: instruction}\n"
+    )
 
     out = tmp_path / "from-checkpoint"
     env = finetune_env(
         playground, out, MODEL=str(checkpoint), PRETRAINED_PROJECTOR=str(projector_file), SAVE_STEPS="100",
-        ZERO=str(REPO / "scripts" / "zero3.json"),
+        ZERO=str(REPO / "scripts" / "zero3.json"), COMPRESSION=str(preset), PACKING="1",
     )  # fmt: skip
-    result = run_script("finetune.sh", env, "--max_steps", "1", "--learning_rate", "0")
-    assert "(ZeRO-3 partitioned)" in result.stderr + result.stdout
+    result = run_script("finetune.sh", env, "--max_steps", "2", "--learning_rate", "0")
+    return out, result.stdout + result.stderr, new_weights
+
+
+def test_zero3_loads_projector_into_a_partitioned_llava_checkpoint(zero3_llava_checkpoint_run):
+    """Starting from a full LLaVA checkpoint, ZeRO-3 partitions the projector as it loads; the new
+    projector weights must still land in it (LLaVA's size-mismatch bug). With lr 0 the saved
+    projector after training equals the file exactly."""
+    from safetensors.torch import load_file
+
+    out, output, new_weights = zero3_llava_checkpoint_run
+    assert "(ZeRO-3 partitioned)" in output
     saved = load_file(str(out / "mm_projector.safetensors"))
     for name, tensor in new_weights.items():
         assert (saved[name] - tensor).abs().max().item() == 0, name
@@ -233,18 +243,12 @@ def test_two_rank_video_scripts_pretrain_then_finetune_zero3_with_duet_and_gener
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
 
 
-def test_zero3_finetune_with_dymu_and_t2v_through_the_scripts(playground, tmp_path):
+def test_zero3_finetune_with_dymu_and_t2v_through_the_scripts(zero3_llava_checkpoint_run):
     """DyMU's tower merging (the CLIP blocks driven submodule by submodule, partitioned by ZeRO-3) and
-    T2V in a 2-rank finetune with padding-free (packed) batches; ranks see different token counts per image."""
-    preset = tmp_path / "dymu_t2v.yaml"
-    preset.write_text(
-        "name: dymu_t2v\ndymu: {thresholds: [0.95, 0.5]}\n"
-        "t2v: {boundaries: [0.5], keep_ratios: [0.5], query: instruction}\n"
-    )
-    out = tmp_path / "finetune"
-    env = finetune_env(playground, out, SAVE_STEPS="100", COMPRESSION=str(preset), PACKING="1")
-    result = run_script("finetune.sh", env, "--max_steps", "2")
-    assert "Padding-free batches (--packing)" in result.stdout + result.stderr  # and packed == padded in test_packing
+    T2V in a 2-rank finetune with padding-free (packed) batches; ranks see different token counts per image.
+    (The run is ``zero3_llava_checkpoint_run``, shared with the projector-loading test.)"""
+    out, output, _ = zero3_llava_checkpoint_run
+    assert "Padding-free batches (--packing)" in output  # and packed == padded in test_packing
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     counts = [row["visual_tokens_stage0"] for row in rows if "visual_tokens_stage0" in row]
     assert counts and all(0 < count < 576 for count in counts)

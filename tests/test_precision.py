@@ -250,22 +250,17 @@ def hf_port_checkpoint(playground, out):
     return out
 
 
-def test_deepspeed_bf16_engine_keeps_rope_in_fp32_with_zero2_and_zero3_from_a_hf_port(playground, tmp_path):
+def test_deepspeed_bf16_engine_keeps_rope_in_fp32_with_zero2_and_zero3_from_a_hf_port(bf16_text_only_runs):
     """The real launch path in bf16 on 2 CPU ranks, starting from a HF-port checkpoint (ZeRO-3 used to fail
     loading it: the port's partitioned weights were copied as empty tensors). The trainer's precision check
-    runs on the engine's module after DeepSpeed cast it; both stages see the same first loss."""
-    from tests.test_distributed import REPO, finetune_env, losses, run_script
+    runs on the engine's module after DeepSpeed cast it; both stages see the same first loss. (The runs are
+    conftest's ``bf16_text_only_runs``, which tests/test_distributed.py's text-only-rank test shares.)"""
+    from tests.test_distributed import losses
 
-    checkpoint = hf_port_checkpoint(playground, tmp_path / "llava-hf")
     first_losses = {}
     for zero in ("zero2", "zero3"):
-        out = tmp_path / zero
-        env = finetune_env(
-            playground, out, MODEL=str(checkpoint), PRECISION="bf16", SAVE_STEPS="100",
-            ZERO=str(REPO / "scripts" / f"{zero}.json"),
-        )  # fmt: skip
-        result = run_script("finetune.sh", env, "--max_steps", "1")
-        assert "parameters bfloat16, 2 RoPE buffers in float32" in result.stdout + result.stderr, zero
+        out, output = bf16_text_only_runs[zero]
+        assert "parameters bfloat16, 2 RoPE buffers in float32" in output, zero
         first_losses[zero] = losses(out)[1]
         saved = load_pretrained_model(out, dtype=BF16)
         assert rope_dtypes(saved) == {torch.float32}
