@@ -16,9 +16,9 @@
 #   serve_playground, serve_model, serve_load
 #                the OpenAI-compatible server under load (llava.bench.serve_load): a playground checkpoint (one
 #                finetune step), served in-process; streamed requests at concurrency 8 and 1, none / duet_128
-#                (rows: req/s, output tok/s, TTFT and inter-token latency, mean batch). Needs starlette and uvicorn
-#                on the box (the serve extra; prepare_wheels.sh does not fetch them yet): without, serve_load fails
-#                and the other parts are unaffected. Not yet run on a GPU; last by priority, so the budget guard
+#                (rows: req/s, output tok/s, TTFT and inter-token latency, mean batch). Needs the serve extra's
+#                wheels on the box (starlette, uvicorn, httpx; prepare_wheels.sh fetches them): without, serve_load
+#                fails and the other parts are unaffected. Not yet run on a GPU; last by priority, so the budget guard
 #                skips it first
 # Random weights at the real shapes, bf16, SDPA. Everything goes under OUT_DIR: summary.md (PASS/FAIL per
 # claim, measured number and target; also printed at the end), the benchmarks' .json/.md, logs/PART.log,
