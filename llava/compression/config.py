@@ -54,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-V2V_METHODS = ("duet", "visionzip", "random")
+V2V_METHODS = ("duet", "visionzip", "random", "divprune", "vispruner")
 T2V_QUERIES = ("last", "instruction", "salient")
 T2V_POSITION_MODES = ("keep", "compact")
 PRESET_DIRS_ENV = "DUET_COMPRESSION_PRESETS"
@@ -122,6 +122,11 @@ class V2VConfig:
             raise CompressionConfigError(
                 "v2v.method random keeps k1 random tokens and merges nothing: contextual must be 0, "
                 f"got {self.contextual!r}"
+            )
+        if self.method in ("divprune", "vispruner") and self.contextual != 0:
+            raise CompressionConfigError(
+                f"v2v.method {self.method} keeps k1 selected tokens (CLS included) and merges nothing: contextual "
+                f"must be 0, got {self.contextual!r}"
             )
         if not _is_int(self.cluster_width) or self.cluster_width < 1:
             raise CompressionConfigError(f"v2v.cluster_width must be an integer >= 1, got {self.cluster_width!r}")

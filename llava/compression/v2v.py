@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava.compression.diverse_v2v import DivPruneSelector, VisPrunerSelector
+
 if TYPE_CHECKING:
     from llava.compression.config import V2VConfig
 
@@ -252,6 +254,8 @@ MERGERS: dict[str, Callable[..., VisualTokenMerger]] = {
     DuetMerger.method: DuetMerger,
     VisionZipMerger.method: VisionZipMerger,
     RandomMerger.method: RandomMerger,
+    DivPruneSelector.method: DivPruneSelector,
+    VisPrunerSelector.method: VisPrunerSelector,
 }
 
 
