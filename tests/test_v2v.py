@@ -265,4 +265,4 @@ def test_tower_rejects_budget_larger_than_the_image(monkeypatch):
 
 
 def test_registry_lists_every_method():
-    assert set(v2v.MERGERS) == {"duet", "visionzip", "random"}
+    assert set(v2v.MERGERS) == {"duet", "visionzip", "random", "divprune", "vispruner"}
