@@ -3,6 +3,7 @@
 The "192 / 128 / 64 tokens" of DUET-VLM, VisionZip, PyramidDrop and FastV are *layer averages*: the mean,
 over all LLM layers, of the visual tokens each layer sees. :func:`visual_tokens_per_layer` defines that
 count exactly (``N0`` = Stage A output, or all patches without Stage A; from each T2V boundary layer on,
+``floor(ratio * N0)``; a boundary at layer 0, CDPruner's selection at the LLM input, means every layer sees
 ``floor(ratio * N0)``), and :func:`average_visual_tokens` is its mean.
 
 The solvers pick the free parameter of each method family so that the average is as close as possible to
@@ -197,7 +198,8 @@ def stage_summary(
     if config.t2v is not None:
         starts += [(layer, kept) for layer, kept in config.t2v.schedule(num_layers, n0) if layer < num_layers]
     ends = [start - 1 for start, _ in starts[1:]] + [num_layers - 1]
-    return [(start, end, kept) for (start, kept), end in zip(starts, ends, strict=True)]
+    # A boundary at layer 0 (a selection at the LLM input, CDPruner) leaves the N0 stage without layers.
+    return [(start, end, kept) for (start, kept), end in zip(starts, ends, strict=True) if end >= start]
 
 
 def _closest_on_grid(average_of: Callable[[int], float], lo: int, hi: int, target: float, what: str) -> int:
@@ -318,6 +320,7 @@ def _describe(
         lines.append(
             f"  T2V boundaries {list(t2v.boundaries)} -> layers {list(t2v.boundary_layers(num_layers))}, "
             f"keep ratios {list(t2v.stage_ratios(num_layers))}, query {t2v.query}, positions {t2v.position_mode}{joint}"
+            + (f", selector {t2v.selector}" if t2v.selector != "attention" else "")
         )
     for first, last, tokens in stage_summary(config, num_layers, num_patches, num_frames, cls_token):
         lines.append(f"  layers {first:>3}-{last:<3} {tokens:>5} visual tokens")

@@ -11,9 +11,9 @@ A :class:`CompressionConfig` has up to two stages (Stage A by DUET's V2V or by D
 
 Boundaries are *fractions of depth*, not layer indices, so a preset means the same thing on the 32-layer
 Vicuna-7B and on a 4-layer test model. :meth:`T2VConfig.boundary_layers` turns them into layer indices:
-``round(f * num_layers)`` (round half up), at least 1; boundaries that land on the same layer (shallow
-models) are merged and the *last* (smallest) keep ratio wins, i.e. the shallow model drops as much as the
-deep one does by the end of that layer.
+``round(f * num_layers)`` (round half up), at least 1 (0.0 alone means layer 0, the LLM input); boundaries
+that land on the same layer (shallow models) are merged and the *last* (smallest) keep ratio wins, i.e. the
+shallow model drops as much as the deep one does by the end of that layer.
 
 Presets are YAML files in ``configs/compression/`` at the repository root (see :func:`available_presets`).
 They are found through the package location, which works for the editable install used by this project
@@ -41,6 +41,7 @@ __all__ = [
     "PRESET_DIRS_ENV",
     "T2V_POSITION_MODES",
     "T2V_QUERIES",
+    "T2V_SELECTORS",
     "V2V_METHODS",
     "CompressionConfig",
     "CompressionConfigError",
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 V2V_METHODS = ("duet", "visionzip", "random", "divprune", "vispruner")
 T2V_QUERIES = ("last", "instruction", "salient")
 T2V_POSITION_MODES = ("keep", "compact")
+T2V_SELECTORS = ("attention", "dpp")
 PRESET_DIRS_ENV = "DUET_COMPRESSION_PRESETS"
 _REPO_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "compression"
 # Products like 0.5 * 307 or 0.29 * 100 may land a hair below an integer in binary floating point.
@@ -208,17 +210,21 @@ def _read_thresholds(path_text: str) -> list[float]:
 class T2VConfig:
     """Stage B (LLM): from each boundary on, keep ``floor(keep_ratio * N0)`` visual tokens.
 
-    ``boundaries`` are fractions of the decoder depth in (0, 1], strictly increasing; ``keep_ratios`` are
+    ``boundaries`` are fractions of the decoder depth in (0, 1], strictly increasing (with ``selector: dpp``
+    also 0.0: at the LLM input, before layer 0, on the input embeddings); ``keep_ratios`` are
     relative to ``N0`` (the visual count entering the LLM, *not* to the previous stage), in [0, 1] and
     non-increasing. ``query`` selects the text rows that score the visual tokens (``"last"`` token,
     all ``"instruction"`` tokens after the image, or ``"salient"`` instruction tokens plus the last one);
     ``position_mode`` keeps the original position ids of the survivors or compacts them to 0..n-1.
+    ``selector`` picks the kept visual tokens: ``"attention"`` (the query rows' attention: FastV, PyramidDrop,
+    DUET) or ``"dpp"`` (CDPruner's instruction-conditioned DPP, :mod:`llava.compression.dpp`).
     """
 
     boundaries: tuple[float, ...]
     keep_ratios: tuple[float, ...]
     query: str = "instruction"
     position_mode: str = "keep"
+    selector: str = "attention"
 
     def __post_init__(self) -> None:
         for name in ("boundaries", "keep_ratios"):
@@ -235,9 +241,11 @@ class T2VConfig:
                 f"t2v.boundaries and t2v.keep_ratios must have the same length, got {len(self.boundaries)} "
                 f"boundaries {list(self.boundaries)} and {len(self.keep_ratios)} keep_ratios {list(self.keep_ratios)}"
             )
-        if any(not 0.0 < f <= 1.0 for f in self.boundaries):
+        lowest = 0.0 if self.selector == "dpp" else math.nextafter(0.0, 1.0)  # 0.0: the LLM input, DPP only
+        if any(not lowest <= f <= 1.0 for f in self.boundaries):
             raise CompressionConfigError(
-                f"t2v.boundaries are fractions of the LLM depth and must lie in (0, 1], got {list(self.boundaries)}"
+                f"t2v.boundaries are fractions of the LLM depth and must lie in (0, 1] (0.0, the LLM input, only "
+                f"with selector 'dpp'), got {list(self.boundaries)}"
             )
         if any(b <= a for a, b in pairwise(self.boundaries)):
             raise CompressionConfigError(f"t2v.boundaries must be strictly increasing, got {list(self.boundaries)}")
@@ -254,12 +262,14 @@ class T2VConfig:
             raise CompressionConfigError(
                 f"t2v.position_mode must be one of {list(T2V_POSITION_MODES)}, got {self.position_mode!r}"
             )
+        if self.selector not in T2V_SELECTORS:
+            raise CompressionConfigError(f"t2v.selector must be one of {list(T2V_SELECTORS)}, got {self.selector!r}")
 
     def boundary_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layer indices where dropping happens (layer ``l`` is the first to see fewer tokens).
 
-        ``round(f * num_layers)`` rounded half up and at least 1; duplicates (shallow models) are merged, so
-        the result may be shorter than ``boundaries``: pair it with :meth:`stage_ratios` or use
+        ``round(f * num_layers)`` rounded half up and at least 1 (0.0 alone gives layer 0); duplicates (shallow
+        models) are merged, so the result may be shorter than ``boundaries``: pair it with :meth:`stage_ratios` or use
         :meth:`schedule`. A boundary equal to ``num_layers`` drops nothing that any layer sees (warned once).
         """
         return _merged_schedule(self, num_layers)[0]
@@ -289,7 +299,7 @@ def _merged_schedule(t2v: T2VConfig, num_layers: int) -> tuple[tuple[int, ...], 
     layers: list[int] = []
     ratios: list[float] = []
     for fraction, ratio in zip(t2v.boundaries, t2v.keep_ratios, strict=True):
-        layer = max(1, _round_half_up(fraction * num_layers))
+        layer = 0 if fraction == 0.0 else max(1, _round_half_up(fraction * num_layers))
         if layers and layers[-1] == layer:
             logger.info(
                 "T2V boundaries %s on a %d-layer LLM: two boundaries fall on layer %d; merged, keep ratio %s wins",
@@ -355,6 +365,7 @@ class CompressionConfig:
                 "keep_ratios": list(self.t2v.keep_ratios),
                 "query": self.t2v.query,
                 "position_mode": self.t2v.position_mode,
+                **({"selector": self.t2v.selector} if self.t2v.selector != "attention" else {}),
             },
             **(
                 {}

@@ -18,6 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from llava.compression.config import T2VConfig
+from llava.compression.dpp import cdpruner_keep
 from llava.compression.t2v import (
     SequenceState,
     compacted_extents,
@@ -42,6 +43,7 @@ from llava.utils.profiling import PROFILE_REGIONS
 logger = logging.getLogger(__name__)
 
 POSITION_MODES = ("keep", "compact")
+SELECTORS = ("attention", "dpp")
 ROW_LAYOUTS = ("right", "left", "packed")
 """How :func:`run_decoder` lays out rows: right-padded (training), left-padded (generation: rows stay
 right-aligned after a drop) or packed (training without padding, :mod:`llava.model.packing`)."""
@@ -62,22 +64,41 @@ def decoder_of(language_model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Where the LLM drops visual tokens: before each of ``boundaries`` (layer indices), keeping
-    ``floor(ratio * N0)`` of each sample's N0 visual tokens."""
+    """Where the LLM drops visual tokens: before each of ``boundaries`` (layer indices, strictly increasing),
+    keeping ``floor(ratio * N0)`` of each sample's N0 visual tokens, chosen by ``selector``.
+
+    A boundary 0 (selector ``dpp`` only) drops at the LLM input, before layer 0, on the input embeddings: it
+    starts no stage of its own, the first stage simply runs on the selected tokens.
+    """
 
     boundaries: tuple[int, ...] = ()
     keep_ratios: tuple[float, ...] = ()
     position_mode: str = "keep"
     query: str = "instruction"
+    selector: str = "attention"
 
     def __post_init__(self) -> None:
         if len(self.boundaries) != len(self.keep_ratios):
             raise ValueError(f"{len(self.boundaries)} boundaries but {len(self.keep_ratios)} keep ratios")
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:], strict=False)) or any(
+            b < 0 for b in self.boundaries
+        ):
+            raise ValueError(f"boundaries must be non-negative and strictly increasing, got {self.boundaries}")
+        if self.drops_at_input and self.selector != "dpp":
+            raise ValueError("a drop at layer 0 (the LLM input) needs selector 'dpp': attention scores need a layer")
+
+    @property
+    def drops_at_input(self) -> int:
+        """1 when the first boundary is layer 0 (a selection before any layer), else 0."""
+        return int(bool(self.boundaries) and self.boundaries[0] == 0)
 
     def stage_starts(self) -> tuple[int, ...]:
-        return (0, *self.boundaries)
+        """First layer of each stage (a boundary at layer 0 is not a stage of its own)."""
+        return (0, *self.boundaries[self.drops_at_input :])
 
 
 @dataclass
@@ -212,15 +233,17 @@ def run_decoder(
     per_segment = max(num_segments, 1)
     # Everything the stages need to know on the host, read back in one transfer instead of one
     # synchronisation per boundary: each stage's shortest and longest row (its padded length, and whether
-    # it has padding at all), how many query rows to score, and, packed, every row's length at every stage.
+    # it has padding at all), how many query rows to score (DPP: how many greedy steps), and, packed, every
+    # row's length at every stage.
     row_lengths = sequence.attention_mask.sum(dim=1)
     first_stage = torch.stack([row_lengths.amin(), row_lengths.amax()]) if row_lengths.numel() else row_lengths
     known = [first_stage.reshape(-1)]
+    dpp = plan.selector == "dpp"
     if plan.boundaries:
-        known += [
-            compacted_extents(sequence, plan.keep_ratios).reshape(-1),
-            sequence.query_mask.sum(dim=1).amax(0, True),
-        ]
+        known.append(compacted_extents(sequence, plan.keep_ratios).reshape(-1))
+        if dpp:
+            known += [keep_counts_for(initial_visual, ratio).amax(0, True) for ratio in plan.keep_ratios]
+        known.append(sequence.query_mask.sum(dim=1).amax(0, True))
     batch = sequence.attention_mask.shape[0]
     if packed:  # every row's length at every stage (the packing plan), and its VTU groups
         known.append(row_lengths)
@@ -237,13 +260,19 @@ def run_decoder(
 
     if packed:
         group_counts = take_rows() if groups is not None else []
-        stage_rows = [take_rows() for _ in starts][::-1]
+        stage_rows = [take_rows() for _ in range(len(plan.boundaries) + 1)][::-1]
     max_queries = values.pop() if plan.boundaries else 0
+    greedy_steps = [values.pop() for _ in plan.boundaries][::-1] if dpp else []
+    # Extents, padded lengths and padding per boundary index: before any drop, then after each boundary. A stage
+    # runs on what follows its boundary; with a drop at the input (boundary 0) stage 0 runs on the dropped rows.
     extents = [values[index : index + 2] for index in range(0, len(values), 2)]
     padded_lengths = [sequence.attention_mask.shape[1]] + [longest for _, longest in extents[1:]]
     padding_free = [
         bool(extent) and extent[0] == padded for extent, padded in zip(extents, padded_lengths, strict=False)
     ]
+    skip = plan.drops_at_input
+    if packed:
+        stage_rows = stage_rows[skip:]
     masks: list[torch.Tensor] = []
     next_positions: list[torch.Tensor] = []
     visual_per_stage: list[torch.Tensor] = []
@@ -251,14 +280,20 @@ def run_decoder(
     position_embeddings = None
     for stage, start in enumerate(starts):
         end = starts[stage + 1] if stage + 1 < len(starts) else num_layers
-        if stage > 0:
+        drop = stage - 1 + skip  # the boundary this stage starts at, if any (-1: none)
+        if drop >= 0:
             began = time.perf_counter()
+            keep_counts = keep_counts_for(initial_visual, plan.keep_ratios[drop])
             with record_function(PROFILE_REGIONS["t2v_scoring"]):
-                scores = score_visual_tokens(decoder.layers[start], sequence, position_embeddings, max_queries)
+                if dpp:  # CDPruner: the keep mask straight from the conditional DPP on this layer's input
+                    keep = cdpruner_keep(sequence, keep_counts, greedy_steps[drop])
+                else:
+                    scores = score_visual_tokens(decoder.layers[start], sequence, position_embeddings, max_queries)
             with record_function(PROFILE_REGIONS["t2v_compaction"]):
-                keep_counts = keep_counts_for(initial_visual, plan.keep_ratios[stage - 1])
-                keep = keep_top_visual(scores, sequence, keep_counts)
-                sequence = sequence.compact(keep, left_align, plan.position_mode == "compact", padded_lengths[stage])
+                if not dpp:
+                    keep = keep_top_visual(scores, sequence, keep_counts)
+                compact = plan.position_mode == "compact"
+                sequence = sequence.compact(keep, left_align, compact, padded_lengths[drop + 1])
             compression_time += time.perf_counter() - began
         if not packed or stage + 1 < len(starts):  # packed: only the next boundary's scoring reads them
             position_embeddings = rotary_tables(decoder, sequence.hidden, rotary_positions(sequence.position_ids))
@@ -270,7 +305,7 @@ def run_decoder(
             else:
                 # A prefill starts from an empty cache, so its mask is the cache-free one (any cache type works).
                 mask = causal_mask(
-                    decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free[stage]
+                    decoder.config, sequence.hidden, sequence.attention_mask, None, start, padding_free[stage + skip]
                 )
                 if groups is not None:
                     hidden = groups.run(
@@ -466,4 +501,5 @@ def stage_plan_from_config(t2v_config: T2VConfig | None, num_layers: int) -> Sta
         tuple(ratio for _, ratio in stages),
         t2v_config.position_mode,
         t2v_config.query,
+        t2v_config.selector,
     )
