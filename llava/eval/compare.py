@@ -14,6 +14,17 @@ a model trained with ``duet_64`` evaluated only at ``duet_64``); ``--train-time 
 adds each checkpoint's measured training time (the trainer's ``train_runtime``, summed over the stages'
 ``metrics.jsonl``) and the time saved against the baseline's checkpoint; ``--results-only`` builds the
 table from existing results.
+
+Which differences are real (:mod:`llava.eval.stats`): each score gets a 95 % bootstrap interval over
+questions (``--ci-resamples``, ``--alpha``) and each row's score a paired test against the baseline's on the
+same questions (exact McNemar for right/wrong scores, a paired bootstrap otherwise), its p-value shown with
+``≈`` when the difference is not significant at ``--alpha``; the average retained gets an interval too.
+Per-question scores come from the recorded answers, each scored alone by the benchmark's own metric (read
+from the result's data root); a benchmark whose headline is not the mean of those (POPE's F1, MME's sums,
+MMBench's circular accuracy) gets no interval and no test, and the notes say so. ``--seeds 0,1,2``
+evaluates the presets whose name starts with ``random`` once per seed (``llava.eval.run --seed``, answers
+under ``<out>/<label>/seed-<s>/``) and reports their mean ± sample std over seeds, the per-seed values in
+``table.json``.
 """
 
 from __future__ import annotations
@@ -21,12 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from llava.eval import run as run_cli
+from llava.eval import stats
+from llava.eval.answers import read_answers
+from llava.eval.base import EvalDataError, EvalItem
+from llava.eval.registry import get_benchmark
 from llava.eval.runner import RESULT_FILE
 
 logger = logging.getLogger(__name__)
@@ -75,19 +91,99 @@ def parse_train_times(specs: Sequence[str]) -> dict[str, float]:
     return times
 
 
-def collect_results(out: Path, models: Sequence[tuple[str, Sequence[str]]], benchmarks: Sequence[str]) -> list[dict]:
+SEED_FOLDER = "seed-{}"
+"""Where ``--seeds`` puts one seed's runs of the random presets: ``<out>/<label>/seed-<s>/<preset>/<benchmark>``."""
+
+COUNTED: dict[str, Callable[[EvalItem], bool]] = {"sqa": lambda item: bool(item.reference.get("has_image"))}
+"""Benchmarks whose headline counts only some questions: which ones (ScienceQA: the image questions)."""
+
+
+def is_seeded(preset: str) -> bool:
+    """Whether ``--seeds`` repeats the preset: random-choice presets (``random_64``, ...)."""
+    return run_cli.preset_label(preset).startswith("random")
+
+
+def collect_results(
+    out: Path,
+    models: Sequence[tuple[str, Sequence[str]]],
+    benchmarks: Sequence[str],
+    seeds: Sequence[int] = (),
+    root: str | None = None,
+    per_question: bool = True,
+) -> list[dict]:
     """Every ``result.json`` of ``out/<model>/<preset>/<benchmark>/`` for ``(model, presets)`` pairs (missing
-    ones are reported and skipped)."""
+    ones are reported and skipped); with ``seeds``, the random presets' from each seed's folder (``repeat_seed``
+    set to the seed).
+    With ``per_question``, each result gets ``question_scores`` (:func:`question_scores`, ``None`` when they
+    cannot be had, ``question_scores_note`` saying why)."""
     results = []
+    loaded: dict[tuple[str, str], Any] = {}
     for model, presets in models:
         for preset in presets:
-            for benchmark in benchmarks:
-                path = out / model / preset / benchmark / RESULT_FILE
-                if not path.is_file():
-                    logger.warning("no result for %s / %s / %s (%s)", model, preset, benchmark, path)
-                    continue
-                results.append({**json.loads(path.read_text(encoding="utf-8")), "checkpoint": model})
+            runs = [(seed, out / model / SEED_FOLDER.format(seed)) for seed in seeds] if is_seeded(preset) else []
+            for seed, base in runs or [(None, out / model)]:
+                for benchmark in benchmarks:
+                    folder = base / preset / benchmark
+                    if not (folder / RESULT_FILE).is_file():
+                        logger.warning("no result for %s / %s / %s (%s)", model, preset, benchmark, folder)
+                        continue
+                    result = {**json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")), "checkpoint": model}
+                    if seed is not None:
+                        if result.get("seed", seed) != seed:
+                            logger.warning(
+                                "%s: recorded seed %s, not %s as its folder says", folder, result["seed"], seed
+                            )
+                        result["repeat_seed"] = seed
+                    if per_question:
+                        result["question_scores"], note = question_scores(result, folder, root, loaded)
+                        result["question_scores_note"] = note
+                    results.append(result)
     return results
+
+
+def question_scores(
+    result: Mapping[str, Any], folder: Path, root: str | None = None, loaded: dict[tuple[str, str], Any] | None = None
+) -> tuple[dict[str, float] | None, str | None]:
+    """``(question id -> score, None)`` for a result whose headline is the mean of its questions' scores, else
+    ``(None, why)``.
+
+    Each answered question (``answers-*.jsonl``) is scored alone by the benchmark's metric under the result's
+    protocol, on the questions loaded from the result's data root (``root`` when that is gone); the scores
+    are kept only when their mean equals the recorded score (1e-6), which is the case for accuracies and not
+    for F1, sums or circular accuracy. ``loaded`` caches the questions per (benchmark, root).
+    """
+    name = result["benchmark"]
+    if result.get("score") is None:
+        return None, "no local score"
+    recorded = result.get("root")
+    data_root = recorded if recorded and Path(recorded).is_dir() else root
+    if data_root is None:
+        return None, "no data root recorded"
+    loaded = {} if loaded is None else loaded
+    try:
+        key = (name, str(data_root))
+        if key not in loaded:
+            benchmark = get_benchmark(name)
+            loaded[key] = (benchmark, benchmark.load(Path(data_root), folder.parents[1] / ".cache" / name))
+        benchmark, items = loaded[key]
+        answers = read_answers(folder)
+        counted = COUNTED.get(name, lambda item: True)
+        protocol = result.get("protocol") or "official"
+        scores = {}
+        for item in items:
+            if item.question_id in answers and counted(item):
+                prediction = {item.question_id: answers[item.question_id]["text"]}
+                alone = benchmark.score([item], prediction, protocol=protocol)
+                if alone.num_scored == 1 and not math.isnan(alone.score):
+                    scores[item.question_id] = float(alone.score)
+    except (EvalDataError, OSError, KeyError, TypeError, ValueError) as error:
+        logger.warning("%s: no per-question scores (%s)", folder, error)
+        return None, f"questions or answers unreadable ({error})"
+    if not scores:
+        return None, "no question scored"
+    if not math.isclose(statistics.fmean(scores.values()), result["score"], rel_tol=1e-6, abs_tol=1e-6):
+        return None, "headline is not a mean over questions"
+    return scores, None
 
 
 def build_table(
@@ -95,6 +191,10 @@ def build_table(
     benchmarks: Sequence[str],
     baseline: tuple[str, str],
     train_seconds: Mapping[str, float] | None = None,
+    *,
+    n_resamples: int = stats.N_RESAMPLES,
+    alpha: float = stats.ALPHA,
+    ci_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (checkpoint, preset), in first-seen order, with each benchmark's score and % of the baseline.
 
@@ -102,29 +202,55 @@ def build_table(
     baseline both scored (``None`` when none); incomplete results are flagged and never averaged silently.
     ``train_seconds`` (checkpoint -> seconds) adds ``train_s`` and ``train_saved_percent`` (against the
     baseline's checkpoint) to that checkpoint's rows.
+
+    Results with ``question_scores`` add to their cell ``ci`` (:func:`llava.eval.stats.bootstrap_ci`) and,
+    off the baseline row, ``test`` (:func:`llava.eval.stats.paired_test` against the baseline's cell, only
+    when both are complete), and to the row ``average_retained_ci`` (:func:`llava.eval.stats.retained_ci`,
+    when every averaged benchmark has a test). Results with a ``repeat_seed`` (one per seed) make a cell whose
+    ``score`` is the mean over seeds, ``seeds`` the :func:`llava.eval.stats.seed_summary`, and whose per-question
+    scores are averaged over the seeds.
     """
     train_seconds = dict(train_seconds or {})
     base_train = train_seconds.get(baseline[0])
     check_one_protocol(results)
-    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    by_key: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for result in results:
-        by_key.setdefault((result["checkpoint"], result["preset"]), {})[result["benchmark"]] = result
+        group = by_key.setdefault((result["checkpoint"], result["preset"]), {}).setdefault(result["benchmark"], [])
+        if result.get("repeat_seed") is None:
+            group.clear()  # one unseeded result per cell: the last one, as before
+        group.append(result)
     if baseline not in by_key:
         raise ValueError(f"the baseline {baseline[0]}/{baseline[1]} has no results")
-    base = by_key[baseline]
+    vectors = {
+        key: {name: _cell_questions(group, f"{key[0]}/{key[1]} {name}") for name, group in per_benchmark.items()}
+        for key, per_benchmark in by_key.items()
+    }
+    base = {name: _cell(group) for name, group in by_key[baseline].items()}
     rows = []
     for (checkpoint, preset), per_benchmark in by_key.items():
         row: dict[str, Any] = {"checkpoint": checkpoint, "preset": preset, "cells": {}, "incomplete": []}
-        retained, tokens, prefill = [], [], []
+        retained, tokens, prefill, pairs = [], [], [], []
         for name in benchmarks:
-            result = per_benchmark.get(name)
+            result = _cell(per_benchmark.get(name, []))
             if result is None or result["score"] is None:
                 continue
             cell = {"score": result["score"], "retained": None, "protocol": result.get("protocol") or "unrecorded"}
+            if "seeds" in result:
+                cell["seeds"] = result["seeds"]
+            questions, base_questions = vectors[(checkpoint, preset)].get(name), vectors[baseline].get(name)
+            if questions is not None:
+                cell["ci"] = list(stats.bootstrap_ci(questions, n_resamples, alpha, ci_seed))
+                cell["n"] = len(questions)
             reference = base.get(name)
             if reference is not None and reference["score"]:
                 cell["retained"] = 100.0 * result["score"] / reference["score"]
                 retained.append(cell["retained"])
+                both_complete = result["complete"] and reference["complete"]
+                if questions is not None and base_questions is not None and both_complete:
+                    pairs.append((questions, base_questions))
+                    if (checkpoint, preset) != baseline:
+                        what = f"{checkpoint}/{preset} against {baseline[0]}/{baseline[1]} on {name}"
+                        cell["test"] = stats.paired_test(questions, base_questions, n_resamples, alpha, ci_seed, what)
             if not result["complete"]:
                 row["incomplete"].append(f"{name} ({result['num_scored']}/{result['num_questions']})")
             row["cells"][name] = cell
@@ -133,6 +259,8 @@ def build_table(
             if result["num_scored"]:
                 prefill.append(1000.0 * result["prefill_s"] / result["num_scored"])
         row["average_retained"] = statistics.mean(retained) if retained else None
+        if retained and len(pairs) == len(retained):
+            row["average_retained_ci"] = list(stats.retained_ci(pairs, n_resamples, alpha, ci_seed))
         row["train_s"] = train_seconds.get(checkpoint)
         row["train_saved_percent"] = None
         if row["train_s"] is not None and base_train:
@@ -141,6 +269,42 @@ def build_table(
         row["prefill_ms_per_question"] = statistics.mean(prefill) if prefill else None
         rows.append(row)
     return rows
+
+
+def _cell(group: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """One benchmark's result of a row; several seeds' results merged (mean score over the seeds with a
+    score, ``seeds`` summary, complete when all are, counts and times summed)."""
+    if not group:
+        return None
+    if len(group) == 1 and group[0].get("repeat_seed") is None:
+        return group[0]
+    scored = {result["repeat_seed"]: result["score"] for result in group if result["score"] is not None}
+    summary = stats.seed_summary(scored) if scored else None
+    return {
+        **group[0],
+        "score": summary["mean"] if summary else None,
+        "seeds": summary,
+        "complete": all(result["complete"] for result in group),
+        "num_scored": sum(result["num_scored"] for result in group),
+        "num_questions": sum(result["num_questions"] for result in group),
+        "prefill_s": sum(result["prefill_s"] for result in group),
+        "visual_tokens_per_layer": _mean_or_none([result.get("visual_tokens_per_layer") for result in group]),
+    }
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.mean(present) if present else None
+
+
+def _cell_questions(group: Sequence[dict[str, Any]], what: str) -> dict[str, float] | None:
+    """The cell's per-question scores (averaged over seeds), or ``None`` when one of its results has none."""
+    scores = [result.get("question_scores") for result in group if result["score"] is not None]
+    if not scores or any(found is None for found in scores):
+        return None
+    if len(scores) > 1 and not all(result["complete"] for result in group):
+        return None  # seeds that answered different questions: nothing to pair
+    return stats.mean_over_seeds(scores, what) if len(scores) > 1 else scores[0]
 
 
 def check_one_protocol(results: Sequence[dict[str, Any]]) -> None:
@@ -166,8 +330,38 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str]) -> str:
-    """The table: score (% of baseline) per benchmark, average retained, tokens per layer, prefill ms."""
+def _p_value(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _interval(interval: Sequence[float] | None) -> str:
+    return "" if not interval else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
+def render_cell(cell: Mapping[str, Any]) -> str:
+    """``score[ ± std over seeds][ [CI]] (% of baseline)[ ≈] [p=...]``: the parts a cell has."""
+    text = f"{cell['score']:.1f}"
+    seeds = cell.get("seeds")
+    if seeds and seeds.get("std") is not None:
+        text += f" ± {seeds['std']:.1f}"
+    text += f"{_interval(cell.get('ci'))} ({_number(cell['retained'])} %)"
+    test = cell.get("test")
+    if test:
+        text += f"{'' if test['significant'] else ' ≈'} {_p_value(test['p_value'])}"
+    return text
+
+
+def render_markdown(
+    rows: Sequence[dict[str, Any]],
+    benchmarks: Sequence[str],
+    baseline: tuple[str, str],
+    *,
+    alpha: float = stats.ALPHA,
+    n_resamples: int = stats.N_RESAMPLES,
+    missing: Mapping[str, str] | None = None,
+) -> str:
+    """The table: score [CI] (% of baseline) and the test against the baseline per benchmark, average retained
+    [CI], tokens per layer, prefill ms. ``missing`` (benchmark -> why) names benchmarks without intervals."""
     with_train = any(row.get("train_s") is not None for row in rows)
     header = ["checkpoint", "preset", *benchmarks, "avg retained %", "visual tok/layer", "prefill ms/question"]
     if with_train:
@@ -177,8 +371,9 @@ def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], b
         cells = []
         for name in benchmarks:
             cell = row["cells"].get(name)
-            cells.append("-" if cell is None else f"{cell['score']:.1f} ({_number(cell['retained'])} %)")
-        values = [row["checkpoint"], row["preset"], *cells, _number(row["average_retained"]),
+            cells.append("-" if cell is None else render_cell(cell))
+        average = _number(row["average_retained"]) + _interval(row.get("average_retained_ci"))
+        values = [row["checkpoint"], row["preset"], *cells, average,
                   _number(row["visual_tokens_per_layer"]), _number(row["prefill_ms_per_question"], 2)]  # fmt: skip
         if with_train:
             values += [_number(row.get("train_s"), 0), _number(row.get("train_saved_percent"))]
@@ -187,6 +382,27 @@ def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], b
         f"Cells: score (% of {baseline[0]}/{baseline[1]}). Average retained = mean of the percentages over the "
         "benchmarks (DUET-VLM's Avg%). Visual tokens per layer and prefill time are measured during the run."
     ]
+    cells_all = [cell for row in rows for cell in row["cells"].values()]
+    if any(cell.get("ci") for cell in cells_all):
+        level = f"{100 * (1 - alpha):g} %"
+        notes.append(
+            f"[a, b]: {level} percentile bootstrap interval over questions ({n_resamples} resamples); on the average "
+            "retained, questions resampled within each benchmark (row and baseline paired), then the mean of the "
+            f"per-benchmark % retained. p: paired test against {baseline[0]}/{baseline[1]} on the same questions "
+            f"(exact McNemar for right/wrong scores, paired bootstrap otherwise); ≈ = not significant at {alpha:g} "
+            "(the difference may be noise)."
+        )
+    seeded = sorted({seed for cell in cells_all if cell.get("seeds") for seed in cell["seeds"]["values"]}, key=int)
+    if seeded:
+        notes.append(
+            f"Random presets over seeds {','.join(seeded)}: mean ± sample std (min..max and per-seed values in "
+            "table.json); interval and test on the per-question scores averaged over the seeds."
+        )
+    if missing:
+        notes.append(
+            "No interval or test: "
+            + "; ".join(f"{name} ({why})" for name, why in missing.items() if name in benchmarks)
+        )
     protocols = {name: cell["protocol"] for row in rows for name, cell in row["cells"].items()}
     if protocols:
         notes.append(
@@ -204,6 +420,15 @@ def render_markdown(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], b
     if incomplete:
         notes.append("INCOMPLETE (scored/questions): " + "; ".join(incomplete))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def missing_intervals(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Benchmark -> why (the first reason seen) for results whose per-question scores could not be had."""
+    missing: dict[str, str] = {}
+    for result in results:
+        if "question_scores" in result and result["question_scores"] is None:
+            missing.setdefault(result["benchmark"], result.get("question_scores_note") or "no per-question scores")
+    return missing
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -244,12 +469,23 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_table(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], baseline: tuple[str, str], out: Path) -> str:
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    benchmarks: Sequence[str],
+    baseline: tuple[str, str],
+    out: Path,
+    *,
+    alpha: float = stats.ALPHA,
+    n_resamples: int = stats.N_RESAMPLES,
+    seeds: Sequence[int] = (),
+    missing: Mapping[str, str] | None = None,
+) -> str:
     """``table.md``, ``table.json`` and ``table.png`` under ``out``; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(rows, benchmarks, baseline)
+    markdown = render_markdown(rows, benchmarks, baseline, alpha=alpha, n_resamples=n_resamples, missing=missing)
     (out / "table.md").write_text(markdown, encoding="utf-8")
-    payload = {"baseline": list(baseline), "benchmarks": list(benchmarks), "rows": list(rows)}
+    payload = {"baseline": list(baseline), "benchmarks": list(benchmarks), "rows": list(rows), "alpha": alpha,
+               "ci_resamples": n_resamples, "seeds": list(seeds), "no_interval": dict(missing or {})}  # fmt: skip
     (out / "table.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     plot(rows, out / "table.png")
     return markdown
@@ -257,7 +493,8 @@ def write_table(rows: Sequence[dict[str, Any]], benchmarks: Sequence[str], basel
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Evaluate every checkpoint x preset x benchmark (resuming), then write and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: the runner's options pass through (``--seed`` must not be read as ``--seeds``)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", action="append", required=True, help="checkpoint, or label=checkpoint (repeat)")
     parser.add_argument("--benchmarks", default="textvqa,gqa,mme,pope,sqa")
     parser.add_argument("--presets", default="none,duet_192,duet_128,duet_64")
@@ -271,7 +508,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         default=[],
         help="label=metrics.jsonl[,metrics.jsonl]: the checkpoint's training time from its stages' metrics (repeat)",
     )
+    parser.add_argument(
+        "--seeds", default=None, help="e.g. 0,1,2: run presets named random* once per seed (mean ± std over seeds)"
+    )
+    parser.add_argument("--ci-resamples", type=int, default=stats.N_RESAMPLES, help="bootstrap resamples")
+    parser.add_argument("--alpha", type=float, default=stats.ALPHA, help="level: (1-alpha) intervals, p < alpha")
+    parser.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resampling")
     args, run_args = parser.parse_known_args(argv)
+    if args.ci_resamples < 1 or not 0.0 < args.alpha < 1.0:
+        parser.error("--ci-resamples must be >= 1 and --alpha in (0, 1)")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()] if args.seeds else []
+    except ValueError:
+        parser.error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must differ, got {args.seeds}")
+    if seeds and any(arg == "--seed" or arg.startswith("--seed=") for arg in run_args):
+        parser.error("--seeds and --seed go separately: --seeds sets each random preset's seed")
     models = parse_models(args.model)
     benchmarks = [name for name in args.benchmarks.split(",") if name]
     presets = [name for name in args.presets.split(",") if name]
@@ -282,13 +535,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     if not args.results_only:
         for label, path, model_presets in per_model:
-            run_cli.main(["--model", path, "--root", args.root, "--benchmarks", ",".join(benchmarks), "--presets",
-                          ",".join(model_presets), "--out", str(out / label), *run_args])  # fmt: skip
+            once = [preset for preset in model_presets if not (seeds and is_seeded(preset))]
+            repeated = [preset for preset in model_presets if seeds and is_seeded(preset)]
+            common = ["--model", path, "--root", args.root, "--benchmarks", ",".join(benchmarks)]
+            if once:
+                run_cli.main([*common, "--presets", ",".join(once), "--out", str(out / label), *run_args])
+            for seed in seeds if repeated else []:
+                run_cli.main([*common, "--presets", ",".join(repeated), "--out",
+                              str(out / label / SEED_FOLDER.format(seed)), "--seed", str(seed), *run_args])  # fmt: skip
     wanted = [(label, [run_cli.preset_label(p) for p in model_presets]) for label, _, model_presets in per_model]
+    results = collect_results(out, wanted, benchmarks, seeds, args.root)
     rows = build_table(
-        collect_results(out, wanted, benchmarks), benchmarks, baseline, parse_train_times(args.train_time)
-    )
-    print(write_table(rows, benchmarks, baseline, out))
+        results, benchmarks, baseline, parse_train_times(args.train_time),
+        n_resamples=args.ci_resamples, alpha=args.alpha, ci_seed=args.ci_seed,
+    )  # fmt: skip
+    print(write_table(rows, benchmarks, baseline, out, alpha=args.alpha, n_resamples=args.ci_resamples, seeds=seeds,
+                      missing=missing_intervals(results)))  # fmt: skip
     return rows
 
 

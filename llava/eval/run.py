@@ -183,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     print(f"{label}/{name}: shard {rank} done; {remaining} questions wait for other shards")
                     continue
             run_info = {"model": str(Path(args.model).resolve()), "root": str(Path(args.root).resolve()),
-                        "preset": label, "batch_size": args.batch_size, "world_size": world_size}  # fmt: skip
+                        "preset": label, "batch_size": args.batch_size, "world_size": world_size,
+                        "seed": args.seed}  # fmt: skip
             result = score_folder(
                 benchmark, items, folder, run_info, _judge_for(args, benchmark), args.protocol, args.export
             )
