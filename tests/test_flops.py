@@ -374,3 +374,18 @@ def test_dymu_with_t2v_takes_a_measured_mean_token_count():
     fractional = prefill_flops("llava-7b", config, 1, dymu_tokens=195.3)
     assert fractional.forward["t2v_scoring"] > 0
     assert fractional.total == pytest.approx(prefill_flops("llava-7b", config, 1, dymu_tokens=195).total, rel=1e-3)
+
+
+def test_a_selection_at_the_llm_input_is_costed_on_the_tokens_entering():
+    """CDPruner (``selector: dpp`` at boundary 0.0) runs after the projector: the projector sees all 576 patches,
+    the DPP costs its 576 x 576 kernel, and every layer sees the kept 64."""
+    from llava.bench.flops import training_step_flops
+
+    dpp = training_step_flops("llava-7b", "cdpruner_64", "finetune", 1)
+    none = training_step_flops("llava-7b", None, "finetune", 1)
+    zip64 = training_step_flops("llava-7b", "visionzip_64", "finetune", 1)
+    assert dpp.visual_tokens_per_layer == [64] * 32
+    assert dpp.forward["projector"] == none.forward["projector"] > zip64.forward["projector"]
+    hidden = 4096
+    assert dpp.forward["t2v_scoring"] >= 2.0 * 576 * 576 * hidden
+    assert dpp.forward["llm_layer_0"] == zip64.forward["llm_layer_0"]

@@ -278,8 +278,13 @@ def _llm_layer(
     return linears, attention, lora
 
 
-def _t2v_scoring(llm: LLMShape, config: CompressionConfig, text: int, visual: list[int], queries: int) -> float:
-    """Query-row scoring at every boundary the model applies (boundaries at or past the last layer are skipped)."""
+def _t2v_scoring(
+    llm: LLMShape, config: CompressionConfig, text: int, visual: list[int], queries: int, entering: float
+) -> float:
+    """Selection cost at every boundary the model applies (boundaries at or past the last layer are skipped):
+    the query rows' attention scoring, or CDPruner's DPP (``selector: dpp``: the cosine kernel of the ``n`` visual
+    tokens entering, their relevance to the query rows, and the greedy MAP's ``k`` steps over ``n`` items of up to
+    ``k`` Cholesky entries). ``entering``: the visual tokens the LLM input holds before any T2V selection."""
     if config.t2v is None:
         return 0.0
     d, kv = llm.hidden, llm.kv_heads * llm.head_dim
@@ -288,7 +293,12 @@ def _t2v_scoring(llm: LLMShape, config: CompressionConfig, text: int, visual: li
     for layer, _ in config.t2v.schedule(llm.num_layers, n0):
         if layer >= llm.num_layers:
             continue
-        tokens = text + visual[layer - 1]
+        before = visual[layer - 1] if layer > 0 else entering
+        if config.t2v.selector == "dpp":
+            kept = visual[layer]
+            total += 2.0 * before * before * d + 2.0 * before * min(queries, text) * d + 2.0 * before * kept * kept
+            continue
+        tokens = text + before
         rows = min(queries, tokens)
         total += linear_flops(rows, d, d) + linear_flops(tokens, d, kv) + 2.0 * rows * tokens * d
     return total
@@ -344,7 +354,9 @@ def _step(
         ),
     }
     backward: dict[str, float] = {"tower": 0.0, "v2v_scoring": 0.0}
-    projector_tokens = shape.projector_tokens(config) if shape.anyres is not None else n0
+    # A selection at the LLM input (CDPruner) runs after the projector: the projector sees every token V2V left.
+    entering = shape.visual_tokens_per_layer(replace(config, t2v=None), measured=dymu_tokens)[0]
+    projector_tokens = shape.projector_tokens(config) if shape.anyres is not None else entering
     forward["projector"], backward["projector"] = _projector_step(shape, projector_tokens, stage is not None)
     if shape.is_video and stage is not None:  # once per step, not per sample: set after the batch scaling below
         forward["idle_image"] = backward["idle_image"] = 0.0
@@ -355,7 +367,7 @@ def _step(
         forward[f"llm_layer_{index}"] = linears + attention + lora
         backward[f"llm_layer_{index}"] = linear_x * linears + attention_x * attention + lora_x * lora
         layers_forward += linears + attention + lora
-    forward["t2v_scoring"] = _t2v_scoring(llm, config, text, visual, queries)
+    forward["t2v_scoring"] = _t2v_scoring(llm, config, text, visual, queries, entering)
     backward["t2v_scoring"] = 0.0
     forward["lm_head"] = linear_flops(head_tokens, llm.hidden, llm.vocab)
     backward["lm_head"] = head_x * forward["lm_head"]
