@@ -338,7 +338,6 @@ def _step(
         return _mix_breakdowns(steps)
     llm = shape.llm
     visual = shape.visual_tokens_per_layer(config, measured=dymu_tokens)
-    n0 = visual[0]
     # DyMU's VTU: the linear layers see the merged tokens, attention every position.
     vtu = config.dymu is not None and config.dymu.vtu
     attention_visual = shape.uncompressed_visual_tokens if vtu else None
