@@ -322,3 +322,12 @@ def test_a_failing_sink_cancels_only_its_own_job(pipeline):
     engine.submit(GenerationJob({"prompt": "Hi"}, answers.put, max_tokens=2, temperature=0))
     assert wait_for(lambda: engine.stats.answered + engine.stats.cancelled == 3)  # the worker is alive
     engine.close()
+
+
+def test_ignore_eos_writes_exactly_max_tokens(server, images):
+    url, _ = server
+    body = dict(messages=[user(QUESTION, data_url(images[0]))], max_tokens=40, ignore_eos=True)
+    answer = chat(url, **body).json()
+    assert answer["usage"]["completion_tokens"] == 40 and answer["choices"][0]["finish_reason"] == "length"
+    bad = chat(url, **body | {"ignore_eos": "yes"})
+    assert bad.status_code == 400 and "'ignore_eos' must be true or false" in bad.json()["error"]["message"]

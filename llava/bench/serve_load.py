@@ -147,9 +147,10 @@ def playground_images(model_dir: Path) -> list[Path]:
 
 
 def request_bodies(
-    count: int, images: Sequence[Path], max_tokens: int, preset: str, prompt: str | None
+    count: int, images: Sequence[Path], max_tokens: int, preset: str, prompt: str | None, ignore_eos: bool = False
 ) -> list[dict[str, Any]]:
-    """``count`` streamed chat-completion bodies for ``preset``; images round-robin (none: text-only)."""
+    """``count`` streamed chat-completion bodies for ``preset``; images round-robin (none: text-only);
+    ``ignore_eos``: every answer runs to ``max_tokens`` (fixed lengths, as vLLM's benchmark)."""
     urls = [image_data_url(path) for path in images]
     bodies = []
     for index in range(count):
@@ -163,7 +164,7 @@ def request_bodies(
         bodies.append({
             "messages": [{"role": "user", "content": content}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0,
-            "compression": preset,
+            "compression": preset, **({"ignore_eos": True} if ignore_eos else {}),
         })  # fmt: skip
     return bodies
 
@@ -236,6 +237,7 @@ class LoadConfig:
     request_timeout_s: float = 120.0
     timeout_s: float = 600.0
     api_key: str | None = None
+    ignore_eos: bool = False
 
 
 def summarize(preset: str, records: Sequence[RequestRecord], config: LoadConfig) -> dict[str, Any]:
@@ -279,7 +281,9 @@ async def run_preset(
 ) -> dict[str, Any]:
     """Warm-up, then ``config.requests`` requests of ``preset`` with at most ``config.concurrency`` in flight."""
     endpoint = f"{url}/v1/chat/completions"
-    bodies = request_bodies(config.requests + config.warmup, config.images, config.max_tokens, preset, config.prompt)
+    bodies = request_bodies(
+        config.requests + config.warmup, config.images, config.max_tokens, preset, config.prompt, config.ignore_eos
+    )
     for index in range(config.warmup):
         left = deadline - time.perf_counter()
         if left <= 0:
@@ -385,6 +389,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8],
                         help="most requests in flight; several values run the presets at each in turn")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens (fixed lengths)")
     parser.add_argument("--presets", nargs="+", default=["none", "duet_128"], help="compression presets, in turn")
     parser.add_argument("--image", type=Path, nargs="+", default=None,
                         help="images sent as data: URLs, round-robin (default: a playground checkpoint's demo "
@@ -431,7 +436,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = LoadConfig(
         requests=args.requests, max_tokens=args.max_tokens, presets=tuple(args.presets),
         images=tuple(images), prompt=args.prompt, warmup=args.warmup, request_timeout_s=args.request_timeout_s,
-        timeout_s=args.timeout_s, api_key=args.api_key,
+        timeout_s=args.timeout_s, api_key=args.api_key, ignore_eos=args.ignore_eos,
     )  # fmt: skip
 
     def every_concurrency(url: str) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@
 
 * ``POST /v1/chat/completions``: OpenAI's chat completions (text and ``image_url`` parts, ``stream`` as
   server-sent events in OpenAI's chunk format, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``)
-  plus ``compression``, a preset name per request (default: the server's). ``usage`` adds the visual tokens
+  plus ``compression``, a preset name per request (default: the server's), and ``ignore_eos`` (as vLLM's: exactly
+  ``max_tokens`` tokens, for benchmarks). ``usage`` adds the visual tokens
   each decoder layer kept and the batch the request ran in. Requests arriving together are batched
   (:mod:`llava.serve.engine`); what a body may hold and where images may come from: :mod:`llava.serve.protocol`.
 * ``GET /v1/models``: the model, with the compression presets it runs; ``GET /health``: the engine's counters;
@@ -152,7 +153,7 @@ class ChatServer:
         job = GenerationJob(
             request=parsed.request, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             max_tokens=parsed.max_tokens, temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed,
-            stop=parsed.stop, compression=parsed.compression,
+            stop=parsed.stop, compression=parsed.compression, ignore_eos=parsed.ignore_eos,
         )  # fmt: skip
         try:
             self.engine.submit(job)

@@ -73,6 +73,7 @@ class ChatSession:
     top_p: float = 1.0
     seed: int | None = None
     compression: str | None = None
+    ignore_eos: bool = False
     turns: list[tuple[str, str]] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
@@ -168,7 +169,8 @@ class ChatSession:
             return None
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         job = GenerationJob(request, events.put, max_tokens=self.max_tokens, temperature=self.temperature,
-                            top_p=self.top_p, seed=self.seed, compression=self.compression)  # fmt: skip
+                            top_p=self.top_p, seed=self.seed, compression=self.compression,
+                            ignore_eos=self.ignore_eos)  # fmt: skip
         try:
             self.engine.submit(job)
         except ServeError as error:
@@ -244,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="sampling seed of every answer (default: a random one each)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always write --max-new-tokens tokens (testing)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--vision-tower", help="CLIP dir with the image processor (original LLaVA checkpoints)")
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     session = ChatSession(engine, max_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed)  # fmt: skip
+                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)  # fmt: skip
     if args.image is not None:
         session.pending_images.append(args.image)
     read_line = input

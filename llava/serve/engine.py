@@ -89,7 +89,9 @@ Event = Delta | Finished | Failed
 @dataclass(eq=False)
 class GenerationJob:
     """One request to answer. ``compression``: a preset name (``None``: the engine's default); ``seed``:
-    the row's sampling seed (``None``: a random one); ``sink`` receives its events, from the worker thread."""
+    the row's sampling seed (``None``: a random one); ``ignore_eos``: write exactly ``max_tokens`` tokens (EOS
+    does not end the answer: benchmarks get fixed lengths, as vLLM's ``ignore_eos``); ``sink`` receives its
+    events, from the worker thread."""
 
     request: Request
     sink: Callable[[Event], None]
@@ -99,6 +101,7 @@ class GenerationJob:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     compression: str | None = None
+    ignore_eos: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: bool = False
 
@@ -334,7 +337,8 @@ class BatchingEngine:
                     stop[row] = True
                     finish(row, "cancelled")
                     continue
-                if token in eos_ids:
+                if token in eos_ids and not job.ignore_eos:
+                    stop[row] = True
                     finish(row, "stop")
                     continue
                 counts[row] += 1
@@ -355,7 +359,7 @@ class BatchingEngine:
         fast_decoder = pipeline.fast_decoder()
         sampling = SamplingOptions(
             max_new_tokens=max(job.max_tokens for job in jobs),
-            eos_token_id=sorted(eos_ids),
+            eos_token_id=[],  # rows end through on_step: EOS unless the job ignores it
             pad_token_id=pipeline.pad_id(),
             per_row=RowSampling.of([job.temperature for job in jobs], [job.top_p for job in jobs], seeds, device),
             on_step=on_step,

@@ -29,7 +29,7 @@ from llava.serve.errors import ServeError
 
 KNOWN_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "stop", "seed", "n", "user", "compression",
+    "stop", "seed", "n", "user", "compression", "ignore_eos",
 })  # fmt: skip
 """Fields a body may hold; anything else is refused by name (a misspelt option would otherwise be ignored)."""
 
@@ -62,6 +62,7 @@ class ParsedRequest:
     stop: tuple[str, ...]
     compression: str | None
     model: str | None
+    ignore_eos: bool = False
     scratch: list[Path] = field(default_factory=list)
 
     def remove_scratch(self) -> None:
@@ -78,6 +79,13 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     if wrong_type or not low <= value <= high:
         kind = "an integer" if integer else "a number"
         raise ServeError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", param=name)
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ServeError(400, f"'{name}' must be true or false, got {value!r}", param=name)
     return value
 
 
@@ -250,6 +258,7 @@ def parse_chat_request(body: Any, store: ImageStore) -> ParsedRequest:
             stop=_stop_strings(body.get("stop"), limits.max_stop),
             compression=compression,
             model=model if isinstance(model, str) else None,
+            ignore_eos=_flag(body, "ignore_eos"),
             scratch=scratch,
         )
     except ServeError:
