@@ -5,17 +5,21 @@
 #   3. train twice through the real scripts (scripts/v1_5/{pretrain,finetune}.sh, DeepSpeed ZeRO-2):
 #      with COMPRESSION=none, and with TRAIN_COMPRESSION (a DUET preset, on during both stages)
 #   4. evaluate on the held-out benchmark with the real runner (llava.eval.compare): the `none` model
-#      uncompressed and with every inference-only preset (DUET, VisionZip, PyramidDrop, random drop at
-#      192/128/64 tokens), and the model trained with TRAIN_COMPRESSION at that preset
-#   5. print and save the table (Markdown, JSON, PNG): accuracy, % of `none`, visual tokens per layer,
-#      prefill time, measured training time of each run and the time saved
+#      uncompressed and with every inference-only preset (DUET, VisionZip, PyramidDrop, DivPrune, VisPruner,
+#      CDPruner, random drop at 192/128/64 tokens; random over EVAL_SEEDS), and the model trained with
+#      TRAIN_COMPRESSION at that preset
+#   5. print and save the table (Markdown, JSON, PNG): accuracy with its 95 % bootstrap interval, % of `none`,
+#      McNemar p-value against `none` (≈: not significant), visual tokens per layer, prefill time, measured
+#      training time of each run and the time saved
 # Knobs: PLAYGROUND_DIR, RUNS_DIR, NUM_GPUS (ranks, default 1), TRAIN_COMPRESSION (duet_128),
-# EVAL_PRESETS, PRETRAIN_EPOCHS, FINETUNE_EPOCHS, MAX_STEPS, REPORT_TO.
+# EVAL_PRESETS, EVAL_SEEDS (0,1,2: the random presets' seeds), PRETRAIN_EPOCHS, FINETUNE_EPOCHS (2; the longer
+# run of docs/playground.md uses 6), MAX_STEPS, REPORT_TO.
 # Expects from run.sh: REPO_ROOT, RUNS_DIR (absolute), PYTHON, say().
 
 PLAYGROUND_DIR="${PLAYGROUND_DIR:-playground/scenes}"
 TRAIN_COMPRESSION="${TRAIN_COMPRESSION:-duet_128}"
-EVAL_PRESETS="${EVAL_PRESETS:-none,duet_192,duet_128,duet_64,visionzip_192,visionzip_128,visionzip_64,pdrop_192,pdrop_128,pdrop_64,random_192,random_128,random_64}"
+EVAL_PRESETS="${EVAL_PRESETS:-none,duet_192,duet_128,duet_64,visionzip_192,visionzip_128,visionzip_64,pdrop_192,pdrop_128,pdrop_64,divprune_192,divprune_128,divprune_64,vispruner_192,vispruner_128,vispruner_64,cdpruner_192,cdpruner_128,cdpruner_64,random_192,random_128,random_64}"
+EVAL_SEEDS="${EVAL_SEEDS:-0,1,2}"
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-1}"
 FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-2}"
 MAX_STEPS="${MAX_STEPS:--1}"
@@ -61,7 +65,7 @@ train_run "$TRAIN_COMPRESSION"
 say "Evaluating on the held-out benchmark ($PLAYGROUND_DIR/eval/playground)"
 trained="trained_$TRAIN_COMPRESSION"
 "$PYTHON" -m llava.eval.compare --benchmarks playground --root "$PLAYGROUND_DIR/eval" --out "$RUNS_DIR/eval" \
-    --presets "$EVAL_PRESETS" --batch-size 16 --no-progress \
+    --presets "$EVAL_PRESETS" --seeds "$EVAL_SEEDS" --batch-size 16 --no-progress \
     --model "none=$RUNS_DIR/none/finetune" \
     --model "$trained=$RUNS_DIR/$TRAIN_COMPRESSION/finetune@$TRAIN_COMPRESSION" \
     --train-time "none=$RUNS_DIR/none/pretrain/metrics.jsonl,$RUNS_DIR/none/finetune/metrics.jsonl" \
