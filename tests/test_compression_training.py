@@ -89,3 +89,23 @@ def test_finetune_with_dymu_and_t2v_then_batched_generation(playground, tmp_path
     assert pipeline.generate(requests, max_new_tokens=5, batch_size=5) == pipeline.generate(
         requests, max_new_tokens=5, batch_size=1
     )
+
+
+@pytest.mark.parametrize("preset", ["divprune_64", "vispruner_64", "cdpruner_64"])
+def test_finetune_with_the_newer_selectors_then_batched_generation(playground, tmp_path, preset):
+    """DivPrune and VisPruner (V2V) and CDPruner (a DPP at the LLM input) train like DUET: every logged image step
+    shows 64 visual tokens in every layer, and the checkpoint answers batched as one by one."""
+    out = tmp_path / preset
+    train(finetune_args(playground, out, "--compression", preset, "--max_steps", "2", "--save_steps", "100"))
+    with_images = [row for row in read_metrics(out).values() if "visual_tokens_stage0" in row]
+    assert with_images and all(row["visual_tokens_avg"] == pytest.approx(64) for row in with_images)
+    assert all(row["loss"] == pytest.approx(row["loss"]) for row in with_images)  # not NaN
+    pipeline = LlavaPipeline.from_pretrained(out)
+    assert pipeline.model.config.compression["name"] == preset
+    requests = [
+        {"image": str(playground / "images" / f"demo_00{i}.png"), "prompt": "What color is the shape?"}
+        for i in range(3)
+    ] + [{"image": None, "prompt": "What is two plus two?"}]
+    assert pipeline.generate(requests, max_new_tokens=5, batch_size=4) == pipeline.generate(
+        requests, max_new_tokens=5, batch_size=1
+    )
