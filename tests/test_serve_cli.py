@@ -165,8 +165,11 @@ def test_entry_point_sigint_stops_the_answer_not_the_program(chat_model, image):
     model_dir, _ = chat_model
     process = subprocess.Popen(
         # --ignore-eos: the answer runs to its limit whatever the model writes, so Ctrl-C lands mid-answer.
-        cli(model_dir, "--image", image, "--max-new-tokens", "2000", "--ignore-eos"),
+        cli(model_dir, "--image", image, "--max-new-tokens", "1000", "--ignore-eos"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        # A shell's background job (CI) inherits SIGINT ignored, and Python then keeps it ignored: give the
+        # child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     chunks: list[bytes] = []
 
