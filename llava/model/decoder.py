@@ -321,15 +321,15 @@ def run_decoder(
         visual_tokens = sequence.visual_mask if groups is None else sequence.visual_mask & groups.starts
         visual_per_stage.append(visual_tokens.sum(dim=1))  # with VTU: the distinct tokens the linear layers see
     ends = (*starts[1:], num_layers)
-    row_counts = torch.stack(visual_per_stage)  # [stages, B]
-    visual_counts = (row_counts.sum(dim=1).double() / per_segment).tolist()
+    row_counts = torch.stack(visual_per_stage).tolist()  # [stages][B]: the prefill's one read-back of the counts
+    visual_counts = [sum(stage) / per_segment for stage in row_counts]
     layers_per_stage = [end - start for start, end in zip(starts, ends, strict=True)]
     tokens_per_layer = [
         count for count, layers in zip(visual_counts, layers_per_stage, strict=True) for _ in range(layers)
     ]
     tokens_per_row = [
         [count for count, layers in zip(row, layers_per_stage, strict=True) for _ in range(layers)]
-        for row in row_counts.T.tolist()
+        for row in zip(*row_counts, strict=True)
     ]
     return DecoderResult(
         hidden=decoder.norm(sequence.hidden),

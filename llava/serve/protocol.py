@@ -155,7 +155,6 @@ class ImageStore:
         return os.fspath(path)
 
     def _decoded(self, source: Any, where: str) -> Image.Image:
-        Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a message that names the request
         try:
             with Image.open(source) as image:
                 width, height = image.size
@@ -163,7 +162,9 @@ class ImageStore:
                     raise ServeError(413, f"{where}: the image has {width}x{height} pixels, more than "
                                      f"{self.limits.max_image_pixels}", param="messages")  # fmt: skip
                 return image.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+        except Image.DecompressionBombError as error:  # PIL's own, far larger bound: still too many pixels
+            raise ServeError(413, f"{where}: the image has too many pixels ({error})", param="messages") from error
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ServeError(400, f"{where}: the image cannot be decoded ({error})", param="messages") from error
 
 
