@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,18 +105,27 @@ def _playground(root: Path) -> list:
     return PlaygroundScenes().load(root, root / ".cache")
 
 
-def _run(out: Path, items: list, root: Path, right: set[int], preset: str, seed: int | None = None) -> None:
-    """A run folder as llava.eval.run leaves it: the answer shard, then the runner's result.json."""
-    folder = out / "base" / (f"seed-{seed}" if seed is not None else "") / preset / "playground"
+def write_run(
+    out: Path, benchmark: Any, items: list, root: Path, answers: Mapping[str, str], preset: str, seed: int | None = None
+) -> dict[str, Any]:
+    """A run folder of checkpoint ``base`` as llava.eval.run leaves it: the answer shard (``answers``: question
+    id -> text, in the items' order), then the runner's result.json (returned)."""
+    folder = out / "base" / (f"seed-{seed}" if seed is not None else "") / preset / benchmark.name
     folder.mkdir(parents=True)
     with AnswerWriter(shard_file(folder, 0, 1)) as writer:
         writer.write(
-            {"question_id": item.question_id, "prompt": item.prompt, "text": "red" if i in right else "blue",
+            {"question_id": item.question_id, "prompt": item.prompt, "text": answers[item.question_id],
              "preset": preset}
-            for i, item in enumerate(items)
+            for item in items if item.question_id in answers
         )  # fmt: skip
     info = {"model": "base", "root": str(root.resolve()), "preset": preset, "batch_size": 8, "world_size": 1}
-    score_folder(PlaygroundScenes(), items, folder, {**info, "seed": seed or 0})
+    return score_folder(benchmark, items, folder, {**info, "seed": seed or 0})
+
+
+def _run(out: Path, items: list, root: Path, right: set[int], preset: str, seed: int | None = None) -> None:
+    """A playground run folder whose questions ``right`` (positions) are answered right."""
+    answers = {item.question_id: "red" if i in right else "blue" for i, item in enumerate(items)}
+    write_run(out, PlaygroundScenes(), items, root, answers, preset, seed)
 
 
 def test_compare_results_only_reports_intervals_tests_and_seeds(tmp_path):

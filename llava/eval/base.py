@@ -96,6 +96,12 @@ class Benchmark(Protocol):
 
         A benchmark may also have ``export_official(items, predictions, out_dir) -> list[Path]``, which
         writes the answers in the format its official scoring script or server reads and returns the files.
+
+        A benchmark whose headline is not the mean of its questions' scores (each scored alone) may have
+        ``resampling_units(items, predictions, protocol) -> llava.eval.stats.UnitStatistic | None``: its
+        resampling units (questions, images, question groups, optionally in strata), each unit's statistics
+        ``v_u`` and the vectorised ``h`` with ``h(sum_u v_u)`` equal to this headline, which
+        :mod:`llava.eval.compare` resamples for intervals and paired tests (POPE, MME, MMBench).
         """
         ...
 

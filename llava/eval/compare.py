@@ -20,8 +20,13 @@ questions (``--ci-resamples``, ``--alpha``) and each row's score a paired test a
 same questions (exact McNemar for right/wrong scores, a paired bootstrap otherwise), its p-value shown with
 ``≈`` when the difference is not significant at ``--alpha``; the average retained gets an interval too.
 Per-question scores come from the recorded answers, each scored alone by the benchmark's own metric (read
-from the result's data root); a benchmark whose headline is not the mean of those (POPE's F1, MME's sums,
-MMBench's circular accuracy) gets no interval and no test, and the notes say so. ``--seeds 0,1,2``
+from the result's data root). A benchmark whose headline is not a mean over questions is resampled on its
+own units instead (its ``resampling_units``, a :class:`llava.eval.stats.UnitStatistic`): POPE's questions
+within each split with the F1s recomputed, MME's question pairs within each perception subtask with acc +
+acc+ recomputed, MMBench's question groups (CircularEval) scored 0/100; the row's test against the baseline
+is then a paired bootstrap of the headline difference on the same resampled units (McNemar over MMBench's
+groups). A result whose headline cannot be reproduced either way gets no interval and no test, and the
+notes say why. ``--seeds 0,1,2``
 evaluates the presets whose name starts with ``random`` once per seed (``llava.eval.run --seed``, answers
 under ``<out>/<label>/seed-<s>/``) and reports their mean ± sample std over seeds, the per-seed values in
 ``table.json``.
@@ -114,8 +119,8 @@ def collect_results(
     """Every ``result.json`` of ``out/<model>/<preset>/<benchmark>/`` for ``(model, presets)`` pairs (missing
     ones are reported and skipped); with ``seeds``, the random presets' from each seed's folder (``repeat_seed``
     set to the seed).
-    With ``per_question``, each result gets ``question_scores`` (:func:`question_scores`, ``None`` when they
-    cannot be had, ``question_scores_note`` saying why)."""
+    With ``per_question``, each result gets ``question_scores`` (:func:`question_scores`: per-question scores
+    or the benchmark's units, ``None`` when neither can be had, ``question_scores_note`` saying why)."""
     results = []
     loaded: dict[tuple[str, str], Any] = {}
     for model, presets in models:
@@ -143,14 +148,16 @@ def collect_results(
 
 def question_scores(
     result: Mapping[str, Any], folder: Path, root: str | None = None, loaded: dict[tuple[str, str], Any] | None = None
-) -> tuple[dict[str, float] | None, str | None]:
-    """``(question id -> score, None)`` for a result whose headline is the mean of its questions' scores, else
-    ``(None, why)``.
+) -> tuple[stats.Scores | None, str | None]:
+    """``(question id -> score, None)`` for a result whose headline is the mean of its questions' scores,
+    ``(UnitStatistic, None)`` for a benchmark that resamples its own units, else ``(None, why)``.
 
-    Each answered question (``answers-*.jsonl``) is scored alone by the benchmark's metric under the result's
-    protocol, on the questions loaded from the result's data root (``root`` when that is gone); the scores
-    are kept only when their mean equals the recorded score (1e-6), which is the case for accuracies and not
-    for F1, sums or circular accuracy. ``loaded`` caches the questions per (benchmark, root).
+    A benchmark with ``resampling_units(items, predictions, protocol)`` (POPE, MME, MMBench) gives its
+    :class:`llava.eval.stats.UnitStatistic` of the recorded answers (``answers-*.jsonl``). Otherwise each
+    answered question is scored alone by the benchmark's metric under the result's protocol, on the
+    questions loaded from the result's data root (``root`` when that is gone). Either is kept only when it
+    reproduces the recorded score (the mean of the scores, or the units' headline ``H``, to 1e-6).
+    ``loaded`` caches the questions per (benchmark, root).
     """
     name = result["benchmark"]
     if result.get("score") is None:
@@ -169,6 +176,10 @@ def question_scores(
         answers = read_answers(folder)
         counted = COUNTED.get(name, lambda item: True)
         protocol = result.get("protocol") or "official"
+        if hasattr(benchmark, "resampling_units"):
+            predictions = {question_id: answer["text"] for question_id, answer in answers.items()}
+            units = benchmark.resampling_units(items, predictions, protocol=protocol)
+            return _reproduced(units, result["score"])
         scores = {}
         for item in items:
             if item.question_id in answers and counted(item):
@@ -184,6 +195,16 @@ def question_scores(
     if not math.isclose(statistics.fmean(scores.values()), result["score"], rel_tol=1e-6, abs_tol=1e-6):
         return None, "headline is not a mean over questions"
     return scores, None
+
+
+def _reproduced(units: stats.UnitStatistic | None, recorded: float) -> tuple[stats.UnitStatistic | None, str | None]:
+    """``(units, None)`` when their headline equals the recorded score (1e-6), else ``(None, why)``."""
+    if units is None:
+        return None, "no question scored"
+    headline = units.value()
+    if not math.isclose(headline, recorded, rel_tol=1e-6, abs_tol=1e-6):
+        return None, f"headline not reproduced from its {units.unit}s ({headline:.6g}, recorded {recorded:.6g})"
+    return units, None
 
 
 def build_table(
@@ -206,9 +227,12 @@ def build_table(
     Results with ``question_scores`` add to their cell ``ci`` (:func:`llava.eval.stats.bootstrap_ci`) and,
     off the baseline row, ``test`` (:func:`llava.eval.stats.paired_test` against the baseline's cell, only
     when both are complete), and to the row ``average_retained_ci`` (:func:`llava.eval.stats.retained_ci`,
-    when every averaged benchmark has a test). Results with a ``repeat_seed`` (one per seed) make a cell whose
-    ``score`` is the mean over seeds, ``seeds`` the :func:`llava.eval.stats.seed_summary`, and whose per-question
-    scores are averaged over the seeds.
+    when every averaged benchmark has a test). Results whose ``question_scores`` are a benchmark's
+    :class:`llava.eval.stats.UnitStatistic` get the same on its units, the cell adding ``unit`` and
+    ``resampling`` (what is resampled, in words) and ``n`` counting units. Results with a ``repeat_seed`` (one
+    per seed) make a cell whose ``score`` is the mean over seeds, ``seeds`` the
+    :func:`llava.eval.stats.seed_summary`, and whose per-question scores are averaged over the seeds (units:
+    the mean of the seeds' headlines, every seed resampled with the same units).
     """
     train_seconds = dict(train_seconds or {})
     base_train = train_seconds.get(baseline[0])
@@ -241,6 +265,8 @@ def build_table(
             if questions is not None:
                 cell["ci"] = list(stats.bootstrap_ci(questions, n_resamples, alpha, ci_seed))
                 cell["n"] = len(questions)
+                if isinstance(questions, stats.UnitStatistic):
+                    cell.update(unit=questions.unit, resampling=questions.description)
             reference = base.get(name)
             if reference is not None and reference["score"]:
                 cell["retained"] = 100.0 * result["score"] / reference["score"]
@@ -297,14 +323,19 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.mean(present) if present else None
 
 
-def _cell_questions(group: Sequence[dict[str, Any]], what: str) -> dict[str, float] | None:
-    """The cell's per-question scores (averaged over seeds), or ``None`` when one of its results has none."""
+def _cell_questions(group: Sequence[dict[str, Any]], what: str) -> stats.Scores | None:
+    """The cell's per-question scores (averaged over seeds) or units (stacked over seeds), or ``None`` when
+    one of its results has none."""
     scores = [result.get("question_scores") for result in group if result["score"] is not None]
     if not scores or any(found is None for found in scores):
         return None
     if len(scores) > 1 and not all(result["complete"] for result in group):
         return None  # seeds that answered different questions: nothing to pair
-    return stats.mean_over_seeds(scores, what) if len(scores) > 1 else scores[0]
+    if len(scores) == 1:
+        return scores[0]
+    if all(isinstance(found, stats.UnitStatistic) for found in scores):
+        return stats.UnitStatistic.over_seeds(scores, what)
+    return stats.mean_over_seeds(scores, what)
 
 
 def check_one_protocol(results: Sequence[dict[str, Any]]) -> None:
@@ -391,6 +422,16 @@ def render_markdown(
             f"per-benchmark % retained. p: paired test against {baseline[0]}/{baseline[1]} on the same questions "
             f"(exact McNemar for right/wrong scores, paired bootstrap otherwise); ≈ = not significant at {alpha:g} "
             "(the difference may be noise)."
+        )
+    resampled = {
+        name: cell["resampling"] for row in rows for name, cell in row["cells"].items() if "resampling" in cell
+    }
+    if resampled:
+        notes.append(
+            "Headline not a mean over questions, so resampled on the benchmark's own units with the headline "
+            "recomputed per resample (row and baseline on the same units; p: paired bootstrap of the headline "
+            "difference, McNemar when the units score right/wrong): "
+            + "; ".join(f"{name}: {resampled[name]}" for name in benchmarks if name in resampled)
         )
     seeded = sorted({seed for cell in cells_all if cell.get("seeds") for seed in cell["seeds"]["values"]}, key=int)
     if seeded:

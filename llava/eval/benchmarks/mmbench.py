@@ -14,6 +14,11 @@ when exactly one option text appears in the lower-cased answer. The GPT stage is
 would have matched scores as wrong, so a model that answers with letters (LLaVA-1.5's suffix asks for
 them) gets the server's number and a chattier one a lower bound. ``strict`` accepts only "B", "B." /
 "B. text" and one "The answer is B." (:func:`~llava.eval.benchmarks.choice.parse_option_letter`).
+
+Intervals (:meth:`MMBench.resampling_units`, used by :mod:`llava.eval.compare`): CircularEval accuracy is
+the mean over question groups (a row and its circular copies) of 100 when every copy is right, else 0, so
+the groups are the units and their 0/100 scores are compared like per-question scores (bootstrap of the
+mean over groups, exact McNemar over groups).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from llava.eval.base import OPTION_LETTER, EvalDataError, EvalItem, Score, check_protocol
 from llava.eval.benchmarks.choice import parse_option_letter, percent
+from llava.eval.stats import UnitStatistic
 
 logger = logging.getLogger(__name__)
 
@@ -184,25 +192,9 @@ class MMBench:
         :func:`~llava.eval.benchmarks.choice.parse_option_letter` (``strict``); ``metrics`` adds per-row
         accuracy, per-category circular accuracy (``category/<name>``, ``l2_category/<name>``) and the
         protocol."""
-        check_protocol(protocol)
-        groups: dict[int, list[bool | None]] = defaultdict(list)
-        group_items: dict[int, EvalItem] = {}
-        right_rows = scored_rows = 0
-        for item in items:
-            group = int(item.reference["group"])
-            group_items.setdefault(group, item)
-            if item.question_id not in predictions:
-                groups[group].append(None)
-                continue
-            text = predictions[item.question_id]
-            if protocol == "official":
-                guess = parse_mmbench_official(text, item.reference["option_text"])
-            else:
-                guess = parse_option_letter(text, item.reference["options"])
-            right = guess == item.reference["answer"]
-            groups[group].append(right)
-            right_rows += right
-            scored_rows += 1
+        groups, group_items = self._groups(items, predictions, protocol)
+        right_rows = sum(bool(flag) for flags in groups.values() for flag in flags)
+        scored_rows = sum(flag is not None for flags in groups.values() for flag in flags)
         complete = {group: all(flags) for group, flags in groups.items() if None not in flags}
         metrics: dict[str, float | str] = {
             "circular_accuracy": percent(sum(complete.values()), len(complete)),
@@ -223,6 +215,47 @@ class MMBench:
             metrics=metrics,
             num_scored=scored_rows,
             num_questions=len(items),
+        )
+
+    @staticmethod
+    def _groups(
+        items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str
+    ) -> tuple[dict[int, list[bool | None]], dict[int, EvalItem]]:
+        """Per question group (a row and its circular copies) whether each row is right (``None``: unanswered),
+        and the group's first item."""
+        check_protocol(protocol)
+        groups: dict[int, list[bool | None]] = defaultdict(list)
+        group_items: dict[int, EvalItem] = {}
+        for item in items:
+            group = int(item.reference["group"])
+            group_items.setdefault(group, item)
+            if item.question_id not in predictions:
+                groups[group].append(None)
+                continue
+            text = predictions[item.question_id]
+            if protocol == "official":
+                guess = parse_mmbench_official(text, item.reference["option_text"])
+            else:
+                guess = parse_option_letter(text, item.reference["options"])
+            groups[group].append(guess == item.reference["answer"])
+        return groups, group_items
+
+    def resampling_units(
+        self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official"
+    ) -> UnitStatistic | None:
+        """The headline on resampling units: every question group whose rows are all answered scores 100 when
+        all are right, else 0; their plain mean (``headline=None``) is :meth:`score`'s CircularEval accuracy.
+        ``None`` when no group is complete."""
+        groups, _ = self._groups(items, predictions, protocol)
+        complete = {group: all(flags) for group, flags in groups.items() if None not in flags}
+        if not complete:
+            return None
+        return UnitStatistic(
+            ids=tuple(str(group) for group in complete),
+            values=np.asarray([[100.0 if right else 0.0] for right in complete.values()]),
+            unit="question group",
+            description="question groups (a question and its circular copies) resampled, scored 100 when every "
+            "copy is right",
         )
 
     def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:

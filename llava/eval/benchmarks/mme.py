@@ -15,6 +15,11 @@ they contain "no", otherwise "other" (wrong); acc+ counts consecutive question p
 order (the tool's chunks of two lines, one image each in the real files). ``strict`` is this project's
 earlier reading (:func:`llava.eval.benchmarks.choice.parse_yes_no_mme`: stripped and every "." dropped,
 as lmms-eval does) with acc+ grouped by image. Per subtask the score is acc + acc+ (max 200).
+
+Intervals (:meth:`MME.resampling_units`, used by :mod:`llava.eval.compare`): the perception sum is not a
+mean over questions, so the units acc+ counts (``official``: consecutive question pairs, one image each in
+the real files; ``strict``: images) are resampled within their subtask (each subtask keeps its size) and
+acc + acc+ of every perception subtask recomputed from the resampled counts.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llava.eval.base import (
     SHORT_ANSWER,
@@ -38,6 +45,7 @@ from llava.eval.base import (
     write_export,
 )
 from llava.eval.benchmarks.choice import existing_image, parse_calculation, parse_yes_no_mme, percent
+from llava.eval.stats import UnitStatistic
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,17 @@ class _GroundTruth:
             if _normalise_question(candidate) in self.normalised:
                 return self.normalised[_normalise_question(candidate)]
         return None
+
+
+def perception_sum(sums: np.ndarray) -> np.ndarray:
+    """``sum_s [acc_s + acc+_s]`` per row of ``(R, 4 S)`` summed ``(answered, right, complete, all_right)``
+    of ``S`` subtasks: ``acc_s = right_s / answered_s * 100``, ``acc+_s = all_right_s / complete_s * 100``
+    (0 when no unit is complete); a subtask with nothing answered adds 0."""
+    counts = sums.reshape(sums.shape[0], -1, 4)
+    answered, right, complete, all_right = (counts[..., column] for column in range(4))
+    acc = np.divide(right, answered, out=np.zeros_like(right), where=answered > 0) * 100
+    acc_plus = np.divide(all_right, complete, out=np.zeros_like(all_right), where=complete > 0) * 100
+    return np.where(answered > 0, acc + acc_plus, 0.0).sum(axis=1)
 
 
 class MME:
@@ -245,6 +264,57 @@ class MME:
         answers = [right for flags in correct.values() for right in flags]
         complete = [flags for image, flags in correct.items() if image not in unanswered]
         return percent(sum(answers), len(answers)), percent(sum(all(flags) for flags in complete), len(complete))
+
+    def resampling_units(
+        self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official"
+    ) -> UnitStatistic | None:
+        """The headline on resampling units: the groups acc+ counts of every perception subtask (``official``:
+        consecutive question pairs in file order, id the questions joined by ``+``; ``strict``: images), those
+        with an answered question, stratified by subtask. A unit carries ``(answered, right, complete,
+        all_right)`` in its subtask's four columns; :func:`perception_sum` of the sums is :meth:`score`'s
+        headline. ``None`` when no perception question is answered."""
+        check_protocol(protocol)
+        by_subtask: dict[str, list[EvalItem]] = defaultdict(list)
+        for item in items:
+            if item.reference["subtask"] in PERCEPTION:
+                by_subtask[item.reference["subtask"]].append(item)
+        parse = parse_calculation if protocol == "official" else parse_yes_no_mme
+        units: list[tuple[str, str, list[float]]] = []
+        for subtask in by_subtask:
+            subtask_items = by_subtask[subtask]
+            if protocol == "official":
+                groups = [subtask_items[start : start + 2] for start in range(0, len(subtask_items), 2)]
+                named = [("+".join(item.question_id for item in group), group) for group in groups]
+            else:
+                images: dict[str, list[EvalItem]] = defaultdict(list)
+                for item in subtask_items:
+                    images[item.reference["image"]].append(item)
+                named = list(images.items())
+            for unit_id, group in named:
+                answered = [item for item in group if item.question_id in predictions]
+                if not answered:
+                    continue
+                right = sum(parse(predictions[item.question_id]) == item.reference["answer"] for item in answered)
+                complete = len(answered) == len(group)
+                counts = [len(answered), right, float(complete), float(complete and right == len(group))]
+                units.append((unit_id, subtask, counts))
+        if not units:
+            return None
+        subtasks = [subtask for subtask in PERCEPTION if subtask in {subtask for _, subtask, _ in units}]
+        values = np.zeros((len(units), 4 * len(subtasks)))
+        for row, (_, subtask, counts) in enumerate(units):
+            column = 4 * subtasks.index(subtask)
+            values[row, column : column + 4] = counts
+        return UnitStatistic(
+            ids=tuple(unit_id for unit_id, _, _ in units),
+            values=values,
+            headline=perception_sum,
+            strata=tuple(subtask for _, subtask, _ in units),
+            unit="image" if protocol == "strict" else "question pair",
+            stratum="subtask",
+            description=f"{'images' if protocol == 'strict' else 'question pairs (one image each)'} resampled "
+            "within each perception subtask, acc + acc+ recomputed",
+        )
 
     def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
         """LLaVA's answer JSONL (``question_id`` = ``<subtask>/<file>`` as in ``llava_mme.jsonl``, ``prompt``,

@@ -27,6 +27,10 @@ space-separated word is ``No``, ``no`` or ``not``, else "yes"), scored with its 
 precision, recall, F1 and yes-ratio; this project's parser always read them that way, so ``official`` and
 ``strict`` give the same numbers. Where ``eval_pope.py`` divides by zero (no predicted or no true "yes"
 in a split) both report 0.
+
+Intervals (:meth:`POPE.resampling_units`, used by :mod:`llava.eval.compare`): the mean F1 is not a mean
+over questions, so questions are resampled within their split (each split keeps its size) and the F1 of
+every split recomputed from the resampled TP, FP and FN counts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llava.eval.base import (
     SHORT_ANSWER,
@@ -49,6 +55,7 @@ from llava.eval.base import (
     write_export,
 )
 from llava.eval.benchmarks.choice import existing_image, parse_yes_no_pope
+from llava.eval.stats import UnitStatistic
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,17 @@ def split_metrics(labels: Sequence[str], predicted: Sequence[str]) -> dict[str, 
         "f1": f1,
         "yes_ratio": (true_pos + false_pos) / total if total else 0.0,
     }
+
+
+def mean_f1(sums: np.ndarray) -> np.ndarray:
+    """``100 * (1/S) sum_s F1_s`` per row of ``(R, 3 S)`` summed ``(TP, FP, FN)`` of ``S`` splits, with
+    ``F1_s = 2 TP_s / (2 TP_s + FP_s + FN_s)`` (= ``2 P R / (P + R)``; 0 when the split has no TP, as
+    :func:`split_metrics` reports it)."""
+    counts = sums.reshape(sums.shape[0], -1, 3)
+    true_pos, false_pos, false_neg = counts[..., 0], counts[..., 1], counts[..., 2]
+    denominator = 2 * true_pos + false_pos + false_neg
+    f1 = np.divide(2 * true_pos, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return 100.0 * f1.mean(axis=1)
 
 
 class POPE:
@@ -201,6 +219,36 @@ class POPE:
             values = [measures[name] for measures in per_split.values()]
             metrics[name] = sum(values) / len(values) if values else 0.0
         return Score(score=100.0 * metrics["f1"], metrics=metrics, num_scored=num_scored, num_questions=len(items))
+
+    def resampling_units(
+        self, items: Sequence[EvalItem], predictions: Mapping[str, str], protocol: str = "official"
+    ) -> UnitStatistic | None:
+        """The headline on resampling units: each answered question, stratified by split, carries a one-hot
+        ``(TP, FP, FN)`` in its split's three columns; :func:`mean_f1` of the sums is :meth:`score`'s
+        headline. ``None`` when nothing is answered."""
+        check_protocol(protocol)
+        answered = [item for item in items if item.question_id in predictions]
+        splits = [split for split in SPLITS if any(item.reference["split"] == split for item in answered)]
+        if not answered:
+            return None
+        values = np.zeros((len(answered), 3 * len(splits)))
+        for row, item in enumerate(answered):
+            column = 3 * splits.index(item.reference["split"])
+            said_yes = parse_yes_no_pope(predictions[item.question_id]) == "yes"
+            is_yes = item.reference["label"] == "yes"
+            if said_yes:
+                values[row, column + (0 if is_yes else 1)] = 1.0  # TP or FP
+            elif is_yes:
+                values[row, column + 2] = 1.0  # FN
+        return UnitStatistic(
+            ids=tuple(item.question_id for item in answered),
+            values=values,
+            headline=mean_f1,
+            strata=tuple(item.reference["split"] for item in answered),
+            unit="question",
+            stratum="split",
+            description="questions resampled within each split, each split's F1 recomputed from TP/FP/FN",
+        )
 
     def export_official(self, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: Path) -> list[Path]:
         """LLaVA's answer JSONL for ``eval_pope.py --result-file`` (with ``--question-file`` the original
