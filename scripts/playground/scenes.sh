@@ -2,16 +2,18 @@
 # The mission in miniature (sourced by scripts/playground/run.sh, PIPELINE=scenes, the default):
 #   1. build the scenes playground (336 px scenes, held-out benchmark, pretrained tiny tower and LLM)
 #   2. check the data sets
-#   3. train twice through the real scripts (scripts/v1_5/{pretrain,finetune}.sh, DeepSpeed ZeRO-2):
-#      with COMPRESSION=none, and with TRAIN_COMPRESSION (a DUET preset, on during both stages)
+#   3. train through the real scripts (scripts/v1_5/{pretrain,finetune}.sh, DeepSpeed ZeRO-2):
+#      with COMPRESSION=none, and once per preset of TRAIN_COMPRESSION (on during both stages)
 #   4. evaluate on the held-out benchmark with the real runner (llava.eval.compare): the `none` model
 #      uncompressed and with every inference-only preset (DUET, VisionZip, PyramidDrop, DivPrune, VisPruner,
-#      CDPruner, random drop at 192/128/64 tokens; random over EVAL_SEEDS), and the model trained with
-#      TRAIN_COMPRESSION at that preset
+#      CDPruner, random drop at 192/128/64 tokens; random over EVAL_SEEDS), and each model trained with
+#      compression at its own preset
 #   5. print and save the table (Markdown, JSON, PNG): accuracy with its 95 % bootstrap interval, % of `none`,
 #      McNemar p-value against `none` (≈: not significant), visual tokens per layer, prefill time, measured
 #      training time of each run and the time saved
-# Knobs: PLAYGROUND_DIR, RUNS_DIR, NUM_GPUS (ranks, default 1), TRAIN_COMPRESSION (duet_128),
+# Knobs: PLAYGROUND_DIR, RUNS_DIR, NUM_GPUS (ranks, default 1), TRAIN_COMPRESSION (duet_128; a comma list
+# trains one model per preset, e.g. every method at 128 tokens: duet_128,visionzip_128,pdrop_128,divprune_128,
+# vispruner_128,cdpruner_128,random_128),
 # EVAL_PRESETS, EVAL_SEEDS (0,1,2: the random presets' seeds), PRETRAIN_EPOCHS, FINETUNE_EPOCHS (2; the longer
 # run of docs/playground.md uses 6), MAX_STEPS, REPORT_TO.
 # Expects from run.sh: REPO_ROOT, RUNS_DIR (absolute), PYTHON, say().
@@ -24,7 +26,13 @@ PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-1}"
 FINETUNE_EPOCHS="${FINETUNE_EPOCHS:-2}"
 MAX_STEPS="${MAX_STEPS:--1}"
 export NUM_GPUS="${NUM_GPUS:-1}"
-[[ "$TRAIN_COMPRESSION" != none ]] || { echo "TRAIN_COMPRESSION must be a compression preset, not none" >&2; exit 2; }
+IFS=, read -r -a train_presets <<< "$TRAIN_COMPRESSION"
+for preset in "${train_presets[@]}"; do
+    [[ -n "$preset" && "$preset" != none ]] || {
+        echo "TRAIN_COMPRESSION must list compression presets (not none, no empty entry), got '$TRAIN_COMPRESSION'" >&2
+        exit 2
+    }
+done
 
 if [[ ! -f "$PLAYGROUND_DIR/manifest.json" ]]; then
     say "Building the scenes playground in $PLAYGROUND_DIR (tower and LLM pretraining included)"
@@ -60,25 +68,27 @@ train_run() {
 }
 
 train_run none
-train_run "$TRAIN_COMPRESSION"
+model_args=(--model "none=$RUNS_DIR/none/finetune"
+    --train-time "none=$RUNS_DIR/none/pretrain/metrics.jsonl,$RUNS_DIR/none/finetune/metrics.jsonl")
+curves=("$RUNS_DIR/none/finetune/metrics.jsonl")
+for preset in "${train_presets[@]}"; do
+    train_run "$preset"
+    model_args+=(--model "trained_$preset=$RUNS_DIR/$preset/finetune@$preset"
+        --train-time "trained_$preset=$RUNS_DIR/$preset/pretrain/metrics.jsonl,$RUNS_DIR/$preset/finetune/metrics.jsonl")
+    curves+=("$RUNS_DIR/$preset/finetune/metrics.jsonl")
+done
 
 say "Evaluating on the held-out benchmark ($PLAYGROUND_DIR/eval/playground)"
-trained="trained_$TRAIN_COMPRESSION"
 "$PYTHON" -m llava.eval.compare --benchmarks playground --root "$PLAYGROUND_DIR/eval" --out "$RUNS_DIR/eval" \
-    --presets "$EVAL_PRESETS" --seeds "$EVAL_SEEDS" --batch-size 16 --no-progress \
-    --model "none=$RUNS_DIR/none/finetune" \
-    --model "$trained=$RUNS_DIR/$TRAIN_COMPRESSION/finetune@$TRAIN_COMPRESSION" \
-    --train-time "none=$RUNS_DIR/none/pretrain/metrics.jsonl,$RUNS_DIR/none/finetune/metrics.jsonl" \
-    --train-time "$trained=$RUNS_DIR/$TRAIN_COMPRESSION/pretrain/metrics.jsonl,$RUNS_DIR/$TRAIN_COMPRESSION/finetune/metrics.jsonl"
+    --presets "$EVAL_PRESETS" --seeds "$EVAL_SEEDS" --batch-size 16 --no-progress "${model_args[@]}"
 
 say "Training curves"
-"$PYTHON" -m llava.tools.plot_curves "$RUNS_DIR/none/finetune/metrics.jsonl" \
-    "$RUNS_DIR/$TRAIN_COMPRESSION/finetune/metrics.jsonl" --labels none "$TRAIN_COMPRESSION" --out "$RUNS_DIR/curves.png"
+"$PYTHON" -m llava.tools.plot_curves "${curves[@]}" --labels none "${train_presets[@]}" --out "$RUNS_DIR/curves.png"
 
 say "Done in $((SECONDS / 60)) min $((SECONDS % 60)) s"
 cat <<SUMMARY
   table (Markdown/JSON/PNG): $RUNS_DIR/eval/table.md, table.json, table.png
-  models                   : $RUNS_DIR/none/finetune, $RUNS_DIR/$TRAIN_COMPRESSION/finetune
+  models                   : $RUNS_DIR/none/finetune, $RUNS_DIR/{${TRAIN_COMPRESSION}}/finetune
   answers and results      : $RUNS_DIR/eval/<model>/<preset>/playground/{answers*.jsonl,result.json}
   metrics (JSONL)          : $RUNS_DIR/<run>/{pretrain,finetune}/metrics.jsonl
   wandb (offline runs)     : $WANDB_DIR/wandb   (upload later: wandb sync <run dir>)
