@@ -186,26 +186,30 @@ class VisPrunerSelector(_DiverseSelector):
         return important, budget - important
 
     def select_patches(self, patches: torch.Tensor, cls_attention: torch.Tensor, budget: int) -> torch.Tensor:
-        num_images, num_patches, _ = patches.shape
+        num_images = patches.shape[0]
         important_count, target = self.split(budget)
         # Stable descending sort: ties in attention rank the lower patch index first, for every batch size.
         ranked = torch.argsort(cls_attention, dim=1, descending=True, stable=True)
         important, remaining = ranked[:, :important_count], ranked[:, important_count:]
         if target == 0:
             return important
-        similarity = cosine_similarity_matrix(patches)
+        num_patches = patches.shape[1]
+        # Flat [N, P * P] view: entry (i, j) of image n is column i * P + j, so one gather per round reads the
+        # |A| x |B'| block of each image (a flat gather is cheaper than 3-tensor advanced indexing, and needs no
+        # [N, |A|, P] intermediate).
+        similarity = cosine_similarity_matrix(patches).reshape(num_images, num_patches * num_patches)
         while remaining.shape[1] > target:
             count = remaining.shape[1]
             set_a, set_b = remaining[:, 0::2], remaining[:, 1::2]
             size_a = set_a.shape[1]
             drop = min(self.drop_per_round, count - target, size_a)
-            rows = similarity.gather(1, set_a.unsqueeze(-1).expand(-1, -1, num_patches))  # [N, |A|, P]
-            pairs = rows.gather(2, set_b.unsqueeze(1).expand(-1, size_a, -1))  # [N, |A|, |B'|]
-            duplicate_score = pairs.amax(dim=2)
+            block = (set_a[:, :, None] * num_patches + set_b[:, None, :]).reshape(num_images, -1)
+            duplicate_score = similarity.gather(1, block).view(num_images, size_a, -1).amax(dim=2)
             # Ascending and stable: on equal scores the earlier member of A sorts first and survives.
             dropped_slots = torch.argsort(duplicate_score, dim=1, stable=True)[:, size_a - drop :]
-            dropped = torch.zeros(num_images, count, dtype=torch.bool, device=patches.device)
-            dropped.scatter_(1, 2 * dropped_slots, True)  # slot s of A is position 2s of R
-            survivors = torch.argsort(dropped.to(torch.int8), dim=1, stable=True)[:, : count - drop]
-            remaining = remaining.gather(1, survivors)  # the kept positions, in their order in R
+            dropped = torch.zeros(num_images, count, dtype=torch.int8, device=patches.device)
+            dropped.scatter_(1, 2 * dropped_slots, 1)  # slot s of A is position 2s of R
+            # Kept positions first, in their order in R (a stable sort: no host sync, unlike a boolean mask).
+            survivors = torch.argsort(dropped, dim=1, stable=True)[:, : count - drop]
+            remaining = remaining.gather(1, survivors)
         return torch.cat([important, remaining], dim=1)
