@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "llava"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("llava.constants", "llava.versions", "llava.utils"),
+    ("llava.constants", "llava.versions", "llava.utils", "llava.model.config_json"),
+    ("llava.families.names",),  # the families' names and the launch scripts' lookup: no torch, used by llava.model
     ("llava",),  # the package's __init__: checks the transformers version on import
     ("llava.hf_adapter",),
     ("llava.compression",),
@@ -31,7 +33,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llava.tools",),
 )
 """Bottom to top. A module may import from its own package and from lower layers only; packages that share a
-layer do not import each other."""
+layer do not import each other. A module named here (not its package) has its own layer: a light leaf that lower
+layers may use."""
+
+LIGHT_MODULES = ("llava.families.names", "llava.model.config_json")
+"""Modules the launch scripts import on every launch: they must not import torch or transformers."""
 
 FAMILY_WORDS = re.compile(r"model_type|Qwen2_5_VL\w*|DuetQwenVL|QwenVL\w*|LlavaNext\w*")
 """What only the registry and the families' own modules may name: the checkpoint's ``model_type`` and the
@@ -78,10 +84,10 @@ def package_of(module: str) -> str:
 
 
 def layer_of(module: str) -> int:
-    package = package_of(module)
-    for index, layer in enumerate(LAYERS):
-        if package in layer:
-            return index
+    for name in (module, package_of(module)):
+        for index, layer in enumerate(LAYERS):
+            if name in layer:
+                return index
     raise AssertionError(f"{module} is in no layer of tests/test_layout.py: add its package to LAYERS")
 
 
@@ -138,8 +144,8 @@ def test_imports_go_down_the_layers() -> None:
     assert upward == []
 
 
-REGISTRY_MODULES = {"llava.families", "llava.families.base", "llava.families.registry"}
-"""The registry and the interface it hands out."""
+REGISTRY_MODULES = {"llava.families", "llava.families.base", "llava.families.names", "llava.families.registry"}
+"""The registry, the interface it hands out and the families' names."""
 
 
 def family_modules() -> set[str]:
@@ -161,6 +167,24 @@ def test_only_the_registry_and_the_families_name_a_family() -> None:
         if name not in owned
     }
     assert {name: words for name, words in outside.items() if words} == {}
+
+
+def test_light_modules_import_only_the_standard_library_and_each_other() -> None:
+    heavy = []
+    for name in LIGHT_MODULES:
+        for node in ast.walk(ast.parse(modules()[name].read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [node.module if node.level == 0 else "." * node.level + node.module]
+            else:
+                continue
+            for module in imported:
+                top = module.split(".")[0]
+                light = module in LIGHT_MODULES if top == "llava" else top in sys.stdlib_module_names
+                if not light:
+                    heavy.append(f"{name} -> {module}")
+    assert heavy == []
 
 
 def test_public_model_functions_take_few_parameters() -> None:

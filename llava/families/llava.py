@@ -25,6 +25,7 @@ from llava.data.images import load_and_preprocess
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.video import load_and_preprocess_videos
 from llava.families.base import PipelineOptions, Processors
+from llava.families.names import LLAVA_NAMES
 from llava.hf_adapter import load_image_processor, set_attn_implementation
 from llava.model.config import DuetLlavaConfig
 from llava.model.loading import load_pretrained_model, read_config_json, read_model_type
@@ -44,8 +45,9 @@ from llava.utils.attention import default_attn_implementation
 
 logger = logging.getLogger(__name__)
 
-LLAVA_MODEL_TYPES = (DuetLlavaConfig.model_type, "llava", "llava_llama", "video_llava")
-"""``model_type`` of the checkpoints this family loads for inference."""
+LLAVA_MODEL_TYPES = LLAVA_NAMES.model_types
+"""``model_type`` of the checkpoints this family loads for inference (``duet_llava``, :class:`DuetLlavaConfig`'s,
+among them)."""
 LLAVA_CHECKPOINT_TYPES = {DuetLlavaConfig.model_type, "llava", "llava_llama"}
 """``model_type`` of the checkpoints training starts from as they are (anything else is a plain language model)."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -281,9 +283,9 @@ def _visual_tokens_added(batch: dict[str, Any], config: DuetLlavaConfig) -> int:
 class LlavaFamily:
     """LLaVA-1.5 / Video-LLaVA: CLIP tower(s) + projector + a causal LM, or a LLaVA checkpoint."""
 
-    name = "llava"
+    name = LLAVA_NAMES.name
     model_types = LLAVA_MODEL_TYPES
-    hub_names: tuple[str, ...] = ()  # the default family: anything no other family names
+    hub_names = LLAVA_NAMES.hub_names  # none: the default family, of anything no other family names
     model_class = DuetLlavaForCausalLM
     modules = ("llava.families.llava", "llava.model.modeling", "llava.model.config", "llava.model.loading")
     projector_name = "projector"

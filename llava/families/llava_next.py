@@ -43,6 +43,7 @@ from llava.data.chat_template import (
 from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
+from llava.families.names import LLAVA_NEXT_NAMES
 from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.llava_next import LLAVA_NEXT_MODEL_TYPES, DuetLlavaNext
 from llava.model.stages import LORA_TARGETS
@@ -155,9 +156,9 @@ class AnyResImages:
 class LlavaNextFamily:
     """LLaVA-NeXT checkpoints (``model_type`` ``llava_next``)."""
 
-    name = "llava_next"
+    name = LLAVA_NEXT_NAMES.name
     model_types = LLAVA_NEXT_MODEL_TYPES
-    hub_names = ("llava-v1.6", "llava-next", "llava_next")
+    hub_names = LLAVA_NEXT_NAMES.hub_names
     model_class = DuetLlavaNext
     modules = ("llava.families.llava_next", "llava.model.llava_next")
     projector_name = "multi_modal_projector"

@@ -59,6 +59,7 @@ from llava.data.dataset import DataArguments, LazySupervisedDataset
 from llava.data.images import load_image
 from llava.data.video import read_video_frames
 from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
+from llava.families.names import LLAVA_ONEVISION_NAMES
 from llava.hf_adapter import (
     llava_next_views_per_image,
     llava_onevision_frame_processor,
@@ -274,9 +275,9 @@ def hf_model_of(model: nn.Module) -> nn.Module:
 class LlavaOnevisionFamily:
     """LLaVA-OneVision checkpoints (``model_type`` ``llava_onevision``)."""
 
-    name = "llava_onevision"
+    name = LLAVA_ONEVISION_NAMES.name
     model_types = LLAVA_ONEVISION_MODEL_TYPES
-    hub_names = ("llava-onevision", "llava_onevision")
+    hub_names = LLAVA_ONEVISION_NAMES.hub_names
     model_class = DuetLlavaNext
     modules = ("llava.families.llava_onevision",)
     projector_name = "multi_modal_projector"

@@ -45,6 +45,7 @@ from llava.data.qwen_video import (
     load_qwen_video,
 )
 from llava.families.base import PipelineOptions, Processors, build_from_checkpoint, random_wrapped_model
+from llava.families.names import QWEN2_5_VL_NAMES
 from llava.hf_adapter import load_image_processor
 from llava.model.hub_checkpoint import load_hf_checkpoint
 from llava.model.qwen_vl import QWEN_MODEL_TYPES, DuetQwenVL
@@ -166,9 +167,9 @@ class QwenVLPipeline(GenerationPipeline):
 class QwenVLFamily:
     """Qwen2.5-VL checkpoints (``model_type`` ``qwen2_5_vl``)."""
 
-    name = "qwen2_5_vl"
+    name = QWEN2_5_VL_NAMES.name
     model_types = QWEN_MODEL_TYPES
-    hub_names = ("qwen2.5-vl", "qwen2_5_vl")
+    hub_names = QWEN2_5_VL_NAMES.hub_names
     model_class = DuetQwenVL
     modules = ("llava.families.qwen", "llava.model.qwen_vl")
     projector_name = "merger"

@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from llava.model.config_json import read_config_json  # here too: callers import it from this module
+
 MAX_SHARD_BYTES = 5 * 1024**3
 INDEX_FILENAME = "model.safetensors.index.json"
 
@@ -56,22 +58,6 @@ def write_safetensors(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (output / INDEX_FILENAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [output / name for name in names]
-
-
-def read_config_json(config_file: str | Path) -> dict[str, Any]:
-    """A model directory's ``config.json`` as a dict; ValueError naming the file when it is not UTF-8 JSON
-    of an object (instead of a bare decoder traceback)."""
-    try:
-        raw = json.loads(Path(config_file).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{config_file}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{config_file}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from llava.compression.anyres_v2v import AnyResTokens, anyres_v2v_tokens, check_
 from llava.compression.config import V2VConfig, load_compression
 from llava.compression.onevision_v2v import onevision_v2v_tokens
 from llava.compression.t2v import SequenceState, build_query_mask
+from llava.families.names import LLAVA_NEXT_NAMES, LLAVA_ONEVISION_NAMES
 from llava.hf_adapter import (
     Cache,
     enable_activation_checkpointing,
@@ -78,9 +79,9 @@ from llava.model.hub_checkpoint import (
 from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
 
-LLAVA_NEXT_MODEL_TYPES = ("llava_next",)
-"""``model_type`` values of LLaVA-NeXT checkpoints (the ``llava_next`` family's)."""
-LLAVA_ONEVISION_MODEL_TYPES = ("llava_onevision",)
+LLAVA_NEXT_MODEL_TYPES = LLAVA_NEXT_NAMES.model_types
+"""``model_type`` values of LLaVA-NeXT checkpoints (the ``llava_next`` family's, from :mod:`llava.families.names`)."""
+LLAVA_ONEVISION_MODEL_TYPES = LLAVA_ONEVISION_NAMES.model_types
 """``model_type`` values of LLaVA-OneVision checkpoints (the ``llava_onevision`` family's; images and videos)."""
 ANYRES_MODEL_TYPES = LLAVA_NEXT_MODEL_TYPES + LLAVA_ONEVISION_MODEL_TYPES
 """``model_type`` values of the checkpoints :class:`DuetLlavaNext` runs (the AnyRes lineage)."""

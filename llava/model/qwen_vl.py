@@ -32,6 +32,7 @@ from torch import nn
 from llava.compression.config import load_compression
 from llava.compression.qwen_v2v import select_tokens, token_scores
 from llava.compression.t2v import SequenceState, build_query_mask
+from llava.families.names import QWEN2_5_VL_NAMES
 from llava.hf_adapter import (
     Cache,
     enable_activation_checkpointing,
@@ -56,8 +57,8 @@ from llava.model.hub_checkpoint import (
 from llava.model.sampling import SamplingOptions
 from llava.model.splice import detect_left_padding
 
-QWEN_MODEL_TYPES = ("qwen2_5_vl",)
-"""``model_type`` values of the checkpoints this module runs."""
+QWEN_MODEL_TYPES = QWEN2_5_VL_NAMES.model_types
+"""``model_type`` values of the checkpoints this module runs (:mod:`llava.families.names` lists them)."""
 QWEN_QUERY_MODES = ("last", "instruction")
 QWEN_CHECKPOINT_NAMES = CheckpointNames(qwen_hub_state_dict, qwen_module_state_dict, "lm_head.weight")
 """The Hub checkpoint's names of Qwen2.5-VL's weights (the 3B's tied LM head is stored once)."""

@@ -92,11 +92,11 @@ log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # The model family of MODEL: MODEL_FAMILY if set (the trainer's registry checks the name), else the project's
-# registry (llava.families.registry: MODEL's config.json model_type, else a Hub id's name): qwen2_5_vl,
-# llava_next, llava_onevision or llava.
+# family names (llava.families.names, no torch import: MODEL's config.json model_type, else a Hub id's name):
+# qwen2_5_vl, llava_next, llava_onevision or llava.
 PYTHON="${PYTHON:-python}"
 if [[ -z "${MODEL_FAMILY:-}" ]]; then
-    MODEL_FAMILY="$("$PYTHON" -m llava.families.registry --offline "$MODEL")" ||
+    MODEL_FAMILY="$("$PYTHON" -m llava.families.names --offline "$MODEL")" ||
         die "cannot tell the model family of MODEL=$MODEL (set MODEL_FAMILY=llava|qwen2_5_vl|llava_next|llava_onevision)"
 fi
 
