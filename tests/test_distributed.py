@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -287,8 +288,17 @@ def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_o
     data.write_text(json.dumps(samples))
     full = tmp_path / "full"
     videos = {"VIDEO_FOLDER": str(qwen_checkpoint), "NUM_FRAMES": "4"}
-    env = qwen_env(qwen_checkpoint, data, full, COMPRESSION="qwen_duet_53", **videos)
-    result = run_script("finetune.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
+    lora = tmp_path / "lora"
+    full_env = qwen_env(qwen_checkpoint, data, full, COMPRESSION="qwen_duet_53", **videos)
+    lora_env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8", **videos)
+    steps = ("--max_steps", "2", "--group_by_modality_length", "False")
+    # The two launches are independent (own port, own folder): side by side, one's single-process phases
+    # (launcher start, family lookup, exit) overlap the other's ranks.
+    with ThreadPoolExecutor(2) as pool:
+        full_run = pool.submit(run_script, "finetune.sh", full_env, *steps)
+        lora_run = pool.submit(run_script, "finetune_lora.sh", lora_env, *steps)
+        result = full_run.result()
+        lora_run.result()
     assert "the checkpoint's own merger (projector) is finetuned" in result.stderr
     assert json.loads((full / "run_config.json").read_text())["version"] == "chat_template"
     assert sorted(losses(full)) == [1, 2]
@@ -304,8 +314,5 @@ def test_qwen_finetune_and_lora_through_the_scripts_with_zero3_duet_and_a_text_o
         requests, batch_size=1, max_new_tokens=4
     )
 
-    lora = tmp_path / "lora"
-    env = qwen_env(qwen_checkpoint, data, lora, COMPRESSION="qwen_duet_67", LORA_R="4", LORA_ALPHA="8", **videos)
-    run_script("finetune_lora.sh", env, "--max_steps", "2", "--group_by_modality_length", "False")
     merged = merge_lora_checkpoint(lora, tmp_path / "merged")
     assert isinstance(load_pipeline(merged).model, DuetQwenVL)

@@ -127,20 +127,27 @@ def assert_preempted(output_dir: Path, code: int, log: str, steps_before: int) -
 
 def test_signals_save_at_a_step_boundary_exit_75_and_resume_matches_uninterrupted_run(playground, tmp_path):
     settings = {"GRAD_ACCUM": "2", "SAVE_STEPS": "100"}  # only the signals save
+    # The uninterrupted reference runs side by side with (b): independent runs (own port, own folder), so one's
+    # single-process phases (launcher start, exit) overlap the other's ranks.
     reference_dir = tmp_path / "reference"
-    env = finetune_env(playground, reference_dir, **settings)
-    code, log = finish(start_finetune(env, tmp_path / "reference.log"), tmp_path / "reference.log", env["MASTER_PORT"])
-    assert code == 0, log[-6000:]
-    reference = losses(reference_dir)
-    assert sorted(reference) == list(range(1, MAX_STEPS + 1))
+    reference_env = finetune_env(playground, reference_dir, **settings)
+    reference_run = start_finetune(reference_env, tmp_path / "reference.log")
 
     # (b) SIGUSR1 to both ranks (as scripts/slurm/train.sbatch forwards it) while step 2 accumulates.
     run_dir = tmp_path / "preempted"
     env = finetune_env(playground, run_dir, **settings)
-    process = start_finetune(env, tmp_path / "usr1.log")
-    signal_after_step(process, run_dir, 1, signal.SIGUSR1, [0, 1])
-    code, log = finish(process, tmp_path / "usr1.log", env["MASTER_PORT"])
+    try:
+        process = start_finetune(env, tmp_path / "usr1.log")
+        signal_after_step(process, run_dir, 1, signal.SIGUSR1, [0, 1])
+        code, log = finish(process, tmp_path / "usr1.log", env["MASTER_PORT"])
+    except BaseException:
+        os.killpg(reference_run.pid, signal.SIGKILL)  # a failed (b) must not leave the reference running
+        raise
     first_stop = assert_preempted(run_dir, code, log, 0)
+    code, reference_log = finish(reference_run, tmp_path / "reference.log", reference_env["MASTER_PORT"])
+    assert code == 0, reference_log[-6000:]
+    reference = losses(reference_dir)
+    assert sorted(reference) == list(range(1, MAX_STEPS + 1))
     assert "Rank 0 received SIGUSR1" in log and "Rank 1 received SIGUSR1" in log
 
     # (a) The resumed run: SIGTERM to rank 1 only; rank 0 learns it through the collective.
