@@ -48,9 +48,7 @@ def script_env(playground: Path, output_dir: Path, **overrides: str) -> dict[str
         REPORT_TO="none",
         OMP_NUM_THREADS="1",
     )
-    env.update(overrides)
-    if "MODEL" not in overrides:  # the playground's LLaVA; runs that pass MODEL ask the scripts' family registry
-        env.setdefault("MODEL_FAMILY", "llava")
+    env.update(overrides)  # every launch asks llava.families.names for MODEL's family, as a user's does
     return env
 
 
