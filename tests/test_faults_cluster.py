@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llava.training.exit_codes import EXIT_LOST_PEER
-from tests.test_distributed import REPO, finetune_env, losses
+from tests.test_distributed import REPO, finetune_env, free_port, losses
 
 NODE_LIMIT_S = 300
 """Longest a node may take before the test kills it (a hang fails the test instead of the CI run)."""
@@ -189,3 +189,80 @@ def test_a_lost_peer_becomes_a_named_stop(tmp_path: Path) -> None:
     assert f"There is no complete checkpoint in {tmp_path} yet." in str(stopped.value)
     with pytest.raises(RuntimeError, match="CUDA out of memory"), lost_peers_end_the_run(tmp_path, rank=0):
         raise RuntimeError("CUDA out of memory")
+
+
+LOST_PEER_RANK = """
+import atexit, os, sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from llava.training import train as train_module
+from llava.training.cluster import lost_peers_end_the_run
+
+rank, output_dir = int(sys.argv[1]), Path(sys.argv[2])
+train_module.SHM_DIR = output_dir / "shm"
+atexit.register(lambda: print("interpreter teardown ran", flush=True))
+
+
+def train(argv):  # a job whose rank 1 dies (SIGKILL) mid-collective
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    values = torch.ones(1 << 16)
+    with lost_peers_end_the_run(output_dir, rank):
+        for step in range(10_000):
+            torch.distributed.all_reduce(values)
+            if rank == 1 and step == 5:
+                os.kill(os.getpid(), 9)
+
+
+train_module.train = train
+train_module.main()
+"""
+
+
+def test_a_rank_that_lost_its_peer_exits_with_the_code_not_a_crash(tmp_path: Path) -> None:
+    """The survivor of a real gloo job whose peer was SIGKILLed goes through ``main``: it names the loss, removes
+    its shared-memory buffers and exits with EXIT_LOST_PEER, without tearing the broken group down (gloo's
+    destructors aborted or segfaulted now and then, so the job reported -6/-11 instead of 69)."""
+    (tmp_path / "shm").mkdir()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    buffer = tmp_path / "shm" / f"deepspeed_allreduce_buffer_0_127.0.0.1_{env['MASTER_PORT']}_0"
+    buffer.write_bytes(b"x")
+    ranks = [
+        subprocess.Popen(
+            ["python", "-c", LOST_PEER_RANK, str(rank), str(tmp_path)],
+            env={**env, "RANK": str(rank)}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert ranks[0].returncode == EXIT_LOST_PEER, outputs[0][-3000:]
+    assert "rank 0 lost a peer: a collective operation failed" in outputs[0]
+    assert "terminate called" not in outputs[0] and "interpreter teardown ran" not in outputs[0]
+    assert not buffer.exists()
+
+
+def test_a_lost_peer_exit_closes_the_wandb_run_as_failed(monkeypatch, caplog) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    from llava.training.train import finish_wandb_run
+
+    finished: list[int] = []
+    monkeypatch.setitem(
+        sys.modules, "wandb", SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    )
+    finish_wandb_run(EXIT_LOST_PEER)
+    assert finished == [EXIT_LOST_PEER]
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=None, finish=lambda exit_code: finished.append(0)))
+    finish_wandb_run(EXIT_LOST_PEER)  # no open run: nothing to close
+    assert finished == [EXIT_LOST_PEER]
+
+    def broken_finish(exit_code: int) -> None:
+        raise ConnectionError("wandb service gone")
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=object(), finish=broken_finish))
+    finish_wandb_run(EXIT_LOST_PEER)  # logged, not raised: the exit code still reaches the scheduler
+    assert "Could not finish the wandb run before exiting: wandb service gone" in caplog.text

@@ -34,6 +34,7 @@ class LostPeerError(TrainingStoppedError):
     """A collective failed because a peer rank is gone; the job cannot go on."""
 
     exit_code = EXIT_LOST_PEER
+    group_is_broken = True
 
 
 def collective_timeout(argv: list[str]) -> timedelta:

@@ -29,6 +29,10 @@ class TrainingStoppedError(RuntimeError):
     """The run stops on purpose; ``main`` logs the message once and exits with :attr:`exit_code`."""
 
     exit_code = 1
+    group_is_broken = False
+    """Whether the process group failed under this rank (a peer died): tearing it down, or letting the
+    interpreter destroy it at exit, can then crash the process (gloo aborts or segfaults in its destructors), so
+    ``main`` leaves without either."""
 
     def __init__(self, message: str, report: bool = True) -> None:
         """``report``: whether this process logs the message (one process per event, not every rank)."""

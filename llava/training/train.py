@@ -182,6 +182,31 @@ def remove_shared_memory_buffers(environ: dict[str, str] | None = None) -> list[
     return removed
 
 
+def finish_wandb_run(exit_code: int) -> None:
+    """Close this process's wandb run (if one is open) as failed with ``exit_code``, so its last metrics are
+    kept when the process leaves without the interpreter's exit hooks."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        wandb.finish(exit_code=exit_code)
+    except Exception as error:  # the exit code matters more than the wandb upload
+        logger.warning("Could not finish the wandb run before exiting: %s", error)
+
+
+def exit_without_teardown(exit_code: int) -> None:
+    """Leave at once with ``exit_code`` after a peer was lost: close wandb, remove this rank's shared-memory
+    buffers, flush the logs, then ``os._exit``. Neither ``destroy_process_group`` nor the interpreter's shutdown
+    runs: with a dead peer, gloo's destructors abort ("terminate called without an active exception") or segfault
+    now and then, and the job would report a crash (-6/-11) instead of ``EXIT_LOST_PEER``."""
+    finish_wandb_run(exit_code)
+    remove_shared_memory_buffers()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(exit_code)
+
+
 def main() -> None:
     """Console entry point; tears the process group down before exit (no communication threads left to
     be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers. Exits with
@@ -197,6 +222,8 @@ def main() -> None:
         except TrainingStoppedError as stopped:  # non-finite step (65), failed save (74): a peer may never arrive
             if stopped.report:
                 logger.error("%s", stopped)
+            if stopped.group_is_broken:
+                exit_without_teardown(stopped.exit_code)
             raise SystemExit(stopped.exit_code) from None
         if distributed and torch.distributed.is_initialized():
             # All ranks leave together (after a successful or preempted run only: a failed peer would never
