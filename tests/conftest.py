@@ -118,11 +118,30 @@ def bf16_text_only_runs(playground, tmp_path_factory):
     playground as a HF-port checkpoint (``tests.test_precision.hf_port_checkpoint``), on [text-only, image] at batch
     1 for 2 steps: at every step one rank is text-only. Shared by tests/test_precision.py (the engine's precision)
     and tests/test_distributed.py (a text-only rank's collectives still match): one launch per stage, not two.
-    Maps ``"zero2"`` / ``"zero3"`` to (output dir, the launch's stdout + stderr)."""
+    Maps ``"zero2"`` / ``"zero3"`` to (output dir, the launch's stdout + stderr).
+
+    Under parallel workers the two consumers usually run in different workers: the first one builds the runs in
+    the run's shared temporary folder, under a file lock, and the other reads them (pytest-xdist's recipe for a
+    session fixture built once), instead of launching both stages again."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return launch_bf16_text_only_runs(playground, tmp_path_factory.mktemp("bf16_text_only"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, the parent of every worker's own
+    record = shared / "bf16_text_only.json"
+    with FileLock(str(shared / "bf16_text_only.lock")):
+        if not record.exists():
+            runs = launch_bf16_text_only_runs(playground, shared / "bf16_text_only")
+            record.write_text(json.dumps({zero: [str(out), output] for zero, (out, output) in runs.items()}))
+    return {zero: (Path(out), output) for zero, (out, output) in json.loads(record.read_text()).items()}
+
+
+def launch_bf16_text_only_runs(playground: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """The launches of ``bf16_text_only_runs``, in ``root``."""
     from tests.test_distributed import REPO, finetune_env, run_script
     from tests.test_precision import hf_port_checkpoint
 
-    root = tmp_path_factory.mktemp("bf16_text_only")
+    root.mkdir(parents=True, exist_ok=True)
     checkpoint = hf_port_checkpoint(playground, root / "llava-hf")
     samples = json.loads((playground / "finetune.json").read_text())
     text_only = next(sample for sample in samples if "image" not in sample)
