@@ -18,7 +18,7 @@ CHECK = REPO / "scripts" / "gpu" / "check.sh"
 PREPARE = REPO / "scripts" / "gpu" / "prepare_wheels.sh"
 DUET = ("duet_192", "duet_128", "duet_64")
 SMOKE_BIG_BATCH = 2
-PARTS = ("cuda_tests", "image_infer", "train", "train_ragged", "video_infer", "qwen_infer", "dymu_infer")
+PARTS = ("cuda_tests", "image_infer", "train", "train_ragged", "video_infer", "qwen_infer", "dymu_infer", "selector_infer")
 
 
 def table_rows(markdown: str) -> list[list[str]]:
@@ -63,9 +63,11 @@ def test_smoke_check_lists_every_claim_with_a_number(tmp_path):
         assert status.split()[0] in ("PASS", "FAIL", "SKIPPED"), (key, status)
         assert re.search(r"\d", measured) and re.search(r"\d", target), (key, measured, target)
     info = [row for row in table_rows(summary) if len(row) == 3 and row[0] not in ("part", "---")]
-    for part in ("video_infer", "qwen_infer", "dymu_infer"):
+    for part in ("video_infer", "qwen_infer", "dymu_infer", "selector_infer"):
         measured = [row[2] for row in info if row[0] == part]
         assert len(measured) >= 4 and all(re.search(r"TTFT \d.* decode \d", text) for text in measured), part
+    selectors = {row[1].split()[0] for row in info if row[0] == "selector_infer"}
+    assert selectors == {"none", "visionzip_64", "divprune_64", "vispruner_64", "cdpruner_64"}, selectors
     timings = (out / "timings.tsv").read_text().splitlines()
     statuses = {line.split("\t")[0]: line.split("\t")[1] for line in timings[1:]}
     assert all(statuses.get(part) == "ok" for part in ("install", *PARTS, "summary")), statuses

@@ -13,6 +13,9 @@
 #   video_infer  video-llava-7b, none / duet_video_53 / duet_video_93 (rows)
 #   qwen_infer   Qwen2.5-VL-7B, none / qwen_duet_53 / qwen_duet_67 (rows)
 #   dymu_infer   llava-7b with DyMU merging (thresholds fitted to the random tower, ~200 tokens) (rows)
+#   selector_infer
+#                llava-7b, the other token selectors at 64 tokens: none / visionzip_64 / divprune_64 /
+#                vispruner_64 / cdpruner_64 (rows: time to first token with the selection in it, decode tok/s)
 #   serve_playground, serve_model, serve_load
 #                the OpenAI-compatible server under load (llava.bench.serve_load): a playground checkpoint (one
 #                finetune step), served in-process; streamed requests at concurrency 8 and 1, none / duet_128
@@ -32,9 +35,9 @@
 #   SKIP_INSTALL=1 bash scripts/gpu/check.sh          # the environment is already set up
 #
 # Sizing at the defaults (NEW_TOKENS=64, REPEATS=3, TRAIN_STEPS=3, TRAIN_BATCH=16, fast decode path only):
-# image 8 cases x 4 generate calls, video 6 x 4, qwen 6 x 4, dymu 4 x 3, train 4 presets x 4 steps,
+# image 8 cases x 4 generate calls, video 6 x 4, qwen 6 x 4, dymu 4 x 3, selectors 10 x 4, train 4 presets x 4 steps,
 # train_ragged 2 presets x 2 layouts x 4 steps, plus one model build per part (random init of a 7B model on the
-# GPU). Estimated 5-7 minutes on an H200, not yet measured: the budget guard stops starting parts, and cuts the
+# GPU). Estimated 6-8 minutes on an H200, not yet measured: the budget guard stops starting parts, and cuts the
 # running one, at BUDGET_S (460 s) so the command ends within 8 minutes whatever the estimate's error;
 # timings.tsv has the measured seconds per part (resize with the variables above, or drop parts with PARTS).
 set -euo pipefail
@@ -50,7 +53,7 @@ ONE_PROCESS="${ONE_PROCESS:-$SMOKE}"  # run the parts in one Python process (SMO
 INSTALL_DRY_RUN="${INSTALL_DRY_RUN:-$SMOKE}"  # print the pip commands only (SMOKE: this machine is set up)
 BUDGET_S="${BUDGET_S:-460}"
 MIN_PART_S="${MIN_PART_S:-30}"
-DEFAULT_PARTS=cuda_tests,image_infer,train,train_ragged,video_infer,qwen_infer,dymu_infer
+DEFAULT_PARTS=cuda_tests,image_infer,train,train_ragged,video_infer,qwen_infer,dymu_infer,selector_infer
 PARTS="${PARTS:-$DEFAULT_PARTS,serve_playground,serve_model,serve_load}"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
@@ -111,6 +114,22 @@ v2v: {method: duet, dominant: $dominant, contextual: $contextual, cluster_width:
 t2v: {boundaries: [0.5, 0.75], keep_ratios: [0.5, 0.0], query: salient, position_mode: keep}
 EOF
     done
+    # The other selectors at "64" on the tiny tower: 4 of its 17 tokens (CLS included), or a quarter of the patches.
+    for spec in "visionzip_64 visionzip 3 1" "divprune_64 divprune 4 0" "vispruner_64 vispruner 4 0"; do
+        read -r name method dominant contextual <<< "$spec"
+        cat > "$PRESET_DIR/$name.yaml" <<EOF
+# $name rescaled to the tiny test tower (16 patches + CLS) for SMOKE=1; numbers mean nothing
+name: $name
+v2v: {method: $method, dominant: $dominant, contextual: $contextual}
+t2v: null
+EOF
+    done
+    cat > "$PRESET_DIR/cdpruner_64.yaml" <<EOF
+# cdpruner_64 rescaled to the tiny test tower (16 patches + CLS) for SMOKE=1; numbers mean nothing
+name: cdpruner_64
+v2v: null
+t2v: {boundaries: [0.0], keep_ratios: [0.25], query: instruction, position_mode: keep, selector: dpp}
+EOF
 fi
 THRESHOLDS="$DYMU_THRESHOLD"
 for ((layer = 1; layer < DYMU_LAYERS; layer++)); do THRESHOLDS+=", $DYMU_THRESHOLD"; done
@@ -294,6 +313,11 @@ part dymu_infer 90 llava.bench.infer_speed --shape "$IMAGE_SHAPE" \
     --repeats "$((REPEATS > 2 ? 2 : REPEATS))" --warmup "$WARMUP" --decode-paths "$DECODE_PATHS" \
     "${DEVICE[@]}" "${THREADS[@]}" --out "$OUT_DIR/dymu-infer.json"
 
+# The published selectors this repository implements besides DUET, at 64 tokens (duet_64 is image_infer's).
+part selector_infer 150 llava.bench.infer_speed --shape "$IMAGE_SHAPE" \
+    --presets "none,$(preset visionzip_64),$(preset divprune_64),$(preset vispruner_64),$(preset cdpruner_64)" \
+    --batch-sizes "1,$BIG_BATCH" "${INFER[@]}" --out "$OUT_DIR/selector-infer.json"
+
 # The server under load: a playground checkpoint (tiny towers and LLM, one finetune step at a tiny learning rate, so
 # its answers stay long and varied), served in-process on the loopback address with its demo images as data: URLs.
 SERVE_DIR="$OUT_DIR/serve"
@@ -389,7 +413,7 @@ claim(f"prefill_duet_64_b{big}", f"duet_64 prefill speed-up vs none, batch {big}
       value(pick(image, "duet_64", big, "fast"), "prefill_speedup_vs_none"), PREFILL_DUET_64, "x", missing=missing)
 
 # CUDA graphs used, and their first replay accepted, in every fast-path row of every inference part.
-fast_rows = [row for name in ("image-infer.json", "video-infer.json", "dymu-infer.json")
+fast_rows = [row for name in ("image-infer.json", "video-infer.json", "dymu-infer.json", "selector-infer.json")
              for row in (rows(name) or []) if row.get("path") == "fast"]
 mismatches = sum(log.read_text(errors="replace").count("first replay differs from the eager step")
                  for log in (out / "logs").glob("*.log"))
@@ -437,9 +461,10 @@ if xml.exists():
 else:
     claims.append(("cuda_tests", "tests that skip without CUDA", not_run("cuda_tests"), "-", "all pass, 0 skipped"))
 
-# Rows without a target: Video-LLaVA, Qwen2.5-VL, DyMU.
+# Rows without a target: Video-LLaVA, Qwen2.5-VL, DyMU, the other selectors.
 for part, name, batches in (("video_infer", "video-infer.json", (1, video_big)),
-                            ("qwen_infer", "qwen-infer.json", (1, big)), ("dymu_infer", "dymu-infer.json", (1, big))):
+                            ("qwen_infer", "qwen-infer.json", (1, big)), ("dymu_infer", "dymu-infer.json", (1, big)),
+                            ("selector_infer", "selector-infer.json", (1, big))):
     table = rows(name)
     if table is None:
         infos.append((part, "-", not_run(part)))
