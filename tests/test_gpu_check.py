@@ -18,7 +18,16 @@ CHECK = REPO / "scripts" / "gpu" / "check.sh"
 PREPARE = REPO / "scripts" / "gpu" / "prepare_wheels.sh"
 DUET = ("duet_192", "duet_128", "duet_64")
 SMOKE_BIG_BATCH = 2
-PARTS = ("cuda_tests", "image_infer", "train", "train_ragged", "video_infer", "qwen_infer", "dymu_infer", "selector_infer")
+PARTS = (
+    "cuda_tests",
+    "image_infer",
+    "train",
+    "train_ragged",
+    "video_infer",
+    "qwen_infer",
+    "dymu_infer",
+    "selector_infer",
+)
 
 
 def table_rows(markdown: str) -> list[list[str]]:
