@@ -210,7 +210,8 @@ def exit_without_teardown(exit_code: int) -> None:
 def main() -> None:
     """Console entry point; tears the process group down before exit (no communication threads left to
     be killed by the interpreter's shutdown) and removes the rank's shared-memory buffers. Exits with
-    ``PREEMPTED_EXIT_CODE`` (75) after a preemption signal stopped the run (a complete checkpoint is saved)."""
+    ``PREEMPTED_EXIT_CODE`` (75) after a preemption signal stopped the run (a complete checkpoint is saved), and
+    with a stop's own code otherwise; a rank whose peer was lost (69) leaves through :func:`exit_without_teardown`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     distributed = torch.distributed.is_available()
     exit_code = 0
