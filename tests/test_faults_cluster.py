@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_a_rank_that_lost_its_peer_exits_with_the_code_not_a_crash(tmp_path: Pat
     buffer.write_bytes(b"x")
     ranks = [
         subprocess.Popen(
-            ["python", "-c", LOST_PEER_RANK, str(rank), str(tmp_path)],
+            [sys.executable, "-c", LOST_PEER_RANK, str(rank), str(tmp_path)],
             env={**env, "RANK": str(rank)}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
@@ -245,7 +246,6 @@ def test_a_rank_that_lost_its_peer_exits_with_the_code_not_a_crash(tmp_path: Pat
 
 
 def test_a_lost_peer_exit_closes_the_wandb_run_as_failed(monkeypatch, caplog) -> None:
-    import sys
     from types import SimpleNamespace
 
     from llava.training.train import finish_wandb_run
